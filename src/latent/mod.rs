@@ -1,0 +1,3 @@
+//! LatentGen: the U-Net noise predictor and the schedulers that integrate it.
+
+pub mod schedulers;
