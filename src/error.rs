@@ -43,7 +43,7 @@ pub enum Error {
     Tensor(#[from] candle_core::Error),
 }
 
-pub type Result<T, E = Error> = std::result::Result<T, Error>;
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

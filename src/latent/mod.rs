@@ -1,3 +1,4 @@
 //! LatentGen: the U-Net noise predictor and the schedulers that integrate it.
 
 pub mod schedulers;
+pub mod unet;

@@ -1,0 +1,63 @@
+//! The timestep embedding: sinusoidal features, then a two-layer MLP.
+
+use candle_core::{Device, Tensor};
+
+use crate::error::Result;
+use crate::nn::{silu, Linear};
+use crate::weights::Vb;
+
+/// diffusers' `get_timestep_embedding` for one timestep per batch row, computed in f32 as
+/// torch does.
+pub fn timestep_features(
+    timesteps: &[f64],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    device: &Device,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let max_period = 10000f64;
+    let mut data = Vec::with_capacity(timesteps.len() * dim);
+    for &t in timesteps {
+        let t = t as f32;
+        let mut sin = Vec::with_capacity(half);
+        let mut cos = Vec::with_capacity(half);
+        for i in 0..half {
+            // exponent = -ln(max_period) * i / (half - shift), in f32 like torch.arange(float32).
+            let exponent = (-(max_period.ln() as f32) * i as f32) / (half as f32 - freq_shift as f32);
+            let arg = t * exponent.exp();
+            sin.push(arg.sin());
+            cos.push(arg.cos());
+        }
+        if flip_sin_to_cos {
+            data.extend(cos);
+            data.extend(sin);
+        } else {
+            data.extend(sin);
+            data.extend(cos);
+        }
+        if dim % 2 == 1 {
+            data.push(0.0);
+        }
+    }
+    Ok(Tensor::from_vec(data, (timesteps.len(), dim), device)?)
+}
+
+/// `time_embedding`: linear_1, SiLU, linear_2.
+pub struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    pub fn load(vb: &Vb, in_dim: usize, dim: usize) -> Result<Self> {
+        Ok(Self {
+            linear_1: Linear::load(&vb.pp("linear_1"), in_dim, dim, true)?,
+            linear_2: Linear::load(&vb.pp("linear_2"), dim, dim, true)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&silu(&self.linear_1.forward(x)?)?)
+    }
+}

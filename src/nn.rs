@@ -1,0 +1,174 @@
+//! Small building blocks shared by the three models, each loaded from a [`Vb`] with the shape
+//! its config implies (so a mismatched checkpoint fails with both shapes named).
+
+use candle_core::{Module, Tensor, D};
+
+use crate::error::Result;
+use crate::weights::Vb;
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight_t: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get("weight", &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(vb.get("bias", &[out_dim])?)
+        } else {
+            None
+        };
+        // Transposed once at load so every forward is a plain (.., in) x (in, out) matmul.
+        Ok(Self {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match x.dims() {
+            [b, n, k] => x
+                .reshape((b * n, *k))?
+                .matmul(&self.weight_t)?
+                .reshape((*b, *n, ()))?,
+            _ => x.matmul(&self.weight_t)?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+}
+
+impl Conv2d {
+    pub fn load(
+        vb: &Vb,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let weight = vb.get("weight", &[out_channels, in_channels, kernel, kernel])?;
+        let bias = vb.get("bias", &[out_channels])?;
+        let config = candle_nn::Conv2dConfig {
+            padding,
+            stride,
+            dilation: 1,
+            groups: 1,
+            cudnn_fwd_algo: None,
+        };
+        Ok(Self {
+            inner: candle_nn::Conv2d::new(weight, Some(bias), config),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.inner.forward(x)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+}
+
+impl GroupNorm {
+    pub fn load(vb: &Vb, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            return Err(crate::Error::InvalidRequest(format!(
+                "{}: {channels} channels cannot be split into {groups} norm groups",
+                vb.name("weight")
+            )));
+        }
+        let weight = vb.get("weight", &[channels])?;
+        let bias = vb.get("bias", &[channels])?;
+        Ok(Self {
+            inner: candle_nn::GroupNorm::new(weight, bias, channels, groups, eps)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.inner.forward(x)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    inner: candle_nn::LayerNorm,
+}
+
+impl LayerNorm {
+    pub fn load(vb: &Vb, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get("weight", &[dim])?;
+        let bias = vb.get("bias", &[dim])?;
+        Ok(Self {
+            inner: candle_nn::LayerNorm::new(weight, bias, eps),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.inner.forward(x)?)
+    }
+}
+
+/// Multi-head scaled dot-product attention on (batch, tokens, heads * head_dim) inputs.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let head_dim = inner / heads;
+    let split = |x: &Tensor, len: usize| -> Result<Tensor> {
+        Ok(x.reshape((b, len, heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let q = split(q, n)?;
+    let k = split(k, m)?;
+    let v = split(v, m)?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.matmul(&v)?;
+    Ok(out.transpose(1, 2)?.reshape((b, n, inner))?)
+}
+
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::silu(x)?)
+}
+
+/// Exact (erf) GELU, as torch's default.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.gelu_erf()?)
+}
+
+/// CLIP's `quick_gelu`: x * sigmoid(1.702 x).
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
+}
+
+/// Applies a named activation from a config (`silu`/`swish`, `gelu`, `quick_gelu`).
+pub fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
+    match name {
+        "silu" | "swish" => silu(x),
+        "gelu" => gelu(x),
+        "quick_gelu" => quick_gelu(x),
+        "relu" => Ok(x.relu()?),
+        other => Err(crate::Error::InvalidRequest(format!("unsupported activation `{other}`"))),
+    }
+}
+
+/// Splits the last axis in two halves (torch's `chunk(2, -1)`).
+pub fn halves(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let n = x.dim(D::Minus1)? / 2;
+    Ok((x.narrow(D::Minus1, 0, n)?, x.narrow(D::Minus1, n, n)?))
+}

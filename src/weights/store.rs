@@ -1,0 +1,289 @@
+//! Memory-mapped safetensors weights with strict bookkeeping: every tensor the model asks for
+//! must exist with the configured shape, and every stored tensor must be used, so a model
+//! folder that does not match its config fails loudly instead of producing noise.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+struct Entry {
+    shard: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Byte range inside the shard's mmap.
+    start: usize,
+    end: usize,
+}
+
+/// The weights of one model component (one folder such as `unet/`).
+pub struct Weights {
+    shards: Vec<(PathBuf, Mmap)>,
+    entries: HashMap<String, Entry>,
+    /// Canonical name -> stored name, for legacy names that diffusers also accepts.
+    aliases: HashMap<String, String>,
+    /// Stored names that are accepted and ignored.
+    ignored: HashSet<String>,
+    used: Mutex<HashSet<String>>,
+    device: Device,
+    dtype: DType,
+}
+
+impl Weights {
+    /// Opens the weights of a component folder: `model.safetensors` or
+    /// `diffusion_pytorch_model.safetensors` (with `variant`, `*.{variant}.safetensors`), or
+    /// the shards listed by the matching `*.safetensors.index.json`.
+    pub fn open_component(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
+        let files = find_weight_files(dir, variant)?;
+        Self::open_files(&files, device)
+    }
+
+    /// Opens one or more safetensors files as a single set of named tensors.
+    pub fn open_files(files: &[PathBuf], device: &Device) -> Result<Self> {
+        let mut shards = Vec::new();
+        let mut entries = HashMap::new();
+        for (shard, path) in files.iter().enumerate() {
+            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: the file is opened read-only; like every mmap-based loader we rely on
+            // model files not being truncated while in use.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let bad = |reason: String| Error::Safetensors {
+                path: path.clone(),
+                reason,
+            };
+            let parsed = SafeTensors::deserialize(&mmap).map_err(|e| bad(e.to_string()))?;
+            let (header_len, _) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
+            let base = 8 + header_len;
+            for (name, view) in parsed.tensors() {
+                let dtype = match view.dtype() {
+                    StDtype::F32 => DType::F32,
+                    StDtype::F16 => DType::F16,
+                    StDtype::BF16 => DType::BF16,
+                    StDtype::F64 => DType::F64,
+                    StDtype::I64 => DType::I64,
+                    other => {
+                        return Err(bad(format!(
+                            "tensor `{name}` has unsupported dtype {other:?}"
+                        )))
+                    }
+                };
+                let data = view.data();
+                let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
+                debug_assert!(start >= base);
+                entries.insert(
+                    name.clone(),
+                    Entry {
+                        shard,
+                        dtype,
+                        shape: view.shape().to_vec(),
+                        start,
+                        end: start + data.len(),
+                    },
+                );
+            }
+            drop(parsed);
+            shards.push((path.clone(), mmap));
+        }
+        Ok(Self {
+            shards,
+            entries,
+            aliases: HashMap::new(),
+            ignored: HashSet::new(),
+            used: Mutex::new(HashSet::new()),
+            device: device.clone(),
+            dtype: DType::F32,
+        })
+    }
+
+    /// Accepts the stored name `stored` for the canonical name `canonical`.
+    pub fn alias(&mut self, canonical: String, stored: String) {
+        self.aliases.insert(canonical, stored);
+    }
+
+    /// Accepts and ignores a stored tensor (e.g. CLIP's `position_ids` buffer).
+    pub fn ignore(&mut self, stored: &str) {
+        if self.entries.contains_key(stored) {
+            self.ignored.insert(stored.to_string());
+        }
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.entries.keys()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The file a tensor lives in (or the first shard), for error messages.
+    fn path_of(&self, name: Option<&str>) -> &Path {
+        let shard = name
+            .and_then(|n| self.entries.get(n))
+            .map_or(0, |e| e.shard);
+        &self.shards[shard].0
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name) || self.aliases.contains_key(name)
+    }
+
+    /// Loads the tensor `name`, which must have exactly `shape`, as the compute dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let stored = self.aliases.get(name).map_or(name, String::as_str);
+        let Some(entry) = self.entries.get(stored) else {
+            return Err(Error::MissingTensor {
+                path: self.path_of(None).to_path_buf(),
+                name: name.to_string(),
+            });
+        };
+        // Old checkpoints store the VAE attention projections as 1x1 convolutions.
+        let legacy_conv =
+            stored != name && entry.shape.len() == 4 && entry.shape[2..] == [1, 1] && shape.len() == 2;
+        if entry.shape != shape && !(legacy_conv && entry.shape[..2] == shape[..]) {
+            return Err(Error::ShapeMismatch {
+                path: self.path_of(Some(stored)).to_path_buf(),
+                name: stored.to_string(),
+                expected: shape.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        self.used.lock().unwrap().insert(stored.to_string());
+        let bytes = &self.shards[entry.shard].1[entry.start..entry.end];
+        let tensor = Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, &self.device)?;
+        let tensor = if legacy_conv { tensor.reshape(shape)? } else { tensor };
+        Ok(tensor.to_dtype(self.dtype)?)
+    }
+
+    /// Fails if a stored tensor was never asked for: the folder holds a different model than
+    /// its config describes.
+    pub fn finish(&self) -> Result<()> {
+        let used = self.used.lock().unwrap();
+        let mut unused: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        for (name, entry) in &self.entries {
+            if !used.contains(name) && !self.ignored.contains(name) {
+                unused.entry(entry.shard).or_default().push(name.clone());
+            }
+        }
+        if let Some((shard, mut names)) = unused.into_iter().next() {
+            names.sort();
+            return Err(Error::UnusedTensors {
+                path: self.shards[shard].0.clone(),
+                names,
+            });
+        }
+        Ok(())
+    }
+
+    /// A view that prefixes names, mirroring the module tree (`down_blocks.0.resnets.1`).
+    pub fn root(&self) -> Vb<'_> {
+        Vb {
+            weights: self,
+            prefix: String::new(),
+        }
+    }
+}
+
+/// A prefixed view into [`Weights`]: the model code names its sub-modules exactly like the
+/// checkpoint's tensor prefixes, so the diffusers layout needs no mapping table.
+#[derive(Clone)]
+pub struct Vb<'a> {
+    weights: &'a Weights,
+    prefix: String,
+}
+
+impl<'a> Vb<'a> {
+    pub fn pp(&self, part: impl std::fmt::Display) -> Vb<'a> {
+        let prefix = if self.prefix.is_empty() {
+            part.to_string()
+        } else {
+            format!("{}.{part}", self.prefix)
+        };
+        Vb {
+            weights: self.weights,
+            prefix,
+        }
+    }
+
+    pub fn name(&self, leaf: &str) -> String {
+        if self.prefix.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.prefix)
+        }
+    }
+
+    pub fn get(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights.get(&self.name(leaf), shape)
+    }
+
+    pub fn contains(&self, leaf: &str) -> bool {
+        self.weights.contains(&self.name(leaf))
+    }
+
+    pub fn device(&self) -> &Device {
+        self.weights.device()
+    }
+}
+
+/// The safetensors file(s) of a component folder.
+pub fn find_weight_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let suffix = match variant {
+        Some(v) => format!(".{v}.safetensors"),
+        None => ".safetensors".to_string(),
+    };
+    let stems = ["diffusion_pytorch_model", "model"];
+    for stem in stems {
+        let single = dir.join(format!("{stem}{suffix}"));
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let index = dir.join(format!("{stem}{suffix}.index.json"));
+        if index.is_file() {
+            return shards_from_index(&index);
+        }
+    }
+    let expected: Vec<String> = stems.iter().map(|s| format!("{s}{suffix}")).collect();
+    if !dir.is_dir() {
+        return Err(Error::config(dir, "component folder is missing"));
+    }
+    Err(Error::config(
+        dir,
+        format!(
+            "no weights found: expected {} (or a sharded *.safetensors.index.json){}",
+            expected.join(" or "),
+            if variant.is_some() {
+                ""
+            } else {
+                "; for fp16-only folders pass --variant fp16"
+            }
+        ),
+    ))
+}
+
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let parsed: Index = crate::error::read_json(index)?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<String> = parsed.weight_map.into_values().collect();
+    files.sort();
+    files.dedup();
+    let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+    for p in &paths {
+        if !p.is_file() {
+            return Err(Error::config(
+                index,
+                format!("lists shard {} which is missing", p.display()),
+            ));
+        }
+    }
+    Ok(paths)
+}

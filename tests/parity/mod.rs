@@ -1,0 +1,66 @@
+//! Shared helpers for the model parity tests: fixture paths, reference tensors, tolerances.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+/// The reference tensors diffusers/PyTorch produced (tests/fixtures/reference/components.safetensors).
+pub fn reference(name: &str) -> Tensor {
+    let path = fixtures().join("reference/components.safetensors");
+    let all = candle_core::safetensors::load(&path, &Device::Cpu).expect("reference tensors load");
+    all.get(name).unwrap_or_else(|| panic!("no reference tensor {name}")).clone()
+}
+
+/// Asserts max|ours - ref| <= 1e-4 * max|ref| (the project's parity tolerance).
+pub fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
+    assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
+    let flat = |t: &Tensor| -> Vec<f32> {
+        t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap()
+    };
+    let (ours, refs) = (flat(ours), flat(reference));
+    let scale = refs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = ours.iter().zip(&refs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!("{what}: max err {err:e}, max|ref| {scale:e}");
+    assert!(
+        err <= 1e-4 * scale,
+        "{what}: max|ours - ref| = {err:e} exceeds 1e-4 * max|ref| = {:e}",
+        1e-4 * scale
+    );
+}
+
+/// PSNR in dB of two 8-bit images (peak 255).
+pub fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let mse = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
+}
+
+/// Reads an 8-bit RGB PNG: (rgb, width, height, text chunks).
+pub fn read_png(path: &Path) -> (Vec<u8>, usize, usize, Vec<(String, String)>) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file)).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb, "{}", path.display());
+    buf.truncate(info.buffer_size());
+    let meta = reader.info();
+    let mut texts: Vec<(String, String)> =
+        meta.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    for t in &meta.utf8_text {
+        texts.push((t.keyword.clone(), t.get_text().unwrap()));
+    }
+    (buf, info.width as usize, info.height as usize, texts)
+}
