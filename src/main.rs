@@ -1,1 +1,154 @@
-fn main() {}
+//! The text2img command line: parses flags into a request, shows progress, writes files.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use text2img::latent::schedulers::SchedulerKind;
+use text2img::pipeline::{GenerateRequest, LoadOptions, Pipeline};
+use text2img::png_out::{a1111_parameters, encode_png, numbered_path, write_atomic};
+
+#[derive(Parser)]
+#[command(name = "text2img", version, about = "Text-to-image diffusion (Stable Diffusion 1.x/2.x) on the CPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a prompt.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A diffusers-layout model folder, or a Hugging Face repo id (ORG/NAME).
+    #[arg(long)]
+    model: Option<String>,
+    /// Load `*.{variant}.safetensors` weights (e.g. fp16).
+    #[arg(long)]
+    variant: Option<String>,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Image i uses seed + i; without it a seed is drawn and printed.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    guidance_scale: Option<f64>,
+    /// pndm, ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras (default: the model's own).
+    #[arg(long)]
+    scheduler: Option<String>,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// DDIM's eta (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// Use the output of the text encoder's layer N from the end (1 = penultimate).
+    #[arg(long, default_value_t = 0)]
+    clip_skip: usize,
+    /// The PNG to write; with several images, `NAME-1.png`, `NAME-2.png`, ...
+    #[arg(long)]
+    output: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let scheduler = args
+        .scheduler
+        .as_deref()
+        .map(SchedulerKind::from_cli_name)
+        .transpose()?;
+    if args.output.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase) != Some("png".into()) {
+        bail!("--output {} must be a .png file", args.output.display());
+    }
+    if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!("--output: folder {} does not exist", dir.display());
+        }
+    }
+    let Some(model) = args.model.as_deref() else {
+        bail!("no --model given: pass a diffusers-layout folder or a Hugging Face repo id");
+    };
+    let request = GenerateRequest {
+        prompt: args.prompt,
+        negative_prompt: args.negative_prompt,
+        seed: args.seed,
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        scheduler,
+        width: args.width,
+        height: args.height,
+        num_images: args.num_images,
+        eta: args.eta,
+        clip_skip: args.clip_skip,
+    };
+    let started = Instant::now();
+    let options = LoadOptions {
+        variant: args.variant,
+        ..LoadOptions::default()
+    };
+    let pipeline = Pipeline::load(model, &options).with_context(|| format!("loading model {model}"))?;
+    let load_time = started.elapsed();
+    // Check the request before the long work, so a bad size fails at once.
+    let resolved = pipeline.resolve(&request)?;
+
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let generation = pipeline.generate(&request, &mut |p| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.step as u64);
+        true
+    })?;
+    bar.finish_and_clear();
+    for warning in &generation.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let count = generation.images.len();
+    for (i, image) in generation.images.iter().enumerate() {
+        let path = numbered_path(&args.output, i, count);
+        let parameters = a1111_parameters(&request, &resolved, image.seed, &pipeline.name);
+        write_atomic(&path, &encode_png(image, &parameters)?)?;
+        println!("{} (seed {})", path.display(), image.seed);
+    }
+    let t = &generation.timings;
+    println!(
+        "load {:.2}s, text {:.2}s, {} steps {:.2}s ({:.3}s/step), decode {:.2}s",
+        load_time.as_secs_f64(),
+        t.text.as_secs_f64(),
+        resolved.steps,
+        t.steps.as_secs_f64(),
+        t.steps.as_secs_f64() / resolved.steps as f64,
+        t.decode.as_secs_f64()
+    );
+    Ok(())
+}

@@ -102,20 +102,27 @@ impl GroupNorm {
 
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
-    inner: candle_nn::LayerNorm,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
 }
 
 impl LayerNorm {
     pub fn load(vb: &Vb, dim: usize, eps: f64) -> Result<Self> {
-        let weight = vb.get("weight", &[dim])?;
-        let bias = vb.get("bias", &[dim])?;
         Ok(Self {
-            inner: candle_nn::LayerNorm::new(weight, bias, eps),
+            weight: vb.get("weight", &[dim])?,
+            bias: vb.get("bias", &[dim])?,
+            eps,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.inner.forward(x)?)
+        // The fused kernel has no backward pass; training takes the composed one.
+        if x.track_op() || self.weight.track_op() {
+            Ok(candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)?)
+        } else {
+            Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
+        }
     }
 }
 
@@ -137,7 +144,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
     if let Some(mask) = mask {
         scores = scores.broadcast_add(mask)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    // The fused softmax has no backward pass; training takes the composed one.
+    let probs = if scores.track_op() {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
     let out = probs.matmul(&v)?;
     Ok(out.transpose(1, 2)?.reshape((b, n, inner))?)
 }

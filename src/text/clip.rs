@@ -155,6 +155,12 @@ impl ClipTextModel {
         } else {
             root.clone()
         };
+        Self::from_vb(config, &vb, Some(&root))
+    }
+
+    /// Builds the transformer from `vb` (the `text_model` scope); `root` holds the optional
+    /// `text_projection`.
+    pub fn from_vb(config: ClipTextConfig, vb: &Vb, root: Option<&Vb>) -> Result<Self> {
         let d = config.hidden_size;
         let emb = vb.pp("embeddings");
         let token_embedding = emb
@@ -168,14 +174,14 @@ impl ClipTextModel {
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm =
             LayerNorm::load(&vb.pp("final_layer_norm"), d, config.layer_norm_eps)?;
-        let text_projection = match config.projection_dim {
-            Some(p) if root.contains("text_projection.weight") => {
+        let text_projection = match (config.projection_dim, root) {
+            (Some(p), Some(root)) if root.contains("text_projection.weight") => {
                 Some(Linear::load(&root.pp("text_projection"), d, p, false)?)
             }
             _ => None,
         };
         Ok(Self {
-            device: weights.device().clone(),
+            device: vb.device().clone(),
             config,
             token_embedding,
             position_embedding,

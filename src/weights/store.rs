@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
+use super::params::ParamStore;
 use crate::error::{Error, Result};
 
 struct Entry {
@@ -183,18 +184,34 @@ impl Weights {
     /// A view that prefixes names, mirroring the module tree (`down_blocks.0.resnets.1`).
     pub fn root(&self) -> Vb<'_> {
         Vb {
-            weights: self,
+            source: Source::Stored(self),
             prefix: String::new(),
         }
     }
 }
 
-/// A prefixed view into [`Weights`]: the model code names its sub-modules exactly like the
-/// checkpoint's tensor prefixes, so the diffusers layout needs no mapping table.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Stored(&'a Weights),
+    Fresh(&'a ParamStore),
+}
+
+/// A prefixed view into stored weights or fresh trainable parameters: the model code names
+/// its sub-modules exactly like the checkpoint's tensor prefixes, so the diffusers layout
+/// needs no mapping table, and training saves under the same names.
 #[derive(Clone)]
 pub struct Vb<'a> {
-    weights: &'a Weights,
+    source: Source<'a>,
     prefix: String,
+}
+
+impl<'a> From<&'a ParamStore> for Vb<'a> {
+    fn from(params: &'a ParamStore) -> Self {
+        Vb {
+            source: Source::Fresh(params),
+            prefix: String::new(),
+        }
+    }
 }
 
 impl<'a> Vb<'a> {
@@ -205,7 +222,7 @@ impl<'a> Vb<'a> {
             format!("{}.{part}", self.prefix)
         };
         Vb {
-            weights: self.weights,
+            source: self.source,
             prefix,
         }
     }
@@ -219,15 +236,26 @@ impl<'a> Vb<'a> {
     }
 
     pub fn get(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
-        self.weights.get(&self.name(leaf), shape)
+        match self.source {
+            Source::Stored(w) => w.get(&self.name(leaf), shape),
+            Source::Fresh(p) => p.get_or_init(&self.name(leaf), shape),
+        }
     }
 
+    /// Whether a stored tensor exists (fresh parameters: never, so optional parts are
+    /// created only where the config asks for them).
     pub fn contains(&self, leaf: &str) -> bool {
-        self.weights.contains(&self.name(leaf))
+        match self.source {
+            Source::Stored(w) => w.contains(&self.name(leaf)),
+            Source::Fresh(_) => false,
+        }
     }
 
-    pub fn device(&self) -> &Device {
-        self.weights.device()
+    pub fn device(&self) -> &'a Device {
+        match self.source {
+            Source::Stored(w) => w.device(),
+            Source::Fresh(p) => p.device(),
+        }
     }
 }
 

@@ -72,7 +72,18 @@ impl UNet {
     /// Predicts the noise (or v) for `sample` (batch, in_channels, h, w) at `timestep`, with
     /// cross-attention on `context` (batch, tokens, cross_attention_dim).
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        self.forward_timesteps(sample, &vec![timestep; sample.dim(0)?], context)
+    }
+
+    /// As [`UNet::forward`] with one timestep per batch row (training).
+    pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &[f64], context: &Tensor) -> Result<Tensor> {
         let (batch, channels, _, _) = sample.dims4()?;
+        if timesteps.len() != batch {
+            return Err(Error::InvalidRequest(format!(
+                "{} timesteps for a batch of {batch}",
+                timesteps.len()
+            )));
+        }
         if channels != self.config.in_channels {
             return Err(Error::InvalidRequest(format!(
                 "the U-Net takes {} latent channels, got {channels}",
@@ -80,7 +91,7 @@ impl UNet {
             )));
         }
         let features = timestep_features(
-            &vec![timestep; batch],
+            timesteps,
             self.config.block_out_channels[0],
             self.config.flip_sin_to_cos,
             self.config.freq_shift,

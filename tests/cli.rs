@@ -1,0 +1,165 @@
+//! The `text2img` binary: a real generation with metadata, and clear errors with a non-zero
+//! exit and no output file for bad input.
+
+mod parity;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use parity::{fixtures, model_dir, psnr, read_png};
+
+fn text2img(args: &[&str], envs: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_text2img"));
+    cmd.args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("binary runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn model() -> String {
+    model_dir("sd1-tiny").display().to_string()
+}
+
+#[test]
+fn generate_writes_the_diffusers_image_with_a1111_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cat.png");
+    let model = model();
+    let result = text2img(
+        &[
+            "generate", "--model", &model, "--prompt", "a red circle on a blue background",
+            "--negative-prompt", "a green square", "--seed", "42", "--steps", "8",
+            "--scheduler", "euler", "--output", out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(result.status.success(), "{}", stderr(&result));
+    let (rgb, w, h, texts) = read_png(&out);
+    let (reference, ..) = read_png(&fixtures().join("reference/sd1-negative-0.png"));
+    assert_eq!((w, h), (64, 64));
+    assert!(psnr(&rgb, &reference) >= 50.0);
+    let params = &texts.iter().find(|(k, _)| k == "parameters").expect("parameters chunk").1;
+    assert_eq!(
+        params,
+        "a red circle on a blue background\nNegative prompt: a green square\n\
+         Steps: 8, Sampler: Euler, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: sd1-tiny"
+    );
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(stdout.contains("decode"), "timing summary: {stdout}");
+    // No temp files left behind.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn several_images_are_numbered_and_carry_their_own_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("img.png");
+    let model = model();
+    let result = text2img(
+        &[
+            "generate", "--model", &model, "--prompt", "a red circle on a blue background", "--seed", "42",
+            "--steps", "8", "--scheduler", "euler-a", "--num-images", "2", "--output", out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(result.status.success(), "{}", stderr(&result));
+    for (i, seed) in [(1, 42), (2, 43)] {
+        let (rgb, _, _, texts) = read_png(&dir.path().join(format!("img-{i}.png")));
+        let (reference, ..) = read_png(&fixtures().join(format!("reference/sd1-two-images-{}.png", i - 1)));
+        assert!(psnr(&rgb, &reference) >= 50.0);
+        assert!(texts[0].1.contains(&format!("Seed: {seed},")), "{}", texts[0].1);
+    }
+}
+
+#[test]
+fn without_a_seed_one_is_drawn_and_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let model = model();
+    let result = text2img(
+        &["generate", "--model", &model, "--prompt", "x", "--steps", "1", "--output", out.to_str().unwrap()],
+        &[],
+    );
+    assert!(result.status.success(), "{}", stderr(&result));
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    let seed: u64 = stdout.split("(seed ").nth(1).unwrap().split(')').next().unwrap().parse().unwrap();
+    let (_, _, _, texts) = read_png(&out);
+    assert!(texts[0].1.contains(&format!("Seed: {seed},")));
+}
+
+/// Runs a command that must fail: non-zero exit, an error naming `needle`, no output file.
+fn fails_with(args: &[&str], envs: &[(&str, &Path)], needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("never.png");
+    let mut all: Vec<&str> = args.to_vec();
+    let out_s = out.to_str().unwrap().to_string();
+    all.extend(["--output", &out_s]);
+    let result = text2img(&all, envs);
+    let err = stderr(&result);
+    assert!(!result.status.success(), "expected failure for {args:?}");
+    assert!(err.contains(needle), "error for {args:?} should mention `{needle}`:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no partial output");
+}
+
+#[test]
+fn bad_requests_fail_clearly() {
+    let model = model();
+    let m = model.as_str();
+    fails_with(&["generate", "--model", m, "--prompt", "x", "--width", "70"], &[], "width 70 is not a positive multiple of 8");
+    fails_with(&["generate", "--model", m, "--prompt", "x", "--height", "0"], &[], "height 0");
+    fails_with(&["generate", "--model", m, "--prompt", "x", "--steps", "0"], &[], "steps must be at least 1");
+    fails_with(
+        &["generate", "--model", m, "--prompt", "x", "--scheduler", "lms"],
+        &[],
+        "unknown scheduler `lms`; known schedulers: pndm, ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras",
+    );
+    fails_with(&["generate", "--model", "/no/such/folder", "--prompt", "x"], &[], "/no/such/folder");
+}
+
+#[test]
+fn a_repo_id_offline_without_cache_is_a_clear_error() {
+    let cache = tempfile::tempdir().unwrap();
+    fails_with(
+        &["generate", "--model", "someone/some-model", "--prompt", "x"],
+        &[("HF_HUB_CACHE", cache.path()), ("HF_HUB_OFFLINE", Path::new("1"))],
+        "someone/some-model",
+    );
+}
+
+#[test]
+fn a_repo_id_resolves_in_the_hub_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--someone--tiny");
+    let snapshot = repo.join("snapshots").join("0123abcd");
+    copy_dir(&model_dir("sd1-tiny"), &snapshot);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hub.png");
+    let result = text2img(
+        &["generate", "--model", "someone/tiny", "--prompt", "x", "--steps", "1", "--seed", "1", "--output", out.to_str().unwrap()],
+        &[("HF_HUB_CACHE", cache.path()), ("HF_HUB_OFFLINE", Path::new("1"))],
+    );
+    assert!(result.status.success(), "{}", stderr(&result));
+    let (_, _, _, texts) = read_png(&out);
+    assert!(texts[0].1.ends_with("Model: someone/tiny"), "{}", texts[0].1);
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Model folders that do not match their configs fail with errors that name the file, the
+//! tensor and both shapes; the legacy names diffusers accepts still load.
+
+mod parity;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use parity::model_dir;
+use text2img::pipeline::{load_local, LoadOptions};
+use text2img::vae::AutoencoderKl;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn scratch_model() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("model");
+    copy_dir(&model_dir("sd1-tiny"), &root);
+    (dir, root)
+}
+
+fn load_error(root: &Path) -> String {
+    match load_local(root, &LoadOptions::default()) {
+        Ok(_) => panic!("{} should not load", root.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn unet_file(root: &Path) -> PathBuf {
+    root.join("unet/diffusion_pytorch_model.safetensors")
+}
+
+fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn write_tensors(path: &Path, tensors: &HashMap<String, Tensor>) {
+    candle_core::safetensors::save(tensors, path).unwrap();
+}
+
+#[test]
+fn the_fixture_folders_load_with_every_tensor_used() {
+    for name in ["sd1-tiny", "sd2-tiny"] {
+        load_local(&model_dir(name), &LoadOptions::default()).unwrap();
+    }
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let (_tmp, root) = scratch_model();
+    std::fs::remove_file(root.join("unet/config.json")).unwrap();
+    let err = load_error(&root);
+    assert!(err.contains("unet/config.json") && err.contains("missing"), "{err}");
+
+    let (_tmp, root) = scratch_model();
+    std::fs::remove_file(unet_file(&root)).unwrap();
+    let err = load_error(&root);
+    assert!(err.contains("unet") && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+}
+
+#[test]
+fn a_missing_tensor_is_named() {
+    let (_tmp, root) = scratch_model();
+    let mut t = read_tensors(&unet_file(&root));
+    t.remove("mid_block.attentions.0.proj_in.weight").unwrap();
+    write_tensors(&unet_file(&root), &t);
+    let err = load_error(&root);
+    assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+    assert!(err.contains("missing tensor `mid_block.attentions.0.proj_in.weight`"), "{err}");
+}
+
+#[test]
+fn a_shape_mismatch_names_the_tensor_and_both_shapes() {
+    let (_tmp, root) = scratch_model();
+    let mut t = read_tensors(&unet_file(&root));
+    t.insert("conv_in.weight".into(), Tensor::zeros((32, 4, 5, 5), candle_core::DType::F16, &Device::Cpu).unwrap());
+    write_tensors(&unet_file(&root), &t);
+    let err = load_error(&root);
+    assert!(err.contains("`conv_in.weight`"), "{err}");
+    assert!(err.contains("[32, 4, 5, 5]") && err.contains("[32, 4, 3, 3]"), "{err}");
+}
+
+#[test]
+fn an_unknown_tensor_is_an_error() {
+    let (_tmp, root) = scratch_model();
+    let mut t = read_tensors(&unet_file(&root));
+    t.insert("extra.weight".into(), Tensor::zeros(3, candle_core::DType::F16, &Device::Cpu).unwrap());
+    write_tensors(&unet_file(&root), &t);
+    let err = load_error(&root);
+    assert!(err.contains("not use") && err.contains("extra.weight"), "{err}");
+}
+
+#[test]
+fn a_config_that_disagrees_with_the_weights_is_caught() {
+    let (_tmp, root) = scratch_model();
+    let path = root.join("unet/config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["cross_attention_dim"] = 48.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = load_error(&root);
+    assert!(err.contains("attn2.to_k.weight") && err.contains("[32, 48]") && err.contains("[32, 32]"), "{err}");
+}
+
+#[test]
+fn corrupt_and_truncated_safetensors_are_errors() {
+    let (_tmp, root) = scratch_model();
+    let bytes = std::fs::read(unet_file(&root)).unwrap();
+    std::fs::write(unet_file(&root), &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_error(&root);
+    assert!(err.contains("not a valid safetensors file"), "{err}");
+
+    std::fs::write(unet_file(&root), b"this is not a safetensors file").unwrap();
+    let err = load_error(&root);
+    assert!(err.contains("diffusion_pytorch_model.safetensors: not a valid safetensors file"), "{err}");
+}
+
+#[test]
+fn malformed_json_names_the_file() {
+    let (_tmp, root) = scratch_model();
+    std::fs::write(root.join("vae/config.json"), "{ not json").unwrap();
+    let err = load_error(&root);
+    assert!(err.contains("vae/config.json: invalid JSON"), "{err}");
+}
+
+#[test]
+fn a_legacy_named_vae_loads_and_decodes_the_same() {
+    let (_tmp, root) = scratch_model();
+    let vae_file = root.join("vae/diffusion_pytorch_model.safetensors");
+    let original = read_tensors(&vae_file);
+    let mut legacy = HashMap::new();
+    for (name, t) in &original {
+        let mut renamed = name.clone();
+        for (new, old) in [("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")] {
+            renamed = renamed.replace(&format!("attentions.0.{new}."), &format!("attentions.0.{old}."));
+        }
+        // Old checkpoints also stored these projections as 1x1 convolutions.
+        let t = if renamed != *name && t.rank() == 2 { t.unsqueeze(2).unwrap().unsqueeze(3).unwrap() } else { t.clone() };
+        legacy.insert(renamed, t);
+    }
+    assert!(legacy.contains_key("decoder.mid_block.attentions.0.query.weight"));
+    write_tensors(&vae_file, &legacy);
+    let z = Tensor::randn(0f32, 1f32, (1, 4, 4, 4), &Device::Cpu).unwrap();
+    let a = AutoencoderKl::load(&model_dir("sd1-tiny").join("vae"), None, &Device::Cpu).unwrap();
+    let b = AutoencoderKl::load(&root.join("vae"), None, &Device::Cpu).unwrap();
+    let diff = (a.decode(&z).unwrap() - b.decode(&z).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+}
+
+#[test]
+fn sharded_weights_and_the_fp16_variant_load() {
+    let (_tmp, root) = scratch_model();
+    // Shard the U-Net in two, with an index, as large checkpoints are stored.
+    let t = read_tensors(&unet_file(&root));
+    let mut names: Vec<&String> = t.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [("diffusion_pytorch_model-00001-of-00002.safetensors", first), ("diffusion_pytorch_model-00002-of-00002.safetensors", second)] {
+        let shard: HashMap<String, Tensor> = part.iter().map(|n| ((*n).clone(), t[*n].clone())).collect();
+        write_tensors(&root.join("unet").join(file), &shard);
+        for n in part {
+            map.insert((*n).clone(), file.into());
+        }
+    }
+    std::fs::remove_file(unet_file(&root)).unwrap();
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(root.join("unet/diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+    load_local(&root, &LoadOptions::default()).unwrap();
+
+    // An fp16-only folder: loads with the variant, and says how without it.
+    let (_tmp2, root) = scratch_model();
+    for comp in ["unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"] {
+        std::fs::rename(root.join(format!("{comp}.safetensors")), root.join(format!("{comp}.fp16.safetensors"))).unwrap();
+    }
+    let err = load_error(&root);
+    assert!(err.contains("--variant fp16"), "{err}");
+    let options = LoadOptions { variant: Some("fp16".into()), ..LoadOptions::default() };
+    load_local(&root, &options).unwrap();
+}

@@ -1,0 +1,173 @@
+//! Whole images against diffusers' own, for every scheduler, a negative prompt, guidance 1,
+//! two images per request, an SD 2-style model (linear projections, per-block heads,
+//! v-prediction) and non-square sizes including 72x56. Threshold: 50 dB PSNR.
+
+mod parity;
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use parity::{fixtures, model_dir, psnr, read_png};
+use serde_json::Value;
+use text2img::latent::schedulers::SchedulerKind;
+use text2img::pipeline::{load_local, GenerateRequest, LoadOptions, Pipeline};
+
+fn cases() -> Vec<Value> {
+    let text = std::fs::read_to_string(fixtures().join("reference/cases.json")).unwrap();
+    let meta: Value = serde_json::from_str(&text).unwrap();
+    meta["cases"].as_array().unwrap().clone()
+}
+
+fn pipeline(name: &str) -> &'static Pipeline {
+    static PIPES: OnceLock<HashMap<String, Pipeline>> = OnceLock::new();
+    let pipes = PIPES.get_or_init(|| {
+        ["sd1-tiny", "sd2-tiny"]
+            .iter()
+            .map(|n| (n.to_string(), load_local(&model_dir(n), &LoadOptions::default()).unwrap()))
+            .collect()
+    });
+    &pipes[name]
+}
+
+fn request(case: &Value) -> GenerateRequest {
+    GenerateRequest {
+        prompt: case["prompt"].as_str().unwrap().to_string(),
+        negative_prompt: case.get("negative_prompt").and_then(Value::as_str).unwrap_or("").to_string(),
+        seed: Some(case["seed"].as_u64().unwrap()),
+        steps: Some(case["steps"].as_u64().unwrap() as usize),
+        guidance_scale: Some(case["guidance"].as_f64().unwrap()),
+        scheduler: case
+            .get("scheduler")
+            .and_then(Value::as_str)
+            .map(|s| SchedulerKind::from_cli_name(s).unwrap()),
+        width: Some(case["width"].as_u64().unwrap() as usize),
+        height: Some(case["height"].as_u64().unwrap() as usize),
+        num_images: case.get("num_images").and_then(Value::as_u64).unwrap_or(1) as usize,
+        eta: case.get("eta").and_then(Value::as_f64).unwrap_or(0.0),
+        clip_skip: case.get("clip_skip").and_then(Value::as_u64).unwrap_or(0) as usize,
+    }
+}
+
+/// Runs every reference case whose name starts with `prefix` and checks each image.
+fn check(prefix: &str) {
+    let mut ran = 0;
+    for case in cases() {
+        let name = case["name"].as_str().unwrap();
+        if !name.starts_with(prefix) || name.contains("probe") {
+            continue;
+        }
+        let pipe = pipeline(case["model"].as_str().unwrap());
+        let generation = pipe.generate(&request(&case), &mut |_| true).unwrap();
+        let files = case["images"].as_array().unwrap();
+        assert_eq!(generation.images.len(), files.len(), "{name}: image count");
+        for (image, file) in generation.images.iter().zip(files) {
+            let (rgb, w, h, _) = read_png(&fixtures().join("reference").join(file.as_str().unwrap()));
+            assert_eq!((image.width, image.height), (w, h), "{name}: size");
+            let db = psnr(&image.rgb, &rgb);
+            eprintln!("{name}: {db:.1} dB");
+            assert!(db >= 50.0, "{name}: PSNR {db:.1} dB < 50 dB against diffusers");
+        }
+        ran += 1;
+    }
+    assert!(ran > 0, "no reference case starts with {prefix}");
+}
+
+#[test]
+fn sd1_folder_scheduler_pndm() {
+    check("sd1-default");
+}
+#[test]
+fn sd1_pndm() {
+    check("sd1-pndm");
+}
+#[test]
+fn sd1_ddim_and_eta() {
+    check("sd1-ddim");
+}
+#[test]
+fn sd1_ddpm() {
+    check("sd1-ddpm");
+}
+#[test]
+fn sd1_euler_and_euler_ancestral() {
+    check("sd1-euler");
+}
+#[test]
+fn sd1_dpm_solver() {
+    check("sd1-dpm++2m");
+}
+#[test]
+fn sd1_negative_prompt() {
+    check("sd1-negative");
+}
+#[test]
+fn sd1_guidance_one_runs_no_unconditional_pass() {
+    check("sd1-guidance1");
+}
+#[test]
+fn sd1_two_images_use_consecutive_seeds() {
+    check("sd1-two-images");
+}
+#[test]
+fn sd1_non_square_sizes() {
+    check("sd1-72x56");
+    check("sd1-48x80");
+}
+#[test]
+fn sd1_clip_skip() {
+    check("sd1-clip-skip");
+}
+#[test]
+fn sd1_long_prompt_is_truncated() {
+    check("sd1-long-prompt");
+}
+#[test]
+fn sd2_v_prediction_linear_projection() {
+    check("sd2-");
+}
+
+#[test]
+fn probes_show_the_threshold_is_meaningful() {
+    // The fixture maker measured how far a wrong step count, CFG scale or prompt moves the
+    // image; each must be well below 50 dB or the image tests prove nothing.
+    let text = std::fs::read_to_string(fixtures().join("reference/cases.json")).unwrap();
+    let meta: Value = serde_json::from_str(&text).unwrap();
+    for (name, db) in meta["probe_psnr_db"].as_object().unwrap() {
+        assert!(db.as_f64().unwrap() < 45.0, "{name}: {db} dB");
+    }
+}
+
+#[test]
+fn second_image_alone_reproduces_from_its_seed() {
+    let pipe = pipeline("sd1-tiny");
+    let case = cases().into_iter().find(|c| c["name"] == "sd1-two-images").unwrap();
+    let mut req = request(&case);
+    req.num_images = 1;
+    req.seed = Some(req.seed.unwrap() + 1);
+    let alone = pipe.generate(&req, &mut |_| true).unwrap();
+    let (rgb, ..) = read_png(&fixtures().join("reference").join(case["images"][1].as_str().unwrap()));
+    assert!(psnr(&alone.images[0].rgb, &rgb) >= 50.0);
+}
+
+#[test]
+fn step_callback_sees_every_step_and_can_cancel() {
+    let pipe = pipeline("sd1-tiny");
+    let req = GenerateRequest {
+        prompt: "a cat".into(),
+        seed: Some(1),
+        steps: Some(4),
+        scheduler: Some(SchedulerKind::Euler),
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    pipe.generate(&req, &mut |p| {
+        let (rgb, w, h) = p.preview(0).unwrap();
+        assert_eq!(rgb.len(), w * h * 3);
+        seen.push((p.step, p.total));
+        true
+    })
+    .unwrap();
+    assert_eq!(seen, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+    let err = pipe.generate(&req, &mut |p| p.step < 2).err().unwrap();
+    assert!(matches!(err, text2img::Error::Cancelled));
+}
