@@ -324,9 +324,11 @@ impl Pipeline {
         timings.text = started.elapsed();
 
         let started = Instant::now();
+        // diffusers' pipeline rewrites some scheduler keys before the loop; so do we.
+        let config = schedulers::stable_diffusion_pipeline_config(resolved.scheduler, &self.scheduler_config)?;
         let mut scheduler = schedulers::build(
             resolved.scheduler,
-            &self.scheduler_config,
+            &config,
             resolved.steps,
             &SchedulerOptions { eta: req.eta },
         )?;

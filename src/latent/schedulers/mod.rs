@@ -4,11 +4,47 @@
 //! `NewScheduler.from_config(old.config)` builds it (see [`config`]), then set to a step count
 //! with [`build`]. The pipeline asks it for the timesteps to feed the U-Net, scales the model
 //! input, and steps the latents.
+//!
+//! Each scheduler follows its diffusers 0.42 class operation by operation: float32 torch
+//! arithmetic where diffusers uses torch tensors, float64 numpy arithmetic where it uses numpy
+//! (see `common.rs`). What remains is torch's float32 `sqrt`/`log`/`exp` (MKL, not correctly
+//! rounded) and numpy's SIMD float32 `log`, which differ from ours by an ulp here and there.
+//!
+//! - [`pndm`]: `PNDMScheduler` (PLMS, and the Runge-Kutta warm-up without `skip_prk_steps`);
+//! - [`ddim`]: `DDIMScheduler` (eta > 0 draws noise);
+//! - [`ddpm`]: `DDPMScheduler` (draws noise at every step whose timestep is above 0);
+//! - [`euler`]: `EulerDiscreteScheduler` (float timesteps);
+//! - [`euler_ancestral`]: `EulerAncestralDiscreteScheduler` (draws noise at every step);
+//! - [`dpm_solver`]: `DPMSolverMultistepScheduler` (`dpm++2m`, `dpm++2m-karras`).
+//!
+//! Every scheduler takes its steps in order, `index` = 0, 1, ... over [`Scheduler::timesteps`].
 
 use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::rng::BatchGenerator;
+
+mod common;
+pub mod config;
+pub mod ddim;
+pub mod ddpm;
+pub mod dpm_solver;
+pub mod euler;
+pub mod euler_ancestral;
+pub mod pndm;
+
+pub use common::alphas_cumprod_for;
+pub use config::{
+    build, effective_config, resolved_config, stable_diffusion_pipeline_config, DdimConfig,
+    DdpmConfig, DpmSolverMultistepConfig, EulerAncestralDiscreteConfig, EulerDiscreteConfig,
+    PndmConfig, SchedulerKind, SchedulerOptions,
+};
+pub use ddim::Ddim;
+pub use ddpm::Ddpm;
+pub use dpm_solver::DpmSolverMultistep;
+pub use euler::EulerDiscrete;
+pub use euler_ancestral::EulerAncestralDiscrete;
+pub use pndm::Pndm;
 
 /// The per-run state of a scheduler set to a number of inference steps.
 pub trait Scheduler: Send {

@@ -1,0 +1,690 @@
+//! Scheduler configs, resolved as diffusers' `NewScheduler.from_config(old.config)` resolves
+//! them, and the scheduler kinds the crate offers.
+//!
+//! The rule diffusers follows, and this module with it: start from the model folder's
+//! `scheduler_config.json`; drop the keys listed in its `_use_default_values` (keys that were
+//! defaults of the class that saved it) and every key starting with `_`; then read the target
+//! class's `__init__` arguments from what is left. Keys the class does not take are ignored
+//! and absent keys take the class's own defaults, which differ between classes (e.g.
+//! `timestep_spacing` is `leading` for DDIM but `linspace` for Euler). A pipeline loaded with
+//! `from_pretrained` and given a new scheduler with `New.from_config(pipe.scheduler.config)`
+//! ends up with exactly this config.
+//!
+//! Each struct below has one field per `__init__` argument of its diffusers 0.42 class, with
+//! the class's default values.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{ddim::Ddim, ddpm::Ddpm, dpm_solver::DpmSolverMultistep, euler::EulerDiscrete};
+use super::{euler_ancestral::EulerAncestralDiscrete, pndm::Pndm, Scheduler};
+use crate::error::{Error, Result};
+
+/// Floats that may be infinite: JSON has no infinities, so they are written as the strings
+/// "inf" / "-inf" / "nan" (and read from those, from "Infinity"/"-Infinity", or numbers).
+mod float_or_inf {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if value.is_nan() {
+            s.serialize_str("nan")
+        } else if value.is_infinite() {
+            s.serialize_str(if *value > 0.0 { "inf" } else { "-inf" })
+        } else {
+            s.serialize_f64(*value)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(v) => Ok(v),
+            Raw::Text(t) => match t.trim().to_ascii_lowercase().as_str() {
+                "inf" | "+inf" | "infinity" | "+infinity" => Ok(f64::INFINITY),
+                "-inf" | "-infinity" => Ok(f64::NEG_INFINITY),
+                "nan" => Ok(f64::NAN),
+                other => Err(serde::de::Error::custom(format!("not a number: `{other}`"))),
+            },
+        }
+    }
+}
+
+/// diffusers' `PNDMScheduler` config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PndmConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: String,
+    pub trained_betas: Option<Vec<f64>>,
+    pub skip_prk_steps: bool,
+    pub set_alpha_to_one: bool,
+    pub prediction_type: String,
+    pub timestep_spacing: String,
+    pub steps_offset: i64,
+}
+
+impl Default for PndmConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: "linear".into(),
+            trained_betas: None,
+            skip_prk_steps: false,
+            set_alpha_to_one: false,
+            prediction_type: "epsilon".into(),
+            timestep_spacing: "leading".into(),
+            steps_offset: 0,
+        }
+    }
+}
+
+/// diffusers' `DDIMScheduler` config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DdimConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: String,
+    pub trained_betas: Option<Vec<f64>>,
+    pub clip_sample: bool,
+    pub set_alpha_to_one: bool,
+    pub steps_offset: i64,
+    pub prediction_type: String,
+    pub thresholding: bool,
+    pub dynamic_thresholding_ratio: f64,
+    pub clip_sample_range: f64,
+    pub sample_max_value: f64,
+    pub timestep_spacing: String,
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl Default for DdimConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: "linear".into(),
+            trained_betas: None,
+            clip_sample: true,
+            set_alpha_to_one: true,
+            steps_offset: 0,
+            prediction_type: "epsilon".into(),
+            thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            clip_sample_range: 1.0,
+            sample_max_value: 1.0,
+            timestep_spacing: "leading".into(),
+            rescale_betas_zero_snr: false,
+        }
+    }
+}
+
+/// diffusers' `DDPMScheduler` config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DdpmConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: String,
+    pub trained_betas: Option<Vec<f64>>,
+    pub variance_type: String,
+    pub clip_sample: bool,
+    pub prediction_type: String,
+    pub thresholding: bool,
+    pub dynamic_thresholding_ratio: f64,
+    pub clip_sample_range: f64,
+    pub sample_max_value: f64,
+    pub timestep_spacing: String,
+    pub steps_offset: i64,
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl Default for DdpmConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: "linear".into(),
+            trained_betas: None,
+            variance_type: "fixed_small".into(),
+            clip_sample: true,
+            prediction_type: "epsilon".into(),
+            thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            clip_sample_range: 1.0,
+            sample_max_value: 1.0,
+            timestep_spacing: "leading".into(),
+            steps_offset: 0,
+            rescale_betas_zero_snr: false,
+        }
+    }
+}
+
+/// diffusers' `EulerDiscreteScheduler` config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EulerDiscreteConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: String,
+    pub trained_betas: Option<Vec<f64>>,
+    pub prediction_type: String,
+    pub interpolation_type: String,
+    pub use_karras_sigmas: Option<bool>,
+    pub use_exponential_sigmas: Option<bool>,
+    pub use_beta_sigmas: Option<bool>,
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    pub timestep_spacing: String,
+    pub timestep_type: String,
+    pub steps_offset: i64,
+    pub rescale_betas_zero_snr: bool,
+    pub final_sigmas_type: String,
+}
+
+impl Default for EulerDiscreteConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: "linear".into(),
+            trained_betas: None,
+            prediction_type: "epsilon".into(),
+            interpolation_type: "linear".into(),
+            use_karras_sigmas: Some(false),
+            use_exponential_sigmas: Some(false),
+            use_beta_sigmas: Some(false),
+            sigma_min: None,
+            sigma_max: None,
+            timestep_spacing: "linspace".into(),
+            timestep_type: "discrete".into(),
+            steps_offset: 0,
+            rescale_betas_zero_snr: false,
+            final_sigmas_type: "zero".into(),
+        }
+    }
+}
+
+/// diffusers' `EulerAncestralDiscreteScheduler` config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EulerAncestralDiscreteConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: String,
+    pub trained_betas: Option<Vec<f64>>,
+    pub prediction_type: String,
+    pub timestep_spacing: String,
+    pub steps_offset: i64,
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl Default for EulerAncestralDiscreteConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: "linear".into(),
+            trained_betas: None,
+            prediction_type: "epsilon".into(),
+            timestep_spacing: "linspace".into(),
+            steps_offset: 0,
+            rescale_betas_zero_snr: false,
+        }
+    }
+}
+
+/// diffusers' `DPMSolverMultistepScheduler` config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DpmSolverMultistepConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: String,
+    pub trained_betas: Option<Vec<f64>>,
+    pub solver_order: usize,
+    pub prediction_type: String,
+    pub thresholding: bool,
+    pub dynamic_thresholding_ratio: f64,
+    pub sample_max_value: f64,
+    pub algorithm_type: String,
+    pub solver_type: String,
+    pub lower_order_final: bool,
+    pub euler_at_final: bool,
+    pub use_karras_sigmas: bool,
+    pub use_exponential_sigmas: bool,
+    pub use_beta_sigmas: bool,
+    pub use_lu_lambdas: bool,
+    pub use_flow_sigmas: bool,
+    pub flow_shift: f64,
+    pub final_sigmas_type: String,
+    #[serde(with = "float_or_inf")]
+    pub lambda_min_clipped: f64,
+    pub variance_type: Option<String>,
+    pub timestep_spacing: String,
+    pub steps_offset: i64,
+    pub rescale_betas_zero_snr: bool,
+    pub use_dynamic_shifting: bool,
+    pub time_shift_type: String,
+    /// Not an `__init__` argument, but diffusers keeps a folder config's `sigma_min` in the
+    /// scheduler's config and its Karras and exponential sigmas then use it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sigma_min: Option<f64>,
+    /// As `sigma_min`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sigma_max: Option<f64>,
+}
+
+impl Default for DpmSolverMultistepConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: "linear".into(),
+            trained_betas: None,
+            solver_order: 2,
+            prediction_type: "epsilon".into(),
+            thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            sample_max_value: 1.0,
+            algorithm_type: "dpmsolver++".into(),
+            solver_type: "midpoint".into(),
+            lower_order_final: true,
+            euler_at_final: false,
+            use_karras_sigmas: false,
+            use_exponential_sigmas: false,
+            use_beta_sigmas: false,
+            use_lu_lambdas: false,
+            use_flow_sigmas: false,
+            flow_shift: 1.0,
+            final_sigmas_type: "zero".into(),
+            lambda_min_clipped: f64::NEG_INFINITY,
+            variance_type: None,
+            timestep_spacing: "linspace".into(),
+            steps_offset: 0,
+            rescale_betas_zero_snr: false,
+            use_dynamic_shifting: false,
+            time_shift_type: "exponential".into(),
+            sigma_min: None,
+            sigma_max: None,
+        }
+    }
+}
+
+impl DpmSolverMultistepConfig {
+    /// What the class's `__init__` rewrites in its own config: the `deis` algorithm becomes
+    /// `dpmsolver++`, the UniPC/DEIS solver types become `midpoint`.
+    fn normalize(mut self) -> Self {
+        if self.algorithm_type == "deis" {
+            self.algorithm_type = "dpmsolver++".into();
+        }
+        if matches!(self.solver_type.as_str(), "logrho" | "bh1" | "bh2") {
+            self.solver_type = "midpoint".into();
+        }
+        self
+    }
+}
+
+/// The keys of a folder config that a new scheduler class reads: all but `_`-keys and the
+/// keys listed in `_use_default_values`.
+pub fn effective_config(folder_config: &Value) -> Result<Map<String, Value>> {
+    let object = folder_config
+        .as_object()
+        .ok_or_else(|| Error::InvalidRequest("scheduler config: expected a JSON object".into()))?;
+    let defaults: Vec<&str> = object
+        .get("_use_default_values")
+        .and_then(Value::as_array)
+        .map(|keys| keys.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    Ok(object
+        .iter()
+        .filter(|(k, _)| !k.starts_with('_') && !defaults.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect())
+}
+
+/// A class config from a folder config, with keyword overrides (as `from_config(cfg, **kw)`).
+fn config_for<T: DeserializeOwned>(
+    class: &str,
+    folder_config: &Value,
+    overrides: &[(&str, Value)],
+) -> Result<T> {
+    let mut map = effective_config(folder_config)?;
+    for (k, v) in overrides {
+        map.insert((*k).to_string(), v.clone());
+    }
+    serde_json::from_value(Value::Object(map))
+        .map_err(|e| Error::InvalidRequest(format!("{class} config: {e}")))
+}
+
+/// The schedulers the crate offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    Pndm,
+    Ddim,
+    Ddpm,
+    Euler,
+    EulerAncestral,
+    DpmPP2M,
+    DpmPP2MKarras,
+}
+
+impl SchedulerKind {
+    pub const ALL: [SchedulerKind; 7] = [
+        SchedulerKind::Pndm,
+        SchedulerKind::Ddim,
+        SchedulerKind::Ddpm,
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::DpmPP2M,
+        SchedulerKind::DpmPP2MKarras,
+    ];
+
+    /// The kind named on the command line (`pndm`, `ddim`, `ddpm`, `euler`, `euler-a`,
+    /// `dpm++2m`, `dpm++2m-karras`).
+    pub fn from_cli_name(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.cli_name() == name)
+            .ok_or_else(|| Error::UnknownScheduler {
+                name: name.to_string(),
+                known: Self::ALL.map(|k| k.cli_name()).join(", "),
+            })
+    }
+
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Pndm => "pndm",
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Ddpm => "ddpm",
+            SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerAncestral => "euler-a",
+            SchedulerKind::DpmPP2M => "dpm++2m",
+            SchedulerKind::DpmPP2MKarras => "dpm++2m-karras",
+        }
+    }
+
+    /// The sampler name AUTOMATIC1111's web UI writes in its PNG parameters.
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Pndm => "PLMS",
+            SchedulerKind::Ddim => "DDIM",
+            SchedulerKind::Ddpm => "DDPM",
+            SchedulerKind::Euler => "Euler",
+            SchedulerKind::EulerAncestral => "Euler a",
+            SchedulerKind::DpmPP2M => "DPM++ 2M",
+            SchedulerKind::DpmPP2MKarras => "DPM++ 2M Karras",
+        }
+    }
+
+    /// The diffusers class that implements the kind.
+    pub fn diffusers_class(self) -> &'static str {
+        match self {
+            SchedulerKind::Pndm => "PNDMScheduler",
+            SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::Ddpm => "DDPMScheduler",
+            SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            SchedulerKind::DpmPP2M | SchedulerKind::DpmPP2MKarras => "DPMSolverMultistepScheduler",
+        }
+    }
+
+    /// The kind of a folder's scheduler (its `_class_name`); a DPM-Solver multistep config
+    /// with `use_karras_sigmas` true is [`SchedulerKind::DpmPP2MKarras`].
+    pub fn from_diffusers_class(class: &str, config: &Value) -> Result<Self> {
+        let kind = match class {
+            "PNDMScheduler" => SchedulerKind::Pndm,
+            "DDIMScheduler" => SchedulerKind::Ddim,
+            "DDPMScheduler" => SchedulerKind::Ddpm,
+            "EulerDiscreteScheduler" => SchedulerKind::Euler,
+            "EulerAncestralDiscreteScheduler" => SchedulerKind::EulerAncestral,
+            "DPMSolverMultistepScheduler" => {
+                let karras = effective_config(config)
+                    .ok()
+                    .and_then(|m| m.get("use_karras_sigmas").and_then(Value::as_bool))
+                    .unwrap_or(false);
+                if karras {
+                    SchedulerKind::DpmPP2MKarras
+                } else {
+                    SchedulerKind::DpmPP2M
+                }
+            }
+            other => {
+                let mut known: Vec<&str> = Self::ALL.map(|k| k.diffusers_class()).to_vec();
+                known.dedup();
+                return Err(Error::UnknownScheduler {
+                    name: other.to_string(),
+                    known: format!("{} (diffusers classes)", known.join(", ")),
+                });
+            }
+        };
+        Ok(kind)
+    }
+
+    /// The keyword arguments the kind forces on `from_config`.
+    fn overrides(self) -> Vec<(&'static str, Value)> {
+        match self {
+            SchedulerKind::DpmPP2M => vec![("use_karras_sigmas", Value::Bool(false))],
+            SchedulerKind::DpmPP2MKarras => vec![("use_karras_sigmas", Value::Bool(true))],
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.cli_name())
+    }
+}
+
+impl std::str::FromStr for SchedulerKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::from_cli_name(s)
+    }
+}
+
+/// Options of a run that are not part of the scheduler config.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SchedulerOptions {
+    /// DDIM's eta (0: deterministic DDIM; > 0 draws noise at each step). Other kinds ignore it,
+    /// as diffusers' pipelines pass it only to schedulers whose `step` takes it.
+    pub eta: f64,
+}
+
+/// A typed config of one kind.
+enum KindConfig {
+    Pndm(PndmConfig),
+    Ddim(DdimConfig),
+    Ddpm(DdpmConfig),
+    Euler(EulerDiscreteConfig),
+    EulerAncestral(EulerAncestralDiscreteConfig),
+    Dpm(DpmSolverMultistepConfig),
+}
+
+fn kind_config(kind: SchedulerKind, folder_config: &Value) -> Result<KindConfig> {
+    let class = kind.diffusers_class();
+    let overrides = kind.overrides();
+    Ok(match kind {
+        SchedulerKind::Pndm => KindConfig::Pndm(config_for(class, folder_config, &overrides)?),
+        SchedulerKind::Ddim => KindConfig::Ddim(config_for(class, folder_config, &overrides)?),
+        SchedulerKind::Ddpm => KindConfig::Ddpm(config_for(class, folder_config, &overrides)?),
+        SchedulerKind::Euler => KindConfig::Euler(config_for(class, folder_config, &overrides)?),
+        SchedulerKind::EulerAncestral => {
+            KindConfig::EulerAncestral(config_for(class, folder_config, &overrides)?)
+        }
+        SchedulerKind::DpmPP2M | SchedulerKind::DpmPP2MKarras => {
+            let config: DpmSolverMultistepConfig = config_for(class, folder_config, &overrides)?;
+            KindConfig::Dpm(config.normalize())
+        }
+    })
+}
+
+/// The scheduler config diffusers' Stable Diffusion pipelines run `kind` with, for a model
+/// folder's scheduler config; pass the result to [`build`].
+///
+/// `StableDiffusionPipeline.__init__` rewrites the config of the scheduler it is given: a
+/// `steps_offset` other than 1 becomes 1 and a `clip_sample` of true becomes false. When
+/// `kind` is the folder's own scheduler (same class, and for DPM-Solver the same Karras
+/// setting), diffusers runs that rewritten scheduler as it is, class defaults included (a
+/// DDIM folder config without `steps_offset` runs with 1, not DDIM's default 0). Any other
+/// kind is made with `New.from_config(pipe.scheduler.config)`, which drops the keys that were
+/// defaults, so only the keys present in the folder's JSON carry the rewrite.
+pub fn stable_diffusion_pipeline_config(
+    kind: SchedulerKind,
+    folder_config: &Value,
+) -> Result<Value> {
+    let mut map = effective_config(folder_config)?;
+    let same = folder_config
+        .get("_class_name")
+        .and_then(Value::as_str)
+        .and_then(|class| SchedulerKind::from_diffusers_class(class, folder_config).ok())
+        == Some(kind);
+    if same {
+        // Every supported class has `steps_offset`; `clip_sample` is read by the classes that
+        // have it and ignored by the others.
+        map.insert("steps_offset".into(), Value::from(1));
+        map.insert("clip_sample".into(), Value::Bool(false));
+    } else {
+        if map
+            .get("steps_offset")
+            .is_some_and(|v| v.as_f64() != Some(1.0))
+        {
+            map.insert("steps_offset".into(), Value::from(1));
+        }
+        if map.get("clip_sample") == Some(&Value::Bool(true)) {
+            map.insert("clip_sample".into(), Value::Bool(false));
+        }
+    }
+    Ok(Value::Object(map))
+}
+
+/// A scheduler of `kind` from a model folder's scheduler config, set to `steps` inference
+/// steps: diffusers' `Kind.from_config(folder_config)` then `set_timesteps(steps)`.
+pub fn build(
+    kind: SchedulerKind,
+    folder_config: &Value,
+    steps: usize,
+    options: &SchedulerOptions,
+) -> Result<Box<dyn Scheduler>> {
+    if steps == 0 {
+        return Err(Error::InvalidRequest(
+            "the number of inference steps must be at least 1".into(),
+        ));
+    }
+    if !options.eta.is_finite() || options.eta < 0.0 {
+        return Err(Error::InvalidRequest(format!(
+            "eta must be a finite number >= 0, not {}",
+            options.eta
+        )));
+    }
+    Ok(match kind_config(kind, folder_config)? {
+        KindConfig::Pndm(c) => Box::new(Pndm::new(&c, steps)?),
+        KindConfig::Ddim(c) => Box::new(Ddim::new(&c, steps, options.eta)?),
+        KindConfig::Ddpm(c) => Box::new(Ddpm::new(&c, steps)?),
+        KindConfig::Euler(c) => Box::new(EulerDiscrete::new(&c, steps)?),
+        KindConfig::EulerAncestral(c) => Box::new(EulerAncestralDiscrete::new(&c, steps)?),
+        KindConfig::Dpm(c) => Box::new(DpmSolverMultistep::new(&c, steps)?),
+    })
+}
+
+/// The config a scheduler of `kind` resolves from a folder config, as diffusers reports it
+/// in `Kind.from_config(folder_config).config` (every `__init__` argument; non-finite floats
+/// as the strings "inf", "-inf", "nan").
+pub fn resolved_config(kind: SchedulerKind, folder_config: &Value) -> Result<Value> {
+    let value = match kind_config(kind, folder_config)? {
+        KindConfig::Pndm(c) => serde_json::to_value(c),
+        KindConfig::Ddim(c) => serde_json::to_value(c),
+        KindConfig::Ddpm(c) => serde_json::to_value(c),
+        KindConfig::Euler(c) => serde_json::to_value(c),
+        KindConfig::EulerAncestral(c) => serde_json::to_value(c),
+        KindConfig::Dpm(c) => serde_json::to_value(c),
+    };
+    value.map_err(|e| Error::InvalidRequest(format!("scheduler config: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn cli_names_round_trip() {
+        for kind in SchedulerKind::ALL {
+            assert_eq!(SchedulerKind::from_cli_name(kind.cli_name()).unwrap(), kind);
+        }
+        let err = SchedulerKind::from_cli_name("lms").unwrap_err().to_string();
+        assert!(
+            err.contains("lms") && err.contains("dpm++2m-karras"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn defaults_listed_as_used_are_dropped() {
+        let folder = json!({
+            "_class_name": "PNDMScheduler",
+            "_use_default_values": ["timestep_spacing"],
+            "timestep_spacing": "leading",
+            "steps_offset": 1,
+        });
+        let euler = resolved_config(SchedulerKind::Euler, &folder).unwrap();
+        assert_eq!(euler["timestep_spacing"], "linspace");
+        assert_eq!(euler["steps_offset"], 1);
+        let dpm = resolved_config(SchedulerKind::DpmPP2MKarras, &folder).unwrap();
+        assert_eq!(dpm["use_karras_sigmas"], true);
+        assert_eq!(dpm["lambda_min_clipped"], "-inf");
+    }
+
+    #[test]
+    fn classes_map_to_kinds() {
+        let karras = json!({"use_karras_sigmas": true});
+        assert_eq!(
+            SchedulerKind::from_diffusers_class("DPMSolverMultistepScheduler", &karras).unwrap(),
+            SchedulerKind::DpmPP2MKarras
+        );
+        assert_eq!(
+            SchedulerKind::from_diffusers_class("DPMSolverMultistepScheduler", &json!({})).unwrap(),
+            SchedulerKind::DpmPP2M
+        );
+        let err = SchedulerKind::from_diffusers_class("LMSDiscreteScheduler", &json!({}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("LMSDiscreteScheduler"), "{err}");
+    }
+
+    #[test]
+    fn zero_steps_is_an_error() {
+        let folder = json!({});
+        assert!(matches!(
+            build(
+                SchedulerKind::Euler,
+                &folder,
+                0,
+                &SchedulerOptions::default()
+            ),
+            Err(Error::InvalidRequest(_))
+        ));
+    }
+}

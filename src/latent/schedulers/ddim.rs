@@ -1,0 +1,230 @@
+//! DDIM, as diffusers' `DDIMScheduler`: deterministic for eta = 0, drawing variance noise
+//! from the generators at every step for eta > 0.
+
+use candle_core::Tensor;
+
+use super::common::{self, invalid, BetaConfig, Prediction, Spacing};
+use super::config::DdimConfig;
+use super::Scheduler;
+use crate::error::Result;
+use crate::rng::BatchGenerator;
+
+const CLASS: &str = "DDIMScheduler";
+
+/// What is done to the predicted original sample.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum X0Processing {
+    None,
+    Clip(f64),
+    Threshold { ratio: f64, max_value: f64 },
+}
+
+impl X0Processing {
+    pub(crate) fn new(
+        thresholding: bool,
+        clip_sample: bool,
+        ratio: f64,
+        max_value: f64,
+        clip_range: f64,
+    ) -> Self {
+        if thresholding {
+            X0Processing::Threshold { ratio, max_value }
+        } else if clip_sample {
+            X0Processing::Clip(clip_range)
+        } else {
+            X0Processing::None
+        }
+    }
+
+    pub(crate) fn apply(self, x0: Tensor) -> Result<Tensor> {
+        match self {
+            X0Processing::None => Ok(x0),
+            X0Processing::Clip(r) => common::clamp(&x0, r),
+            X0Processing::Threshold { ratio, max_value } => {
+                common::threshold_sample(&x0, ratio, max_value)
+            }
+        }
+    }
+}
+
+pub struct Ddim {
+    alphas_cumprod: Vec<f32>,
+    final_alpha_cumprod: f32,
+    prediction: Prediction,
+    x0: X0Processing,
+    step_ratio: i64,
+    eta: f64,
+    timesteps_int: Vec<i64>,
+    timesteps: Vec<f64>,
+}
+
+/// The DDIM/DDPM timesteps (descending integers) for a spacing.
+pub(crate) fn discrete_timesteps(
+    class: &str,
+    spacing: Spacing,
+    n_train: usize,
+    steps: usize,
+    steps_offset: i64,
+) -> Result<Vec<i64>> {
+    if steps > n_train {
+        return Err(invalid(format!(
+            "{class}: {steps} inference steps is more than the {n_train} training timesteps"
+        )));
+    }
+    Ok(match spacing {
+        Spacing::Linspace => {
+            let mut t: Vec<i64> = common::np_linspace(0.0, n_train as f64 - 1.0, steps)
+                .into_iter()
+                .map(|t| common::np_round(t) as i64)
+                .collect();
+            t.reverse();
+            t
+        }
+        Spacing::Leading => {
+            let ratio = (n_train / steps) as i64;
+            (0..steps as i64)
+                .rev()
+                .map(|i| i * ratio + steps_offset)
+                .collect()
+        }
+        Spacing::Trailing => {
+            let ratio = n_train as f64 / steps as f64;
+            common::np_arange_f64(n_train as f64, 0.0, -ratio)
+                .into_iter()
+                .map(|t| common::np_round(t) as i64 - 1)
+                .collect()
+        }
+    })
+}
+
+impl Ddim {
+    pub fn new(config: &DdimConfig, steps: usize, eta: f64) -> Result<Self> {
+        let betas = common::betas(&BetaConfig {
+            class: CLASS,
+            num_train_timesteps: config.num_train_timesteps,
+            beta_start: config.beta_start,
+            beta_end: config.beta_end,
+            beta_schedule: &config.beta_schedule,
+            trained_betas: config.trained_betas.as_deref(),
+            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
+            extra_schedules: false,
+        })?;
+        let alphas_cumprod = common::alphas_cumprod(&betas);
+        let final_alpha_cumprod = if config.set_alpha_to_one {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
+        let prediction = Prediction::parse(
+            CLASS,
+            &config.prediction_type,
+            &[
+                Prediction::Epsilon,
+                Prediction::Sample,
+                Prediction::Velocity,
+            ],
+        )?;
+        let spacing = Spacing::parse(CLASS, &config.timestep_spacing)?;
+        let n_train = config.num_train_timesteps;
+        let timesteps_int =
+            discrete_timesteps(CLASS, spacing, n_train, steps, config.steps_offset)?;
+        Ok(Self {
+            alphas_cumprod,
+            final_alpha_cumprod,
+            prediction,
+            x0: X0Processing::new(
+                config.thresholding,
+                config.clip_sample,
+                config.dynamic_thresholding_ratio,
+                config.sample_max_value,
+                config.clip_sample_range,
+            ),
+            step_ratio: (n_train / steps) as i64,
+            eta,
+            timesteps: timesteps_int.iter().map(|&t| t as f64).collect(),
+            timesteps_int,
+        })
+    }
+
+    fn alpha(&self, t: i64) -> Result<f32> {
+        usize::try_from(t)
+            .ok()
+            .and_then(|i| self.alphas_cumprod.get(i).copied())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{CLASS}: timestep {t} is outside the training schedule"
+                ))
+            })
+    }
+}
+
+impl Scheduler for Ddim {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        noise: &mut BatchGenerator,
+    ) -> Result<Tensor> {
+        common::check_step_inputs(CLASS, model_output, sample)?;
+        let t = *self
+            .timesteps_int
+            .get(index)
+            .ok_or_else(|| invalid(format!("{CLASS}: no step {index}")))?;
+        // The previous timestep is t minus the leading step ratio, whatever the spacing.
+        let prev_t = t - self.step_ratio;
+        let a_t = self.alpha(t)?;
+        let a_prev = if prev_t >= 0 {
+            self.alpha(prev_t)?
+        } else {
+            self.final_alpha_cumprod
+        };
+        let b_t = 1.0 - a_t;
+
+        let (x0, eps) = match self.prediction {
+            Prediction::Epsilon => {
+                let x0 = common::div(
+                    &(sample - common::mul(model_output, b_t.sqrt())?)?,
+                    a_t.sqrt(),
+                )?;
+                (x0, model_output.clone())
+            }
+            Prediction::Sample => {
+                let x0 = model_output.clone();
+                let eps = common::div(&(sample - common::mul(&x0, a_t.sqrt())?)?, b_t.sqrt())?;
+                (x0, eps)
+            }
+            Prediction::Velocity => {
+                let x0 =
+                    (common::mul(sample, a_t.sqrt())? - common::mul(model_output, b_t.sqrt())?)?;
+                let eps =
+                    (common::mul(model_output, a_t.sqrt())? + common::mul(sample, b_t.sqrt())?)?;
+                (x0, eps)
+            }
+        };
+        let x0 = self.x0.apply(x0)?;
+
+        let b_prev = 1.0 - a_prev;
+        let variance = (b_prev / b_t) * (1.0 - a_t / a_prev);
+        let std_dev = (self.eta as f32) * variance.sqrt();
+        let direction = common::mul(&eps, (1.0 - a_prev - std_dev * std_dev).sqrt())?;
+        let mut prev = (common::mul(&x0, a_prev.sqrt())? + direction)?;
+        if self.eta > 0.0 {
+            let z = noise.randn(model_output.dims(), common::device_of(model_output))?;
+            prev = (prev + common::mul(&z, std_dev)?)?;
+        }
+        Ok(prev)
+    }
+}
