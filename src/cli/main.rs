@@ -12,6 +12,9 @@ use text2img::latent::schedulers::SchedulerKind;
 use text2img::pipeline::{GenerateRequest, LoadOptions, Pipeline};
 use text2img::png_out::{a1111_parameters, encode_png, numbered_path, write_atomic};
 
+mod assets;
+mod train;
+
 #[derive(Parser)]
 #[command(name = "text2img", version, about = "Text-to-image diffusion (Stable Diffusion 1.x/2.x) on the CPU")]
 struct Cli {
@@ -23,6 +26,12 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt.
     Generate(GenerateArgs),
+    /// Write a data set to disk (images with same-named .txt captions).
+    Dataset(train::DatasetArgs),
+    /// Train the autoencoder (first stage of the Latent Diffusion recipe).
+    TrainVae(train::TrainVaeArgs),
+    /// Train the U-Net (and a joint text encoder) on the autoencoder's latents.
+    Train(train::TrainArgs),
 }
 
 #[derive(Args)]
@@ -68,6 +77,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Dataset(args) => train::dataset(args),
+        Command::TrainVae(args) => train::train_vae_cmd(args),
+        Command::Train(args) => train::train_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,208 @@
+//! `dataset`, `train-vae` and `train`: flags to options, then the library's training loops.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use text2img::train::autoencoder::{train_vae, TrainVaeOptions};
+use text2img::train::latent::{train, TrainOptions};
+use text2img::train::shapes::write_dataset;
+
+#[derive(Args)]
+pub struct DatasetArgs {
+    /// The generator (only `shapes`).
+    pub kind: String,
+    #[arg(long)]
+    pub count: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn dataset(a: DatasetArgs) -> Result<()> {
+    if a.kind != "shapes" {
+        bail!("unknown data set `{}`; known: shapes", a.kind);
+    }
+    write_dataset(a.count, a.seed, &a.out)?;
+    println!("wrote {} images with captions to {}", a.count, a.out.display());
+    Ok(())
+}
+
+fn parse_list(s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .map(|p| p.trim().parse::<usize>().with_context(|| format!("`{s}` is not a comma-separated list of numbers")))
+        .collect()
+}
+
+#[derive(Args)]
+pub struct TrainVaeArgs {
+    /// `shapes` or a folder of images with same-named .txt captions.
+    #[arg(long, default_value = "shapes")]
+    pub data: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    #[arg(long, default_value_t = 2000)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Channels per level; n levels downsample by 2^(n-1).
+    #[arg(long, default_value = "32,64,64")]
+    pub channels: String,
+    #[arg(long, default_value_t = 4)]
+    pub latent_channels: usize,
+    #[arg(long, default_value_t = 1)]
+    pub layers_per_block: usize,
+    #[arg(long, default_value_t = 16)]
+    pub norm_groups: usize,
+    #[arg(long, default_value_t = 1e-6)]
+    pub kl_weight: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 250)]
+    pub save_every: usize,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn train_vae_cmd(a: TrainVaeArgs) -> Result<()> {
+    let options = TrainVaeOptions {
+        data: a.data,
+        out: a.out.clone(),
+        size: a.size,
+        steps: a.steps,
+        batch: a.batch,
+        lr: a.lr,
+        channels: parse_list(&a.channels)?,
+        latent_channels: a.latent_channels,
+        layers_per_block: a.layers_per_block,
+        norm_groups: a.norm_groups,
+        kl_weight: a.kl_weight,
+        seed: a.seed,
+        save_every: a.save_every.max(1),
+        quiet: a.quiet,
+    };
+    let report = train_vae(options, a.resume)?;
+    println!(
+        "VAE in {}: held-out reconstruction {:.2} dB PSNR, scaling_factor {:.4}, {:.1} images/s",
+        a.out.display(),
+        report.psnr_db,
+        report.scaling_factor,
+        report.images_per_second
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[arg(long, default_value = "shapes")]
+    pub data: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A folder with the autoencoder in `vae/` (e.g. the --out of train-vae).
+    #[arg(long)]
+    pub vae: PathBuf,
+    /// `joint`: a CLIP text encoder trained from scratch; `frozen`: the one of --text-model.
+    #[arg(long, default_value = "joint")]
+    pub text_encoder: String,
+    /// The model folder whose text_encoder/ and tokenizer/ a frozen run uses.
+    #[arg(long)]
+    pub text_model: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    #[arg(long, default_value_t = 5000)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 5e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 200)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0.999)]
+    pub ema_decay: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub caption_dropout: f64,
+    /// `epsilon` or `v_prediction`.
+    #[arg(long, default_value = "epsilon")]
+    pub prediction: String,
+    #[arg(long, default_value = "64,128,128")]
+    pub unet_channels: String,
+    #[arg(long, default_value_t = 1)]
+    pub unet_layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub unet_heads: usize,
+    #[arg(long, default_value_t = 128)]
+    pub text_hidden: usize,
+    #[arg(long, default_value_t = 4)]
+    pub text_layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub text_heads: usize,
+    /// Context length of a joint text encoder (captions are short).
+    #[arg(long, default_value_t = 32)]
+    pub text_max_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 250)]
+    pub save_every: usize,
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn train_cmd(a: TrainArgs) -> Result<()> {
+    let frozen = match a.text_encoder.as_str() {
+        "joint" => None,
+        "frozen" => Some(a.text_model.clone().context("--text-encoder frozen needs --text-model DIR")?),
+        other => bail!("--text-encoder must be `joint` or `frozen`, not `{other}`"),
+    };
+    let v_prediction = match a.prediction.as_str() {
+        "epsilon" => false,
+        "v_prediction" => true,
+        other => bail!("--prediction must be `epsilon` or `v_prediction`, not `{other}`"),
+    };
+    let tokenizer = crate::assets::clip_tokenizer_dir()?;
+    let options = TrainOptions {
+        data: a.data,
+        out: a.out.clone(),
+        vae: a.vae,
+        frozen_text_encoder: frozen,
+        tokenizer,
+        size: a.size,
+        steps: a.steps,
+        batch: a.batch,
+        lr: a.lr,
+        warmup_steps: a.warmup,
+        ema_decay: a.ema_decay,
+        caption_dropout: a.caption_dropout,
+        v_prediction,
+        unet_channels: parse_list(&a.unet_channels)?,
+        unet_layers: a.unet_layers,
+        unet_heads: a.unet_heads,
+        text_hidden: a.text_hidden,
+        text_layers: a.text_layers,
+        text_heads: a.text_heads,
+        text_max_tokens: a.text_max_tokens,
+        seed: a.seed,
+        save_every: a.save_every.max(1),
+        sample_every: 0,
+        quiet: a.quiet,
+    };
+    let report = train(options, a.resume)?;
+    println!(
+        "model in {}: {} trainable parameters, final loss {:.4}, {:.1} images/s",
+        a.out.display(),
+        report.parameters,
+        report.final_loss,
+        report.images_per_second
+    );
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! `train-vae`: the first stage of the Latent Diffusion recipe. An AutoencoderKL of a
+//! configurable size learns to reconstruct the training images (MSE) with a small KL term
+//! that keeps its latents close to a unit Gaussian.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{self, Checkpoint};
+use super::data::DataSource;
+use super::log::TrainLog;
+use super::optim::{AdamW, AdamWConfig};
+use super::step_rng;
+use crate::error::{Error, Result};
+use crate::vae::{AutoencoderKl, VaeConfig};
+use crate::weights::{ParamStore, Vb};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainVaeOptions {
+    pub data: String,
+    pub out: PathBuf,
+    pub size: usize,
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub channels: Vec<usize>,
+    pub latent_channels: usize,
+    pub layers_per_block: usize,
+    pub norm_groups: usize,
+    pub kl_weight: f64,
+    pub seed: u64,
+    pub save_every: usize,
+    pub quiet: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct VaeRunState {
+    step: usize,
+    options: TrainVaeOptions,
+}
+
+/// The diffusers `vae/config.json` for these options.
+pub fn vae_config_json(o: &TrainVaeOptions) -> serde_json::Value {
+    let n = o.channels.len();
+    serde_json::json!({
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.42.1",
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": vec!["DownEncoderBlock2D"; n],
+        "up_block_types": vec!["UpDecoderBlock2D"; n],
+        "block_out_channels": o.channels,
+        "layers_per_block": o.layers_per_block,
+        "act_fn": "silu",
+        "latent_channels": o.latent_channels,
+        "norm_num_groups": o.norm_groups,
+        "sample_size": o.size,
+        "scaling_factor": 1.0,
+    })
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let text = serde_json::to_string_pretty(value).expect("json");
+    crate::png_out::write_atomic(path, text.as_bytes())
+}
+
+/// What a finished run reports.
+pub struct VaeReport {
+    pub psnr_db: f64,
+    pub scaling_factor: f64,
+    pub images_per_second: f64,
+}
+
+pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
+    let device = Device::Cpu;
+    std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
+    let mut start = 0;
+    let resumed = if resume {
+        let ck: Checkpoint<VaeRunState> = checkpoint::load(&o.out)?;
+        start = ck.state.step;
+        let steps = o.steps;
+        o = ck.state.options.clone();
+        o.steps = steps.max(start);
+        Some(ck)
+    } else {
+        None
+    };
+    let config_path = o.out.join("vae").join("config.json");
+    write_json(&config_path, &vae_config_json(&o))?;
+    let config = VaeConfig::from_file(&config_path)?;
+    let params = ParamStore::new(o.seed, &device);
+    let vae = AutoencoderKl::from_weights(config, &Vb::from(&params))?;
+    let mut opt = AdamW::new(
+        params.vars(),
+        AdamWConfig {
+            lr: o.lr,
+            warmup_steps: 100,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    if let Some(ck) = &resumed {
+        params.load_values(&ck.params)?;
+        opt.load_state(&ck.optimizer, start)?;
+    }
+    let data = DataSource::open(&o.data, o.seed, o.size)?;
+    let mut log = TrainLog::open(&o.out, "step,loss,mse,kl", start, o.steps, o.quiet)?;
+    log.println(format!(
+        "VAE: {} parameters, factor {}",
+        params.num_parameters(),
+        1 << (o.channels.len() - 1)
+    ));
+    for step in start..o.steps {
+        let batch = data.batch((step * o.batch) as u64, o.batch, &device)?;
+        let (mean, logvar) = vae.encode(&batch.images)?;
+        let mut rng = step_rng(o.seed, step as u64);
+        let eps = rng.randn(mean.dims(), &device)?;
+        let z = (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?;
+        let recon = vae.decode(&z)?;
+        let mse = (recon - &batch.images)?.sqr()?.mean_all()?;
+        let kl = (((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?
+            .mean_all()?
+            .affine(0.5, 0.0)?;
+        let loss = (&mse + (&kl * o.kl_weight)?)?;
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
+        log.step(
+            step + 1,
+            scalar(&loss)?,
+            o.batch,
+            &[scalar(&mse)?, scalar(&kl)?],
+        )?;
+        if (step + 1) % o.save_every == 0 || step + 1 == o.steps {
+            save(&o, &params, &opt, step + 1)?;
+        }
+    }
+    log.finish();
+    let rate = log.images_per_second();
+    // Evaluate the EMA weights on images the run never trained on.
+    let ema = ParamStore::new(0, &device);
+    let eval_vae =
+        AutoencoderKl::from_weights(VaeConfig::from_file(&config_path)?, &Vb::from(&ema))?;
+    ema.load_values(&opt.ema())?;
+    let (psnr_db, scaling_factor) = evaluate(&eval_vae, &o, &device)?;
+    let mut json = vae_config_json(&o);
+    json["scaling_factor"] = scaling_factor.into();
+    write_json(&config_path, &json)?;
+    export_weights(
+        &opt.ema(),
+        &o.out
+            .join("vae")
+            .join("diffusion_pytorch_model.safetensors"),
+    )?;
+    Ok(VaeReport {
+        psnr_db,
+        scaling_factor,
+        images_per_second: rate,
+    })
+}
+
+fn save(o: &TrainVaeOptions, params: &ParamStore, opt: &AdamW, step: usize) -> Result<()> {
+    checkpoint::save(
+        &o.out,
+        &Checkpoint {
+            params: params.tensors(candle_core::DType::F32)?,
+            optimizer: opt.state(),
+            state: VaeRunState {
+                step,
+                options: o.clone(),
+            },
+        },
+    )
+}
+
+/// Writes weights as fp16 safetensors atomically.
+pub fn export_weights(
+    tensors: &std::collections::BTreeMap<String, Tensor>,
+    path: &Path,
+) -> Result<()> {
+    let half = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_dtype(candle_core::DType::F16)?)))
+        .collect::<Result<std::collections::BTreeMap<_, _>>>()?;
+    let tmp = path.with_extension("safetensors.tmp");
+    checkpoint::save_tensors(&half, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Held-out reconstruction PSNR (8-bit, peak 255) and the latent scaling factor
+/// (1 / std of the latents, as Stable Diffusion chose 0.18215).
+fn evaluate(vae: &AutoencoderKl, o: &TrainVaeOptions, device: &Device) -> Result<(f64, f64)> {
+    let held_out = DataSource::open(&o.data, o.seed.wrapping_add(0x5eed_0ff5), o.size)?;
+    let batch = held_out.batch(1_000_000, 64, device)?;
+    let (mean, _) = vae.encode(&batch.images)?;
+    let recon = vae.decode(&mean)?;
+    let to8 = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(((t.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
+            .round()?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    };
+    let (a, b) = (to8(&recon)?, to8(&batch.images)?);
+    let mse = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10();
+    let std = mean.flatten_all()?.var(0)?.sqrt()?.to_scalar::<f32>()? as f64;
+    Ok((psnr, 1.0 / std.max(1e-6)))
+}

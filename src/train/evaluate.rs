@@ -1,0 +1,184 @@
+//! `evaluate`: the shapes checker run over a fixed prompt set, to measure what a model
+//! trained on `shapes` does: adherence to what each prompt states (pooled per group and per
+//! attribute) and the diversity the seed brings where the prompt leaves things open.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::checker::{check, Attribute, Judgement};
+use super::shapes::caption::{caption_for, PromptSpec, ShapeSpec};
+use super::shapes::prng::SplitMix64;
+use super::shapes::{Cell, Color, Sample, HELD_OUT};
+use crate::error::Result;
+use crate::pipeline::{GenerateRequest, Pipeline};
+
+/// The groups of the prompt set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Group {
+    Seen,
+    HeldOut,
+    TwoShapes,
+    Open,
+}
+
+impl Group {
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::Seen => "seen",
+            Group::HeldOut => "held-out",
+            Group::TwoShapes => "two-shape",
+            Group::Open => "open",
+        }
+    }
+}
+
+/// The fixed prompt set: every held-out combination with and without position and
+/// background phrases, 40 seen one-shape captions and 10 two-shape captions drawn from the
+/// grammar with a fixed seed, and 4 open prompts (color and shape only).
+pub fn prompt_set() -> Vec<(Group, String)> {
+    let mut prompts = Vec::new();
+    let mut rng = SplitMix64::for_item(0xe7a1, 0);
+    for (i, (color, kind)) in HELD_OUT.iter().enumerate() {
+        let shape = ShapeSpec { color: *color, kind: *kind };
+        let cell = Cell::ALL[(2 * i + 1) % 9];
+        let background = Color::ALL.iter().copied().filter(|c| c != color).nth(i * 2 % 7).expect("7 others");
+        for (position, bg) in [(None, None), (Some(cell), None), (None, Some(background)), (Some(cell), Some(background))] {
+            let spec = PromptSpec::One { size: None, shape, position, background: bg };
+            prompts.push((Group::HeldOut, caption_for(&spec)));
+        }
+    }
+    let (mut seen, mut two) = (Vec::new(), Vec::new());
+    let mut index = 0u64;
+    while seen.len() < 40 || two.len() < 10 {
+        let sample = Sample::at(0x5eeb_ca97, index + (rng.next_u64() % 3));
+        index += 3;
+        match sample.prompt {
+            PromptSpec::One { .. } if seen.len() < 40 && !seen.contains(&sample.caption) => seen.push(sample.caption),
+            PromptSpec::Two { .. } if two.len() < 10 && !two.contains(&sample.caption) => two.push(sample.caption),
+            _ => {}
+        }
+    }
+    prompts.extend(seen.into_iter().map(|c| (Group::Seen, c)));
+    prompts.extend(two.into_iter().map(|c| (Group::TwoShapes, c)));
+    for open in ["a red circle", "a blue square", "a yellow triangle", "a white circle"] {
+        prompts.push((Group::Open, open.to_string()));
+    }
+    prompts
+}
+
+/// Right / stated counts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tally {
+    pub right: usize,
+    pub stated: usize,
+}
+
+impl Tally {
+    pub fn percent(&self) -> f64 {
+        if self.stated == 0 {
+            f64::NAN
+        } else {
+            100.0 * self.right as f64 / self.stated as f64
+        }
+    }
+    fn add(&mut self, j: &Judgement) {
+        self.right += j.right();
+        self.stated += j.stated();
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub per_group: BTreeMap<Group, Tally>,
+    pub per_attribute: BTreeMap<(Group, Attribute), Tally>,
+    /// Open prompts: (prompt, distinct cells, distinct backgrounds) over the seeds.
+    pub diversity: Vec<(String, usize, usize)>,
+    /// The checker on the data set's own images (must be 100 %).
+    pub ground_truth: Tally,
+    pub images: usize,
+}
+
+pub struct EvaluateOptions {
+    pub seeds: usize,
+    /// Evaluate only every k-th prompt of the set (1 = all), for quick runs.
+    pub stride: usize,
+    pub steps: Option<usize>,
+    pub guidance_scale: Option<f64>,
+    pub ground_truth_images: usize,
+}
+
+/// Scores the data set's own images with the checker.
+pub fn score_ground_truth(count: usize) -> Result<Tally> {
+    let mut tally = Tally::default();
+    for i in 0..count as u64 {
+        let s = Sample::at(0xda7a, i);
+        tally.add(&check(&s.caption, &s.image, 64, 64)?);
+    }
+    Ok(tally)
+}
+
+pub fn evaluate(
+    pipeline: &Pipeline,
+    options: &EvaluateOptions,
+    on_prompt: &mut dyn FnMut(usize, usize),
+) -> Result<Report> {
+    let mut report = Report { ground_truth: score_ground_truth(options.ground_truth_images)?, ..Default::default() };
+    let prompts: Vec<(Group, String)> = prompt_set().into_iter().step_by(options.stride.max(1)).collect();
+    for (i, (group, prompt)) in prompts.iter().enumerate() {
+        on_prompt(i, prompts.len());
+        let request = GenerateRequest {
+            prompt: prompt.clone(),
+            seed: Some(1000),
+            num_images: options.seeds,
+            steps: options.steps,
+            guidance_scale: options.guidance_scale,
+            ..Default::default()
+        };
+        let generation = pipeline.generate(&request, &mut |_| true)?;
+        let (mut cells, mut backgrounds) = (BTreeSet::new(), BTreeSet::new());
+        for image in &generation.images {
+            let judgement = check(prompt, &image.rgb, image.width, image.height)?;
+            report.per_group.entry(*group).or_default().add(&judgement);
+            for v in &judgement.verdicts {
+                let t = report.per_attribute.entry((*group, v.attribute)).or_default();
+                t.stated += 1;
+                t.right += usize::from(v.right);
+            }
+            backgrounds.insert(judgement.analysis.background);
+            if let Some(c) = judgement.analysis.components.first() {
+                cells.insert(c.cell);
+            }
+            report.images += 1;
+        }
+        if *group == Group::Open {
+            report.diversity.push((prompt.clone(), cells.len(), backgrounds.len()));
+        }
+    }
+    Ok(report)
+}
+
+impl Report {
+    pub fn print(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "checker on {} data set images: {:.1} % ({} / {})\n",
+            self.ground_truth.stated.min(usize::MAX),
+            self.ground_truth.percent(),
+            self.ground_truth.right,
+            self.ground_truth.stated
+        ));
+        out.push_str(&format!("adherence over {} images:\n", self.images));
+        for (group, t) in &self.per_group {
+            out.push_str(&format!("  {:<10} {:5.1} %  ({}/{})\n", group.name(), t.percent(), t.right, t.stated));
+            for ((g, attr), a) in &self.per_attribute {
+                if g == group {
+                    out.push_str(&format!("      {:<10} {:5.1} %  ({}/{})\n", attr.name(), a.percent(), a.right, a.stated));
+                }
+            }
+        }
+        out.push_str("diversity (open prompts, over the seeds): distinct cells, distinct backgrounds\n");
+        for (prompt, cells, bgs) in &self.diversity {
+            out.push_str(&format!("  {prompt:<22} {cells} cells, {bgs} backgrounds\n"));
+        }
+        out
+    }
+}

@@ -1,0 +1,398 @@
+//! `train`: the second stage of the Latent Diffusion recipe. A U-Net learns to predict the
+//! noise (or v) added to the autoencoder's latents at random timesteps, conditioned through
+//! cross-attention on a text encoder that is either frozen (taken from a model folder, as
+//! Stable Diffusion does) or trained jointly from scratch with the CLIP tokenizer (as the
+//! Latent Diffusion paper does). Captions are dropped at random so the model also learns the
+//! unconditional prediction that classifier-free guidance needs.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::autoencoder::export_weights;
+use super::checkpoint::{self, Checkpoint};
+use super::data::DataSource;
+use super::log::TrainLog;
+use super::optim::{AdamW, AdamWConfig};
+use super::step_rng;
+use crate::error::{Error, Result};
+use crate::latent::unet::{UNet, UNetConfig};
+use crate::text::clip::{ClipTextConfig, ClipTextModel};
+use crate::text::tokenizer::ClipTokenizer;
+use crate::vae::AutoencoderKl;
+use crate::weights::{ParamStore, Vb};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainOptions {
+    pub data: String,
+    pub out: PathBuf,
+    /// A folder holding `vae/` (e.g. the output of `train-vae`, or any SD model folder).
+    pub vae: PathBuf,
+    /// `None`: a CLIP-architecture text encoder trained jointly; `Some(dir)`: the frozen
+    /// `text_encoder/` and `tokenizer/` of that model folder.
+    pub frozen_text_encoder: Option<PathBuf>,
+    /// The tokenizer folder for a joint text encoder (the CLIP vocabulary).
+    pub tokenizer: PathBuf,
+    pub size: usize,
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub ema_decay: f64,
+    pub caption_dropout: f64,
+    pub v_prediction: bool,
+    pub unet_channels: Vec<usize>,
+    pub unet_layers: usize,
+    pub unet_heads: usize,
+    pub text_hidden: usize,
+    pub text_layers: usize,
+    pub text_heads: usize,
+    pub text_max_tokens: usize,
+    pub seed: u64,
+    pub save_every: usize,
+    pub sample_every: usize,
+    pub quiet: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RunState {
+    step: usize,
+    options: TrainOptions,
+}
+
+/// Stable Diffusion's training noise schedule: scaled-linear betas from 0.00085 to 0.012.
+pub fn alphas_cumprod(steps: usize) -> Vec<f64> {
+    let (a, b) = (0.00085f64.sqrt(), 0.012f64.sqrt());
+    let mut prod = 1.0;
+    (0..steps)
+        .map(|i| {
+            let beta = (a + (b - a) * i as f64 / (steps - 1) as f64).powi(2);
+            prod *= 1.0 - beta;
+            prod
+        })
+        .collect()
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    crate::png_out::write_atomic(
+        path,
+        serde_json::to_string_pretty(value)
+            .expect("json")
+            .as_bytes(),
+    )
+}
+
+fn unet_config_json(o: &TrainOptions, cross_dim: usize) -> serde_json::Value {
+    let n = o.unet_channels.len();
+    let mut down = vec!["CrossAttnDownBlock2D"; n];
+    let mut up = vec!["CrossAttnUpBlock2D"; n];
+    // The deepest level works at the lowest resolution; it keeps attention too when there
+    // are only two levels.
+    if n > 2 {
+        down[n - 1] = "DownBlock2D";
+        up[0] = "UpBlock2D";
+    }
+    serde_json::json!({
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.42.1",
+        "sample_size": o.size / 4,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": down,
+        "up_block_types": up,
+        "block_out_channels": o.unet_channels,
+        "layers_per_block": o.unet_layers,
+        "cross_attention_dim": cross_dim,
+        "attention_head_dim": o.unet_heads,
+        "norm_num_groups": 32usize.min(o.unet_channels[0]),
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+    })
+}
+
+fn text_config_json(o: &TrainOptions) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": 49408,
+        "hidden_size": o.text_hidden,
+        "intermediate_size": o.text_hidden * 4,
+        "num_hidden_layers": o.text_layers,
+        "num_attention_heads": o.text_heads,
+        "max_position_embeddings": o.text_max_tokens,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+        "projection_dim": o.text_hidden,
+        "torch_dtype": "float32",
+    })
+}
+
+/// Copies a folder's files (not recursive).
+fn copy_files(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let path = entry.map_err(|e| Error::io(from, e))?.path();
+        if path.is_file() {
+            let target = to.join(path.file_name().expect("file name"));
+            std::fs::copy(&path, &target).map_err(|e| Error::io(&target, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the static parts of the output model folder (configs, tokenizer, VAE, scheduler).
+fn prepare_folder(o: &TrainOptions) -> Result<()> {
+    let out = &o.out;
+    let vae_dir = o.vae.join("vae");
+    copy_files(&vae_dir, &out.join("vae"))?;
+    let tokenizer_dir = match &o.frozen_text_encoder {
+        Some(dir) => dir.join("tokenizer"),
+        None => o.tokenizer.clone(),
+    };
+    copy_files(&tokenizer_dir, &out.join("tokenizer"))?;
+    if o.frozen_text_encoder.is_none() {
+        // The joint encoder's context is `text_max_tokens` long: make the tokenizer pad to it.
+        let path = out.join("tokenizer").join("tokenizer_config.json");
+        let mut cfg: serde_json::Value = crate::error::read_json(&path)?;
+        cfg["model_max_length"] = o.text_max_tokens.into();
+        write_json(&path, &cfg)?;
+        write_json(
+            &out.join("text_encoder").join("config.json"),
+            &text_config_json(o),
+        )?;
+    } else if let Some(dir) = &o.frozen_text_encoder {
+        copy_files(&dir.join("text_encoder"), &out.join("text_encoder"))?;
+    }
+    let prediction = if o.v_prediction {
+        "v_prediction"
+    } else {
+        "epsilon"
+    };
+    write_json(
+        &out.join("scheduler").join("scheduler_config.json"),
+        &serde_json::json!({
+            "_class_name": "DPMSolverMultistepScheduler",
+            "_diffusers_version": "0.42.1",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000,
+            "prediction_type": prediction,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+        }),
+    )?;
+    write_json(
+        &out.join("model_index.json"),
+        &serde_json::json!({
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.42.1",
+            "feature_extractor": [null, null],
+            "safety_checker": [null, null],
+            "requires_safety_checker": false,
+            "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }),
+    )?;
+    write_json(
+        &out.join("text2img.json"),
+        &serde_json::json!({"steps": 20, "guidance_scale": 5.0, "width": o.size, "height": o.size}),
+    )
+}
+
+pub struct TrainReport {
+    pub images_per_second: f64,
+    pub final_loss: f64,
+    pub parameters: usize,
+}
+
+pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
+    let device = Device::Cpu;
+    std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
+    let mut start = 0;
+    let resumed = if resume {
+        let ck: Checkpoint<RunState> = checkpoint::load(&o.out)?;
+        start = ck.state.step;
+        let (steps, quiet) = (o.steps, o.quiet);
+        o = ck.state.options.clone();
+        o.steps = steps.max(start);
+        o.quiet = quiet;
+        Some(ck)
+    } else {
+        None
+    };
+    prepare_folder(&o)?;
+    let tokenizer = ClipTokenizer::from_folder(&o.out.join("tokenizer"))?;
+    let vae = AutoencoderKl::load(&o.out.join("vae"), None, &device)?;
+    let scaling = vae.config.scaling_factor;
+
+    let params = ParamStore::new(o.seed, &device);
+    let text_encoder = match &o.frozen_text_encoder {
+        Some(_) => ClipTextModel::load(&o.out.join("text_encoder"), None, &device)?,
+        None => {
+            let config =
+                ClipTextConfig::from_file(&o.out.join("text_encoder").join("config.json"))?;
+            ClipTextModel::from_vb(config, &Vb::from(&params).pp("text_model"), None)?
+        }
+    };
+    let cross_dim = text_encoder.config.hidden_size;
+    write_json(
+        &o.out.join("unet").join("config.json"),
+        &unet_config_json(&o, cross_dim),
+    )?;
+    let unet_params = ParamStore::new(o.seed.wrapping_add(1), &device);
+    let unet = UNet::from_weights(
+        UNetConfig::from_file(&o.out.join("unet").join("config.json"))?,
+        &Vb::from(&unet_params),
+    )?;
+    let mut vars: Vec<_> = unet_params
+        .vars()
+        .into_iter()
+        .map(|(k, v)| (format!("unet.{k}"), v))
+        .collect();
+    vars.extend(
+        params
+            .vars()
+            .into_iter()
+            .map(|(k, v)| (format!("text_encoder.{k}"), v)),
+    );
+    let mut opt = AdamW::new(
+        vars,
+        AdamWConfig {
+            lr: o.lr,
+            warmup_steps: o.warmup_steps,
+            ema_decay: o.ema_decay,
+            ..Default::default()
+        },
+    )?;
+    if let Some(ck) = &resumed {
+        let split = |prefix: &str| {
+            ck.params
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone())))
+                .collect()
+        };
+        unet_params.load_values(&split("unet."))?;
+        params.load_values(&split("text_encoder."))?;
+        opt.load_state(&ck.optimizer, start)?;
+    }
+    let data = DataSource::open(&o.data, o.seed, o.size)?;
+    let acp = alphas_cumprod(1000);
+    let mut log = TrainLog::open(&o.out, "step,loss,lr,grad_norm", start, o.steps, o.quiet)?;
+    let parameters = unet_params.num_parameters() + params.num_parameters();
+    log.println(format!(
+        "U-Net {} parameters, text encoder {} trainable parameters",
+        unet_params.num_parameters(),
+        params.num_parameters()
+    ));
+    let mut last_loss = f64::NAN;
+    for step in start..o.steps {
+        let batch = data.batch((step * o.batch) as u64, o.batch, &device)?;
+        let mut rng = step_rng(o.seed, step as u64);
+        // The autoencoder is frozen: its latents carry no gradient.
+        let (mean, logvar) = vae.encode(&batch.images)?;
+        let eps = rng.randn(mean.dims(), &device)?;
+        let z0 = ((mean + ((logvar * 0.5)?.exp()? * eps)?)? * scaling)?.detach();
+        let b = o.batch;
+        let timesteps: Vec<usize> = (0..b).map(|_| (rng.uniform() * 1000.0) as usize).collect();
+        let ids: Vec<Vec<u32>> = batch
+            .captions
+            .iter()
+            .map(|c| {
+                let drop = rng.uniform() < o.caption_dropout;
+                tokenizer.encode_padded(if drop { "" } else { c }).ids
+            })
+            .collect();
+        let context = text_encoder.forward(&ids, 0)?;
+        let noise = rng.randn(z0.dims(), &device)?;
+        let coef = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
+            let v: Vec<f32> = timesteps.iter().map(|&t| f(acp[t]) as f32).collect();
+            Ok(Tensor::from_vec(v, (b, 1, 1, 1), &device)?)
+        };
+        let (sa, sb) = (coef(&|a| a.sqrt())?, coef(&|a| (1.0 - a).sqrt())?);
+        let noisy = (z0.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?;
+        let target = if o.v_prediction {
+            (noise.broadcast_mul(&sa)? - z0.broadcast_mul(&sb)?)?
+        } else {
+            noise
+        };
+        let t_f: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
+        let pred = unet.forward_timesteps(&noisy, &t_f, &context)?;
+        let loss = (pred - target)?.sqr()?.mean_all()?;
+        let grads = loss.backward()?;
+        let stats = opt.step(&grads)?;
+        last_loss = loss.to_scalar::<f32>()? as f64;
+        log.step(step + 1, last_loss, b, &[stats.lr, stats.grad_norm])?;
+        let done = step + 1 == o.steps;
+        if (step + 1) % o.save_every == 0 || done {
+            save(&o, &unet_params, &params, &opt, step + 1)?;
+            export(&o, &opt)?;
+        }
+    }
+    log.finish();
+    Ok(TrainReport {
+        images_per_second: log.images_per_second(),
+        final_loss: last_loss,
+        parameters,
+    })
+}
+
+fn save(
+    o: &TrainOptions,
+    unet: &ParamStore,
+    text: &ParamStore,
+    opt: &AdamW,
+    step: usize,
+) -> Result<()> {
+    let mut all = std::collections::BTreeMap::new();
+    for (k, v) in unet.tensors(DType::F32)? {
+        all.insert(format!("unet.{k}"), v);
+    }
+    for (k, v) in text.tensors(DType::F32)? {
+        all.insert(format!("text_encoder.{k}"), v);
+    }
+    checkpoint::save(
+        &o.out,
+        &Checkpoint {
+            params: all,
+            optimizer: opt.state(),
+            state: RunState {
+                step,
+                options: o.clone(),
+            },
+        },
+    )
+}
+
+/// Writes the EMA weights into the output folder's diffusers layout.
+fn export(o: &TrainOptions, opt: &AdamW) -> Result<()> {
+    let ema = opt.ema();
+    let part = |prefix: &str| -> std::collections::BTreeMap<String, Tensor> {
+        ema.iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone())))
+            .collect()
+    };
+    export_weights(
+        &part("unet."),
+        &o.out
+            .join("unet")
+            .join("diffusion_pytorch_model.safetensors"),
+    )?;
+    if o.frozen_text_encoder.is_none() {
+        export_weights(
+            &part("text_encoder."),
+            &o.out.join("text_encoder").join("model.safetensors"),
+        )?;
+    }
+    Ok(())
+}

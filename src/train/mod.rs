@@ -1,0 +1,20 @@
+//! Training: data sets, the training loops, checkpoints.
+
+pub mod autoencoder;
+pub mod checker;
+pub mod checkpoint;
+pub mod data;
+pub mod latent;
+pub mod log;
+pub mod optim;
+pub mod shapes;
+
+/// The random stream of one training step: a function of (seed, step) alone, so a resumed
+/// run draws exactly the noise and timesteps an uninterrupted one would.
+pub fn step_rng(seed: u64, step: u64) -> crate::rng::TorchGenerator {
+    crate::rng::TorchGenerator::new(
+        seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ step.wrapping_add(1).wrapping_mul(0xd1b5_4a32_d192_ed03),
+    )
+}
+pub mod evaluate;

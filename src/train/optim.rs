@@ -1,0 +1,162 @@
+//! AdamW with linear warm-up, global gradient-norm clipping and an EMA of the weights; all of
+//! its state can be saved and restored, so a resumed run continues the same curve.
+
+use std::collections::BTreeMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: usize,
+    /// Clip the global gradient norm to this (0 = off).
+    pub max_grad_norm: f64,
+    pub ema_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+            warmup_steps: 200,
+            max_grad_norm: 1.0,
+            ema_decay: 0.999,
+        }
+    }
+}
+
+struct Slot {
+    name: String,
+    var: Var,
+    m: Tensor,
+    v: Tensor,
+    ema: Tensor,
+}
+
+pub struct AdamW {
+    config: AdamWConfig,
+    slots: Vec<Slot>,
+    /// Optimizer steps taken so far (the learning-rate schedule's position).
+    pub step: usize,
+}
+
+/// What one optimizer step saw.
+pub struct StepStats {
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+impl AdamW {
+    pub fn new(vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
+        let slots = vars
+            .into_iter()
+            .map(|(name, var)| {
+                Ok(Slot {
+                    m: var.zeros_like()?,
+                    v: var.zeros_like()?,
+                    ema: var.as_tensor().detach().copy()?,
+                    name,
+                    var,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            config,
+            slots,
+            step: 0,
+        })
+    }
+
+    pub fn learning_rate(&self) -> f64 {
+        let warm = self.config.warmup_steps.max(1) as f64;
+        self.config.lr * ((self.step + 1) as f64 / warm).min(1.0)
+    }
+
+    /// One AdamW update from the gradients of `loss`'s backward pass.
+    pub fn step(&mut self, grads: &GradStore) -> Result<StepStats> {
+        let mut sq = 0f64;
+        for slot in &self.slots {
+            if let Some(g) = grads.get(slot.var.as_tensor()) {
+                sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+        }
+        let grad_norm = sq.sqrt();
+        if !grad_norm.is_finite() {
+            return Err(Error::InvalidRequest(
+                "the gradient is not finite (training diverged); lower the learning rate".into(),
+            ));
+        }
+        let clip = if self.config.max_grad_norm > 0.0 && grad_norm > self.config.max_grad_norm {
+            self.config.max_grad_norm / grad_norm
+        } else {
+            1.0
+        };
+        let lr = self.learning_rate();
+        self.step += 1;
+        let c = &self.config;
+        let bias1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bias2 = 1.0 - c.beta2.powi(self.step as i32);
+        for slot in &mut self.slots {
+            let Some(g) = grads.get(slot.var.as_tensor()) else {
+                continue;
+            };
+            let g = (g * clip)?;
+            slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let m_hat = (&slot.m / bias1)?;
+            let v_hat = (&slot.v / bias2)?;
+            let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
+            let w = slot.var.as_tensor();
+            let decayed = (w * (1.0 - lr * c.weight_decay))?;
+            slot.var.set(&(decayed - (update * lr)?)?)?;
+            slot.ema =
+                ((&slot.ema * c.ema_decay)? + (slot.var.as_tensor() * (1.0 - c.ema_decay))?)?;
+        }
+        Ok(StepStats { grad_norm, lr })
+    }
+
+    /// The EMA weights by name (what gets exported and sampled from).
+    pub fn ema(&self) -> BTreeMap<String, Tensor> {
+        self.slots
+            .iter()
+            .map(|s| (s.name.clone(), s.ema.clone()))
+            .collect()
+    }
+
+    /// Everything needed to resume: moments and EMA, by `m.NAME`, `v.NAME`, `ema.NAME`.
+    pub fn state(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        for s in &self.slots {
+            out.insert(format!("m.{}", s.name), s.m.clone());
+            out.insert(format!("v.{}", s.name), s.v.clone());
+            out.insert(format!("ema.{}", s.name), s.ema.clone());
+        }
+        out
+    }
+
+    pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>, step: usize) -> Result<()> {
+        for s in &mut self.slots {
+            let get = |k: String| {
+                state.get(&k).cloned().ok_or_else(|| {
+                    Error::InvalidRequest(format!("checkpoint lacks optimizer tensor `{k}`"))
+                })
+            };
+            s.m = get(format!("m.{}", s.name))?;
+            s.v = get(format!("v.{}", s.name))?;
+            s.ema = get(format!("ema.{}", s.name))?;
+        }
+        self.step = step;
+        Ok(())
+    }
+}
