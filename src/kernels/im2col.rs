@@ -1,0 +1,231 @@
+//! im2col / col2im for 2-D convolution, as candle custom ops with a backward pass, so that
+//! training convolutions become matrix products (forward and both gradients). candle's own
+//! conv2d backward goes through a slow transposed convolution; this path is what makes
+//! training on the CPU practical.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+/// Geometry of a square-kernel convolution over an (h, w) input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl ConvGeometry {
+    pub fn out_h(&self) -> usize {
+        (self.h + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+    pub fn out_w(&self) -> usize {
+        (self.w + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+
+}
+
+/// (b, c, h, w) -> (b, c * k * k, out_h * out_w): one row per (channel, ky, kx) tap, each
+/// contiguous over output positions, so a convolution is `W (out, c*k*k) x cols` per image.
+struct Im2Col(ConvGeometry);
+
+/// (b, c * k * k, out_h * out_w) -> (b, c, h, w), summing overlapping taps.
+struct Col2Im(ConvGeometry, usize);
+
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let data = match storage {
+        CpuStorage::F32(d) => d,
+        _ => candle_core::bail!("im2col: only f32 is supported"),
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("im2col: input must be contiguous"),
+    }
+}
+
+/// Runs `f(image_index, src_chunk, dst_chunk)` for each image, on up to the available cores.
+fn per_image<F>(b: usize, src: &[f32], src_len: usize, dst: &mut [f32], dst_len: usize, f: F)
+where
+    F: Fn(&[f32], &mut [f32]) + Sync,
+{
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(b).max(1);
+    let per = b.div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (t, dst_part) in dst.chunks_mut(per * dst_len).enumerate() {
+            let f = &f;
+            scope.spawn(move || {
+                for (i, d) in dst_part.chunks_mut(dst_len).enumerate() {
+                    let bi = t * per + i;
+                    f(&src[bi * src_len..(bi + 1) * src_len], d);
+                }
+            });
+        }
+    });
+}
+
+/// The range of output positions along one axis whose tap `kpos` lands inside the input.
+fn valid_range(out: usize, stride: usize, kpos: usize, padding: usize, len: usize) -> (usize, usize) {
+    // o * stride + kpos - padding in [0, len)
+    let lo = padding.saturating_sub(kpos).div_ceil(stride);
+    let hi = if len + padding > kpos { (len + padding - kpos - 1) / stride + 1 } else { 0 };
+    (lo.min(out), hi.min(out).max(lo.min(out)))
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let src = contiguous_f32(storage, layout)?;
+        let (oh, ow, k) = (g.out_h(), g.out_w(), g.kernel);
+        let l = oh * ow;
+        let mut out = vec![0f32; b * c * k * k * l];
+        per_image(b, src, c * h * w, &mut out, c * k * k * l, |img, dst| {
+            for ci in 0..c {
+                for ky in 0..k {
+                    let (y0, y1) = valid_range(oh, g.stride, ky, g.padding, h);
+                    for kx in 0..k {
+                        let (x0, x1) = valid_range(ow, g.stride, kx, g.padding, w);
+                        let row = &mut dst[((ci * k + ky) * k + kx) * l..][..l];
+                        for oy in y0..y1 {
+                            let y = oy * g.stride + ky - g.padding;
+                            let src_row = &img[ci * h * w + y * w..][..w];
+                            let dst_row = &mut row[oy * ow..][..ow];
+                            if g.stride == 1 {
+                                let xs = x0 + kx - g.padding;
+                                dst_row[x0..x1].copy_from_slice(&src_row[xs..xs + (x1 - x0)]);
+                            } else {
+                                for ox in x0..x1 {
+                                    dst_row[ox] = src_row[ox * g.stride + kx - g.padding];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c * k * k, l))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let c = arg.dim(1)?;
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&Col2Im(self.0, c))?))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, c) = (self.0, self.1);
+        let (b, rows, l) = layout.shape().dims3()?;
+        let (oh, ow, k) = (g.out_h(), g.out_w(), g.kernel);
+        if (rows, l) != (c * k * k, oh * ow) {
+            candle_core::bail!("col2im: columns {rows}x{l} do not fit the geometry");
+        }
+        let src = contiguous_f32(storage, layout)?;
+        let (h, w) = (g.h, g.w);
+        let mut out = vec![0f32; b * c * h * w];
+        per_image(b, src, rows * l, &mut out, c * h * w, |cols, img| {
+            for ci in 0..c {
+                for ky in 0..k {
+                    let (y0, y1) = valid_range(oh, g.stride, ky, g.padding, h);
+                    for kx in 0..k {
+                        let (x0, x1) = valid_range(ow, g.stride, kx, g.padding, w);
+                        let row = &cols[((ci * k + ky) * k + kx) * l..][..l];
+                        for oy in y0..y1 {
+                            let y = oy * g.stride + ky - g.padding;
+                            let dst_row = &mut img[ci * h * w + y * w..][..w];
+                            let src_row = &row[oy * ow..][..ow];
+                            for ox in x0..x1 {
+                                dst_row[ox * g.stride + kx - g.padding] += src_row[ox];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, h, w))))
+    }
+}
+
+/// A differentiable conv2d (square kernel, no groups or dilation) as im2col + matmul.
+/// `weight` is (out, in, k, k); `bias` is (out).
+pub fn conv2d_im2col(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    let (b, _, h, w) = x.dims4()?;
+    let (out_c, in_c, k, _) = weight.dims4()?;
+    let g = ConvGeometry { kernel: k, stride, padding, h, w };
+    let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // (b, in*k*k, L)
+    let wmat = weight.reshape((out_c, in_c * k * k))?;
+    let y = wmat.broadcast_left(b)?.matmul(&cols)?; // (b, out, L)
+    let y = y.reshape((b, out_c, g.out_h(), g.out_w()))?;
+    match bias {
+        Some(bias) => y.broadcast_add(&bias.reshape((1, out_c, 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// The reference is candle's own conv2d (and, at stride 1, its backward pass; its strided
+    /// backward gets odd sizes wrong), plus finite differences, exact here because the
+    /// convolution is linear in each argument.
+    #[test]
+    fn matches_candle_conv2d_and_finite_differences() {
+        let dev = Device::Cpu;
+        for (k, stride, padding, h, w) in [(3, 1, 1, 7, 5), (3, 2, 1, 9, 6), (3, 2, 0, 8, 8), (1, 1, 0, 5, 3), (3, 2, 1, 8, 8)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, h, w), &dev).unwrap()).unwrap();
+            let wt = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 3, k, k), &dev).unwrap()).unwrap();
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 1., 4, &dev).unwrap()).unwrap();
+            let ours = conv2d_im2col(&x, &wt, Some(&bias), stride, padding).unwrap();
+            let reference = x
+                .conv2d(&wt, padding, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap();
+            assert!(max_diff(&ours, &reference) < 1e-4);
+            let probe = Tensor::randn(0f32, 1., reference.dims(), &dev).unwrap();
+            let loss = |x: &Tensor, wt: &Tensor| -> f64 {
+                let y = conv2d_im2col(x, wt, Some(&bias), stride, padding).unwrap();
+                (y * &probe).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+            };
+            let grads = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            if stride == 1 {
+                let g2 = (&reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                for v in [x.as_tensor(), wt.as_tensor(), bias.as_tensor()] {
+                    assert!(max_diff(grads.get(v).unwrap(), g2.get(v).unwrap()) < 1e-3);
+                }
+            }
+            for (var, n) in [(&x, 2 * 3 * h * w), (&wt, 4 * 3 * k * k)] {
+                let grad: Vec<f32> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                for i in (0..n).step_by(7) {
+                    let bump = |d: f32| {
+                        let mut v = base.clone();
+                        v[i] += d;
+                        Tensor::from_vec(v, var.as_tensor().dims(), &dev).unwrap()
+                    };
+                    let (plus, minus) = if std::ptr::eq(var, &x) {
+                        (loss(&bump(0.5), &wt), loss(&bump(-0.5), &wt))
+                    } else {
+                        (loss(&x, &bump(0.5)), loss(&x, &bump(-0.5)))
+                    };
+                    let numeric = (plus - minus) as f32;
+                    assert!((numeric - grad[i]).abs() < 2e-3 * (1.0 + numeric.abs()), "k{k} s{stride} p{padding} {i}: {numeric} vs {}", grad[i]);
+                }
+            }
+        }
+    }
+}
