@@ -48,3 +48,8 @@ fn unpack(name: &str, files: &[(&str, &[u8])]) -> Result<PathBuf> {
 pub fn clip_tokenizer_dir() -> Result<PathBuf> {
     unpack("clip-tokenizer", &CLIP_TOKENIZER)
 }
+
+/// The built-in default model, as a diffusers-layout folder.
+pub fn default_model_dir() -> Result<PathBuf> {
+    anyhow::bail!("this build has no built-in model yet: pass --model DIR")
+}

@@ -13,6 +13,7 @@ use text2img::pipeline::{GenerateRequest, LoadOptions, Pipeline};
 use text2img::png_out::{a1111_parameters, encode_png, numbered_path, write_atomic};
 
 mod assets;
+mod eval;
 mod train;
 
 #[derive(Parser)]
@@ -32,6 +33,10 @@ enum Command {
     TrainVae(train::TrainVaeArgs),
     /// Train the U-Net (and a joint text encoder) on the autoencoder's latents.
     Train(train::TrainArgs),
+    /// Score a model trained on `shapes`: prompt adherence and diversity.
+    Evaluate(eval::EvaluateArgs),
+    /// Render prompts x seeds as one PNG.
+    Grid(eval::GridArgs),
 }
 
 #[derive(Args)]
@@ -94,6 +99,8 @@ fn main() -> ExitCode {
         Command::Dataset(args) => train::dataset(args),
         Command::TrainVae(args) => train::train_vae_cmd(args),
         Command::Train(args) => train::train_cmd(args),
+        Command::Evaluate(args) => eval::evaluate_cmd(args),
+        Command::Grid(args) => eval::grid_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
