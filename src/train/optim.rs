@@ -105,6 +105,9 @@ impl AdamW {
         let lr = self.learning_rate();
         self.step += 1;
         let c = &self.config;
+        // The EMA warms up like diffusers' EMAModel, so short runs are not dominated by
+        // their random initial weights.
+        let decay = c.ema_decay.min((1.0 + self.step as f64) / (10.0 + self.step as f64));
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2 = 1.0 - c.beta2.powi(self.step as i32);
         for slot in &mut self.slots {
@@ -120,8 +123,7 @@ impl AdamW {
             let w = slot.var.as_tensor();
             let decayed = (w * (1.0 - lr * c.weight_decay))?;
             slot.var.set(&(decayed - (update * lr)?)?)?;
-            slot.ema =
-                ((&slot.ema * c.ema_decay)? + (slot.var.as_tensor() * (1.0 - c.ema_decay))?)?;
+            slot.ema = ((&slot.ema * decay)? + (slot.var.as_tensor() * (1.0 - decay))?)?;
         }
         Ok(StepStats { grad_norm, lr })
     }
