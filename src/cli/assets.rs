@@ -53,3 +53,6 @@ pub fn clip_tokenizer_dir() -> Result<PathBuf> {
 pub fn default_model_dir() -> Result<PathBuf> {
     anyhow::bail!("this build has no built-in model yet: pass --model DIR")
 }
+
+/// The name the built-in model goes by in metadata.
+pub const DEFAULT_MODEL_NAME: &str = "text2img-default-shapes";

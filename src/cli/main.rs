@@ -41,7 +41,8 @@ enum Command {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// A diffusers-layout model folder, or a Hugging Face repo id (ORG/NAME).
+    /// A diffusers-layout model folder, or a Hugging Face repo id (ORG/NAME); default: the
+    /// built-in model (trained on the `shapes` data set).
     #[arg(long)]
     model: Option<String>,
     /// Load `*.{variant}.safetensors` weights (e.g. fp16).
@@ -125,8 +126,13 @@ fn generate(args: GenerateArgs) -> Result<()> {
             bail!("--output: folder {} does not exist", dir.display());
         }
     }
-    let Some(model) = args.model.as_deref() else {
-        bail!("no --model given: pass a diffusers-layout folder or a Hugging Face repo id");
+    let default_dir;
+    let model = match args.model.as_deref() {
+        Some(m) => m,
+        None => {
+            default_dir = assets::default_model_dir()?.display().to_string();
+            default_dir.as_str()
+        }
     };
     let request = GenerateRequest {
         prompt: args.prompt,
@@ -146,7 +152,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
         variant: args.variant,
         ..LoadOptions::default()
     };
-    let pipeline = Pipeline::load(model, &options).with_context(|| format!("loading model {model}"))?;
+    let mut pipeline = Pipeline::load(model, &options).with_context(|| format!("loading model {model}"))?;
+    if args.model.is_none() {
+        pipeline.name = assets::DEFAULT_MODEL_NAME.into();
+    }
     let load_time = started.elapsed();
     // Check the request before the long work, so a bad size fails at once.
     let resolved = pipeline.resolve(&request)?;

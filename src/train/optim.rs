@@ -114,16 +114,18 @@ impl AdamW {
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
-            let g = (g * clip)?;
+            // Detached throughout: optimizer state must not keep the autograd graph (or, through
+            // the EMA's recurrence, every earlier step's tensors) alive.
+            let g = (g.detach() * clip)?;
             slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let m_hat = (&slot.m / bias1)?;
             let v_hat = (&slot.v / bias2)?;
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            let w = slot.var.as_tensor();
-            let decayed = (w * (1.0 - lr * c.weight_decay))?;
+            let w = slot.var.as_tensor().detach();
+            let decayed = (&w * (1.0 - lr * c.weight_decay))?;
             slot.var.set(&(decayed - (update * lr)?)?)?;
-            slot.ema = ((&slot.ema * decay)? + (slot.var.as_tensor() * (1.0 - decay))?)?;
+            slot.ema = ((&slot.ema * decay)? + (slot.var.as_tensor().detach() * (1.0 - decay))?)?;
         }
         Ok(StepStats { grad_norm, lr })
     }

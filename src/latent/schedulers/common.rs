@@ -10,6 +10,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::rng::BatchGenerator;
 
 /// An error about a scheduler's configuration or use.
 pub(crate) fn invalid(message: impl Into<String>) -> Error {
@@ -452,6 +453,234 @@ pub(crate) fn check_step_inputs(class: &str, model_output: &Tensor, sample: &Ten
 pub(crate) fn device_of(x: &Tensor) -> &Device {
     x.device()
 }
+
+/// `alphas_cumprod[t]`, an error when `t` is outside the training schedule.
+pub(crate) fn alpha_at(class: &str, alphas_cumprod: &[f32], t: i64) -> Result<f32> {
+    usize::try_from(t)
+        .ok()
+        .and_then(|i| alphas_cumprod.get(i).copied())
+        .ok_or_else(|| invalid(format!("{class}: timestep {t} is outside the training schedule")))
+}
+
+/// `(alphas_cumprod[t], alphas_cumprod[prev_t])`, the second `final_alpha` when `prev_t` is
+/// negative.
+pub(crate) fn alpha_pair(
+    class: &str,
+    alphas_cumprod: &[f32],
+    t: i64,
+    prev_t: i64,
+    final_alpha: f32,
+) -> Result<(f32, f32)> {
+    let a_t = alpha_at(class, alphas_cumprod, t)?;
+    let a_prev = if prev_t >= 0 {
+        alpha_at(class, alphas_cumprod, prev_t)?
+    } else {
+        final_alpha
+    };
+    Ok((a_t, a_prev))
+}
+
+/// The integer timestep of the `index`-th step.
+pub(crate) fn step_timestep(class: &str, timesteps: &[i64], index: usize) -> Result<i64> {
+    timesteps
+        .get(index)
+        .copied()
+        .ok_or_else(|| invalid(format!("{class}: no step {index}")))
+}
+
+/// `sigmas[begin_index + index]` of the Euler schedulers.
+pub(crate) fn euler_sigma(
+    class: &str,
+    sigmas: &[f32],
+    begin_index: usize,
+    index: usize,
+) -> Result<f32> {
+    sigmas
+        .get(begin_index + index)
+        .copied()
+        .ok_or_else(|| invalid(format!("{class}: no sigma for step {index}")))
+}
+
+/// The predicted original sample of a model output, with `alpha` and `sigma` the signal and
+/// noise scales of the sample (`sqrt(alpha_prod)` and `sqrt(1 - alpha_prod)`).
+pub(crate) fn predicted_x0(
+    prediction: Prediction,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha: f32,
+    sigma: f32,
+) -> Result<Tensor> {
+    Ok(match prediction {
+        Prediction::Epsilon => div(&(sample - mul(model_output, sigma)?)?, alpha)?,
+        Prediction::Sample => model_output.clone(),
+        Prediction::Velocity => (mul(sample, alpha)? - mul(model_output, sigma)?)?,
+    })
+}
+
+/// The predicted noise of a model output (scales as in [`predicted_x0`]).
+pub(crate) fn predicted_eps(
+    prediction: Prediction,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha: f32,
+    sigma: f32,
+) -> Result<Tensor> {
+    Ok(match prediction {
+        Prediction::Epsilon => model_output.clone(),
+        Prediction::Sample => div(&(sample - mul(model_output, alpha)?)?, sigma)?,
+        Prediction::Velocity => (mul(model_output, alpha)? + mul(sample, sigma)?)?,
+    })
+}
+
+/// The predicted original sample of a v-prediction in sigma space (the Euler schedulers):
+/// `model_output * -sigma / sqrt(sigma^2 + 1) + sample / (sigma^2 + 1)`.
+pub(crate) fn velocity_x0_sigma(
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f32,
+) -> Result<Tensor> {
+    let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
+    Ok((mul(model_output, c_out)? + div(sample, sigma * sigma + 1.0)?)?)
+}
+
+/// `prev + scale * z` with `z` drawn from the generators in the shape of `model_output`.
+pub(crate) fn add_noise(
+    prev: Tensor,
+    scale: f32,
+    model_output: &Tensor,
+    noise: &mut BatchGenerator,
+) -> Result<Tensor> {
+    let z = noise.randn(model_output.dims(), device_of(model_output))?;
+    Ok((prev + mul(&z, scale)?)?)
+}
+
+/// The sigmas of fractional training timesteps, `np.interp(t, arange, train_sigmas)` in
+/// float64 of the float32 training sigmas.
+pub(crate) fn interp_sigmas(
+    timesteps: impl IntoIterator<Item = f64>,
+    train_sigmas: &[f32],
+) -> Vec<f64> {
+    let train64: Vec<f64> = train_sigmas.iter().map(|&s| s as f64).collect();
+    timesteps
+        .into_iter()
+        .map(|t| np_interp_arange(t, &train64))
+        .collect()
+}
+
+/// The float32 log of the training sigmas (`log_sigmas`).
+pub(crate) fn log_sigmas(train_sigmas: &[f32]) -> Vec<f32> {
+    train_sigmas.iter().map(|s| s.ln()).collect()
+}
+
+/// At most one of `use_beta_sigmas`, `use_exponential_sigmas` and `use_karras_sigmas`.
+pub(crate) fn check_sigma_flags(class: &str, flags: [bool; 3]) -> Result<()> {
+    if flags.iter().filter(|&&b| b).count() > 1 {
+        return Err(invalid(format!(
+            "{class}: only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used"
+        )));
+    }
+    Ok(())
+}
+
+/// `final_sigmas_type`: whether it is `zero`, and the last sigma (0, or the first training
+/// sigma for `sigma_min`).
+pub(crate) fn final_sigma(
+    class: &str,
+    final_sigmas_type: &str,
+    alphas_cumprod: &[f32],
+) -> Result<(bool, f64)> {
+    match final_sigmas_type {
+        "zero" => Ok((true, 0.0)),
+        "sigma_min" => Ok((
+            false,
+            ((1.0 - alphas_cumprod[0]) / alphas_cumprod[0]).sqrt() as f64,
+        )),
+        other => Err(invalid(format!(
+            "{class}: final_sigmas_type `{other}` is not supported (zero, sigma_min)"
+        ))),
+    }
+}
+
+/// `index_for_timestep` of the first timestep: the second match when it appears twice.
+pub(crate) fn begin_index(timesteps: &[f64]) -> usize {
+    let Some(&first) = timesteps.first() else {
+        return 0;
+    };
+    let matches: Vec<usize> = timesteps
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == first)
+        .map(|(i, _)| i)
+        .collect();
+    if matches.len() > 1 {
+        matches[1]
+    } else {
+        0
+    }
+}
+
+/// The [`BetaConfig`] of a scheduler config with the usual beta fields
+/// (`beta_config!(CLASS, config, extra_schedules)`, or with an explicit
+/// `rescale_betas_zero_snr` for configs without it).
+macro_rules! beta_config {
+    ($class:expr, $config:expr, $extra:expr) => {
+        beta_config!($class, $config, $extra, $config.rescale_betas_zero_snr)
+    };
+    ($class:expr, $config:expr, $extra:expr, $rescale:expr) => {
+        $crate::latent::schedulers::common::BetaConfig {
+            class: $class,
+            num_train_timesteps: $config.num_train_timesteps,
+            beta_start: $config.beta_start,
+            beta_end: $config.beta_end,
+            beta_schedule: &$config.beta_schedule,
+            trained_betas: $config.trained_betas.as_deref(),
+            rescale_betas_zero_snr: $rescale,
+            extra_schedules: $extra,
+        }
+    };
+}
+pub(crate) use beta_config;
+
+/// The `Scheduler` methods of the schedulers that work on the unscaled sample:
+/// `init_noise_sigma` 1 and an identity `scale_model_input` (plus `timesteps` from the
+/// `timesteps` field).
+macro_rules! unscaled_input_methods {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.timesteps
+        }
+
+        fn init_noise_sigma(&self) -> f64 {
+            1.0
+        }
+
+        fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
+            Ok(sample.clone())
+        }
+    };
+}
+pub(crate) use unscaled_input_methods;
+
+/// The `Scheduler` methods of the Euler schedulers, which scale the input by its sigma
+/// (`sample / sqrt(sigma^2 + 1)`), from the `timesteps` and `init_noise_sigma` fields and the
+/// `sigma(index)` method.
+macro_rules! sigma_scaled_input_methods {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.timesteps
+        }
+
+        fn init_noise_sigma(&self) -> f64 {
+            self.init_noise_sigma as f64
+        }
+
+        fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
+            let sigma = self.sigma(index)?;
+            common::div(sample, (sigma * sigma + 1.0).sqrt())
+        }
+    };
+}
+pub(crate) use sigma_scaled_input_methods;
 
 /// Python-style slice `v[start..end]` with negative indices counted from the end and
 /// out-of-range bounds clamped.

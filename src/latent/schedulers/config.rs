@@ -55,279 +55,148 @@ mod float_or_inf {
     }
 }
 
-/// diffusers' `PNDMScheduler` config.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct PndmConfig {
-    pub num_train_timesteps: usize,
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub beta_schedule: String,
-    pub trained_betas: Option<Vec<f64>>,
-    pub skip_prk_steps: bool,
-    pub set_alpha_to_one: bool,
-    pub prediction_type: String,
-    pub timestep_spacing: String,
-    pub steps_offset: i64,
+/// A scheduler config struct: the beta fields every class shares (`num_train_timesteps`,
+/// `beta_start`, `beta_end`, `beta_schedule`, `trained_betas`, with diffusers' defaults 1000,
+/// 0.0001, 0.02, `linear`, none) followed by the listed fields, each with its default.
+macro_rules! scheduler_config {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $($(#[$field_meta:meta])* pub $field:ident: $ty:ty = $default:expr,)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(default)]
+        pub struct $name {
+            pub num_train_timesteps: usize,
+            pub beta_start: f64,
+            pub beta_end: f64,
+            pub beta_schedule: String,
+            pub trained_betas: Option<Vec<f64>>,
+            $($(#[$field_meta])* pub $field: $ty,)*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self {
+                    num_train_timesteps: 1000,
+                    beta_start: 0.0001,
+                    beta_end: 0.02,
+                    beta_schedule: "linear".into(),
+                    trained_betas: None,
+                    $($field: $default,)*
+                }
+            }
+        }
+    };
 }
 
-impl Default for PndmConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: "linear".into(),
-            trained_betas: None,
-            skip_prk_steps: false,
-            set_alpha_to_one: false,
-            prediction_type: "epsilon".into(),
-            timestep_spacing: "leading".into(),
-            steps_offset: 0,
-        }
+scheduler_config! {
+    /// diffusers' `PNDMScheduler` config.
+    pub struct PndmConfig {
+        pub skip_prk_steps: bool = false,
+        pub set_alpha_to_one: bool = false,
+        pub prediction_type: String = "epsilon".into(),
+        pub timestep_spacing: String = "leading".into(),
+        pub steps_offset: i64 = 0,
     }
 }
 
-/// diffusers' `DDIMScheduler` config.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DdimConfig {
-    pub num_train_timesteps: usize,
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub beta_schedule: String,
-    pub trained_betas: Option<Vec<f64>>,
-    pub clip_sample: bool,
-    pub set_alpha_to_one: bool,
-    pub steps_offset: i64,
-    pub prediction_type: String,
-    pub thresholding: bool,
-    pub dynamic_thresholding_ratio: f64,
-    pub clip_sample_range: f64,
-    pub sample_max_value: f64,
-    pub timestep_spacing: String,
-    pub rescale_betas_zero_snr: bool,
-}
-
-impl Default for DdimConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: "linear".into(),
-            trained_betas: None,
-            clip_sample: true,
-            set_alpha_to_one: true,
-            steps_offset: 0,
-            prediction_type: "epsilon".into(),
-            thresholding: false,
-            dynamic_thresholding_ratio: 0.995,
-            clip_sample_range: 1.0,
-            sample_max_value: 1.0,
-            timestep_spacing: "leading".into(),
-            rescale_betas_zero_snr: false,
-        }
+scheduler_config! {
+    /// diffusers' `DDIMScheduler` config.
+    pub struct DdimConfig {
+        pub clip_sample: bool = true,
+        pub set_alpha_to_one: bool = true,
+        pub steps_offset: i64 = 0,
+        pub prediction_type: String = "epsilon".into(),
+        pub thresholding: bool = false,
+        pub dynamic_thresholding_ratio: f64 = 0.995,
+        pub clip_sample_range: f64 = 1.0,
+        pub sample_max_value: f64 = 1.0,
+        pub timestep_spacing: String = "leading".into(),
+        pub rescale_betas_zero_snr: bool = false,
     }
 }
 
-/// diffusers' `DDPMScheduler` config.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DdpmConfig {
-    pub num_train_timesteps: usize,
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub beta_schedule: String,
-    pub trained_betas: Option<Vec<f64>>,
-    pub variance_type: String,
-    pub clip_sample: bool,
-    pub prediction_type: String,
-    pub thresholding: bool,
-    pub dynamic_thresholding_ratio: f64,
-    pub clip_sample_range: f64,
-    pub sample_max_value: f64,
-    pub timestep_spacing: String,
-    pub steps_offset: i64,
-    pub rescale_betas_zero_snr: bool,
-}
-
-impl Default for DdpmConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: "linear".into(),
-            trained_betas: None,
-            variance_type: "fixed_small".into(),
-            clip_sample: true,
-            prediction_type: "epsilon".into(),
-            thresholding: false,
-            dynamic_thresholding_ratio: 0.995,
-            clip_sample_range: 1.0,
-            sample_max_value: 1.0,
-            timestep_spacing: "leading".into(),
-            steps_offset: 0,
-            rescale_betas_zero_snr: false,
-        }
+scheduler_config! {
+    /// diffusers' `DDPMScheduler` config.
+    pub struct DdpmConfig {
+        pub variance_type: String = "fixed_small".into(),
+        pub clip_sample: bool = true,
+        pub prediction_type: String = "epsilon".into(),
+        pub thresholding: bool = false,
+        pub dynamic_thresholding_ratio: f64 = 0.995,
+        pub clip_sample_range: f64 = 1.0,
+        pub sample_max_value: f64 = 1.0,
+        pub timestep_spacing: String = "leading".into(),
+        pub steps_offset: i64 = 0,
+        pub rescale_betas_zero_snr: bool = false,
     }
 }
 
-/// diffusers' `EulerDiscreteScheduler` config.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct EulerDiscreteConfig {
-    pub num_train_timesteps: usize,
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub beta_schedule: String,
-    pub trained_betas: Option<Vec<f64>>,
-    pub prediction_type: String,
-    pub interpolation_type: String,
-    pub use_karras_sigmas: Option<bool>,
-    pub use_exponential_sigmas: Option<bool>,
-    pub use_beta_sigmas: Option<bool>,
-    pub sigma_min: Option<f64>,
-    pub sigma_max: Option<f64>,
-    pub timestep_spacing: String,
-    pub timestep_type: String,
-    pub steps_offset: i64,
-    pub rescale_betas_zero_snr: bool,
-    pub final_sigmas_type: String,
-}
-
-impl Default for EulerDiscreteConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: "linear".into(),
-            trained_betas: None,
-            prediction_type: "epsilon".into(),
-            interpolation_type: "linear".into(),
-            use_karras_sigmas: Some(false),
-            use_exponential_sigmas: Some(false),
-            use_beta_sigmas: Some(false),
-            sigma_min: None,
-            sigma_max: None,
-            timestep_spacing: "linspace".into(),
-            timestep_type: "discrete".into(),
-            steps_offset: 0,
-            rescale_betas_zero_snr: false,
-            final_sigmas_type: "zero".into(),
-        }
+scheduler_config! {
+    /// diffusers' `EulerDiscreteScheduler` config.
+    pub struct EulerDiscreteConfig {
+        pub prediction_type: String = "epsilon".into(),
+        pub interpolation_type: String = "linear".into(),
+        pub use_karras_sigmas: Option<bool> = Some(false),
+        pub use_exponential_sigmas: Option<bool> = Some(false),
+        pub use_beta_sigmas: Option<bool> = Some(false),
+        pub sigma_min: Option<f64> = None,
+        pub sigma_max: Option<f64> = None,
+        pub timestep_spacing: String = "linspace".into(),
+        pub timestep_type: String = "discrete".into(),
+        pub steps_offset: i64 = 0,
+        pub rescale_betas_zero_snr: bool = false,
+        pub final_sigmas_type: String = "zero".into(),
     }
 }
 
-/// diffusers' `EulerAncestralDiscreteScheduler` config.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct EulerAncestralDiscreteConfig {
-    pub num_train_timesteps: usize,
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub beta_schedule: String,
-    pub trained_betas: Option<Vec<f64>>,
-    pub prediction_type: String,
-    pub timestep_spacing: String,
-    pub steps_offset: i64,
-    pub rescale_betas_zero_snr: bool,
-}
-
-impl Default for EulerAncestralDiscreteConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: "linear".into(),
-            trained_betas: None,
-            prediction_type: "epsilon".into(),
-            timestep_spacing: "linspace".into(),
-            steps_offset: 0,
-            rescale_betas_zero_snr: false,
-        }
+scheduler_config! {
+    /// diffusers' `EulerAncestralDiscreteScheduler` config.
+    pub struct EulerAncestralDiscreteConfig {
+        pub prediction_type: String = "epsilon".into(),
+        pub timestep_spacing: String = "linspace".into(),
+        pub steps_offset: i64 = 0,
+        pub rescale_betas_zero_snr: bool = false,
     }
 }
 
-/// diffusers' `DPMSolverMultistepScheduler` config.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DpmSolverMultistepConfig {
-    pub num_train_timesteps: usize,
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub beta_schedule: String,
-    pub trained_betas: Option<Vec<f64>>,
-    pub solver_order: usize,
-    pub prediction_type: String,
-    pub thresholding: bool,
-    pub dynamic_thresholding_ratio: f64,
-    pub sample_max_value: f64,
-    pub algorithm_type: String,
-    pub solver_type: String,
-    pub lower_order_final: bool,
-    pub euler_at_final: bool,
-    pub use_karras_sigmas: bool,
-    pub use_exponential_sigmas: bool,
-    pub use_beta_sigmas: bool,
-    pub use_lu_lambdas: bool,
-    pub use_flow_sigmas: bool,
-    pub flow_shift: f64,
-    pub final_sigmas_type: String,
-    #[serde(with = "float_or_inf")]
-    pub lambda_min_clipped: f64,
-    pub variance_type: Option<String>,
-    pub timestep_spacing: String,
-    pub steps_offset: i64,
-    pub rescale_betas_zero_snr: bool,
-    pub use_dynamic_shifting: bool,
-    pub time_shift_type: String,
-    /// Not an `__init__` argument, but diffusers keeps a folder config's `sigma_min` in the
-    /// scheduler's config and its Karras and exponential sigmas then use it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sigma_min: Option<f64>,
-    /// As `sigma_min`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sigma_max: Option<f64>,
-}
-
-impl Default for DpmSolverMultistepConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: "linear".into(),
-            trained_betas: None,
-            solver_order: 2,
-            prediction_type: "epsilon".into(),
-            thresholding: false,
-            dynamic_thresholding_ratio: 0.995,
-            sample_max_value: 1.0,
-            algorithm_type: "dpmsolver++".into(),
-            solver_type: "midpoint".into(),
-            lower_order_final: true,
-            euler_at_final: false,
-            use_karras_sigmas: false,
-            use_exponential_sigmas: false,
-            use_beta_sigmas: false,
-            use_lu_lambdas: false,
-            use_flow_sigmas: false,
-            flow_shift: 1.0,
-            final_sigmas_type: "zero".into(),
-            lambda_min_clipped: f64::NEG_INFINITY,
-            variance_type: None,
-            timestep_spacing: "linspace".into(),
-            steps_offset: 0,
-            rescale_betas_zero_snr: false,
-            use_dynamic_shifting: false,
-            time_shift_type: "exponential".into(),
-            sigma_min: None,
-            sigma_max: None,
-        }
+scheduler_config! {
+    /// diffusers' `DPMSolverMultistepScheduler` config.
+    pub struct DpmSolverMultistepConfig {
+        pub solver_order: usize = 2,
+        pub prediction_type: String = "epsilon".into(),
+        pub thresholding: bool = false,
+        pub dynamic_thresholding_ratio: f64 = 0.995,
+        pub sample_max_value: f64 = 1.0,
+        pub algorithm_type: String = "dpmsolver++".into(),
+        pub solver_type: String = "midpoint".into(),
+        pub lower_order_final: bool = true,
+        pub euler_at_final: bool = false,
+        pub use_karras_sigmas: bool = false,
+        pub use_exponential_sigmas: bool = false,
+        pub use_beta_sigmas: bool = false,
+        pub use_lu_lambdas: bool = false,
+        pub use_flow_sigmas: bool = false,
+        pub flow_shift: f64 = 1.0,
+        pub final_sigmas_type: String = "zero".into(),
+        #[serde(with = "float_or_inf")]
+        pub lambda_min_clipped: f64 = f64::NEG_INFINITY,
+        pub variance_type: Option<String> = None,
+        pub timestep_spacing: String = "linspace".into(),
+        pub steps_offset: i64 = 0,
+        pub rescale_betas_zero_snr: bool = false,
+        pub use_dynamic_shifting: bool = false,
+        pub time_shift_type: String = "exponential".into(),
+        /// Not an `__init__` argument, but diffusers keeps a folder config's `sigma_min` in the
+        /// scheduler's config and its Karras and exponential sigmas then use it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub sigma_min: Option<f64> = None,
+        /// As `sigma_min`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub sigma_max: Option<f64> = None,
     }
 }
 

@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::common::{self, invalid, BetaConfig, Prediction, Spacing};
+use super::common::{self, beta_config, invalid, unscaled_input_methods, Prediction, Spacing};
 use super::config::DdimConfig;
 use super::Scheduler;
 use crate::error::Result;
@@ -99,16 +99,7 @@ pub(crate) fn discrete_timesteps(
 
 impl Ddim {
     pub fn new(config: &DdimConfig, steps: usize, eta: f64) -> Result<Self> {
-        let betas = common::betas(&BetaConfig {
-            class: CLASS,
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: &config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-            extra_schedules: false,
-        })?;
+        let betas = common::betas(&beta_config!(CLASS, config, false))?;
         let alphas_cumprod = common::alphas_cumprod(&betas);
         let final_alpha_cumprod = if config.set_alpha_to_one {
             1.0
@@ -145,31 +136,10 @@ impl Ddim {
             timesteps_int,
         })
     }
-
-    fn alpha(&self, t: i64) -> Result<f32> {
-        usize::try_from(t)
-            .ok()
-            .and_then(|i| self.alphas_cumprod.get(i).copied())
-            .ok_or_else(|| {
-                invalid(format!(
-                    "{CLASS}: timestep {t} is outside the training schedule"
-                ))
-            })
-    }
 }
 
 impl Scheduler for Ddim {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
+    unscaled_input_methods!();
 
     fn step(
         &mut self,
@@ -179,52 +149,32 @@ impl Scheduler for Ddim {
         noise: &mut BatchGenerator,
     ) -> Result<Tensor> {
         common::check_step_inputs(CLASS, model_output, sample)?;
-        let t = *self
-            .timesteps_int
-            .get(index)
-            .ok_or_else(|| invalid(format!("{CLASS}: no step {index}")))?;
+        let t = common::step_timestep(CLASS, &self.timesteps_int, index)?;
         // The previous timestep is t minus the leading step ratio, whatever the spacing.
         let prev_t = t - self.step_ratio;
-        let a_t = self.alpha(t)?;
-        let a_prev = if prev_t >= 0 {
-            self.alpha(prev_t)?
-        } else {
-            self.final_alpha_cumprod
-        };
+        let (a_t, a_prev) = common::alpha_pair(
+            CLASS,
+            &self.alphas_cumprod,
+            t,
+            prev_t,
+            self.final_alpha_cumprod,
+        )?;
         let b_t = 1.0 - a_t;
 
-        let (x0, eps) = match self.prediction {
-            Prediction::Epsilon => {
-                let x0 = common::div(
-                    &(sample - common::mul(model_output, b_t.sqrt())?)?,
-                    a_t.sqrt(),
-                )?;
-                (x0, model_output.clone())
-            }
-            Prediction::Sample => {
-                let x0 = model_output.clone();
-                let eps = common::div(&(sample - common::mul(&x0, a_t.sqrt())?)?, b_t.sqrt())?;
-                (x0, eps)
-            }
-            Prediction::Velocity => {
-                let x0 =
-                    (common::mul(sample, a_t.sqrt())? - common::mul(model_output, b_t.sqrt())?)?;
-                let eps =
-                    (common::mul(model_output, a_t.sqrt())? + common::mul(sample, b_t.sqrt())?)?;
-                (x0, eps)
-            }
-        };
+        let (alpha, sigma) = (a_t.sqrt(), b_t.sqrt());
+        let x0 = common::predicted_x0(self.prediction, model_output, sample, alpha, sigma)?;
+        let eps = common::predicted_eps(self.prediction, model_output, sample, alpha, sigma)?;
         let x0 = self.x0.apply(x0)?;
 
         let b_prev = 1.0 - a_prev;
         let variance = (b_prev / b_t) * (1.0 - a_t / a_prev);
         let std_dev = (self.eta as f32) * variance.sqrt();
         let direction = common::mul(&eps, (1.0 - a_prev - std_dev * std_dev).sqrt())?;
-        let mut prev = (common::mul(&x0, a_prev.sqrt())? + direction)?;
+        let prev = (common::mul(&x0, a_prev.sqrt())? + direction)?;
         if self.eta > 0.0 {
-            let z = noise.randn(model_output.dims(), common::device_of(model_output))?;
-            prev = (prev + common::mul(&z, std_dev)?)?;
+            common::add_noise(prev, std_dev, model_output, noise)
+        } else {
+            Ok(prev)
         }
-        Ok(prev)
     }
 }

@@ -6,7 +6,7 @@
 
 use candle_core::Tensor;
 
-use super::common::{self, invalid, BetaConfig, Prediction, Spacing};
+use super::common::{self, beta_config, invalid, unscaled_input_methods, Prediction, Spacing};
 use super::config::DpmSolverMultistepConfig;
 use super::ddim::X0Processing;
 use super::euler::sigma_schedule_alphas;
@@ -65,26 +65,13 @@ fn lambda(alpha: f32, sigma: f32) -> f32 {
 
 impl DpmSolverMultistep {
     pub fn new(config: &DpmSolverMultistepConfig, steps: usize) -> Result<Self> {
-        let alphas_cumprod = sigma_schedule_alphas(&BetaConfig {
-            class: CLASS,
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: &config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-            extra_schedules: false,
-        })?;
+        let alphas_cumprod = sigma_schedule_alphas(&beta_config!(CLASS, config, false))?;
         let flags = [
             config.use_beta_sigmas,
             config.use_exponential_sigmas,
             config.use_karras_sigmas,
         ];
-        if flags.iter().filter(|&&b| b).count() > 1 {
-            return Err(invalid(format!(
-                "{CLASS}: only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used"
-            )));
-        }
+        common::check_sigma_flags(CLASS, flags)?;
         let algorithm = match config.algorithm_type.as_str() {
             "dpmsolver++" => Algorithm::DpmSolverPP,
             "dpmsolver" => Algorithm::DpmSolver,
@@ -193,7 +180,7 @@ impl DpmSolverMultistep {
             }
         };
         let train_sigmas = common::train_sigmas(&alphas_cumprod);
-        let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
+        let log_sigmas = common::log_sigmas(&train_sigmas);
         let (mut sigmas, timesteps): (Vec<f64>, Vec<f64>) =
             if config.use_karras_sigmas || config.use_exponential_sigmas {
                 // The flipped training sigmas: the smallest is the first training sigma.
@@ -225,41 +212,17 @@ impl DpmSolverMultistep {
                     (sigmas, t)
                 }
             } else {
-                let train64: Vec<f64> = train_sigmas.iter().map(|&s| s as f64).collect();
-                let sigmas = timesteps
-                    .iter()
-                    .map(|&t| common::np_interp_arange(t, &train64))
-                    .collect();
+                let sigmas = common::interp_sigmas(timesteps.iter().copied(), &train_sigmas);
                 (sigmas, timesteps)
             };
-        let final_sigma_zero = match config.final_sigmas_type.as_str() {
-            "zero" => true,
-            "sigma_min" => false,
-            other => {
-                return Err(invalid(format!(
-                    "{CLASS}: final_sigmas_type `{other}` is not supported (zero, sigma_min)"
-                )))
-            }
-        };
-        let sigma_last = if final_sigma_zero {
-            0.0
-        } else {
-            ((1.0 - alphas_cumprod[0]) / alphas_cumprod[0]).sqrt() as f64
-        };
+        let (final_sigma_zero, sigma_last) =
+            common::final_sigma(CLASS, &config.final_sigmas_type, &alphas_cumprod)?;
         sigmas.push(sigma_last);
         let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
         // `.to(torch.int64)`: fractional timesteps are truncated.
         let timesteps: Vec<f64> = timesteps.into_iter().map(|t| (t as i64) as f64).collect();
 
-        // `index_for_timestep` of the first timestep.
-        let first = timesteps.first().copied();
-        let matches: Vec<usize> = timesteps
-            .iter()
-            .enumerate()
-            .filter(|(_, &t)| Some(t) == first)
-            .map(|(i, _)| i)
-            .collect();
-        let begin_index = if matches.len() > 1 { matches[1] } else { 0 };
+        let begin_index = common::begin_index(&timesteps);
 
         Ok(Self {
             sigmas,
@@ -300,26 +263,12 @@ impl DpmSolverMultistep {
     fn convert(&self, model_output: &Tensor, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigma(step_index)?);
         if self.algorithm.predicts_x0() {
-            let x0 = match self.prediction {
-                Prediction::Epsilon => {
-                    common::div(&(sample - common::mul(model_output, sigma_t)?)?, alpha_t)?
-                }
-                Prediction::Sample => model_output.clone(),
-                Prediction::Velocity => {
-                    (common::mul(sample, alpha_t)? - common::mul(model_output, sigma_t)?)?
-                }
-            };
+            let x0 =
+                common::predicted_x0(self.prediction, model_output, sample, alpha_t, sigma_t)?;
             self.x0.apply(x0)
         } else {
-            let eps = match self.prediction {
-                Prediction::Epsilon => model_output.clone(),
-                Prediction::Sample => {
-                    common::div(&(sample - common::mul(model_output, alpha_t)?)?, sigma_t)?
-                }
-                Prediction::Velocity => {
-                    (common::mul(model_output, alpha_t)? + common::mul(sample, sigma_t)?)?
-                }
-            };
+            let eps =
+                common::predicted_eps(self.prediction, model_output, sample, alpha_t, sigma_t)?;
             match self.x0 {
                 X0Processing::None => Ok(eps),
                 processing => {
@@ -520,17 +469,7 @@ impl DpmSolverMultistep {
 }
 
 impl Scheduler for DpmSolverMultistep {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
+    unscaled_input_methods!();
 
     fn step(
         &mut self,

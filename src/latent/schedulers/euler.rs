@@ -5,7 +5,10 @@
 
 use candle_core::Tensor;
 
-use super::common::{self, invalid, BetaConfig, Prediction, Spacing};
+use super::common::{
+    self, begin_index, beta_config, invalid, sigma_scaled_input_methods, BetaConfig, Prediction,
+    Spacing,
+};
 use super::config::EulerDiscreteConfig;
 use super::Scheduler;
 use crate::error::Result;
@@ -52,24 +55,6 @@ pub(crate) fn euler_timesteps(
     }
 }
 
-/// `index_for_timestep` of the first timestep: the second match when it appears twice.
-pub(crate) fn begin_index(timesteps: &[f64]) -> usize {
-    let Some(&first) = timesteps.first() else {
-        return 0;
-    };
-    let matches: Vec<usize> = timesteps
-        .iter()
-        .enumerate()
-        .filter(|(_, &t)| t == first)
-        .map(|(i, _)| i)
-        .collect();
-    if matches.len() > 1 {
-        matches[1]
-    } else {
-        0
-    }
-}
-
 /// `init_noise_sigma` of the Euler schedulers: the largest sigma for `linspace` and
 /// `trailing` spacing, `sqrt(max^2 + 1)` otherwise (float32).
 pub(crate) fn euler_init_noise_sigma(spacing: Spacing, sigmas: &[f32]) -> f32 {
@@ -94,16 +79,7 @@ pub(crate) fn sigma_schedule_alphas(config: &BetaConfig) -> Result<Vec<f32>> {
 
 impl EulerDiscrete {
     pub fn new(config: &EulerDiscreteConfig, steps: usize) -> Result<Self> {
-        let alphas_cumprod = sigma_schedule_alphas(&BetaConfig {
-            class: CLASS,
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: &config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-            extra_schedules: false,
-        })?;
+        let alphas_cumprod = sigma_schedule_alphas(&beta_config!(CLASS, config, false))?;
         let prediction = Prediction::parse(
             CLASS,
             &config.prediction_type,
@@ -117,11 +93,7 @@ impl EulerDiscrete {
         let karras = config.use_karras_sigmas.unwrap_or(false);
         let exponential = config.use_exponential_sigmas.unwrap_or(false);
         let beta = config.use_beta_sigmas.unwrap_or(false);
-        if [karras, exponential, beta].iter().filter(|&&b| b).count() > 1 {
-            return Err(invalid(format!(
-                "{CLASS}: only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used"
-            )));
-        }
+        common::check_sigma_flags(CLASS, [karras, exponential, beta])?;
         if beta {
             return Err(invalid(format!(
                 "{CLASS}: use_beta_sigmas is not supported"
@@ -150,12 +122,9 @@ impl EulerDiscrete {
             config.steps_offset,
         );
         let train_sigmas = common::train_sigmas(&alphas_cumprod);
-        let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
-        let train_sigmas64: Vec<f64> = train_sigmas.iter().map(|&s| s as f64).collect();
-        let mut sigmas: Vec<f64> = timesteps32
-            .iter()
-            .map(|&t| common::np_interp_arange(t as f64, &train_sigmas64))
-            .collect();
+        let log_sigmas = common::log_sigmas(&train_sigmas);
+        let mut sigmas =
+            common::interp_sigmas(timesteps32.iter().map(|&t| t as f64), &train_sigmas);
         let mut timesteps: Vec<f64> = timesteps32.iter().map(|&t| t as f64).collect();
         if karras || exponential {
             let sigma_min = config.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
@@ -170,15 +139,8 @@ impl EulerDiscrete {
                 .map(|&s| common::sigma_to_t(s, &log_sigmas))
                 .collect();
         }
-        let sigma_last = match config.final_sigmas_type.as_str() {
-            "zero" => 0.0,
-            "sigma_min" => ((1.0 - alphas_cumprod[0]) / alphas_cumprod[0]).sqrt() as f64,
-            other => {
-                return Err(invalid(format!(
-                    "{CLASS}: final_sigmas_type `{other}` is not supported (zero, sigma_min)"
-                )))
-            }
-        };
+        let (_, sigma_last) =
+            common::final_sigma(CLASS, &config.final_sigmas_type, &alphas_cumprod)?;
         sigmas.push(sigma_last);
         let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
         let timesteps: Vec<f64> = if continuous_v {
@@ -200,26 +162,12 @@ impl EulerDiscrete {
     }
 
     fn sigma(&self, index: usize) -> Result<f32> {
-        self.sigmas
-            .get(self.begin_index + index)
-            .copied()
-            .ok_or_else(|| invalid(format!("{CLASS}: no sigma for step {index}")))
+        common::euler_sigma(CLASS, &self.sigmas, self.begin_index, index)
     }
 }
 
 impl Scheduler for EulerDiscrete {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        let sigma = self.sigma(index)?;
-        common::div(sample, (sigma * sigma + 1.0).sqrt())
-    }
+    sigma_scaled_input_methods!();
 
     fn step(
         &mut self,
@@ -236,10 +184,7 @@ impl Scheduler for EulerDiscrete {
         let x0 = match self.prediction {
             Prediction::Sample => model_output.clone(),
             Prediction::Epsilon => (sample - common::mul(model_output, sigma_hat)?)?,
-            Prediction::Velocity => {
-                let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-                (common::mul(model_output, c_out)? + common::div(sample, sigma * sigma + 1.0)?)?
-            }
+            Prediction::Velocity => common::velocity_x0_sigma(model_output, sample, sigma)?,
         };
         let derivative = common::div(&(sample - x0)?, sigma_hat)?;
         let dt = sigma_next - sigma_hat;

@@ -4,9 +4,9 @@
 
 use candle_core::Tensor;
 
-use super::common::{self, invalid, BetaConfig, Prediction, Spacing};
+use super::common::{self, begin_index, beta_config, sigma_scaled_input_methods, Prediction, Spacing};
 use super::config::EulerAncestralDiscreteConfig;
-use super::euler::{begin_index, euler_init_noise_sigma, euler_timesteps, sigma_schedule_alphas};
+use super::euler::{euler_init_noise_sigma, euler_timesteps, sigma_schedule_alphas};
 use super::Scheduler;
 use crate::error::Result;
 use crate::rng::BatchGenerator;
@@ -23,16 +23,7 @@ pub struct EulerAncestralDiscrete {
 
 impl EulerAncestralDiscrete {
     pub fn new(config: &EulerAncestralDiscreteConfig, steps: usize) -> Result<Self> {
-        let alphas_cumprod = sigma_schedule_alphas(&BetaConfig {
-            class: CLASS,
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: &config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-            extra_schedules: false,
-        })?;
+        let alphas_cumprod = sigma_schedule_alphas(&beta_config!(CLASS, config, false))?;
         // diffusers raises NotImplementedError for `sample` at the first step.
         let prediction = Prediction::parse(
             CLASS,
@@ -46,14 +37,12 @@ impl EulerAncestralDiscrete {
             steps,
             config.steps_offset,
         );
-        let train_sigmas: Vec<f64> = common::train_sigmas(&alphas_cumprod)
-            .into_iter()
-            .map(|s| s as f64)
-            .collect();
-        let mut sigmas: Vec<f32> = timesteps32
-            .iter()
-            .map(|&t| common::np_interp_arange(t as f64, &train_sigmas) as f32)
-            .collect();
+        let train_sigmas = common::train_sigmas(&alphas_cumprod);
+        let mut sigmas: Vec<f32> =
+            common::interp_sigmas(timesteps32.iter().map(|&t| t as f64), &train_sigmas)
+                .into_iter()
+                .map(|s| s as f32)
+                .collect();
         sigmas.push(0.0);
         let timesteps: Vec<f64> = timesteps32.iter().map(|&t| t as f64).collect();
         Ok(Self {
@@ -66,26 +55,12 @@ impl EulerAncestralDiscrete {
     }
 
     fn sigma(&self, index: usize) -> Result<f32> {
-        self.sigmas
-            .get(self.begin_index + index)
-            .copied()
-            .ok_or_else(|| invalid(format!("{CLASS}: no sigma for step {index}")))
+        common::euler_sigma(CLASS, &self.sigmas, self.begin_index, index)
     }
 }
 
 impl Scheduler for EulerAncestralDiscrete {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        let sigma = self.sigma(index)?;
-        common::div(sample, (sigma * sigma + 1.0).sqrt())
-    }
+    sigma_scaled_input_methods!();
 
     fn step(
         &mut self,
@@ -98,10 +73,7 @@ impl Scheduler for EulerAncestralDiscrete {
         let sigma = self.sigma(index)?;
         let sigma_to = self.sigma(index + 1)?;
         let x0 = match self.prediction {
-            Prediction::Velocity => {
-                let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-                (common::mul(model_output, c_out)? + common::div(sample, sigma * sigma + 1.0)?)?
-            }
+            Prediction::Velocity => common::velocity_x0_sigma(model_output, sample, sigma)?,
             _ => (sample - common::mul(model_output, sigma)?)?,
         };
         let sigma_from = sigma;
@@ -112,7 +84,6 @@ impl Scheduler for EulerAncestralDiscrete {
         let derivative = common::div(&(sample - x0)?, sigma)?;
         let dt = sigma_down - sigma;
         let prev = (sample + common::mul(&derivative, dt)?)?;
-        let z = noise.randn(model_output.dims(), common::device_of(model_output))?;
-        Ok((prev + common::mul(&z, sigma_up)?)?)
+        common::add_noise(prev, sigma_up, model_output, noise)
     }
 }

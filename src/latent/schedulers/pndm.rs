@@ -5,7 +5,9 @@
 
 use candle_core::Tensor;
 
-use super::common::{self, invalid, py_slice, BetaConfig, Prediction, Spacing};
+use super::common::{
+    self, beta_config, invalid, py_slice, unscaled_input_methods, Prediction, Spacing,
+};
 use super::config::PndmConfig;
 use super::Scheduler;
 use crate::error::Result;
@@ -31,16 +33,7 @@ pub struct Pndm {
 
 impl Pndm {
     pub fn new(config: &PndmConfig, steps: usize) -> Result<Self> {
-        let betas = common::betas(&BetaConfig {
-            class: CLASS,
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: &config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: false,
-            extra_schedules: false,
-        })?;
+        let betas = common::betas(&beta_config!(CLASS, config, false, false))?;
         let alphas_cumprod = common::alphas_cumprod(&betas);
         let final_alpha_cumprod = if config.set_alpha_to_one {
             1.0
@@ -122,17 +115,6 @@ impl Pndm {
         })
     }
 
-    fn alpha(&self, t: i64) -> Result<f32> {
-        usize::try_from(t)
-            .ok()
-            .and_then(|i| self.alphas_cumprod.get(i).copied())
-            .ok_or_else(|| {
-                invalid(format!(
-                    "{CLASS}: timestep {t} is outside the training schedule"
-                ))
-            })
-    }
-
     /// Formula (9) of the PNDM paper: x_{t-δ} from x_t and the model output at t.
     fn prev_sample(
         &self,
@@ -141,20 +123,18 @@ impl Pndm {
         prev_t: i64,
         model_output: &Tensor,
     ) -> Result<Tensor> {
-        let a_t = self.alpha(t)?;
-        let a_prev = if prev_t >= 0 {
-            self.alpha(prev_t)?
-        } else {
-            self.final_alpha_cumprod
-        };
+        let (a_t, a_prev) = common::alpha_pair(
+            CLASS,
+            &self.alphas_cumprod,
+            t,
+            prev_t,
+            self.final_alpha_cumprod,
+        )?;
         let b_t = 1.0 - a_t;
         let b_prev = 1.0 - a_prev;
-        let model_output = match self.prediction {
-            Prediction::Velocity => {
-                (common::mul(model_output, a_t.sqrt())? + common::mul(sample, b_t.sqrt())?)?
-            }
-            _ => model_output.clone(),
-        };
+        // Epsilon or velocity (PNDM takes no `sample` prediction): the noise.
+        let model_output =
+            common::predicted_eps(self.prediction, model_output, sample, a_t.sqrt(), b_t.sqrt())?;
         let sample_coeff = (a_prev / a_t).sqrt();
         let denom = a_t * b_prev.sqrt() + (a_t * b_t * a_prev).sqrt();
         let scaled = common::div(&common::mul(&model_output, a_prev - a_t)?, denom)?;
@@ -249,17 +229,7 @@ impl Pndm {
 }
 
 impl Scheduler for Pndm {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
+    unscaled_input_methods!();
 
     fn step(
         &mut self,
