@@ -25,7 +25,7 @@ fn cache_root() -> PathBuf {
 /// Unpacks `files` into `cache/name-VERSION/` (atomically: a temp folder, then a rename).
 fn unpack(name: &str, files: &[(&str, &[u8])]) -> Result<PathBuf> {
     let root = cache_root();
-    let dir = root.join(format!("{name}-{}", env!("CARGO_PKG_VERSION")));
+    let dir = root.join(name);
     if dir.is_dir() {
         return Ok(dir);
     }
@@ -46,13 +46,48 @@ fn unpack(name: &str, files: &[(&str, &[u8])]) -> Result<PathBuf> {
 
 /// The CLIP tokenizer files (vocab.json, merges.txt, configs) as a folder.
 pub fn clip_tokenizer_dir() -> Result<PathBuf> {
-    unpack("clip-tokenizer", &CLIP_TOKENIZER)
+    unpack(&format!("clip-tokenizer-{:016x}", fingerprint(&CLIP_TOKENIZER)), &CLIP_TOKENIZER)
 }
 
-/// The built-in default model, as a diffusers-layout folder.
-pub fn default_model_dir() -> Result<PathBuf> {
-    anyhow::bail!("this build has no built-in model yet: pass --model DIR")
+/// The default model (trained by `scripts/train-default-model`), embedded in the binary.
+/// Its tokenizer shares the CLIP vocabulary files above.
+const DEFAULT_MODEL: [(&str, &[u8]); 13] = [
+    ("model_index.json", include_bytes!("../../assets/default-model/model_index.json")),
+    ("text2img.json", include_bytes!("../../assets/default-model/text2img.json")),
+    ("scheduler/scheduler_config.json", include_bytes!("../../assets/default-model/scheduler/scheduler_config.json")),
+    ("tokenizer/vocab.json", include_bytes!("../../assets/clip-tokenizer/vocab.json")),
+    ("tokenizer/merges.txt", include_bytes!("../../assets/clip-tokenizer/merges.txt")),
+    ("tokenizer/special_tokens_map.json", include_bytes!("../../assets/clip-tokenizer/special_tokens_map.json")),
+    ("tokenizer/tokenizer_config.json", include_bytes!("../../assets/default-model/tokenizer/tokenizer_config.json")),
+    ("text_encoder/config.json", include_bytes!("../../assets/default-model/text_encoder/config.json")),
+    ("text_encoder/model.safetensors", include_bytes!("../../assets/default-model/text_encoder/model.safetensors")),
+    ("unet/config.json", include_bytes!("../../assets/default-model/unet/config.json")),
+    (
+        "unet/diffusion_pytorch_model.safetensors",
+        include_bytes!("../../assets/default-model/unet/diffusion_pytorch_model.safetensors"),
+    ),
+    ("vae/config.json", include_bytes!("../../assets/default-model/vae/config.json")),
+    (
+        "vae/diffusion_pytorch_model.safetensors",
+        include_bytes!("../../assets/default-model/vae/diffusion_pytorch_model.safetensors"),
+    ),
+];
+
+/// FNV-1a over the embedded files, so a rebuilt model never reuses a stale unpacked copy.
+fn fingerprint(files: &[(&str, &[u8])]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for (name, bytes) in files {
+        for b in name.bytes().chain(bytes.iter().copied()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
 }
 
 /// The name the built-in model goes by in metadata.
 pub const DEFAULT_MODEL_NAME: &str = "text2img-default-shapes";
+
+/// The built-in default model, as a diffusers-layout folder.
+pub fn default_model_dir() -> Result<PathBuf> {
+    unpack(&format!("default-model-{:016x}", fingerprint(&DEFAULT_MODEL)), &DEFAULT_MODEL)
+}

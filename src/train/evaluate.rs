@@ -160,8 +160,7 @@ impl Report {
     pub fn print(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!(
-            "checker on {} data set images: {:.1} % ({} / {})\n",
-            self.ground_truth.stated.min(usize::MAX),
+            "checker on the data set's own images: {:.1} % ({}/{} attributes)\n",
             self.ground_truth.percent(),
             self.ground_truth.right,
             self.ground_truth.stated
