@@ -133,15 +133,31 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // The fused kernel has no backward pass; training takes the composed one.
         if x.track_op() || self.weight.track_op() {
-            Ok(candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)?)
+            Ok(candle_nn::ops::layer_norm_slow(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            )?)
         } else {
-            Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
+            Ok(candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            )?)
         }
     }
 }
 
 /// Multi-head scaled dot-product attention on (batch, tokens, heads * head_dim) inputs.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
     let head_dim = inner / heads;
@@ -189,7 +205,9 @@ pub fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
         "gelu" => gelu(x),
         "quick_gelu" => quick_gelu(x),
         "relu" => Ok(x.relu()?),
-        other => Err(crate::Error::InvalidRequest(format!("unsupported activation `{other}`"))),
+        other => Err(crate::Error::InvalidRequest(format!(
+            "unsupported activation `{other}`"
+        ))),
     }
 }
 

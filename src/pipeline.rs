@@ -202,7 +202,12 @@ impl Pipeline {
         let class = folder
             .class_of("scheduler")
             .map(str::to_string)
-            .or_else(|| scheduler_config.get("_class_name").and_then(Value::as_str).map(str::to_string))
+            .or_else(|| {
+                scheduler_config
+                    .get("_class_name")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
             .ok_or_else(|| Error::config(&scheduler_path, "no scheduler class named"))?;
         let folder_scheduler = SchedulerKind::from_diffusers_class(&class, &scheduler_config)?;
         let defaults_path = folder.root.join("text2img.json");
@@ -247,7 +252,11 @@ impl Pipeline {
         let f = self.vae_scale_factor();
         let native = self.unet.config.sample_size.map(|s| s * f);
         let width = req.width.or(self.defaults.width).or(native).unwrap_or(512);
-        let height = req.height.or(self.defaults.height).or(native).unwrap_or(512);
+        let height = req
+            .height
+            .or(self.defaults.height)
+            .or(native)
+            .unwrap_or(512);
         for (name, v) in [("width", width), ("height", height)] {
             if v == 0 || v % f != 0 {
                 return Err(Error::InvalidRequest(format!(
@@ -260,11 +269,15 @@ impl Pipeline {
             return Err(Error::InvalidRequest("steps must be at least 1".into()));
         }
         if req.num_images == 0 {
-            return Err(Error::InvalidRequest("num_images must be at least 1".into()));
+            return Err(Error::InvalidRequest(
+                "num_images must be at least 1".into(),
+            ));
         }
         let guidance_scale = req.guidance_scale.unwrap_or(self.defaults.guidance_scale);
         if !guidance_scale.is_finite() {
-            return Err(Error::InvalidRequest("guidance scale must be a finite number".into()));
+            return Err(Error::InvalidRequest(
+                "guidance scale must be a finite number".into(),
+            ));
         }
         if !(req.eta.is_finite() && req.eta >= 0.0) {
             return Err(Error::InvalidRequest("eta must be a number >= 0".into()));
@@ -286,7 +299,12 @@ impl Pipeline {
     }
 
     /// TextEnc: the embeddings of one prompt (1, tokens, dim), warning on truncation.
-    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize, warnings: &mut Vec<String>) -> Result<Tensor> {
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        clip_skip: usize,
+        warnings: &mut Vec<String>,
+    ) -> Result<Tensor> {
         let encoded = self.tokenizer.encode_padded(prompt);
         if let Some(cut) = &encoded.truncated {
             warnings.push(format!(
@@ -325,7 +343,10 @@ impl Pipeline {
 
         let started = Instant::now();
         // diffusers' pipeline rewrites some scheduler keys before the loop; so do we.
-        let config = schedulers::stable_diffusion_pipeline_config(resolved.scheduler, &self.scheduler_config)?;
+        let config = schedulers::stable_diffusion_pipeline_config(
+            resolved.scheduler,
+            &self.scheduler_config,
+        )?;
         let mut scheduler = schedulers::build(
             resolved.scheduler,
             &config,
@@ -333,7 +354,12 @@ impl Pipeline {
             &SchedulerOptions { eta: req.eta },
         )?;
         let f = self.vae_scale_factor();
-        let shape = [n, self.unet.config.in_channels, resolved.height / f, resolved.width / f];
+        let shape = [
+            n,
+            self.unet.config.in_channels,
+            resolved.height / f,
+            resolved.width / f,
+        ];
         let mut generators = BatchGenerator::consecutive(seed, n);
         let mut latents = (generators.randn(&shape, &self.device)? * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
@@ -389,11 +415,16 @@ impl Pipeline {
 pub fn to_rgb8(image: &Tensor, seed: u64) -> Result<GeneratedImage> {
     let (c, h, w) = image.dims3()?;
     if c != 3 {
-        return Err(Error::InvalidRequest(format!("the VAE made {c} channels, not 3")));
+        return Err(Error::InvalidRequest(format!(
+            "the VAE made {c} channels, not 3"
+        )));
     }
     let x = ((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     let hwc: Vec<f32> = x.permute((1, 2, 0))?.flatten_all()?.to_vec1()?;
-    let rgb = hwc.iter().map(|v| (v * 255.0).round_ties_even() as u8).collect();
+    let rgb = hwc
+        .iter()
+        .map(|v| (v * 255.0).round_ties_even() as u8)
+        .collect();
     Ok(GeneratedImage {
         width: w,
         height: h,

@@ -5,10 +5,15 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::pipeline::{GeneratedImage, GenerateRequest, Resolved};
+use crate::pipeline::{GenerateRequest, GeneratedImage, Resolved};
 
 /// The A1111 `parameters` text: prompt, `Negative prompt:`, then one settings line.
-pub fn a1111_parameters(req: &GenerateRequest, resolved: &Resolved, seed: u64, model: &str) -> String {
+pub fn a1111_parameters(
+    req: &GenerateRequest,
+    resolved: &Resolved,
+    seed: u64,
+    model: &str,
+) -> String {
     let mut text = req.prompt.clone();
     if !req.negative_prompt.is_empty() {
         text.push_str("\nNegative prompt: ");
@@ -37,7 +42,12 @@ pub fn encode_png(image: &GeneratedImage, parameters: &str) -> Result<Vec<u8>> {
     encode_rgb_png(&image.rgb, image.width, image.height, Some(parameters))
 }
 
-pub fn encode_rgb_png(rgb: &[u8], width: usize, height: usize, parameters: Option<&str>) -> Result<Vec<u8>> {
+pub fn encode_rgb_png(
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    parameters: Option<&str>,
+) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
     let to_err = |e: png::EncodingError| Error::InvalidRequest(format!("PNG encoding failed: {e}"));
     {
@@ -92,7 +102,11 @@ pub fn numbered_path(path: &Path, index: usize, count: usize) -> std::path::Path
     if count <= 1 {
         return path.to_path_buf();
     }
-    let stem = path.file_stem().map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
-    let ext = path.extension().map_or_else(|| "png".into(), |s| s.to_string_lossy().into_owned());
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
+    let ext = path
+        .extension()
+        .map_or_else(|| "png".into(), |s| s.to_string_lossy().into_owned());
     path.with_file_name(format!("{stem}-{}.{ext}", index + 1))
 }

@@ -32,9 +32,21 @@ fn generate_writes_the_diffusers_image_with_a1111_metadata() {
     let model = model();
     let result = text2img(
         &[
-            "generate", "--model", &model, "--prompt", "a red circle on a blue background",
-            "--negative-prompt", "a green square", "--seed", "42", "--steps", "8",
-            "--scheduler", "euler", "--output", out.to_str().unwrap(),
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "a red circle on a blue background",
+            "--negative-prompt",
+            "a green square",
+            "--seed",
+            "42",
+            "--steps",
+            "8",
+            "--scheduler",
+            "euler",
+            "--output",
+            out.to_str().unwrap(),
         ],
         &[],
     );
@@ -43,7 +55,11 @@ fn generate_writes_the_diffusers_image_with_a1111_metadata() {
     let (reference, ..) = read_png(&fixtures().join("reference/sd1-negative-0.png"));
     assert_eq!((w, h), (64, 64));
     assert!(psnr(&rgb, &reference) >= 50.0);
-    let params = &texts.iter().find(|(k, _)| k == "parameters").expect("parameters chunk").1;
+    let params = &texts
+        .iter()
+        .find(|(k, _)| k == "parameters")
+        .expect("parameters chunk")
+        .1;
     assert_eq!(
         params,
         "a red circle on a blue background\nNegative prompt: a green square\n\
@@ -62,17 +78,35 @@ fn several_images_are_numbered_and_carry_their_own_seed() {
     let model = model();
     let result = text2img(
         &[
-            "generate", "--model", &model, "--prompt", "a red circle on a blue background", "--seed", "42",
-            "--steps", "8", "--scheduler", "euler-a", "--num-images", "2", "--output", out.to_str().unwrap(),
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "a red circle on a blue background",
+            "--seed",
+            "42",
+            "--steps",
+            "8",
+            "--scheduler",
+            "euler-a",
+            "--num-images",
+            "2",
+            "--output",
+            out.to_str().unwrap(),
         ],
         &[],
     );
     assert!(result.status.success(), "{}", stderr(&result));
     for (i, seed) in [(1, 42), (2, 43)] {
         let (rgb, _, _, texts) = read_png(&dir.path().join(format!("img-{i}.png")));
-        let (reference, ..) = read_png(&fixtures().join(format!("reference/sd1-two-images-{}.png", i - 1)));
+        let (reference, ..) =
+            read_png(&fixtures().join(format!("reference/sd1-two-images-{}.png", i - 1)));
         assert!(psnr(&rgb, &reference) >= 50.0);
-        assert!(texts[0].1.contains(&format!("Seed: {seed},")), "{}", texts[0].1);
+        assert!(
+            texts[0].1.contains(&format!("Seed: {seed},")),
+            "{}",
+            texts[0].1
+        );
     }
 }
 
@@ -82,12 +116,30 @@ fn without_a_seed_one_is_drawn_and_printed() {
     let out = dir.path().join("x.png");
     let model = model();
     let result = text2img(
-        &["generate", "--model", &model, "--prompt", "x", "--steps", "1", "--output", out.to_str().unwrap()],
+        &[
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ],
         &[],
     );
     assert!(result.status.success(), "{}", stderr(&result));
     let stdout = String::from_utf8_lossy(&result.stdout);
-    let seed: u64 = stdout.split("(seed ").nth(1).unwrap().split(')').next().unwrap().parse().unwrap();
+    let seed: u64 = stdout
+        .split("(seed ")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     let (_, _, _, texts) = read_png(&out);
     assert!(texts[0].1.contains(&format!("Seed: {seed},")));
 }
@@ -102,24 +154,47 @@ fn fails_with(args: &[&str], envs: &[(&str, &Path)], needle: &str) {
     let result = text2img(&all, envs);
     let err = stderr(&result);
     assert!(!result.status.success(), "expected failure for {args:?}");
-    assert!(err.contains(needle), "error for {args:?} should mention `{needle}`:\n{err}");
+    assert!(
+        err.contains(needle),
+        "error for {args:?} should mention `{needle}`:\n{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no partial output");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no partial output"
+    );
 }
 
 #[test]
 fn bad_requests_fail_clearly() {
     let model = model();
     let m = model.as_str();
-    fails_with(&["generate", "--model", m, "--prompt", "x", "--width", "70"], &[], "width 70 is not a positive multiple of 8");
-    fails_with(&["generate", "--model", m, "--prompt", "x", "--height", "0"], &[], "height 0");
-    fails_with(&["generate", "--model", m, "--prompt", "x", "--steps", "0"], &[], "steps must be at least 1");
+    fails_with(
+        &["generate", "--model", m, "--prompt", "x", "--width", "70"],
+        &[],
+        "width 70 is not a positive multiple of 8",
+    );
+    fails_with(
+        &["generate", "--model", m, "--prompt", "x", "--height", "0"],
+        &[],
+        "height 0",
+    );
+    fails_with(
+        &["generate", "--model", m, "--prompt", "x", "--steps", "0"],
+        &[],
+        "steps must be at least 1",
+    );
     fails_with(
         &["generate", "--model", m, "--prompt", "x", "--scheduler", "lms"],
         &[],
         "unknown scheduler `lms`; known schedulers: pndm, ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras",
     );
-    fails_with(&["generate", "--model", "/no/such/folder", "--prompt", "x"], &[], "/no/such/folder");
+    fails_with(
+        &["generate", "--model", "/no/such/folder", "--prompt", "x"],
+        &[],
+        "/no/such/folder",
+    );
 }
 
 #[test]
@@ -127,7 +202,10 @@ fn a_repo_id_offline_without_cache_is_a_clear_error() {
     let cache = tempfile::tempdir().unwrap();
     fails_with(
         &["generate", "--model", "someone/some-model", "--prompt", "x"],
-        &[("HF_HUB_CACHE", cache.path()), ("HF_HUB_OFFLINE", Path::new("1"))],
+        &[
+            ("HF_HUB_CACHE", cache.path()),
+            ("HF_HUB_OFFLINE", Path::new("1")),
+        ],
         "someone/some-model",
     );
 }
@@ -143,12 +221,31 @@ fn a_repo_id_resolves_in_the_hub_cache() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("hub.png");
     let result = text2img(
-        &["generate", "--model", "someone/tiny", "--prompt", "x", "--steps", "1", "--seed", "1", "--output", out.to_str().unwrap()],
-        &[("HF_HUB_CACHE", cache.path()), ("HF_HUB_OFFLINE", Path::new("1"))],
+        &[
+            "generate",
+            "--model",
+            "someone/tiny",
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--seed",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[
+            ("HF_HUB_CACHE", cache.path()),
+            ("HF_HUB_OFFLINE", Path::new("1")),
+        ],
     );
     assert!(result.status.success(), "{}", stderr(&result));
     let (_, _, _, texts) = read_png(&out);
-    assert!(texts[0].1.ends_with("Model: someone/tiny"), "{}", texts[0].1);
+    assert!(
+        texts[0].1.ends_with("Model: someone/tiny"),
+        "{}",
+        texts[0].1
+    );
 }
 
 pub fn copy_dir(from: &Path, to: &Path) {

@@ -62,12 +62,18 @@ fn a_missing_file_is_named() {
     let (_tmp, root) = scratch_model();
     std::fs::remove_file(root.join("unet/config.json")).unwrap();
     let err = load_error(&root);
-    assert!(err.contains("unet/config.json") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("unet/config.json") && err.contains("missing"),
+        "{err}"
+    );
 
     let (_tmp, root) = scratch_model();
     std::fs::remove_file(unet_file(&root)).unwrap();
     let err = load_error(&root);
-    assert!(err.contains("unet") && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+    assert!(
+        err.contains("unet") && err.contains("diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -78,39 +84,58 @@ fn a_missing_tensor_is_named() {
     write_tensors(&unet_file(&root), &t);
     let err = load_error(&root);
     assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
-    assert!(err.contains("missing tensor `mid_block.attentions.0.proj_in.weight`"), "{err}");
+    assert!(
+        err.contains("missing tensor `mid_block.attentions.0.proj_in.weight`"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_shape_mismatch_names_the_tensor_and_both_shapes() {
     let (_tmp, root) = scratch_model();
     let mut t = read_tensors(&unet_file(&root));
-    t.insert("conv_in.weight".into(), Tensor::zeros((32, 4, 5, 5), candle_core::DType::F16, &Device::Cpu).unwrap());
+    t.insert(
+        "conv_in.weight".into(),
+        Tensor::zeros((32, 4, 5, 5), candle_core::DType::F16, &Device::Cpu).unwrap(),
+    );
     write_tensors(&unet_file(&root), &t);
     let err = load_error(&root);
     assert!(err.contains("`conv_in.weight`"), "{err}");
-    assert!(err.contains("[32, 4, 5, 5]") && err.contains("[32, 4, 3, 3]"), "{err}");
+    assert!(
+        err.contains("[32, 4, 5, 5]") && err.contains("[32, 4, 3, 3]"),
+        "{err}"
+    );
 }
 
 #[test]
 fn an_unknown_tensor_is_an_error() {
     let (_tmp, root) = scratch_model();
     let mut t = read_tensors(&unet_file(&root));
-    t.insert("extra.weight".into(), Tensor::zeros(3, candle_core::DType::F16, &Device::Cpu).unwrap());
+    t.insert(
+        "extra.weight".into(),
+        Tensor::zeros(3, candle_core::DType::F16, &Device::Cpu).unwrap(),
+    );
     write_tensors(&unet_file(&root), &t);
     let err = load_error(&root);
-    assert!(err.contains("not use") && err.contains("extra.weight"), "{err}");
+    assert!(
+        err.contains("not use") && err.contains("extra.weight"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_config_that_disagrees_with_the_weights_is_caught() {
     let (_tmp, root) = scratch_model();
     let path = root.join("unet/config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     config["cross_attention_dim"] = 48.into();
     std::fs::write(&path, config.to_string()).unwrap();
     let err = load_error(&root);
-    assert!(err.contains("attn2.to_k.weight") && err.contains("[32, 48]") && err.contains("[32, 32]"), "{err}");
+    assert!(
+        err.contains("attn2.to_k.weight") && err.contains("[32, 48]") && err.contains("[32, 32]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -123,7 +148,10 @@ fn corrupt_and_truncated_safetensors_are_errors() {
 
     std::fs::write(unet_file(&root), b"this is not a safetensors file").unwrap();
     let err = load_error(&root);
-    assert!(err.contains("diffusion_pytorch_model.safetensors: not a valid safetensors file"), "{err}");
+    assert!(
+        err.contains("diffusion_pytorch_model.safetensors: not a valid safetensors file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -142,11 +170,23 @@ fn a_legacy_named_vae_loads_and_decodes_the_same() {
     let mut legacy = HashMap::new();
     for (name, t) in &original {
         let mut renamed = name.clone();
-        for (new, old) in [("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")] {
-            renamed = renamed.replace(&format!("attentions.0.{new}."), &format!("attentions.0.{old}."));
+        for (new, old) in [
+            ("to_q", "query"),
+            ("to_k", "key"),
+            ("to_v", "value"),
+            ("to_out.0", "proj_attn"),
+        ] {
+            renamed = renamed.replace(
+                &format!("attentions.0.{new}."),
+                &format!("attentions.0.{old}."),
+            );
         }
         // Old checkpoints also stored these projections as 1x1 convolutions.
-        let t = if renamed != *name && t.rank() == 2 { t.unsqueeze(2).unwrap().unsqueeze(3).unwrap() } else { t.clone() };
+        let t = if renamed != *name && t.rank() == 2 {
+            t.unsqueeze(2).unwrap().unsqueeze(3).unwrap()
+        } else {
+            t.clone()
+        };
         legacy.insert(renamed, t);
     }
     assert!(legacy.contains_key("decoder.mid_block.attentions.0.query.weight"));
@@ -154,7 +194,12 @@ fn a_legacy_named_vae_loads_and_decodes_the_same() {
     let z = Tensor::randn(0f32, 1f32, (1, 4, 4, 4), &Device::Cpu).unwrap();
     let a = AutoencoderKl::load(&model_dir("sd1-tiny").join("vae"), None, &Device::Cpu).unwrap();
     let b = AutoencoderKl::load(&root.join("vae"), None, &Device::Cpu).unwrap();
-    let diff = (a.decode(&z).unwrap() - b.decode(&z).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+    let diff = (a.decode(&z).unwrap() - b.decode(&z).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
 }
 
@@ -167,8 +212,12 @@ fn sharded_weights_and_the_fp16_variant_load() {
     names.sort();
     let (first, second) = names.split_at(names.len() / 2);
     let mut map = serde_json::Map::new();
-    for (file, part) in [("diffusion_pytorch_model-00001-of-00002.safetensors", first), ("diffusion_pytorch_model-00002-of-00002.safetensors", second)] {
-        let shard: HashMap<String, Tensor> = part.iter().map(|n| ((*n).clone(), t[*n].clone())).collect();
+    for (file, part) in [
+        ("diffusion_pytorch_model-00001-of-00002.safetensors", first),
+        ("diffusion_pytorch_model-00002-of-00002.safetensors", second),
+    ] {
+        let shard: HashMap<String, Tensor> =
+            part.iter().map(|n| ((*n).clone(), t[*n].clone())).collect();
         write_tensors(&root.join("unet").join(file), &shard);
         for n in part {
             map.insert((*n).clone(), file.into());
@@ -176,16 +225,31 @@ fn sharded_weights_and_the_fp16_variant_load() {
     }
     std::fs::remove_file(unet_file(&root)).unwrap();
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
-    std::fs::write(root.join("unet/diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        root.join("unet/diffusion_pytorch_model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
     load_local(&root, &LoadOptions::default()).unwrap();
 
     // An fp16-only folder: loads with the variant, and says how without it.
     let (_tmp2, root) = scratch_model();
-    for comp in ["unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"] {
-        std::fs::rename(root.join(format!("{comp}.safetensors")), root.join(format!("{comp}.fp16.safetensors"))).unwrap();
+    for comp in [
+        "unet/diffusion_pytorch_model",
+        "vae/diffusion_pytorch_model",
+        "text_encoder/model",
+    ] {
+        std::fs::rename(
+            root.join(format!("{comp}.safetensors")),
+            root.join(format!("{comp}.fp16.safetensors")),
+        )
+        .unwrap();
     }
     let err = load_error(&root);
     assert!(err.contains("--variant fp16"), "{err}");
-    let options = LoadOptions { variant: Some("fp16".into()), ..LoadOptions::default() };
+    let options = LoadOptions {
+        variant: Some("fp16".into()),
+        ..LoadOptions::default()
+    };
     load_local(&root, &options).unwrap();
 }

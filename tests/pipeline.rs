@@ -23,7 +23,12 @@ fn pipeline(name: &str) -> &'static Pipeline {
     let pipes = PIPES.get_or_init(|| {
         ["sd1-tiny", "sd2-tiny"]
             .iter()
-            .map(|n| (n.to_string(), load_local(&model_dir(n), &LoadOptions::default()).unwrap()))
+            .map(|n| {
+                (
+                    n.to_string(),
+                    load_local(&model_dir(n), &LoadOptions::default()).unwrap(),
+                )
+            })
             .collect()
     });
     &pipes[name]
@@ -32,7 +37,11 @@ fn pipeline(name: &str) -> &'static Pipeline {
 fn request(case: &Value) -> GenerateRequest {
     GenerateRequest {
         prompt: case["prompt"].as_str().unwrap().to_string(),
-        negative_prompt: case.get("negative_prompt").and_then(Value::as_str).unwrap_or("").to_string(),
+        negative_prompt: case
+            .get("negative_prompt")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
         seed: Some(case["seed"].as_u64().unwrap()),
         steps: Some(case["steps"].as_u64().unwrap() as usize),
         guidance_scale: Some(case["guidance"].as_f64().unwrap()),
@@ -61,11 +70,15 @@ fn check(prefix: &str) {
         let files = case["images"].as_array().unwrap();
         assert_eq!(generation.images.len(), files.len(), "{name}: image count");
         for (image, file) in generation.images.iter().zip(files) {
-            let (rgb, w, h, _) = read_png(&fixtures().join("reference").join(file.as_str().unwrap()));
+            let (rgb, w, h, _) =
+                read_png(&fixtures().join("reference").join(file.as_str().unwrap()));
             assert_eq!((image.width, image.height), (w, h), "{name}: size");
             let db = psnr(&image.rgb, &rgb);
             eprintln!("{name}: {db:.1} dB");
-            assert!(db >= 50.0, "{name}: PSNR {db:.1} dB < 50 dB against diffusers");
+            assert!(
+                db >= 50.0,
+                "{name}: PSNR {db:.1} dB < 50 dB against diffusers"
+            );
         }
         ran += 1;
     }
@@ -140,12 +153,19 @@ fn probes_show_the_threshold_is_meaningful() {
 #[test]
 fn second_image_alone_reproduces_from_its_seed() {
     let pipe = pipeline("sd1-tiny");
-    let case = cases().into_iter().find(|c| c["name"] == "sd1-two-images").unwrap();
+    let case = cases()
+        .into_iter()
+        .find(|c| c["name"] == "sd1-two-images")
+        .unwrap();
     let mut req = request(&case);
     req.num_images = 1;
     req.seed = Some(req.seed.unwrap() + 1);
     let alone = pipe.generate(&req, &mut |_| true).unwrap();
-    let (rgb, ..) = read_png(&fixtures().join("reference").join(case["images"][1].as_str().unwrap()));
+    let (rgb, ..) = read_png(
+        &fixtures()
+            .join("reference")
+            .join(case["images"][1].as_str().unwrap()),
+    );
     assert!(psnr(&alone.images[0].rgb, &rgb) >= 50.0);
 }
 

@@ -7,13 +7,20 @@ use std::time::{Duration, Instant};
 
 fn text2img() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_text2img"));
-    cmd.env("TEXT2IMG_CACHE", std::env::temp_dir().join("text2img-test-cache"));
+    cmd.env(
+        "TEXT2IMG_CACHE",
+        std::env::temp_dir().join("text2img-test-cache"),
+    );
     cmd
 }
 
 fn run(args: &[&str]) {
     let out = text2img().args(args).output().unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn losses(dir: &Path) -> Vec<f64> {
@@ -25,13 +32,46 @@ fn losses(dir: &Path) -> Vec<f64> {
         .collect()
 }
 
-const VAE: &[&str] = &["--channels", "8,16,16", "--norm-groups", "4", "--batch", "4", "--lr", "2e-3", "--quiet"];
+const VAE: &[&str] = &[
+    "--channels",
+    "8,16,16",
+    "--norm-groups",
+    "4",
+    "--batch",
+    "4",
+    "--lr",
+    "2e-3",
+    "--quiet",
+];
 
 fn unet_args<'a>(vae: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     vec![
-        "train", "--out", out, "--vae", vae, "--steps", steps, "--batch", "4", "--unet-channels", "32,32",
-        "--unet-heads", "2", "--text-hidden", "32", "--text-layers", "1", "--text-heads", "2", "--lr", "2e-3",
-        "--warmup", "5", "--save-every", "5", "--quiet",
+        "train",
+        "--out",
+        out,
+        "--vae",
+        vae,
+        "--steps",
+        steps,
+        "--batch",
+        "4",
+        "--unet-channels",
+        "32,32",
+        "--unet-heads",
+        "2",
+        "--text-hidden",
+        "32",
+        "--text-layers",
+        "1",
+        "--text-heads",
+        "2",
+        "--lr",
+        "2e-3",
+        "--warmup",
+        "5",
+        "--save-every",
+        "5",
+        "--quiet",
     ]
 }
 
@@ -44,33 +84,59 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
     let tmp = tempfile::tempdir().unwrap();
     let vae = tmp.path().join("vae");
     let vae_s = vae.to_str().unwrap();
-    let mut args = vec!["train-vae", "--out", vae_s, "--steps", "40", "--save-every", "20"];
+    let mut args = vec![
+        "train-vae",
+        "--out",
+        vae_s,
+        "--steps",
+        "40",
+        "--save-every",
+        "20",
+    ];
     args.extend(VAE);
     run(&args);
     let l = losses(&vae);
     assert_eq!(l.len(), 40);
-    assert!(mean(&l[30..]) < 0.7 * mean(&l[..5]), "VAE loss did not fall: {l:?}");
-    assert!(vae.join("vae/diffusion_pytorch_model.safetensors").is_file());
+    assert!(
+        mean(&l[30..]) < 0.7 * mean(&l[..5]),
+        "VAE loss did not fall: {l:?}"
+    );
+    assert!(vae
+        .join("vae/diffusion_pytorch_model.safetensors")
+        .is_file());
 
     // LatentGen, uninterrupted.
     let a = tmp.path().join("a");
     run(&unet_args(vae_s, a.to_str().unwrap(), "30"));
     let full = losses(&a);
     assert_eq!(full.len(), 30);
-    assert!(mean(&full[20..]) < 0.9 * mean(&full[..5]), "diffusion loss did not fall: {full:?}");
+    assert!(
+        mean(&full[20..]) < 0.9 * mean(&full[..5]),
+        "diffusion loss did not fall: {full:?}"
+    );
 
     // The same run, killed once it has checkpointed past step 10, then resumed.
     let b = tmp.path().join("b");
     let b_s = b.to_str().unwrap().to_string();
-    let mut child = text2img().args(unet_args(vae_s, &b_s, "30")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = text2img()
+        .args(unet_args(vae_s, &b_s, "30"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let started = Instant::now();
     loop {
         let state = std::fs::read_to_string(b.join("checkpoint/state.json")).unwrap_or_default();
-        let step = serde_json::from_str::<serde_json::Value>(&state).ok().and_then(|v| v["step"].as_u64());
+        let step = serde_json::from_str::<serde_json::Value>(&state)
+            .ok()
+            .and_then(|v| v["step"].as_u64());
         if step.is_some_and(|s| s >= 10) {
             break;
         }
-        assert!(child.try_wait().unwrap().is_none(), "run ended before it could be killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run ended before it could be killed"
+        );
         assert!(started.elapsed() < Duration::from_secs(600));
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -82,13 +148,22 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
     let resumed = losses(&b);
     assert_eq!(resumed.len(), full.len());
     for (i, (x, y)) in full.iter().zip(&resumed).enumerate() {
-        assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-3), "step {}: {x} vs {y}", i + 1);
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+            "step {}: {x} vs {y}",
+            i + 1
+        );
     }
     // The output is a loadable diffusers folder.
     let pipe = text2img::pipeline::load_local(&b, &Default::default()).unwrap();
     let gen = pipe
         .generate(
-            &text2img::GenerateRequest { prompt: "a red circle".into(), seed: Some(3), steps: Some(2), ..Default::default() },
+            &text2img::GenerateRequest {
+                prompt: "a red circle".into(),
+                seed: Some(3),
+                steps: Some(2),
+                ..Default::default()
+            },
             &mut |_| true,
         )
         .unwrap();

@@ -5,10 +5,22 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 const CLIP_TOKENIZER: [(&str, &[u8]); 4] = [
-    ("vocab.json", include_bytes!("../../assets/clip-tokenizer/vocab.json")),
-    ("merges.txt", include_bytes!("../../assets/clip-tokenizer/merges.txt")),
-    ("tokenizer_config.json", include_bytes!("../../assets/clip-tokenizer/tokenizer_config.json")),
-    ("special_tokens_map.json", include_bytes!("../../assets/clip-tokenizer/special_tokens_map.json")),
+    (
+        "vocab.json",
+        include_bytes!("../../assets/clip-tokenizer/vocab.json"),
+    ),
+    (
+        "merges.txt",
+        include_bytes!("../../assets/clip-tokenizer/merges.txt"),
+    ),
+    (
+        "tokenizer_config.json",
+        include_bytes!("../../assets/clip-tokenizer/tokenizer_config.json"),
+    ),
+    (
+        "special_tokens_map.json",
+        include_bytes!("../../assets/clip-tokenizer/special_tokens_map.json"),
+    ),
 ];
 
 fn cache_root() -> PathBuf {
@@ -46,27 +58,63 @@ fn unpack(name: &str, files: &[(&str, &[u8])]) -> Result<PathBuf> {
 
 /// The CLIP tokenizer files (vocab.json, merges.txt, configs) as a folder.
 pub fn clip_tokenizer_dir() -> Result<PathBuf> {
-    unpack(&format!("clip-tokenizer-{:016x}", fingerprint(&CLIP_TOKENIZER)), &CLIP_TOKENIZER)
+    unpack(
+        &format!("clip-tokenizer-{:016x}", fingerprint(&CLIP_TOKENIZER)),
+        &CLIP_TOKENIZER,
+    )
 }
 
 /// The default model (trained by `scripts/train-default-model`), embedded in the binary.
 /// Its tokenizer shares the CLIP vocabulary files above.
 const DEFAULT_MODEL: [(&str, &[u8]); 13] = [
-    ("model_index.json", include_bytes!("../../assets/default-model/model_index.json")),
-    ("text2img.json", include_bytes!("../../assets/default-model/text2img.json")),
-    ("scheduler/scheduler_config.json", include_bytes!("../../assets/default-model/scheduler/scheduler_config.json")),
-    ("tokenizer/vocab.json", include_bytes!("../../assets/clip-tokenizer/vocab.json")),
-    ("tokenizer/merges.txt", include_bytes!("../../assets/clip-tokenizer/merges.txt")),
-    ("tokenizer/special_tokens_map.json", include_bytes!("../../assets/clip-tokenizer/special_tokens_map.json")),
-    ("tokenizer/tokenizer_config.json", include_bytes!("../../assets/default-model/tokenizer/tokenizer_config.json")),
-    ("text_encoder/config.json", include_bytes!("../../assets/default-model/text_encoder/config.json")),
-    ("text_encoder/model.safetensors", include_bytes!("../../assets/default-model/text_encoder/model.safetensors")),
-    ("unet/config.json", include_bytes!("../../assets/default-model/unet/config.json")),
+    (
+        "model_index.json",
+        include_bytes!("../../assets/default-model/model_index.json"),
+    ),
+    (
+        "text2img.json",
+        include_bytes!("../../assets/default-model/text2img.json"),
+    ),
+    (
+        "scheduler/scheduler_config.json",
+        include_bytes!("../../assets/default-model/scheduler/scheduler_config.json"),
+    ),
+    (
+        "tokenizer/vocab.json",
+        include_bytes!("../../assets/clip-tokenizer/vocab.json"),
+    ),
+    (
+        "tokenizer/merges.txt",
+        include_bytes!("../../assets/clip-tokenizer/merges.txt"),
+    ),
+    (
+        "tokenizer/special_tokens_map.json",
+        include_bytes!("../../assets/clip-tokenizer/special_tokens_map.json"),
+    ),
+    (
+        "tokenizer/tokenizer_config.json",
+        include_bytes!("../../assets/default-model/tokenizer/tokenizer_config.json"),
+    ),
+    (
+        "text_encoder/config.json",
+        include_bytes!("../../assets/default-model/text_encoder/config.json"),
+    ),
+    (
+        "text_encoder/model.safetensors",
+        include_bytes!("../../assets/default-model/text_encoder/model.safetensors"),
+    ),
+    (
+        "unet/config.json",
+        include_bytes!("../../assets/default-model/unet/config.json"),
+    ),
     (
         "unet/diffusion_pytorch_model.safetensors",
         include_bytes!("../../assets/default-model/unet/diffusion_pytorch_model.safetensors"),
     ),
-    ("vae/config.json", include_bytes!("../../assets/default-model/vae/config.json")),
+    (
+        "vae/config.json",
+        include_bytes!("../../assets/default-model/vae/config.json"),
+    ),
     (
         "vae/diffusion_pytorch_model.safetensors",
         include_bytes!("../../assets/default-model/vae/diffusion_pytorch_model.safetensors"),
@@ -89,5 +137,8 @@ pub const DEFAULT_MODEL_NAME: &str = "text2img-default-shapes";
 
 /// The built-in default model, as a diffusers-layout folder.
 pub fn default_model_dir() -> Result<PathBuf> {
-    unpack(&format!("default-model-{:016x}", fingerprint(&DEFAULT_MODEL)), &DEFAULT_MODEL)
+    unpack(
+        &format!("default-model-{:016x}", fingerprint(&DEFAULT_MODEL)),
+        &DEFAULT_MODEL,
+    )
 }

@@ -101,8 +101,18 @@ pub fn grid_cmd(a: GridArgs) -> Result<()> {
             }
         }
     }
-    let params = format!("grid: {} prompts x seeds {}..{}", a.prompts.len(), a.seed, a.seed + a.seeds as u64 - 1);
+    let params = format!(
+        "grid: {} prompts x seeds {}..{}",
+        a.prompts.len(),
+        a.seed,
+        a.seed + a.seeds as u64 - 1
+    );
     write_atomic(&a.output, &encode_rgb_png(&canvas, gw, gh, Some(&params))?)?;
-    println!("{} ({} x {} images)", a.output.display(), a.prompts.len(), a.seeds);
+    println!(
+        "{} ({} x {} images)",
+        a.output.display(),
+        a.prompts.len(),
+        a.seeds
+    );
     Ok(())
 }

@@ -17,7 +17,11 @@ mod eval;
 mod train;
 
 #[derive(Parser)]
-#[command(name = "text2img", version, about = "Text-to-image diffusion (Stable Diffusion 1.x/2.x) on the CPU")]
+#[command(
+    name = "text2img",
+    version,
+    about = "Text-to-image diffusion (Stable Diffusion 1.x/2.x) on the CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -118,7 +122,13 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .as_deref()
         .map(SchedulerKind::from_cli_name)
         .transpose()?;
-    if args.output.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase) != Some("png".into()) {
+    if args
+        .output
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        != Some("png".into())
+    {
         bail!("--output {} must be a .png file", args.output.display());
     }
     if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -152,7 +162,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         variant: args.variant,
         ..LoadOptions::default()
     };
-    let mut pipeline = Pipeline::load(model, &options).with_context(|| format!("loading model {model}"))?;
+    let mut pipeline =
+        Pipeline::load(model, &options).with_context(|| format!("loading model {model}"))?;
     if args.model.is_none() {
         pipeline.name = assets::DEFAULT_MODEL_NAME.into();
     }
@@ -162,9 +173,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
 
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     let generation = pipeline.generate(&request, &mut |p| {
         bar.set_length(p.total as u64);

@@ -26,13 +26,21 @@ pub fn dataset(a: DatasetArgs) -> Result<()> {
         bail!("unknown data set `{}`; known: shapes", a.kind);
     }
     write_dataset(a.count, a.seed, &a.out)?;
-    println!("wrote {} images with captions to {}", a.count, a.out.display());
+    println!(
+        "wrote {} images with captions to {}",
+        a.count,
+        a.out.display()
+    );
     Ok(())
 }
 
 fn parse_list(s: &str) -> Result<Vec<usize>> {
     s.split(',')
-        .map(|p| p.trim().parse::<usize>().with_context(|| format!("`{s}` is not a comma-separated list of numbers")))
+        .map(|p| {
+            p.trim()
+                .parse::<usize>()
+                .with_context(|| format!("`{s}` is not a comma-separated list of numbers"))
+        })
         .collect()
 }
 
@@ -161,7 +169,11 @@ pub struct TrainArgs {
 pub fn train_cmd(a: TrainArgs) -> Result<()> {
     let frozen = match a.text_encoder.as_str() {
         "joint" => None,
-        "frozen" => Some(a.text_model.clone().context("--text-encoder frozen needs --text-model DIR")?),
+        "frozen" => Some(
+            a.text_model
+                .clone()
+                .context("--text-encoder frozen needs --text-model DIR")?,
+        ),
         other => bail!("--text-encoder must be `joint` or `frozen`, not `{other}`"),
     };
     let v_prediction = match a.prediction.as_str() {

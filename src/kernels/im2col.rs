@@ -22,7 +22,6 @@ impl ConvGeometry {
     pub fn out_w(&self) -> usize {
         (self.w + 2 * self.padding - self.kernel) / self.stride + 1
     }
-
 }
 
 /// (b, c, h, w) -> (b, c * k * k, out_h * out_w): one row per (channel, ky, kx) tap, each
@@ -48,7 +47,10 @@ fn per_image<F>(b: usize, src: &[f32], src_len: usize, dst: &mut [f32], dst_len:
 where
     F: Fn(&[f32], &mut [f32]) + Sync,
 {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(b).max(1);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(b)
+        .max(1);
     let per = b.div_ceil(threads);
     std::thread::scope(|scope| {
         for (t, dst_part) in dst.chunks_mut(per * dst_len).enumerate() {
@@ -64,10 +66,20 @@ where
 }
 
 /// The range of output positions along one axis whose tap `kpos` lands inside the input.
-fn valid_range(out: usize, stride: usize, kpos: usize, padding: usize, len: usize) -> (usize, usize) {
+fn valid_range(
+    out: usize,
+    stride: usize,
+    kpos: usize,
+    padding: usize,
+    len: usize,
+) -> (usize, usize) {
     // o * stride + kpos - padding in [0, len)
     let lo = padding.saturating_sub(kpos).div_ceil(stride);
-    let hi = if len + padding > kpos { (len + padding - kpos - 1) / stride + 1 } else { 0 };
+    let hi = if len + padding > kpos {
+        (len + padding - kpos - 1) / stride + 1
+    } else {
+        0
+    };
     (lo.min(out), hi.min(out).max(lo.min(out)))
 }
 
@@ -112,7 +124,11 @@ impl CustomOp1 for Im2Col {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let c = arg.dim(1)?;
-        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&Col2Im(self.0, c))?))
+        Ok(Some(
+            grad_res
+                .contiguous()?
+                .apply_op1_no_bwd(&Col2Im(self.0, c))?,
+        ))
     }
 }
 
@@ -156,10 +172,22 @@ impl CustomOp1 for Col2Im {
 
 /// A differentiable conv2d (square kernel, no groups or dilation) as im2col + matmul.
 /// `weight` is (out, in, k, k); `bias` is (out).
-pub fn conv2d_im2col(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+pub fn conv2d_im2col(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
     let (b, _, h, w) = x.dims4()?;
     let (out_c, in_c, k, _) = weight.dims4()?;
-    let g = ConvGeometry { kernel: k, stride, padding, h, w };
+    let g = ConvGeometry {
+        kernel: k,
+        stride,
+        padding,
+        h,
+        w,
+    };
     let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // (b, in*k*k, L)
     let wmat = weight.reshape((out_c, in_c * k * k))?;
     let y = wmat.broadcast_left(b)?.matmul(&cols)?; // (b, out, L)
@@ -176,7 +204,16 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     /// The reference is candle's own conv2d (and, at stride 1, its backward pass; its strided
@@ -185,9 +222,17 @@ mod tests {
     #[test]
     fn matches_candle_conv2d_and_finite_differences() {
         let dev = Device::Cpu;
-        for (k, stride, padding, h, w) in [(3, 1, 1, 7, 5), (3, 2, 1, 9, 6), (3, 2, 0, 8, 8), (1, 1, 0, 5, 3), (3, 2, 1, 8, 8)] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, h, w), &dev).unwrap()).unwrap();
-            let wt = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 3, k, k), &dev).unwrap()).unwrap();
+        for (k, stride, padding, h, w) in [
+            (3, 1, 1, 7, 5),
+            (3, 2, 1, 9, 6),
+            (3, 2, 0, 8, 8),
+            (1, 1, 0, 5, 3),
+            (3, 2, 1, 8, 8),
+        ] {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, h, w), &dev).unwrap()).unwrap();
+            let wt =
+                Var::from_tensor(&Tensor::randn(0f32, 1., (4, 3, k, k), &dev).unwrap()).unwrap();
             let bias = Var::from_tensor(&Tensor::randn(0f32, 1., 4, &dev).unwrap()).unwrap();
             let ours = conv2d_im2col(&x, &wt, Some(&bias), stride, padding).unwrap();
             let reference = x
@@ -199,17 +244,38 @@ mod tests {
             let probe = Tensor::randn(0f32, 1., reference.dims(), &dev).unwrap();
             let loss = |x: &Tensor, wt: &Tensor| -> f64 {
                 let y = conv2d_im2col(x, wt, Some(&bias), stride, padding).unwrap();
-                (y * &probe).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+                (y * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap() as f64
             };
-            let grads = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = (&ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             if stride == 1 {
-                let g2 = (&reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (&reference * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
                 for v in [x.as_tensor(), wt.as_tensor(), bias.as_tensor()] {
                     assert!(max_diff(grads.get(v).unwrap(), g2.get(v).unwrap()) < 1e-3);
                 }
             }
             for (var, n) in [(&x, 2 * 3 * h * w), (&wt, 4 * 3 * k * k)] {
-                let grad: Vec<f32> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let grad: Vec<f32> = grads
+                    .get(var.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
                 for i in (0..n).step_by(7) {
                     let bump = |d: f32| {
@@ -223,7 +289,11 @@ mod tests {
                         (loss(&x, &bump(0.5)), loss(&x, &bump(-0.5)))
                     };
                     let numeric = (plus - minus) as f32;
-                    assert!((numeric - grad[i]).abs() < 2e-3 * (1.0 + numeric.abs()), "k{k} s{stride} p{padding} {i}: {numeric} vs {}", grad[i]);
+                    assert!(
+                        (numeric - grad[i]).abs() < 2e-3 * (1.0 + numeric.abs()),
+                        "k{k} s{stride} p{padding} {i}: {numeric} vs {}",
+                        grad[i]
+                    );
                 }
             }
         }

@@ -64,7 +64,10 @@ impl ClipTextConfig {
         if !matches!(config.hidden_act.as_str(), "quick_gelu" | "gelu") {
             return Err(Error::config(
                 path,
-                format!("hidden_act `{}` is not supported (quick_gelu or gelu)", config.hidden_act),
+                format!(
+                    "hidden_act `{}` is not supported (quick_gelu or gelu)",
+                    config.hidden_act
+                ),
             ));
         }
         if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
@@ -116,7 +119,9 @@ impl EncoderLayer {
         )?;
         let x = (x + self.out_proj.forward(&a)?)?;
         let h = self.layer_norm2.forward(&x)?;
-        let h = self.fc2.forward(&activation(act, &self.fc1.forward(&h)?)?)?;
+        let h = self
+            .fc2
+            .forward(&activation(act, &self.fc1.forward(&h)?)?)?;
         Ok((x + h)?)
     }
 }
@@ -203,13 +208,20 @@ impl ClipTextModel {
     /// norm (transformers' `hidden_states[layers]`).
     pub fn hidden_states(&self, ids: &[Vec<u32>], layers: usize) -> Result<Tensor> {
         let seq = ids.first().map_or(0, Vec::len);
-        if seq == 0 || seq > self.config.max_position_embeddings || ids.iter().any(|r| r.len() != seq) {
+        if seq == 0
+            || seq > self.config.max_position_embeddings
+            || ids.iter().any(|r| r.len() != seq)
+        {
             return Err(Error::InvalidRequest(format!(
                 "token rows must share one length between 1 and {}",
                 self.config.max_position_embeddings
             )));
         }
-        if let Some(bad) = ids.iter().flatten().find(|&&id| id as usize >= self.config.vocab_size) {
+        if let Some(bad) = ids
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
             return Err(Error::InvalidRequest(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 self.config.vocab_size
@@ -217,15 +229,21 @@ impl ClipTextModel {
         }
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         let ids_t = Tensor::from_vec(flat, (ids.len() * seq,), &self.device)?;
-        let tokens = self
-            .token_embedding
-            .index_select(&ids_t, 0)?
-            .reshape((ids.len(), seq, self.config.hidden_size))?;
+        let tokens = self.token_embedding.index_select(&ids_t, 0)?.reshape((
+            ids.len(),
+            seq,
+            self.config.hidden_size,
+        ))?;
         let positions = self.position_embedding.narrow(0, 0, seq)?;
         let mut x = tokens.broadcast_add(&positions)?;
         let mask = causal_mask(seq, &self.device)?;
         for layer in self.layers.iter().take(layers) {
-            x = layer.forward(&x, &mask, self.config.num_attention_heads, &self.config.hidden_act)?;
+            x = layer.forward(
+                &x,
+                &mask,
+                self.config.num_attention_heads,
+                &self.config.hidden_act,
+            )?;
         }
         Ok(x)
     }

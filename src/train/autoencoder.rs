@@ -149,7 +149,12 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
     json["scaling_factor"] = scaling_factor.into();
     write_json(&config_path, &json)?;
     let weights = params.tensors(candle_core::DType::F32)?;
-    export_weights(&weights, &o.out.join("vae").join("diffusion_pytorch_model.safetensors"))?;
+    export_weights(
+        &weights,
+        &o.out
+            .join("vae")
+            .join("diffusion_pytorch_model.safetensors"),
+    )?;
     Ok(VaeReport {
         psnr_db,
         scaling_factor,

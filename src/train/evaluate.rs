@@ -38,11 +38,29 @@ pub fn prompt_set() -> Vec<(Group, String)> {
     let mut prompts = Vec::new();
     let mut rng = SplitMix64::for_item(0xe7a1, 0);
     for (i, (color, kind)) in HELD_OUT.iter().enumerate() {
-        let shape = ShapeSpec { color: *color, kind: *kind };
+        let shape = ShapeSpec {
+            color: *color,
+            kind: *kind,
+        };
         let cell = Cell::ALL[(2 * i + 1) % 9];
-        let background = Color::ALL.iter().copied().filter(|c| c != color).nth(i * 2 % 7).expect("7 others");
-        for (position, bg) in [(None, None), (Some(cell), None), (None, Some(background)), (Some(cell), Some(background))] {
-            let spec = PromptSpec::One { size: None, shape, position, background: bg };
+        let background = Color::ALL
+            .iter()
+            .copied()
+            .filter(|c| c != color)
+            .nth(i * 2 % 7)
+            .expect("7 others");
+        for (position, bg) in [
+            (None, None),
+            (Some(cell), None),
+            (None, Some(background)),
+            (Some(cell), Some(background)),
+        ] {
+            let spec = PromptSpec::One {
+                size: None,
+                shape,
+                position,
+                background: bg,
+            };
             prompts.push((Group::HeldOut, caption_for(&spec)));
         }
     }
@@ -52,14 +70,23 @@ pub fn prompt_set() -> Vec<(Group, String)> {
         let sample = Sample::at(0x5eeb_ca97, index + (rng.next_u64() % 3));
         index += 3;
         match sample.prompt {
-            PromptSpec::One { .. } if seen.len() < 40 && !seen.contains(&sample.caption) => seen.push(sample.caption),
-            PromptSpec::Two { .. } if two.len() < 10 && !two.contains(&sample.caption) => two.push(sample.caption),
+            PromptSpec::One { .. } if seen.len() < 40 && !seen.contains(&sample.caption) => {
+                seen.push(sample.caption)
+            }
+            PromptSpec::Two { .. } if two.len() < 10 && !two.contains(&sample.caption) => {
+                two.push(sample.caption)
+            }
             _ => {}
         }
     }
     prompts.extend(seen.into_iter().map(|c| (Group::Seen, c)));
     prompts.extend(two.into_iter().map(|c| (Group::TwoShapes, c)));
-    for open in ["a red circle", "a blue square", "a yellow triangle", "a white circle"] {
+    for open in [
+        "a red circle",
+        "a blue square",
+        "a yellow triangle",
+        "a white circle",
+    ] {
         prompts.push((Group::Open, open.to_string()));
     }
     prompts
@@ -121,8 +148,14 @@ pub fn evaluate(
     options: &EvaluateOptions,
     on_prompt: &mut dyn FnMut(usize, usize),
 ) -> Result<Report> {
-    let mut report = Report { ground_truth: score_ground_truth(options.ground_truth_images)?, ..Default::default() };
-    let prompts: Vec<(Group, String)> = prompt_set().into_iter().step_by(options.stride.max(1)).collect();
+    let mut report = Report {
+        ground_truth: score_ground_truth(options.ground_truth_images)?,
+        ..Default::default()
+    };
+    let prompts: Vec<(Group, String)> = prompt_set()
+        .into_iter()
+        .step_by(options.stride.max(1))
+        .collect();
     for (i, (group, prompt)) in prompts.iter().enumerate() {
         on_prompt(i, prompts.len());
         let request = GenerateRequest {
@@ -139,7 +172,10 @@ pub fn evaluate(
             let judgement = check(prompt, &image.rgb, image.width, image.height)?;
             report.per_group.entry(*group).or_default().add(&judgement);
             for v in &judgement.verdicts {
-                let t = report.per_attribute.entry((*group, v.attribute)).or_default();
+                let t = report
+                    .per_attribute
+                    .entry((*group, v.attribute))
+                    .or_default();
                 t.stated += 1;
                 t.right += usize::from(v.right);
             }
@@ -150,7 +186,9 @@ pub fn evaluate(
             report.images += 1;
         }
         if *group == Group::Open {
-            report.diversity.push((prompt.clone(), cells.len(), backgrounds.len()));
+            report
+                .diversity
+                .push((prompt.clone(), cells.len(), backgrounds.len()));
         }
     }
     Ok(report)
@@ -167,16 +205,32 @@ impl Report {
         ));
         out.push_str(&format!("adherence over {} images:\n", self.images));
         for (group, t) in &self.per_group {
-            out.push_str(&format!("  {:<10} {:5.1} %  ({}/{})\n", group.name(), t.percent(), t.right, t.stated));
+            out.push_str(&format!(
+                "  {:<10} {:5.1} %  ({}/{})\n",
+                group.name(),
+                t.percent(),
+                t.right,
+                t.stated
+            ));
             for ((g, attr), a) in &self.per_attribute {
                 if g == group {
-                    out.push_str(&format!("      {:<10} {:5.1} %  ({}/{})\n", attr.name(), a.percent(), a.right, a.stated));
+                    out.push_str(&format!(
+                        "      {:<10} {:5.1} %  ({}/{})\n",
+                        attr.name(),
+                        a.percent(),
+                        a.right,
+                        a.stated
+                    ));
                 }
             }
         }
-        out.push_str("diversity (open prompts, over the seeds): distinct cells, distinct backgrounds\n");
+        out.push_str(
+            "diversity (open prompts, over the seeds): distinct cells, distinct backgrounds\n",
+        );
         for (prompt, cells, bgs) in &self.diversity {
-            out.push_str(&format!("  {prompt:<22} {cells} cells, {bgs} backgrounds\n"));
+            out.push_str(&format!(
+                "  {prompt:<22} {cells} cells, {bgs} backgrounds\n"
+            ));
         }
         out
     }

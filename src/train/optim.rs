@@ -107,7 +107,9 @@ impl AdamW {
         let c = &self.config;
         // The EMA warms up like diffusers' EMAModel, so short runs are not dominated by
         // their random initial weights.
-        let decay = c.ema_decay.min((1.0 + self.step as f64) / (10.0 + self.step as f64));
+        let decay = c
+            .ema_decay
+            .min((1.0 + self.step as f64) / (10.0 + self.step as f64));
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2 = 1.0 - c.beta2.powi(self.step as i32);
         for slot in &mut self.slots {

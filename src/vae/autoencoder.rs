@@ -126,7 +126,10 @@ impl Encoder {
             let downsampler = (i + 1 < chs.len())
                 .then(|| Conv2d::load(&bvb.pp("downsamplers.0.conv"), out_ch, out_ch, 3, 2, 0))
                 .transpose()?;
-            blocks.push(EncoderBlock { resnets, downsampler });
+            blocks.push(EncoderBlock {
+                resnets,
+                downsampler,
+            });
             in_ch = out_ch;
         }
         let last = *chs.last().expect("validated non-empty");
@@ -239,7 +242,10 @@ impl AutoencoderKl {
                 for leaf in ["weight", "bias"] {
                     let stored = format!("{part}.mid_block.attentions.0.{old}.{leaf}");
                     if weights.contains(&stored) {
-                        weights.alias(format!("{part}.mid_block.attentions.0.{new}.{leaf}"), stored);
+                        weights.alias(
+                            format!("{part}.mid_block.attentions.0.{new}.{leaf}"),
+                            stored,
+                        );
                     }
                 }
             }
@@ -292,6 +298,9 @@ impl AutoencoderKl {
             None => moments,
         };
         let l = self.config.latent_channels;
-        Ok((moments.narrow(1, 0, l)?, moments.narrow(1, l, l)?.clamp(-30.0, 20.0)?))
+        Ok((
+            moments.narrow(1, 0, l)?,
+            moments.narrow(1, l, l)?.clamp(-30.0, 20.0)?,
+        ))
     }
 }

@@ -81,19 +81,39 @@ impl VaeConfig {
                 "block_out_channels, down_block_types and up_block_types must have the same length",
             ));
         }
-        if let Some(t) = c.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
-            return Err(Error::config(path, format!("down block type `{t}` is not supported")));
-        }
-        if let Some(t) = c.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
-            return Err(Error::config(path, format!("up block type `{t}` is not supported")));
-        }
-        if c.act_fn != "silu" && c.act_fn != "swish" {
-            return Err(Error::config(path, format!("act_fn `{}` is not supported", c.act_fn)));
-        }
-        if let Some(ch) = c.block_out_channels.iter().find(|ch| *ch % c.norm_num_groups != 0) {
+        if let Some(t) = c
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
             return Err(Error::config(
                 path,
-                format!("{ch} channels cannot be split into {} norm groups", c.norm_num_groups),
+                format!("down block type `{t}` is not supported"),
+            ));
+        }
+        if let Some(t) = c.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+            return Err(Error::config(
+                path,
+                format!("up block type `{t}` is not supported"),
+            ));
+        }
+        if c.act_fn != "silu" && c.act_fn != "swish" {
+            return Err(Error::config(
+                path,
+                format!("act_fn `{}` is not supported", c.act_fn),
+            ));
+        }
+        if let Some(ch) = c
+            .block_out_channels
+            .iter()
+            .find(|ch| *ch % c.norm_num_groups != 0)
+        {
+            return Err(Error::config(
+                path,
+                format!(
+                    "{ch} channels cannot be split into {} norm groups",
+                    c.norm_num_groups
+                ),
             ));
         }
         Ok(c)

@@ -22,7 +22,9 @@ pub fn latent_preview(latent: &Tensor) -> Result<(Vec<u8>, usize, usize)> {
     for p in 0..h * w {
         for k in 0..3 {
             let v: f32 = if c == 4 {
-                (0..4).map(|ch| data[ch * h * w + p] * SD_LATENT_RGB[ch][k]).sum()
+                (0..4)
+                    .map(|ch| data[ch * h * w + p] * SD_LATENT_RGB[ch][k])
+                    .sum()
             } else {
                 (0..c).map(|ch| data[ch * h * w + p]).sum::<f32>() / c as f32 * 0.5
             };

@@ -46,7 +46,9 @@ impl ParamStore {
         } else {
             let fan_in: usize = shape[1..].iter().product();
             let bound = 1.0 / (fan_in as f32).sqrt();
-            (0..n).map(|_| bound * (2.0 * self.uniform() - 1.0)).collect()
+            (0..n)
+                .map(|_| bound * (2.0 * self.uniform() - 1.0))
+                .collect()
         };
         let var = Var::from_tensor(&Tensor::from_vec(values, shape, &self.device)?)?;
         let tensor = var.as_tensor().clone();
@@ -65,7 +67,12 @@ impl ParamStore {
     }
 
     pub fn num_parameters(&self) -> usize {
-        self.vars.lock().unwrap().values().map(|v| v.elem_count()).sum()
+        self.vars
+            .lock()
+            .unwrap()
+            .values()
+            .map(|v| v.elem_count())
+            .sum()
     }
 
     /// The current values as plain tensors (for saving), optionally converted.

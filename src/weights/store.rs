@@ -144,8 +144,10 @@ impl Weights {
             });
         };
         // Old checkpoints store the VAE attention projections as 1x1 convolutions.
-        let legacy_conv =
-            stored != name && entry.shape.len() == 4 && entry.shape[2..] == [1, 1] && shape.len() == 2;
+        let legacy_conv = stored != name
+            && entry.shape.len() == 4
+            && entry.shape[2..] == [1, 1]
+            && shape.len() == 2;
         if entry.shape != shape && !(legacy_conv && entry.shape[..2] == shape[..]) {
             return Err(Error::ShapeMismatch {
                 path: self.path_of(Some(stored)).to_path_buf(),
@@ -157,7 +159,11 @@ impl Weights {
         self.used.lock().unwrap().insert(stored.to_string());
         let bytes = &self.shards[entry.shard].1[entry.start..entry.end];
         let tensor = Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, &self.device)?;
-        let tensor = if legacy_conv { tensor.reshape(shape)? } else { tensor };
+        let tensor = if legacy_conv {
+            tensor.reshape(shape)?
+        } else {
+            tensor
+        };
         Ok(tensor.to_dtype(self.dtype)?)
     }
 

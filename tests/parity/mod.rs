@@ -17,18 +17,28 @@ pub fn model_dir(name: &str) -> PathBuf {
 pub fn reference(name: &str) -> Tensor {
     let path = fixtures().join("reference/components.safetensors");
     let all = candle_core::safetensors::load(&path, &Device::Cpu).expect("reference tensors load");
-    all.get(name).unwrap_or_else(|| panic!("no reference tensor {name}")).clone()
+    all.get(name)
+        .unwrap_or_else(|| panic!("no reference tensor {name}"))
+        .clone()
 }
 
 /// Asserts max|ours - ref| <= 1e-4 * max|ref| (the project's parity tolerance).
 pub fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
     assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
     let flat = |t: &Tensor| -> Vec<f32> {
-        t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap()
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     };
     let (ours, refs) = (flat(ours), flat(reference));
     let scale = refs.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let err = ours.iter().zip(&refs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let err = ours
+        .iter()
+        .zip(&refs)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     eprintln!("{what}: max err {err:e}, max|ref| {scale:e}");
     assert!(
         err <= 1e-4 * scale,
@@ -40,7 +50,12 @@ pub fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
 /// PSNR in dB of two 8-bit images (peak 255).
 pub fn psnr(a: &[u8], b: &[u8]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let mse = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
     if mse == 0.0 {
         f64::INFINITY
     } else {
@@ -51,14 +66,19 @@ pub fn psnr(a: &[u8], b: &[u8]) -> f64 {
 /// Reads an 8-bit RGB PNG: (rgb, width, height, text chunks).
 pub fn read_png(path: &Path) -> (Vec<u8>, usize, usize, Vec<(String, String)>) {
     let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut reader = png::Decoder::new(std::io::BufReader::new(file)).read_info().unwrap();
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .unwrap();
     let mut buf = vec![0; reader.output_buffer_size().unwrap()];
     let info = reader.next_frame(&mut buf).unwrap();
     assert_eq!(info.color_type, png::ColorType::Rgb, "{}", path.display());
     buf.truncate(info.buffer_size());
     let meta = reader.info();
-    let mut texts: Vec<(String, String)> =
-        meta.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    let mut texts: Vec<(String, String)> = meta
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
     for t in &meta.utf8_text {
         texts.push((t.keyword.clone(), t.get_text().unwrap()));
     }

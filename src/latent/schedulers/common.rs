@@ -459,7 +459,11 @@ pub(crate) fn alpha_at(class: &str, alphas_cumprod: &[f32], t: i64) -> Result<f3
     usize::try_from(t)
         .ok()
         .and_then(|i| alphas_cumprod.get(i).copied())
-        .ok_or_else(|| invalid(format!("{class}: timestep {t} is outside the training schedule")))
+        .ok_or_else(|| {
+            invalid(format!(
+                "{class}: timestep {t} is outside the training schedule"
+            ))
+        })
 }
 
 /// `(alphas_cumprod[t], alphas_cumprod[prev_t])`, the second `final_alpha` when `prev_t` is

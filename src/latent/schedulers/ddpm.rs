@@ -97,8 +97,13 @@ impl Scheduler for Ddpm {
         let current_alpha = a_t / a_prev;
         let current_beta = 1.0 - current_alpha;
 
-        let x0 =
-            common::predicted_x0(self.prediction, model_output, sample, a_t.sqrt(), b_t.sqrt())?;
+        let x0 = common::predicted_x0(
+            self.prediction,
+            model_output,
+            sample,
+            a_t.sqrt(),
+            b_t.sqrt(),
+        )?;
         let x0 = self.x0.apply(x0)?;
 
         let x0_coeff = (a_prev.sqrt() * current_beta) / b_t;

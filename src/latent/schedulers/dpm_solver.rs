@@ -263,8 +263,7 @@ impl DpmSolverMultistep {
     fn convert(&self, model_output: &Tensor, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigma(step_index)?);
         if self.algorithm.predicts_x0() {
-            let x0 =
-                common::predicted_x0(self.prediction, model_output, sample, alpha_t, sigma_t)?;
+            let x0 = common::predicted_x0(self.prediction, model_output, sample, alpha_t, sigma_t)?;
             self.x0.apply(x0)
         } else {
             let eps =

@@ -4,7 +4,9 @@
 
 use candle_core::Tensor;
 
-use super::common::{self, begin_index, beta_config, sigma_scaled_input_methods, Prediction, Spacing};
+use super::common::{
+    self, begin_index, beta_config, sigma_scaled_input_methods, Prediction, Spacing,
+};
 use super::config::EulerAncestralDiscreteConfig;
 use super::euler::{euler_init_noise_sigma, euler_timesteps, sigma_schedule_alphas};
 use super::Scheduler;

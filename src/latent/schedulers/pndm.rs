@@ -133,8 +133,13 @@ impl Pndm {
         let b_t = 1.0 - a_t;
         let b_prev = 1.0 - a_prev;
         // Epsilon or velocity (PNDM takes no `sample` prediction): the noise.
-        let model_output =
-            common::predicted_eps(self.prediction, model_output, sample, a_t.sqrt(), b_t.sqrt())?;
+        let model_output = common::predicted_eps(
+            self.prediction,
+            model_output,
+            sample,
+            a_t.sqrt(),
+            b_t.sqrt(),
+        )?;
         let sample_coeff = (a_prev / a_t).sqrt();
         let denom = a_t * b_prev.sqrt() + (a_t * b_t * a_prev).sqrt();
         let scaled = common::div(&common::mul(&model_output, a_prev - a_t)?, denom)?;

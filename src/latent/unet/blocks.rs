@@ -30,7 +30,13 @@ fn transformer_options(c: &UNetConfig, block: &BlockConfig) -> TransformerOption
     }
 }
 
-fn load_attentions(vb: &Vb, c: &UNetConfig, block: &BlockConfig, channels: usize, count: usize) -> Result<Vec<Transformer2D>> {
+fn load_attentions(
+    vb: &Vb,
+    c: &UNetConfig,
+    block: &BlockConfig,
+    channels: usize,
+    count: usize,
+) -> Result<Vec<Transformer2D>> {
     if !block.cross_attention {
         return Ok(Vec::new());
     }
@@ -60,7 +66,14 @@ impl DownBlock {
         let is_final = index + 1 == c.block_out_channels.len();
         let downsampler = (!is_final)
             .then(|| {
-                Conv2d::load(&vb.pp("downsamplers.0.conv"), out_ch, out_ch, 3, 2, c.downsample_padding)
+                Conv2d::load(
+                    &vb.pp("downsamplers.0.conv"),
+                    out_ch,
+                    out_ch,
+                    3,
+                    2,
+                    c.downsample_padding,
+                )
             })
             .transpose()?;
         Ok(Self {
@@ -71,7 +84,13 @@ impl DownBlock {
     }
 
     /// Returns the block's output and pushes every intermediate state the up path reuses.
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = resnet.forward(&h, Some(temb))?;
@@ -135,7 +154,12 @@ impl UpBlock {
             .map(|i| {
                 let skip_ch = if i + 1 == block.layers { in_ch } else { out_ch };
                 let resnet_in = if i == 0 { prev_out } else { out_ch };
-                ResnetBlock2D::load(&vb.pp("resnets").pp(i), resnet_in + skip_ch, out_ch, &options)
+                ResnetBlock2D::load(
+                    &vb.pp("resnets").pp(i),
+                    resnet_in + skip_ch,
+                    out_ch,
+                    &options,
+                )
             })
             .collect::<Result<_>>()?;
         let is_final = index + 1 == n;
@@ -166,7 +190,9 @@ impl UpBlock {
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            let skip = skips.pop().expect("down path pushed one skip per up resnet");
+            let skip = skips
+                .pop()
+                .expect("down path pushed one skip per up resnet");
             h = Tensor::cat(&[&h, &skip], 1)?;
             h = resnet.forward(&h, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {

@@ -169,14 +169,24 @@ fn d_mid() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
 }
 fn d_down() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        .map(String::from)
-        .to_vec()
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn d_up() -> Vec<String> {
-    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-        .map(String::from)
-        .to_vec()
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// One down or up block, as the model code needs it.
@@ -229,7 +239,9 @@ impl UNetConfig {
     fn from_raw(raw: RawUNetConfig, path: &Path) -> Result<Self> {
         let err = |m: String| Error::config(path, m);
         let refuse = |field: &str, what: &str| {
-            err(format!("`{field}` = {what} is not supported (Stable Diffusion 1.x/2.x UNets only)"))
+            err(format!(
+                "`{field}` = {what} is not supported (Stable Diffusion 1.x/2.x UNets only)"
+            ))
         };
         if let Some(v) = &raw.addition_embed_type {
             return Err(refuse("addition_embed_type", v));
@@ -247,7 +259,10 @@ impl UNetConfig {
             return Err(refuse("dual_cross_attention", "true"));
         }
         if raw.resnet_time_scale_shift != "default" {
-            return Err(refuse("resnet_time_scale_shift", &raw.resnet_time_scale_shift));
+            return Err(refuse(
+                "resnet_time_scale_shift",
+                &raw.resnet_time_scale_shift,
+            ));
         }
         if raw.time_embedding_type != "positional" {
             return Err(refuse("time_embedding_type", &raw.time_embedding_type));
@@ -294,12 +309,18 @@ impl UNetConfig {
             .clone()
             .unwrap_or_else(|| raw.attention_head_dim.clone());
         let heads = heads_field.per_block(n, path, "attention_head_dim")?;
-        let only_cross = raw.only_cross_attention.per_block(n, path, "only_cross_attention")?;
-        let layers = raw.layers_per_block.per_block(n, path, "layers_per_block")?;
-        let cross_dims = raw.cross_attention_dim.per_block(n, path, "cross_attention_dim")?;
-        let transformer_layers = raw
-            .transformer_layers_per_block
-            .per_block(n, path, "transformer_layers_per_block")?;
+        let only_cross = raw
+            .only_cross_attention
+            .per_block(n, path, "only_cross_attention")?;
+        let layers = raw
+            .layers_per_block
+            .per_block(n, path, "layers_per_block")?;
+        let cross_dims = raw
+            .cross_attention_dim
+            .per_block(n, path, "cross_attention_dim")?;
+        let transformer_layers =
+            raw.transformer_layers_per_block
+                .per_block(n, path, "transformer_layers_per_block")?;
 
         let mut down_blocks = Vec::with_capacity(n);
         for (i, kind) in raw.down_block_types.iter().enumerate() {
@@ -364,7 +385,9 @@ impl UNetConfig {
             center_input_sample: raw.center_input_sample,
             flip_sin_to_cos: raw.flip_sin_to_cos,
             freq_shift: raw.freq_shift,
-            time_embedding_dim: raw.time_embedding_dim.unwrap_or(raw.block_out_channels[0] * 4),
+            time_embedding_dim: raw
+                .time_embedding_dim
+                .unwrap_or(raw.block_out_channels[0] * 4),
             block_out_channels: raw.block_out_channels,
             down_blocks,
             up_blocks,

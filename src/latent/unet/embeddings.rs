@@ -24,7 +24,8 @@ pub fn timestep_features(
         let mut cos = Vec::with_capacity(half);
         for i in 0..half {
             // exponent = -ln(max_period) * i / (half - shift), in f32 like torch.arange(float32).
-            let exponent = (-(max_period.ln() as f32) * i as f32) / (half as f32 - freq_shift as f32);
+            let exponent =
+                (-(max_period.ln() as f32) * i as f32) / (half as f32 - freq_shift as f32);
             let arg = t * exponent.exp();
             sin.push(arg.sin());
             cos.push(arg.cos());

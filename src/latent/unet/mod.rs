@@ -57,13 +57,36 @@ impl UNet {
             .map(|i| UpBlock::load(&vb.pp("up_blocks").pp(i), c, i))
             .collect::<Result<_>>()?;
         Ok(Self {
-            time_embedding: TimestepEmbedding::load(&vb.pp("time_embedding"), ch0, c.time_embedding_dim)?,
-            conv_in: Conv2d::load(&vb.pp("conv_in"), c.in_channels, ch0, c.conv_in_kernel, 1, c.conv_in_kernel / 2)?,
+            time_embedding: TimestepEmbedding::load(
+                &vb.pp("time_embedding"),
+                ch0,
+                c.time_embedding_dim,
+            )?,
+            conv_in: Conv2d::load(
+                &vb.pp("conv_in"),
+                c.in_channels,
+                ch0,
+                c.conv_in_kernel,
+                1,
+                c.conv_in_kernel / 2,
+            )?,
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: GroupNorm::load(&vb.pp("conv_norm_out"), c.norm_num_groups, ch0, c.norm_eps)?,
-            conv_out: Conv2d::load(&vb.pp("conv_out"), ch0, c.out_channels, c.conv_out_kernel, 1, c.conv_out_kernel / 2)?,
+            conv_norm_out: GroupNorm::load(
+                &vb.pp("conv_norm_out"),
+                c.norm_num_groups,
+                ch0,
+                c.norm_eps,
+            )?,
+            conv_out: Conv2d::load(
+                &vb.pp("conv_out"),
+                ch0,
+                c.out_channels,
+                c.conv_out_kernel,
+                1,
+                c.conv_out_kernel / 2,
+            )?,
             device: vb.device().clone(),
             config,
         })
@@ -76,7 +99,12 @@ impl UNet {
     }
 
     /// As [`UNet::forward`] with one timestep per batch row (training).
-    pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &[f64], context: &Tensor) -> Result<Tensor> {
+    pub fn forward_timesteps(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+    ) -> Result<Tensor> {
         let (batch, channels, _, _) = sample.dims4()?;
         if timesteps.len() != batch {
             return Err(Error::InvalidRequest(format!(

@@ -18,7 +18,13 @@ pub struct CrossAttention {
 }
 
 impl CrossAttention {
-    pub fn load(vb: &Vb, query_dim: usize, context_dim: usize, heads: usize, head_dim: usize) -> Result<Self> {
+    pub fn load(
+        vb: &Vb,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
             to_q: Linear::load(&vb.pp("to_q"), query_dim, inner, false)?,
@@ -73,7 +79,13 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn load(vb: &Vb, dim: usize, heads: usize, context_dim: usize, only_cross: bool) -> Result<Self> {
+    fn load(
+        vb: &Vb,
+        dim: usize,
+        heads: usize,
+        context_dim: usize,
+        only_cross: bool,
+    ) -> Result<Self> {
         let head_dim = dim / heads;
         let attn1_context = if only_cross { context_dim } else { dim };
         Ok(Self {
@@ -89,7 +101,11 @@ impl BasicTransformerBlock {
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let h = self.norm1.forward(x)?;
-        let self_context = if self.only_cross_attention { context } else { &h };
+        let self_context = if self.only_cross_attention {
+            context
+        } else {
+            &h
+        };
         let x = (x + self.attn1.forward(&h, self_context)?)?;
         let x = (&x + self.attn2.forward(&self.norm2.forward(&x)?, context)?)?;
         Ok((&x + self.ff.forward(&self.norm3.forward(&x)?)?)?)
