@@ -6,7 +6,7 @@ mod parity;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use parity::{fixtures, model_dir, psnr, read_png};
+use parity::{copy_dir, fixtures, model_dir, psnr, read_png};
 
 fn text2img(args: &[&str], envs: &[(&str, &Path)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_text2img"));
@@ -246,17 +246,4 @@ fn a_repo_id_resolves_in_the_hub_cache() {
         "{}",
         texts[0].1
     );
-}
-
-pub fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }

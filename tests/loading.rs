@@ -7,22 +7,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use parity::model_dir;
+use parity::{copy_dir, model_dir};
 use text2img::pipeline::{load_local, LoadOptions};
 use text2img::vae::AutoencoderKl;
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 fn scratch_model() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();

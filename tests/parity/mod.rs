@@ -84,3 +84,17 @@ pub fn read_png(path: &Path) -> (Vec<u8>, usize, usize, Vec<(String, String)>) {
     }
     (buf, info.width as usize, info.height as usize, texts)
 }
+
+/// Copies a folder tree (test scratch copies of the fixture models).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
