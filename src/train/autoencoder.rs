@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{self, Checkpoint};
+use super::checkpoint::{self, write_json, Checkpoint};
 use super::data::DataSource;
 use super::log::TrainLog;
 use super::optim::{AdamW, AdamWConfig};
@@ -58,14 +58,6 @@ pub fn vae_config_json(o: &TrainVaeOptions) -> serde_json::Value {
         "sample_size": o.size,
         "scaling_factor": 1.0,
     })
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    let text = serde_json::to_string_pretty(value).expect("json");
-    crate::png_out::write_atomic(path, text.as_bytes())
 }
 
 /// What a finished run reports.

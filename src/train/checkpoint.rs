@@ -37,6 +37,15 @@ fn load_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     Ok(map.into_iter().collect())
 }
 
+/// Writes pretty JSON atomically, creating the parent folder (configs of a run's output).
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let text = serde_json::to_string_pretty(value).expect("a JSON value serializes");
+    crate::png_out::write_atomic(path, text.as_bytes())
+}
+
 /// Writes the checkpoint of a run whose output folder is `out`.
 pub fn save<S: Serialize>(out: &Path, checkpoint: &Checkpoint<S>) -> Result<()> {
     let final_dir = dir(out);

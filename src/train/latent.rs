@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::autoencoder::export_weights;
-use super::checkpoint::{self, Checkpoint};
+use super::checkpoint::{self, write_json, Checkpoint};
 use super::data::DataSource;
 use super::log::TrainLog;
 use super::optim::{AdamW, AdamWConfig};
@@ -72,18 +72,6 @@ pub fn alphas_cumprod(steps: usize) -> Vec<f64> {
             prod
         })
         .collect()
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    crate::png_out::write_atomic(
-        path,
-        serde_json::to_string_pretty(value)
-            .expect("json")
-            .as_bytes(),
-    )
 }
 
 fn unet_config_json(o: &TrainOptions, cross_dim: usize) -> serde_json::Value {
