@@ -40,6 +40,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod png_out;
 pub mod rng;
+pub mod serve;
 pub mod text;
 pub mod train;
 pub mod vae;

@@ -125,6 +125,16 @@ impl StepProgress<'_> {
     }
 }
 
+/// What a step callback asks the loop to do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepControl {
+    Continue,
+    /// Stop sampling and decode the latents as they are (A1111's "interrupt").
+    Finish,
+    /// Stop and return `Error::Cancelled`.
+    Cancel,
+}
+
 /// One 8-bit RGB image and the seed that made it.
 #[derive(Clone, Debug)]
 pub struct GeneratedImage {
@@ -158,6 +168,8 @@ pub struct Generation {
     pub timings: Timings,
     /// Things the user should know (e.g. the part of a prompt that was truncated).
     pub warnings: Vec<String>,
+    /// Scheduler steps run: `resolved.steps` unless a callback asked to finish early.
+    pub completed_steps: usize,
 }
 
 /// A loaded model: load once, serve many requests.
@@ -321,6 +333,22 @@ impl Pipeline {
         req: &GenerateRequest,
         on_step: &mut dyn FnMut(&StepProgress) -> bool,
     ) -> Result<Generation> {
+        self.generate_controlled(req, &mut |p| {
+            if on_step(p) {
+                StepControl::Continue
+            } else {
+                StepControl::Cancel
+            }
+        })
+    }
+
+    /// Runs a request; after each step `on_step` may continue, finish early (decoding the
+    /// latents as they are) or cancel.
+    pub fn generate_controlled(
+        &self,
+        req: &GenerateRequest,
+        on_step: &mut dyn FnMut(&StepProgress) -> StepControl,
+    ) -> Result<Generation> {
         let resolved = self.resolve(req)?;
         let mut timings = Timings::default();
         let mut warnings = Vec::new();
@@ -363,6 +391,7 @@ impl Pipeline {
         let mut generators = BatchGenerator::consecutive(seed, n);
         let mut latents = (generators.randn(&shape, &self.device)? * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
+        let mut completed_steps = 0;
         for (i, &t) in timesteps.iter().enumerate() {
             let input = if cfg {
                 Tensor::cat(&[&latents, &latents], 0)?
@@ -384,8 +413,11 @@ impl Pipeline {
                 total: timesteps.len(),
                 latents: &latents,
             };
-            if !on_step(&progress) {
-                return Err(Error::Cancelled);
+            completed_steps = i + 1;
+            match on_step(&progress) {
+                StepControl::Continue => {}
+                StepControl::Finish => break,
+                StepControl::Cancel => return Err(Error::Cancelled),
             }
         }
         timings.steps = started.elapsed();
@@ -407,6 +439,7 @@ impl Pipeline {
             resolved,
             timings,
             warnings,
+            completed_steps,
         })
     }
 }

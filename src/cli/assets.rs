@@ -142,3 +142,25 @@ pub fn default_model_dir() -> Result<PathBuf> {
         &DEFAULT_MODEL,
     )
 }
+
+/// Loads `--model` (a folder or a repo id), or the built-in model when none is given.
+/// Returns the pipeline and where it came from.
+pub fn load_model(
+    model: Option<&str>,
+    variant: Option<String>,
+) -> Result<(text2img::Pipeline, String)> {
+    let source = match model {
+        Some(m) => m.to_string(),
+        None => default_model_dir()?.display().to_string(),
+    };
+    let options = text2img::LoadOptions {
+        variant,
+        ..Default::default()
+    };
+    let mut pipeline = text2img::Pipeline::load(&source, &options)
+        .with_context(|| format!("loading model {source}"))?;
+    if model.is_none() {
+        pipeline.name = DEFAULT_MODEL_NAME.into();
+    }
+    Ok((pipeline, source))
+}

@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 
-use text2img::pipeline::{GenerateRequest, LoadOptions, Pipeline};
+use text2img::pipeline::{GenerateRequest, Pipeline};
 use text2img::png_out::{encode_rgb_png, write_atomic};
 use text2img::train::evaluate::{evaluate, EvaluateOptions};
 
@@ -29,11 +29,7 @@ pub struct EvaluateArgs {
 }
 
 pub fn load(model: Option<&str>) -> Result<Pipeline> {
-    let dir = match model {
-        Some(m) => m.to_string(),
-        None => crate::assets::default_model_dir()?.display().to_string(),
-    };
-    Pipeline::load(&dir, &LoadOptions::default()).with_context(|| format!("loading model {dir}"))
+    Ok(crate::assets::load_model(model, None)?.0)
 }
 
 pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {

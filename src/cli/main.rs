@@ -4,16 +4,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use text2img::latent::schedulers::SchedulerKind;
-use text2img::pipeline::{GenerateRequest, LoadOptions, Pipeline};
+use text2img::pipeline::GenerateRequest;
 use text2img::png_out::{a1111_parameters, encode_png, numbered_path, write_atomic};
 
 mod assets;
 mod eval;
+mod serve;
 mod train;
 
 #[derive(Parser)]
@@ -41,6 +42,8 @@ enum Command {
     Evaluate(eval::EvaluateArgs),
     /// Render prompts x seeds as one PNG.
     Grid(eval::GridArgs),
+    /// Serve an HTTP API (A1111- and OpenAI-compatible) and a web page.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args)]
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::train_cmd(args),
         Command::Evaluate(args) => eval::evaluate_cmd(args),
         Command::Grid(args) => eval::grid_cmd(args),
+        Command::Serve(args) => serve::serve_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -136,14 +140,6 @@ fn generate(args: GenerateArgs) -> Result<()> {
             bail!("--output: folder {} does not exist", dir.display());
         }
     }
-    let default_dir;
-    let model = match args.model.as_deref() {
-        Some(m) => m,
-        None => {
-            default_dir = assets::default_model_dir()?.display().to_string();
-            default_dir.as_str()
-        }
-    };
     let request = GenerateRequest {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
@@ -158,15 +154,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         clip_skip: args.clip_skip,
     };
     let started = Instant::now();
-    let options = LoadOptions {
-        variant: args.variant,
-        ..LoadOptions::default()
-    };
-    let mut pipeline =
-        Pipeline::load(model, &options).with_context(|| format!("loading model {model}"))?;
-    if args.model.is_none() {
-        pipeline.name = assets::DEFAULT_MODEL_NAME.into();
-    }
+    let (pipeline, _) = assets::load_model(args.model.as_deref(), args.variant)?;
     let load_time = started.elapsed();
     // Check the request before the long work, so a bad size fails at once.
     let resolved = pipeline.resolve(&request)?;

@@ -65,13 +65,18 @@ pub fn psnr(a: &[u8], b: &[u8]) -> f64 {
 
 /// Reads an 8-bit RGB PNG: (rgb, width, height, text chunks).
 pub fn read_png(path: &Path) -> (Vec<u8>, usize, usize, Vec<(String, String)>) {
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    decode_png(&bytes)
+}
+
+/// Decodes 8-bit RGB PNG bytes: (rgb, width, height, text chunks).
+pub fn decode_png(bytes: &[u8]) -> (Vec<u8>, usize, usize, Vec<(String, String)>) {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
         .read_info()
         .unwrap();
     let mut buf = vec![0; reader.output_buffer_size().unwrap()];
     let info = reader.next_frame(&mut buf).unwrap();
-    assert_eq!(info.color_type, png::ColorType::Rgb, "{}", path.display());
+    assert_eq!(info.color_type, png::ColorType::Rgb);
     buf.truncate(info.buffer_size());
     let meta = reader.info();
     let mut texts: Vec<(String, String)> = meta

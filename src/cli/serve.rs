@@ -1,0 +1,121 @@
+//! `text2img serve`: flags to server options; the server itself is `text2img::serve`.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use text2img::serve::{serve, ServeOptions};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A diffusers-layout model folder or a Hugging Face repo id; default: the built-in model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Load `*.{variant}.safetensors` weights (e.g. fp16).
+    #[arg(long)]
+    variant: Option<String>,
+    /// The address to listen on; one that is not loopback needs --api-key (or --insecure).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port (the address is printed at start).
+    #[arg(long, default_value_t = 7860)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` (or HTTP Basic with KEY as the password) on the
+    /// API. Also read from the TEXT2IMG_API_KEY environment variable (kept out of `ps`).
+    #[arg(long, env = "TEXT2IMG_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Requests that may wait behind the running one; more are answered 429.
+    #[arg(long, default_value_t = 16)]
+    max_queue: usize,
+    /// Largest request body (e.g. 1MB, 512KB, 65536); more is answered 413.
+    #[arg(long, default_value = "1MB", value_parser = parse_bytes)]
+    max_body: usize,
+    /// Largest width or height a request may ask for.
+    #[arg(long, default_value_t = 1024)]
+    max_size: usize,
+    /// Most steps a request may ask for.
+    #[arg(long, default_value_t = 150)]
+    max_steps: usize,
+    /// Most images one request may ask for (batch_size x n_iter, or n).
+    #[arg(long, default_value_t = 8)]
+    max_images: usize,
+    /// Let pages from this origin call the API (e.g. https://example.org, or *).
+    #[arg(long)]
+    cors_origin: Option<String>,
+    /// Allow listening on a non-loopback address without an API key.
+    #[arg(long)]
+    insecure: bool,
+    /// Seconds the running request may go on after SIGTERM before it is cancelled.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_grace: f64,
+}
+
+/// `1MB` -> 1048576; binary units, as people mean them for request sizes.
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    let t = text.trim().to_ascii_uppercase();
+    let digits = t.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = t[digits.len()..].trim();
+    let scale: usize = match unit {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("`{text}`: unknown unit (use B, KB, MB or GB)")),
+    };
+    let n: usize = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size such as 1MB"))?;
+    n.checked_mul(scale)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("`{text}` is not a usable size"))
+}
+
+pub fn serve_cmd(a: ServeArgs) -> Result<()> {
+    if !(a.shutdown_grace.is_finite() && a.shutdown_grace >= 0.0) {
+        bail!("--shutdown-grace must be a number of seconds >= 0");
+    }
+    for (flag, v) in [
+        ("--max-queue", a.max_queue),
+        ("--max-size", a.max_size),
+        ("--max-steps", a.max_steps),
+        ("--max-images", a.max_images),
+    ] {
+        if v == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    let options = ServeOptions {
+        host: a.host,
+        port: a.port,
+        api_key: a.api_key,
+        max_queue: a.max_queue,
+        max_body: a.max_body,
+        max_size: a.max_size,
+        max_steps: a.max_steps,
+        max_images: a.max_images,
+        cors_origin: a.cors_origin,
+        insecure: a.insecure,
+        shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
+    };
+    // Refuse a bad address before the (slow) model load.
+    text2img::serve::check_bind(&options)?;
+    let (pipeline, source) = crate::assets::load_model(a.model.as_deref(), a.variant)?;
+    eprintln!("model {} loaded from {source}", pipeline.name);
+    let name = pipeline.name.clone();
+    serve(pipeline, name, source, options)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(super::parse_bytes("1MB"), Ok(1 << 20));
+        assert_eq!(super::parse_bytes("512kb"), Ok(512 << 10));
+        assert_eq!(super::parse_bytes("65536"), Ok(65536));
+        assert!(super::parse_bytes("1XB").is_err());
+        assert!(super::parse_bytes("0").is_err());
+    }
+}

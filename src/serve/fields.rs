@@ -1,0 +1,163 @@
+//! Reading a JSON request body field by field, so that every type error names its field
+//! (serde's derive errors name a line and column instead). Unknown fields are ignored.
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, StatusCode};
+use serde_json::{Map, Value};
+
+use super::api_error::ApiError;
+
+/// Reads at most `limit` bytes of body: 413 past it.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over the server's limit of {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => Ok(bytes.to_vec()),
+        Err(e) => {
+            // `to_bytes` reports the limit through its error chain.
+            let mut source: Option<&dyn std::error::Error> = Some(&e);
+            while let Some(err) = source {
+                if err.to_string().contains("length limit exceeded") {
+                    return Err(too_large());
+                }
+                source = err.source();
+            }
+            Err(ApiError::bad_request(format!(
+                "could not read the request body: {e}"
+            )))
+        }
+    }
+}
+
+/// The fields of a JSON object body.
+pub struct Fields(Map<String, Value>);
+
+impl Fields {
+    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
+        match value {
+            Value::Object(map) => Ok(Self(map)),
+            other => Err(ApiError::bad_request(format!(
+                "the body must be a JSON object, not {}",
+                type_name(&other)
+            ))),
+        }
+    }
+
+    /// The field, treating `null` as absent.
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.0.get(name).filter(|v| !v.is_null())
+    }
+
+    pub fn string(&self, name: &str) -> Result<Option<String>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(wrong_type(name, "a string", other)),
+        }
+    }
+
+    /// An integer (a float with no fractional part, such as `512.0`, is accepted).
+    pub fn integer(&self, name: &str) -> Result<Option<i64>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => {
+                if let Some(i) = n.as_i64() {
+                    return Ok(Some(i));
+                }
+                match n.as_f64() {
+                    Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Some(f as i64)),
+                    _ => Err(ApiError::field(
+                        name,
+                        format!("must be an integer, not {n}"),
+                    )),
+                }
+            }
+            Some(other) => Err(wrong_type(name, "an integer", other)),
+        }
+    }
+
+    /// An integer in `min..=max`.
+    pub fn integer_in(&self, name: &str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
+        match self.integer(name)? {
+            Some(v) if v < min || v > max => Err(ApiError::field(
+                name,
+                format!("must be between {min} and {max}, not {v}"),
+            )),
+            other => Ok(other),
+        }
+    }
+
+    pub fn number(&self, name: &str) -> Result<Option<f64>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => Ok(n.as_f64()),
+            Some(other) => Err(wrong_type(name, "a number", other)),
+        }
+    }
+}
+
+fn wrong_type(name: &str, expected: &str, found: &Value) -> ApiError {
+    ApiError::field(
+        name,
+        format!("must be {expected}, not {}", type_name(found)),
+    )
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_field() {
+        let f =
+            Fields::parse(br#"{"steps": "20", "width": 512.0, "cfg_scale": 7, "x": [1]}"#).unwrap();
+        let err = f.integer("steps").unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("steps"));
+        assert!(
+            err.message.contains("must be an integer, not a string"),
+            "{}",
+            err.message
+        );
+        assert_eq!(f.integer("width").unwrap(), Some(512));
+        assert_eq!(f.number("cfg_scale").unwrap(), Some(7.0));
+        assert_eq!(f.integer("absent").unwrap(), None);
+        let err = f.integer_in("width", 8, 256).unwrap_err();
+        assert!(
+            err.message.contains("between 8 and 256, not 512"),
+            "{}",
+            err.message
+        );
+        assert!(Fields::parse(b"{")
+            .unwrap_err()
+            .message
+            .starts_with("malformed JSON"));
+        assert!(Fields::parse(b"[]")
+            .unwrap_err()
+            .message
+            .contains("not an array"));
+    }
+}

@@ -1,0 +1,181 @@
+//! What wraps every request: the access log line, CORS, and the API key check.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+
+use super::api_error::{ApiError, Flavor};
+use super::AppState;
+
+/// One line per request: method, path, status, time. Never headers (they carry the key),
+/// never the query string. A request whose client went away before the answer is logged
+/// with status 499 (nginx's "client closed request").
+pub async fn log(request: Request, next: Next) -> Response {
+    let mut line = LogLine {
+        method: request.method().clone(),
+        path: request.uri().path().to_string(),
+        started: Instant::now(),
+        status: None,
+    };
+    let response = next.run(request).await;
+    line.status = Some(response.status().as_u16());
+    response
+}
+
+struct LogLine {
+    method: Method,
+    path: String,
+    started: Instant,
+    status: Option<u16>,
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        eprintln!(
+            "{} {} {} {:.3}s",
+            self.method,
+            self.path,
+            self.status.unwrap_or(499),
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// With `--cors-origin`, lets pages from that origin call the API (and answers their
+/// preflight requests); without it, browsers keep other origins out.
+pub async fn cors(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let Some(allowed) = app.options.cors_origin.as_deref() else {
+        return next.run(request).await;
+    };
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .map(str::to_string);
+    let matches = origin
+        .as_deref()
+        .is_some_and(|o| allowed == "*" || o == allowed);
+    let preflight = request.method() == Method::OPTIONS
+        && request
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut response = if preflight {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(request).await
+    };
+    if matches {
+        let h = response.headers_mut();
+        let value = HeaderValue::from_str(origin.as_deref().unwrap_or(allowed))
+            .unwrap_or(HeaderValue::from_static("null"));
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+        if preflight {
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST, OPTIONS"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("Authorization, Content-Type"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("600"),
+            );
+        }
+    }
+    response
+}
+
+/// With `--api-key`, every `/sdapi` and `/v1` call needs the key: `Authorization: Bearer KEY`,
+/// or HTTP Basic with KEY as the password (what A1111 clients send). `/` and `/health` stay
+/// open so the page can load and ask for the key.
+pub async fn auth(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let Some(key) = app.options.api_key.as_deref() else {
+        return next.run(request).await;
+    };
+    let path = request.uri().path();
+    let guarded = path.starts_with("/sdapi/") || path.starts_with("/v1/");
+    if !guarded || request.method() == Method::OPTIONS || authorized(request.headers(), key) {
+        return next.run(request).await;
+    }
+    let flavor = if path.starts_with("/v1/") {
+        Flavor::OpenAi
+    } else {
+        Flavor::A1111
+    };
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "this server needs an API key: send `Authorization: Bearer KEY` (or HTTP Basic with the key as the password)",
+    )
+    .flavor(flavor)
+    .into_response()
+}
+
+fn authorized(headers: &HeaderMap, key: &str) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let (scheme, credentials) = value.trim().split_once(' ').unwrap_or((value, ""));
+    let credentials = credentials.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        constant_time_eq(credentials.as_bytes(), key.as_bytes())
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(credentials) else {
+            return false;
+        };
+        let password = match decoded.iter().position(|&b| b == b':') {
+            Some(i) => &decoded[i + 1..],
+            None => &decoded[..],
+        };
+        constant_time_eq(password, key.as_bytes())
+    } else {
+        false
+    }
+}
+
+/// Equality whose time depends only on the length of `given`, never on where it first
+/// differs from `key` (so timing does not leak the key byte by byte).
+fn constant_time_eq(given: &[u8], key: &[u8]) -> bool {
+    if key.is_empty() {
+        return false;
+    }
+    let mut diff = u8::from(given.len() != key.len());
+    for (i, &b) in given.iter().enumerate() {
+        diff |= b ^ key[i % key.len()];
+    }
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secreT", b"secret"));
+        assert!(!constant_time_eq(b"secretsecret", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer k1".parse().unwrap());
+        assert!(authorized(&h, "k1"));
+        assert!(!authorized(&h, "k2"));
+        let basic = base64::engine::general_purpose::STANDARD.encode("user:k1");
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Basic {basic}").parse().unwrap(),
+        );
+        assert!(authorized(&h, "k1"));
+        assert!(!authorized(&h, "user"));
+    }
+}

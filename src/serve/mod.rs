@@ -1,0 +1,299 @@
+//! `text2img serve`: load the model once and answer many requests over HTTP, in the APIs
+//! existing clients speak (A1111's `/sdapi/v1`, OpenAI's `/v1/images`), plus a web page.
+//!
+//! Requests queue in arrival order in front of one worker thread that owns the model
+//! ([`worker`]); HTTP runs on a small async runtime beside it.
+
+pub mod a1111;
+pub mod api_error;
+pub mod fields;
+pub mod middleware;
+pub mod openai;
+pub mod page;
+pub mod plan;
+pub mod worker;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::pipeline::Pipeline;
+use crate::png_out::{a1111_parameters, encode_png};
+
+use api_error::ApiError;
+use plan::{Limits, Plan};
+use worker::{JobError, JobOutput, JobSpec, Queue, SubmitError};
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub host: String,
+    /// 0 picks a free port (printed at start).
+    pub port: u16,
+    pub api_key: Option<String>,
+    /// Requests that may wait behind the running one; more get 429.
+    pub max_queue: usize,
+    /// Largest request body in bytes; more gets 413.
+    pub max_body: usize,
+    pub max_size: usize,
+    pub max_steps: usize,
+    pub max_images: usize,
+    pub cors_origin: Option<String>,
+    /// Allow a non-loopback address without an API key.
+    pub insecure: bool,
+    /// How long a running job may go on after SIGTERM before it is cancelled.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 7860,
+            api_key: None,
+            max_queue: 16,
+            max_body: 1 << 20,
+            max_size: 1024,
+            max_steps: 150,
+            max_images: 8,
+            cors_origin: None,
+            insecure: false,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct AppState {
+    pub pipeline: Arc<Pipeline>,
+    pub queue: Arc<Queue>,
+    pub options: ServeOptions,
+    pub limits: Limits,
+    pub model_name: String,
+    /// Where the model came from (a folder or a repo id), for `/sdapi/v1/sd-models`.
+    pub model_source: String,
+}
+
+/// Queues a plan and waits for its images, turning queue and job failures into HTTP errors.
+pub(crate) async fn run_plan(app: &AppState, plan: &Plan) -> Result<JobOutput, ApiError> {
+    let spec = JobSpec {
+        batches: plan.batches.clone(),
+    };
+    let ticket = app.queue.submit(spec).map_err(|e| match e {
+        SubmitError::Full => ApiError {
+            retry_after: Some(retry_after_seconds(app)),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "the queue is full ({} waiting); try again later",
+                    app.options.max_queue
+                ),
+            )
+        },
+        SubmitError::ShuttingDown => shutting_down(),
+    })?;
+    ticket.wait().await.map_err(|e| match e {
+        JobError::ShuttingDown => shutting_down(),
+        JobError::Cancelled => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
+        JobError::Invalid(m) => ApiError::bad_request(m),
+        JobError::Failed(m) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("generation failed: {m}"),
+        ),
+    })
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the server is shutting down",
+    )
+}
+
+/// A guess at when a place frees up: the running job's remaining time, at least 1 s.
+fn retry_after_seconds(app: &AppState) -> u32 {
+    app.queue.progress().eta_seconds().ceil().clamp(1.0, 3600.0) as u32
+}
+
+/// Base64 PNGs, each with its A1111 `parameters` text.
+pub(crate) fn encode_images(output: &JobOutput, model: &str) -> Result<Vec<String>, ApiError> {
+    output
+        .images
+        .iter()
+        .map(|(image, req, resolved)| {
+            let parameters = a1111_parameters(req, resolved, image.seed, model);
+            let png = encode_png(image, &parameters)
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            Ok(base64::engine::general_purpose::STANDARD.encode(png))
+        })
+        .collect()
+}
+
+async fn health(axum::extract::State(app): axum::extract::State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "model": app.model_name,
+        "queue": app.queue.waiting(),
+        "running": app.queue.is_running(),
+    }))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+pub fn router(app: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(page::index))
+        .route("/health", get(health))
+        .route("/sdapi/v1/txt2img", post(a1111::txt2img))
+        .route("/sdapi/v1/progress", get(a1111::progress))
+        .route("/sdapi/v1/interrupt", post(a1111::interrupt))
+        .route("/sdapi/v1/samplers", get(a1111::samplers))
+        .route("/sdapi/v1/schedulers", get(a1111::schedulers))
+        .route("/sdapi/v1/sd-models", get(a1111::sd_models))
+        .route("/sdapi/v1/options", get(a1111::options))
+        .route("/v1/images/generations", post(openai::generations))
+        .fallback(not_found)
+        // Layers run outside-in from the last: log, then CORS, then auth.
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            middleware::auth,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            middleware::cors,
+        ))
+        .layer(axum::middleware::from_fn(middleware::log))
+        .with_state(app)
+}
+
+/// Checks the address before binding: a non-loopback one needs an API key (or `--insecure`).
+pub fn check_bind(options: &ServeOptions) -> Result<()> {
+    let loopback = options.host == "localhost"
+        || options
+            .host
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback && options.api_key.is_none() && !options.insecure {
+        return Err(Error::InvalidRequest(format!(
+            "refusing to listen on {} without --api-key: anyone who can reach it could use \
+             the server; give --api-key KEY, or --insecure to allow it anyway",
+            options.host
+        )));
+    }
+    if options.api_key.as_deref() == Some("") {
+        return Err(Error::InvalidRequest("--api-key must not be empty".into()));
+    }
+    Ok(())
+}
+
+/// Serves until SIGTERM or Ctrl-C, then stops as promised: no new connections, queued
+/// requests answered 503, the running one given `shutdown_grace` to finish.
+pub fn serve(
+    pipeline: Pipeline,
+    model_name: String,
+    model_source: String,
+    options: ServeOptions,
+) -> Result<()> {
+    check_bind(&options)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        // HTTP needs little; the cores belong to the model's kernels.
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::InvalidRequest(format!("cannot start the runtime: {e}")))?;
+    let pipeline = Arc::new(pipeline);
+    let queue = Queue::new(options.max_queue);
+    let worker = {
+        let (queue, pipeline) = (queue.clone(), pipeline.clone());
+        std::thread::Builder::new()
+            .name("text2img-worker".into())
+            .spawn(move || queue.run_worker(&pipeline))
+            .map_err(|e| Error::InvalidRequest(format!("cannot start the worker: {e}")))?
+    };
+    let app = Arc::new(AppState {
+        pipeline,
+        queue: queue.clone(),
+        limits: Limits {
+            max_size: options.max_size,
+            max_steps: options.max_steps,
+            max_images: options.max_images,
+        },
+        options: options.clone(),
+        model_name,
+        model_source,
+    });
+    let shutdown_queue = queue.clone();
+    let result = runtime.block_on(async move {
+        let host = if options.host == "localhost" {
+            "127.0.0.1"
+        } else {
+            options.host.as_str()
+        };
+        let ip: IpAddr = host.parse().map_err(|_| {
+            Error::InvalidRequest(format!("--host `{}` is not an IP address", options.host))
+        })?;
+        let addr = SocketAddr::new(ip, options.port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
+        println!("listening on http://{bound}");
+        let grace = options.shutdown_grace;
+        axum::serve(listener, router(app))
+            .with_graceful_shutdown(async move {
+                stop_signal().await;
+                eprintln!("shutting down: answering queued requests 503");
+                if shutdown_queue.close() {
+                    eprintln!(
+                        "letting the running request finish (at most {:.0} s)",
+                        grace.as_secs_f64()
+                    );
+                    let q = shutdown_queue.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(grace).await;
+                        if q.is_running() {
+                            eprintln!("grace period over: cancelling the running request");
+                            q.cancel_running();
+                        }
+                    });
+                }
+            })
+            .await
+            .map_err(|e| Error::io("serving HTTP", e))
+    });
+    queue.close();
+    let _ = worker.join();
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,633 @@
+//! `text2img serve`: the real server on a loopback port, called the way A1111 and OpenAI
+//! clients call it, with every bad input, auth, a full queue, interrupts and SIGTERM.
+
+mod parity;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{json, Value};
+use text2img::pipeline::{GenerateRequest, LoadOptions, Pipeline};
+
+use parity::{decode_png, model_dir};
+
+/// A running server; killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Self {
+        let model = model_dir("sd1-tiny");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_text2img"))
+            .args(["serve", "--port", "0", "--model"])
+            .arg(&model)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let Some(base) = line.trim().strip_prefix("listening on ") else {
+            thread::sleep(Duration::from_millis(200));
+            panic!("server did not start: {line:?} {}", log.lock().unwrap());
+        };
+        Self {
+            base: base.to_string(),
+            child,
+            log,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        answer(ureq::get(&self.url(path)).call())
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, &body.to_string(), None)
+    }
+
+    fn post_raw(&self, path: &str, body: &str, auth: Option<&str>) -> (u16, Value) {
+        let mut req = ureq::post(&self.url(path)).set("Content-Type", "application/json");
+        if let Some(a) = auth {
+            req = req.set("Authorization", a);
+        }
+        answer(req.send_string(body))
+    }
+
+    /// Polls `/sdapi/v1/progress` until a job has run at least one step.
+    fn wait_until_sampling(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, p) = self.get("/sdapi/v1/progress");
+            if p["state"]["sampling_step"].as_u64().unwrap_or(0) >= 1 {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "no job started: {p}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_for_queue(&self, waiting: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.get("/health").1["queue"].as_u64() != Some(waiting) {
+            assert!(Instant::now() < deadline, "queue never reached {waiting}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn terminate(&self) {
+        // SAFETY: sends a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit: {}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn answer(result: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    let response = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("request failed: {e}"),
+    };
+    let status = response.status();
+    let text = response.into_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn b64(text: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text.as_str().expect("a base64 string"))
+        .unwrap()
+}
+
+/// A request that runs long enough to be interrupted, queued behind or cancelled.
+fn long_job() -> Value {
+    json!({"prompt": "slow", "steps": 150, "width": 128, "height": 128, "batch_size": 8, "sampler_name": "Euler"})
+}
+
+fn spawn_post(server: &Server, body: Value) -> JoinHandle<(u16, Value)> {
+    let url = server.url("/sdapi/v1/txt2img");
+    thread::spawn(move || answer(ureq::post(&url).send_string(&body.to_string())))
+}
+
+#[test]
+fn txt2img_gives_the_pipelines_images_with_seed_plus_i() {
+    let server = Server::start(&[]);
+    let (status, body) = server.post(
+        "/sdapi/v1/txt2img",
+        &json!({
+            "prompt": "a red circle", "negative_prompt": "blue", "seed": 40, "steps": 3,
+            "cfg_scale": 5, "sampler_name": "DPM++ 2M", "scheduler": "Karras",
+            "batch_size": 2, "n_iter": 2, "width": 72, "height": 56,
+            // Fields A1111 clients send that text2img does not use: ignored, not refused.
+            "enable_hr": false, "override_settings": {"sd_model_checkpoint": "x"}, "restore_faces": false
+        }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let images = body["images"].as_array().unwrap();
+    assert_eq!(images.len(), 4);
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["all_seeds"], json!([40, 41, 42, 43]));
+    for key in [
+        "prompt",
+        "seed",
+        "sampler_name",
+        "steps",
+        "cfg_scale",
+        "width",
+        "height",
+    ] {
+        assert!(!info[key].is_null(), "info lacks {key}: {info}");
+    }
+    assert_eq!(info["sampler_name"], "DPM++ 2M Karras");
+    assert_eq!(body["parameters"]["seed"], 40);
+    assert_eq!(body["parameters"]["n_iter"], 2);
+
+    // Image 3 (seed 42) is what the library makes alone from seed 42.
+    let pipeline = Pipeline::load(
+        model_dir("sd1-tiny").to_str().unwrap(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let alone = pipeline
+        .generate(
+            &GenerateRequest {
+                prompt: "a red circle".into(),
+                negative_prompt: "blue".into(),
+                seed: Some(42),
+                steps: Some(3),
+                guidance_scale: Some(5.0),
+                scheduler: Some(text2img::latent::schedulers::SchedulerKind::DpmPP2MKarras),
+                width: Some(72),
+                height: Some(56),
+                ..Default::default()
+            },
+            &mut |_| true,
+        )
+        .unwrap();
+    let (rgb, w, h, texts) = decode_png(&b64(&images[2]));
+    assert_eq!((w, h), (72, 56));
+    assert_eq!(
+        rgb, alone.images[0].rgb,
+        "the served image differs from the library's"
+    );
+    let parameters = &texts.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(
+        parameters.starts_with("a red circle\nNegative prompt: blue\nSteps: 3, Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: 42, Size: 72x56"),
+        "{parameters}"
+    );
+
+    // A random seed (-1) is drawn, reported, and used.
+    let (status, body) = server.post(
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "x", "seed": -1, "steps": 1}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert!(info["seed"].as_u64().is_some() && info["all_seeds"][0] == info["seed"]);
+    assert!(server.log().contains("POST /sdapi/v1/txt2img 200"));
+}
+
+#[test]
+fn openai_generations_and_the_read_only_endpoints() {
+    let server = Server::start(&[]);
+    let (status, body) = server.post(
+        "/v1/images/generations",
+        &json!({"prompt": "a blue square", "n": 2, "size": "64x48", "response_format": "b64_json", "model": "whatever", "steps": 2}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body["created"].as_u64().unwrap() > 1_700_000_000);
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    for item in data {
+        let (_, w, h, _) = decode_png(&b64(&item["b64_json"]));
+        assert_eq!((w, h), (64, 48));
+    }
+
+    let (status, health) = server.get("/health");
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    let (_, samplers) = server.get("/sdapi/v1/samplers");
+    let names: Vec<&str> = samplers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "PLMS",
+        "DDIM",
+        "DDPM",
+        "Euler",
+        "Euler a",
+        "DPM++ 2M",
+        "DPM++ 2M Karras",
+    ] {
+        assert!(names.contains(&name), "{names:?} lacks {name}");
+    }
+    let (_, models) = server.get("/sdapi/v1/sd-models");
+    assert_eq!(models[0]["model_name"], "sd1-tiny");
+    let (status, progress) = server.get("/sdapi/v1/progress");
+    assert_eq!(status, 200);
+    assert_eq!(progress["state"]["job_count"], 0);
+    assert!(progress["current_image"].is_null());
+    let (status, body) = server.get("/no/such/thing");
+    assert_eq!(status, 404, "{body}");
+
+    let page = ureq::get(&server.url("/")).call().unwrap();
+    assert!(page.content_type().starts_with("text/html"));
+    let html = page.into_string().unwrap();
+    for needle in [
+        "id=\"prompt\"",
+        "id=\"generate\"",
+        "/sdapi/v1/txt2img",
+        "/sdapi/v1/progress",
+    ] {
+        assert!(html.contains(needle), "the page lacks {needle}");
+    }
+}
+
+#[test]
+fn bad_input_is_a_4xx_that_names_the_field() {
+    let server = Server::start(&[
+        "--max-size",
+        "256",
+        "--max-steps",
+        "50",
+        "--max-images",
+        "4",
+        "--max-body",
+        "2KB",
+    ]);
+    let cases: Vec<(&str, &str, u16, Option<&str>, &str)> = vec![
+        (
+            "/sdapi/v1/txt2img",
+            "{\"prompt\": ",
+            400,
+            None,
+            "malformed JSON",
+        ),
+        ("/sdapi/v1/txt2img", "[1, 2]", 400, None, "JSON object"),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"prompt": 5}"#,
+            400,
+            Some("prompt"),
+            "must be a string",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"steps": "20"}"#,
+            400,
+            Some("steps"),
+            "must be an integer",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"cfg_scale": "high"}"#,
+            400,
+            Some("cfg_scale"),
+            "must be a number",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"width": 100}"#,
+            400,
+            Some("width"),
+            "multiple of 8",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"height": 512}"#,
+            400,
+            Some("height"),
+            "limit of 256",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"steps": 0}"#,
+            400,
+            Some("steps"),
+            "between 1 and 50",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"steps": 51}"#,
+            400,
+            Some("steps"),
+            "between 1 and 50",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"batch_size": 3, "n_iter": 2}"#,
+            400,
+            Some("batch_size"),
+            "at most 4",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"batch_size": 0}"#,
+            400,
+            Some("batch_size"),
+            "at least 1",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"seed": -7}"#,
+            400,
+            Some("seed"),
+            "-1 (random)",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"sampler_name": "Heun"}"#,
+            400,
+            Some("sampler_name"),
+            "known: PLMS, DDIM, DDPM, Euler, Euler a, DPM++ 2M",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"sampler_name": "Euler", "scheduler": "Karras"}"#,
+            400,
+            Some("scheduler"),
+            "DPM++ 2M",
+        ),
+        (
+            "/v1/images/generations",
+            r#"{"n": 1}"#,
+            400,
+            Some("prompt"),
+            "required",
+        ),
+        (
+            "/v1/images/generations",
+            r#"{"prompt": "x", "size": "big"}"#,
+            400,
+            Some("size"),
+            "512x512",
+        ),
+        (
+            "/v1/images/generations",
+            r#"{"prompt": "x", "response_format": "url"}"#,
+            400,
+            Some("response_format"),
+            "b64_json",
+        ),
+        (
+            "/v1/images/generations",
+            r#"{"prompt": "x", "n": 5}"#,
+            400,
+            Some("n"),
+            "at most 4",
+        ),
+    ];
+    for (path, body, status, field, needle) in cases {
+        let (got, answer) = server.post_raw(path, body, None);
+        assert_eq!(got, status, "{path} {body}: {answer}");
+        let (message, named) = if path.starts_with("/v1/") {
+            (&answer["error"]["message"], &answer["error"]["param"])
+        } else {
+            (&answer["detail"], &answer["field"])
+        };
+        let message = message.as_str().unwrap_or_else(|| panic!("{answer}"));
+        assert!(message.contains(needle), "{body}: {message}");
+        assert_eq!(named.as_str(), field, "{body}: {answer}");
+    }
+    let big = json!({"prompt": "x".repeat(3000)}).to_string();
+    let (status, answer) = server.post_raw("/sdapi/v1/txt2img", &big, None);
+    assert_eq!(status, 413, "{answer}");
+    assert!(answer["detail"].as_str().unwrap().contains("2048 bytes"));
+    // The worker is fine after all that.
+    let (status, _) = server.post("/sdapi/v1/txt2img", &json!({"steps": 1}));
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn api_key_by_bearer_or_basic_and_never_logged() {
+    let key = "s3cret-key";
+    let server = Server::start(&["--api-key", key]);
+    let body = json!({"prompt": "x", "steps": 1}).to_string();
+    assert_eq!(server.get("/health").0, 200);
+    assert_eq!(ureq::get(&server.url("/")).call().unwrap().status(), 200);
+    let (status, answer) = server.get("/sdapi/v1/samplers");
+    assert_eq!(status, 401, "{answer}");
+    let (status, _) = server.post_raw("/sdapi/v1/txt2img", &body, Some("Bearer wrong"));
+    assert_eq!(status, 401);
+    let (status, answer) = server.post_raw("/v1/images/generations", r#"{"prompt":"x"}"#, None);
+    assert_eq!(status, 401);
+    assert_eq!(answer["error"]["type"], "authentication_error");
+    let (status, answer) =
+        server.post_raw("/sdapi/v1/txt2img", &body, Some(&format!("Bearer {key}")));
+    assert_eq!(status, 200, "{answer}");
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("user:{key}"));
+    let (status, _) = server.post_raw("/sdapi/v1/txt2img", &body, Some(&format!("Basic {basic}")));
+    assert_eq!(status, 200);
+    let wrong = base64::engine::general_purpose::STANDARD.encode(format!("{key}:nope"));
+    let (status, _) = server.post_raw("/sdapi/v1/txt2img", &body, Some(&format!("Basic {wrong}")));
+    assert_eq!(status, 401);
+    let log = server.log();
+    assert!(
+        log.contains("POST /sdapi/v1/txt2img 401") && log.contains("POST /sdapi/v1/txt2img 200")
+    );
+    assert!(!log.contains(key), "the key appears in the log:\n{log}");
+}
+
+#[test]
+fn a_public_address_needs_a_key_and_cors_only_when_asked() {
+    let out = Command::new(env!("CARGO_BIN_EXE_text2img"))
+        .args(["serve", "--host", "0.0.0.0", "--port", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("without --api-key") && err.contains("--insecure"),
+        "{err}"
+    );
+
+    let server = Server::start(&[]);
+    let r = ureq::get(&server.url("/health"))
+        .set("Origin", "http://evil.test")
+        .call()
+        .unwrap();
+    assert!(r.header("access-control-allow-origin").is_none());
+
+    let server = Server::start(&["--cors-origin", "http://app.test"]);
+    let r = ureq::request("OPTIONS", &server.url("/sdapi/v1/txt2img"))
+        .set("Origin", "http://app.test")
+        .set("Access-Control-Request-Method", "POST")
+        .call()
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("http://app.test")
+    );
+    assert!(r
+        .header("access-control-allow-headers")
+        .unwrap()
+        .contains("Authorization"));
+    let r = ureq::get(&server.url("/health"))
+        .set("Origin", "http://other.test")
+        .call()
+        .unwrap();
+    assert!(r.header("access-control-allow-origin").is_none());
+}
+
+#[test]
+fn progress_interrupt_full_queue_and_clients_that_leave() {
+    let server = Server::start(&["--max-queue", "1"]);
+    let running = spawn_post(&server, long_job());
+    let progress = server.wait_until_sampling();
+    assert_eq!(progress["state"]["sampling_steps"], 150);
+    assert!(progress["progress"].as_f64().unwrap() > 0.0);
+    let preview = decode_png(&b64(&progress["current_image"]));
+    assert_eq!(
+        (preview.1, preview.2),
+        (16, 16),
+        "one preview pixel per latent"
+    );
+
+    // One request may wait; the next is told to come back later.
+    let queued = spawn_post(&server, json!({"prompt": "queued", "steps": 2}));
+    server.wait_for_queue(1);
+    let (status, answer) = server.post("/sdapi/v1/txt2img", &json!({"steps": 1}));
+    assert_eq!(status, 429, "{answer}");
+    let retry = ureq::post(&server.url("/sdapi/v1/txt2img")).send_string("{}");
+    match retry {
+        Err(ureq::Error::Status(429, r)) => {
+            assert!(r.header("retry-after").unwrap().parse::<u32>().unwrap() >= 1)
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+
+    // The interrupt stops the running job, which answers with the images it had.
+    let (status, _) = server.post("/sdapi/v1/interrupt", &json!({}));
+    assert_eq!(status, 200);
+    let (status, body) = running.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["images"].as_array().unwrap().len(), 8);
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["interrupted"], true);
+    let (status, body) = queued.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        info["interrupted"], false,
+        "the interrupt touched the next job"
+    );
+
+    // A client that gives up frees its place in the queue (and a running job stops).
+    let running = spawn_post(&server, long_job());
+    server.wait_until_sampling();
+    let agent = ureq::AgentBuilder::new()
+        .timeout_read(Duration::from_millis(300))
+        .build();
+    let gave_up = agent
+        .post(&server.url("/sdapi/v1/txt2img"))
+        .send_string(r#"{"steps": 2}"#);
+    assert!(
+        matches!(gave_up, Err(ureq::Error::Transport(_))),
+        "{gave_up:?}"
+    );
+    server.wait_for_queue(0);
+    let (status, _) = server.post("/sdapi/v1/interrupt", &json!({}));
+    assert_eq!(status, 200);
+    assert_eq!(running.join().unwrap().0, 200);
+    assert!(
+        server.log().contains("POST /sdapi/v1/txt2img 499"),
+        "{}",
+        server.log()
+    );
+    assert_eq!(server.get("/health").0, 200);
+}
+
+#[test]
+fn sigterm_lets_the_running_request_finish_and_turns_the_queue_away() {
+    let mut server = Server::start(&["--shutdown-grace", "120"]);
+    let running = spawn_post(&server, json!({"prompt": "finish me", "steps": 40}));
+    server.wait_until_sampling();
+    let queued = spawn_post(&server, json!({"prompt": "queued", "steps": 2}));
+    server.wait_for_queue(1);
+    server.terminate();
+    let (status, body) = queued.join().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("shutting down"));
+    let (status, body) = running.join().unwrap();
+    assert_eq!(
+        status, 200,
+        "the running request was not allowed to finish: {body}"
+    );
+    assert_eq!(body["images"].as_array().unwrap().len(), 1);
+    assert!(server.wait_exit(Duration::from_secs(30)).success());
+}
+
+#[test]
+fn sigterm_cancels_a_running_request_after_the_grace_period() {
+    let mut server = Server::start(&["--shutdown-grace", "0.5"]);
+    let running = spawn_post(&server, long_job());
+    server.wait_until_sampling();
+    let started = Instant::now();
+    server.terminate();
+    let (status, body) = running.join().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(server.wait_exit(Duration::from_secs(30)).success());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
