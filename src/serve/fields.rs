@@ -41,6 +41,7 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
 }
 
 /// The fields of a JSON object body.
+#[derive(Debug)]
 pub struct Fields(Map<String, Value>);
 
 impl Fields {
