@@ -1,0 +1,224 @@
+//! The web page in a real browser: headless Chromium driven through chromedriver's WebDriver
+//! protocol. The page asks for the API key once, keeps it, and a typed prompt with a click on
+//! Generate gives a real PNG of the asked size in the gallery.
+//!
+//! Needs `chromium` and `chromedriver` (Debian: `apt-get install chromium chromium-driver`;
+//! CI installs them). Without them the test says so and passes, unless
+//! TEXT2IMG_REQUIRE_BROWSER=1 (set by CI), when it fails.
+
+mod parity;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{json, Value};
+
+use parity::{decode_png, model_dir};
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn find(env: &str, names: &[&str]) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return Some(PathBuf::from(p));
+    }
+    names
+        .iter()
+        .map(|n| PathBuf::from("/usr/bin").join(n))
+        .find(|p| p.is_file())
+}
+
+/// A thin WebDriver client: one session, JSON in and out.
+struct Driver {
+    base: String,
+}
+
+impl Driver {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let req = ureq::request(method, &format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(120));
+        let result = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        let r = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("webdriver {method} {path}: {e}"),
+        };
+        let status = r.status();
+        (status, r.into_json().unwrap_or(Value::Null))
+    }
+
+    fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = self.call(method, path, body);
+        assert_eq!(status, 200, "webdriver {method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    fn element(&self, session: &str, css: &str) -> String {
+        let v = self.ok(
+            "POST",
+            &format!("/session/{session}/element"),
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        v.as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no element {css}: {v}"))
+            .to_string()
+    }
+
+    fn type_into(&self, session: &str, css: &str, text: &str) {
+        let id = self.element(session, css);
+        self.ok("POST", &format!("/session/{session}/element/{id}/clear"), Some(json!({})));
+        self.ok(
+            "POST",
+            &format!("/session/{session}/element/{id}/value"),
+            Some(json!({ "text": text })),
+        );
+    }
+
+    fn script(&self, session: &str, script: &str) -> Value {
+        self.ok(
+            "POST",
+            &format!("/session/{session}/execute/sync"),
+            Some(json!({"script": script, "args": []})),
+        )
+    }
+
+    /// Waits for a `prompt()` dialog and returns its text.
+    fn wait_for_alert(&self, session: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, v) = self.call("GET", &format!("/session/{session}/alert/text"), None);
+            if status == 200 {
+                return v["value"].as_str().unwrap_or_default().to_string();
+            }
+            assert!(Instant::now() < deadline, "the page never asked for the key");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn the_page_asks_for_the_key_once_and_generates_a_png() {
+    let required = std::env::var("TEXT2IMG_REQUIRE_BROWSER").is_ok_and(|v| v == "1");
+    let (Some(chromium), Some(chromedriver)) = (
+        find("CHROMIUM", &["chromium", "chromium-browser", "google-chrome"]),
+        find("CHROMEDRIVER", &["chromedriver"]),
+    ) else {
+        assert!(!required, "TEXT2IMG_REQUIRE_BROWSER=1 but chromium/chromedriver are missing");
+        eprintln!("skipped: chromium and chromedriver are not installed");
+        return;
+    };
+
+    let key = "page-key-123";
+    let mut server = Command::new(env!("CARGO_BIN_EXE_text2img"))
+        .args(["serve", "--port", "0", "--api-key", key, "--model"])
+        .arg(model_dir("sd1-tiny"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = Killed(server);
+    let site = line.trim().strip_prefix("listening on ").expect("server started").to_string();
+
+    let port = free_port();
+    let _driver = Killed(
+        Command::new(&chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let driver = Driver {
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ureq::get(&format!("{}/status", driver.base)).call().is_err() {
+        assert!(Instant::now() < deadline, "chromedriver did not start");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let session = driver.ok(
+        "POST",
+        "/session",
+        Some(json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+            }
+        }}})),
+    );
+    let session = session["sessionId"].as_str().unwrap().to_string();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        driver.ok("POST", &format!("/session/{session}/url"), Some(json!({ "url": site })));
+        // The API needs the key: the page asks for it.
+        let question = driver.wait_for_alert(&session);
+        assert!(question.contains("API key"), "{question}");
+        driver.ok("POST", &format!("/session/{session}/alert/text"), Some(json!({ "text": key })));
+        driver.ok("POST", &format!("/session/{session}/alert/accept"), Some(json!({})));
+
+        driver.type_into(&session, "#prompt", "a red circle on a blue background");
+        driver.type_into(&session, "#width", "64");
+        driver.type_into(&session, "#height", "48");
+        driver.type_into(&session, "#steps", "3");
+        driver.type_into(&session, "#seed", "7");
+        let button = driver.element(&session, "#generate");
+        driver.ok("POST", &format!("/session/{session}/element/{button}/click"), Some(json!({})));
+
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let src = loop {
+            let v = driver.script(
+                &session,
+                "const i = document.querySelector('#gallery img.result'); return i ? i.src : null;",
+            );
+            if let Some(src) = v.as_str() {
+                break src.to_string();
+            }
+            let status = driver.script(&session, "return document.getElementById('status').textContent;");
+            assert!(Instant::now() < deadline, "no image appeared; status: {status}");
+            thread::sleep(Duration::from_millis(200));
+        };
+        let b64 = src.strip_prefix("data:image/png;base64,").expect("a PNG data URL");
+        let png = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let (rgb, w, h, texts) = decode_png(&png);
+        assert_eq!((w, h), (64, 48));
+        assert_eq!(rgb.len(), 64 * 48 * 3);
+        assert!(texts.iter().any(|(k, v)| k == "parameters" && v.contains("Seed: 7")), "{texts:?}");
+        // The key was asked once and kept in the browser; no second dialog came up.
+        let kept = driver.script(&session, "return localStorage.getItem('text2img.apiKey');");
+        assert_eq!(kept.as_str(), Some(key));
+        let (status, _) = driver.call("GET", &format!("/session/{session}/alert/text"), None);
+        assert_ne!(status, 200, "the page asked for the key again");
+    }));
+    driver.call("DELETE", &format!("/session/{session}"), None);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
