@@ -14,7 +14,7 @@
 //! # let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/sd1-tiny");
 //! let pipeline = Pipeline::load(model, &LoadOptions::default())?;
 //! let request = GenerateRequest {
-//!     prompt: "a red circle on a blue background".into(),
+//!     prompts: vec!["a red circle on a blue background".into()],
 //!     seed: Some(42),
 //!     steps: Some(4),
 //!     scheduler: Some(SchedulerKind::Euler),

@@ -14,10 +14,10 @@ pub fn a1111_parameters(
     seed: u64,
     model: &str,
 ) -> String {
-    let mut text = req.prompt.clone();
-    if !req.negative_prompt.is_empty() {
+    let mut text = req.prompt().to_string();
+    if !req.negative_prompt().is_empty() {
         text.push_str("\nNegative prompt: ");
-        text.push_str(&req.negative_prompt);
+        text.push_str(req.negative_prompt());
     }
     text.push_str(&format!(
         "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model: {model}",

@@ -82,7 +82,11 @@ impl Driver {
 
     fn type_into(&self, session: &str, css: &str, text: &str) {
         let id = self.element(session, css);
-        self.ok("POST", &format!("/session/{session}/element/{id}/clear"), Some(json!({})));
+        self.ok(
+            "POST",
+            &format!("/session/{session}/element/{id}/clear"),
+            Some(json!({})),
+        );
         self.ok(
             "POST",
             &format!("/session/{session}/element/{id}/value"),
@@ -106,7 +110,10 @@ impl Driver {
             if status == 200 {
                 return v["value"].as_str().unwrap_or_default().to_string();
             }
-            assert!(Instant::now() < deadline, "the page never asked for the key");
+            assert!(
+                Instant::now() < deadline,
+                "the page never asked for the key"
+            );
             thread::sleep(Duration::from_millis(100));
         }
     }
@@ -124,10 +131,16 @@ fn free_port() -> u16 {
 fn the_page_asks_for_the_key_once_and_generates_a_png() {
     let required = std::env::var("TEXT2IMG_REQUIRE_BROWSER").is_ok_and(|v| v == "1");
     let (Some(chromium), Some(chromedriver)) = (
-        find("CHROMIUM", &["chromium", "chromium-browser", "google-chrome"]),
+        find(
+            "CHROMIUM",
+            &["chromium", "chromium-browser", "google-chrome"],
+        ),
         find("CHROMEDRIVER", &["chromedriver"]),
     ) else {
-        assert!(!required, "TEXT2IMG_REQUIRE_BROWSER=1 but chromium/chromedriver are missing");
+        assert!(
+            !required,
+            "TEXT2IMG_REQUIRE_BROWSER=1 but chromium/chromedriver are missing"
+        );
         eprintln!("skipped: chromium and chromedriver are not installed");
         return;
     };
@@ -145,7 +158,11 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
         .read_line(&mut line)
         .unwrap();
     let _server = Killed(server);
-    let site = line.trim().strip_prefix("listening on ").expect("server started").to_string();
+    let site = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("server started")
+        .to_string();
 
     let port = free_port();
     let _driver = Killed(
@@ -160,7 +177,10 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
         base: format!("http://127.0.0.1:{port}"),
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while ureq::get(&format!("{}/status", driver.base)).call().is_err() {
+    while ureq::get(&format!("{}/status", driver.base))
+        .call()
+        .is_err()
+    {
         assert!(Instant::now() < deadline, "chromedriver did not start");
         thread::sleep(Duration::from_millis(100));
     }
@@ -177,12 +197,24 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
     );
     let session = session["sessionId"].as_str().unwrap().to_string();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        driver.ok("POST", &format!("/session/{session}/url"), Some(json!({ "url": site })));
+        driver.ok(
+            "POST",
+            &format!("/session/{session}/url"),
+            Some(json!({ "url": site })),
+        );
         // The API needs the key: the page asks for it.
         let question = driver.wait_for_alert(&session);
         assert!(question.contains("API key"), "{question}");
-        driver.ok("POST", &format!("/session/{session}/alert/text"), Some(json!({ "text": key })));
-        driver.ok("POST", &format!("/session/{session}/alert/accept"), Some(json!({})));
+        driver.ok(
+            "POST",
+            &format!("/session/{session}/alert/text"),
+            Some(json!({ "text": key })),
+        );
+        driver.ok(
+            "POST",
+            &format!("/session/{session}/alert/accept"),
+            Some(json!({})),
+        );
 
         driver.type_into(&session, "#prompt", "a red circle on a blue background");
         driver.type_into(&session, "#width", "64");
@@ -190,7 +222,11 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
         driver.type_into(&session, "#steps", "3");
         driver.type_into(&session, "#seed", "7");
         let button = driver.element(&session, "#generate");
-        driver.ok("POST", &format!("/session/{session}/element/{button}/click"), Some(json!({})));
+        driver.ok(
+            "POST",
+            &format!("/session/{session}/element/{button}/click"),
+            Some(json!({})),
+        );
 
         let deadline = Instant::now() + Duration::from_secs(120);
         let src = loop {
@@ -201,16 +237,31 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
             if let Some(src) = v.as_str() {
                 break src.to_string();
             }
-            let status = driver.script(&session, "return document.getElementById('status').textContent;");
-            assert!(Instant::now() < deadline, "no image appeared; status: {status}");
+            let status = driver.script(
+                &session,
+                "return document.getElementById('status').textContent;",
+            );
+            assert!(
+                Instant::now() < deadline,
+                "no image appeared; status: {status}"
+            );
             thread::sleep(Duration::from_millis(200));
         };
-        let b64 = src.strip_prefix("data:image/png;base64,").expect("a PNG data URL");
-        let png = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let b64 = src
+            .strip_prefix("data:image/png;base64,")
+            .expect("a PNG data URL");
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
         let (rgb, w, h, texts) = decode_png(&png);
         assert_eq!((w, h), (64, 48));
         assert_eq!(rgb.len(), 64 * 48 * 3);
-        assert!(texts.iter().any(|(k, v)| k == "parameters" && v.contains("Seed: 7")), "{texts:?}");
+        assert!(
+            texts
+                .iter()
+                .any(|(k, v)| k == "parameters" && v.contains("Seed: 7")),
+            "{texts:?}"
+        );
         // The key was asked once and kept in the browser; no second dialog came up.
         let kept = driver.script(&session, "return localStorage.getItem('text2img.apiKey');");
         assert_eq!(kept.as_str(), Some(key));

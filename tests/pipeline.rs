@@ -36,12 +36,11 @@ fn pipeline(name: &str) -> &'static Pipeline {
 
 fn request(case: &Value) -> GenerateRequest {
     GenerateRequest {
-        prompt: case["prompt"].as_str().unwrap().to_string(),
-        negative_prompt: case
+        prompts: vec![case["prompt"].as_str().unwrap().to_string()],
+        negative_prompts: case
             .get("negative_prompt")
             .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string(),
+            .map(|n| vec![n.to_string()]),
         seed: Some(case["seed"].as_u64().unwrap()),
         steps: Some(case["steps"].as_u64().unwrap() as usize),
         guidance_scale: Some(case["guidance"].as_f64().unwrap()),
@@ -54,6 +53,7 @@ fn request(case: &Value) -> GenerateRequest {
         num_images: case.get("num_images").and_then(Value::as_u64).unwrap_or(1) as usize,
         eta: case.get("eta").and_then(Value::as_f64).unwrap_or(0.0),
         clip_skip: case.get("clip_skip").and_then(Value::as_u64).unwrap_or(0) as usize,
+        ..Default::default()
     }
 }
 
@@ -173,7 +173,7 @@ fn second_image_alone_reproduces_from_its_seed() {
 fn step_callback_sees_every_step_and_can_cancel() {
     let pipe = pipeline("sd1-tiny");
     let req = GenerateRequest {
-        prompt: "a cat".into(),
+        prompts: vec!["a cat".into()],
         seed: Some(1),
         steps: Some(4),
         scheduler: Some(SchedulerKind::Euler),

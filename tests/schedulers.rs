@@ -123,7 +123,15 @@ fn replay(
     let steps = run["steps"].as_u64().unwrap() as usize;
     let eta = run["eta"].as_f64().unwrap();
     let seed = run["seed"].as_u64().unwrap();
-    let mut scheduler = build(kind, folder, steps, &SchedulerOptions { eta })?;
+    let mut scheduler = build(
+        kind,
+        folder,
+        steps,
+        &SchedulerOptions {
+            eta,
+            ..Default::default()
+        },
+    )?;
 
     if run.get("error").is_none() {
         let timesteps = common::f64_array(&run["timesteps"]);
@@ -312,6 +320,7 @@ fn kinds_have_their_names() {
             ("euler-a", "Euler a"),
             ("dpm++2m", "DPM++ 2M"),
             ("dpm++2m-karras", "DPM++ 2M Karras"),
+            ("lcm", "LCM"),
         ]
     );
     assert!(matches!(

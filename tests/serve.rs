@@ -206,8 +206,8 @@ fn txt2img_gives_the_pipelines_images_with_seed_plus_i() {
     let alone = pipeline
         .generate(
             &GenerateRequest {
-                prompt: "a red circle".into(),
-                negative_prompt: "blue".into(),
+                prompts: vec!["a red circle".into()],
+                negative_prompts: Some(vec!["blue".into()]),
                 seed: Some(42),
                 steps: Some(3),
                 guidance_scale: Some(5.0),

@@ -159,7 +159,7 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
     let gen = pipe
         .generate(
             &text2img::GenerateRequest {
-                prompt: "a red circle".into(),
+                prompts: vec!["a red circle".into()],
                 seed: Some(3),
                 steps: Some(2),
                 ..Default::default()

@@ -76,7 +76,7 @@ pub fn grid_cmd(a: GridArgs) -> Result<()> {
     let mut rows = Vec::new();
     for prompt in &a.prompts {
         let request = GenerateRequest {
-            prompt: prompt.clone(),
+            prompts: vec![prompt.clone()],
             seed: Some(a.seed),
             num_images: a.seeds,
             steps: a.steps,

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use text2img::latent::schedulers::SchedulerKind;
+use text2img::latent::schedulers::{SchedulerKind, TimestepSpacing};
 use text2img::pipeline::GenerateRequest;
 use text2img::png_out::{a1111_parameters, encode_png, numbered_path, write_atomic};
 
@@ -57,8 +57,15 @@ struct GenerateArgs {
     variant: Option<String>,
     #[arg(long)]
     prompt: String,
-    #[arg(long, default_value = "")]
-    negative_prompt: String,
+    /// The second text encoder's prompt (SDXL); default: --prompt.
+    #[arg(long)]
+    prompt_2: Option<String>,
+    /// Without it: "" for SD 1.x/2.x, zero embeddings for SDXL (as diffusers).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// The second text encoder's negative prompt (SDXL); default: --negative-prompt.
+    #[arg(long)]
+    negative_prompt_2: Option<String>,
     /// Image i uses seed + i; without it a seed is drawn and printed.
     #[arg(long)]
     seed: Option<u64>,
@@ -66,9 +73,14 @@ struct GenerateArgs {
     steps: Option<usize>,
     #[arg(long)]
     guidance_scale: Option<f64>,
-    /// pndm, ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras (default: the model's own).
+    /// pndm, ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras, lcm (default: the model's
+    /// own).
     #[arg(long)]
     scheduler: Option<String>,
+    /// Override the scheduler's timestep spacing: linspace, leading, trailing (SD-Turbo and
+    /// few-step sampling use trailing).
+    #[arg(long)]
+    timestep_spacing: Option<String>,
     #[arg(long)]
     width: Option<usize>,
     #[arg(long)]
@@ -81,6 +93,15 @@ struct GenerateArgs {
     /// Use the output of the text encoder's layer N from the end (1 = penultimate).
     #[arg(long, default_value_t = 0)]
     clip_skip: usize,
+    /// SDXL: the original image size the model is told, WxH (default: the output size).
+    #[arg(long, value_parser = parse_size)]
+    original_size: Option<(usize, usize)>,
+    /// SDXL: the crop's top-left corner the model is told, TOP,LEFT (default 0,0).
+    #[arg(long, value_parser = parse_pair)]
+    crop_top_left: Option<(usize, usize)>,
+    /// SDXL: the target size the model is told, WxH (default: the output size).
+    #[arg(long, value_parser = parse_size)]
+    target_size: Option<(usize, usize)>,
     /// The PNG to write; with several images, `NAME-1.png`, `NAME-2.png`, ...
     #[arg(long)]
     output: PathBuf,
@@ -97,6 +118,32 @@ fn tune_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
     }
+}
+
+/// `WxH` to (height, width), the order diffusers' size arguments use.
+fn parse_size(text: &str) -> Result<(usize, usize), String> {
+    let (w, h) = text
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("`{text}` is not a size such as 1024x1024"))?;
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("`{text}` is not a size such as 1024x1024"))
+    };
+    Ok((parse(h)?, parse(w)?))
+}
+
+/// `A,B` to (A, B).
+fn parse_pair(text: &str) -> Result<(usize, usize), String> {
+    let (a, b) = text
+        .split_once(',')
+        .ok_or_else(|| format!("`{text}` is not a pair such as 0,0"))?;
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("`{text}` is not a pair such as 0,0"))
+    };
+    Ok((parse(a)?, parse(b)?))
 }
 
 fn main() -> ExitCode {
@@ -141,8 +188,23 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
     }
     let request = GenerateRequest {
-        prompt: args.prompt,
-        negative_prompt: args.negative_prompt,
+        prompts: std::iter::once(args.prompt).chain(args.prompt_2).collect(),
+        negative_prompts: match (args.negative_prompt, args.negative_prompt_2) {
+            (None, None) => None,
+            (first, second) => Some(
+                std::iter::once(first.unwrap_or_default())
+                    .chain(second)
+                    .collect(),
+            ),
+        },
+        timestep_spacing: args
+            .timestep_spacing
+            .as_deref()
+            .map(TimestepSpacing::parse)
+            .transpose()?,
+        original_size: args.original_size,
+        crop_top_left: args.crop_top_left.unwrap_or((0, 0)),
+        target_size: args.target_size,
         seed: args.seed,
         steps: args.steps,
         guidance_scale: args.guidance_scale,

@@ -113,8 +113,11 @@ pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan,
         }
     };
     let base = GenerateRequest {
-        prompt: asked.prompt.clone(),
-        negative_prompt: asked.negative_prompt.clone(),
+        prompts: vec![asked.prompt.clone()],
+        // An empty negative prompt is no negative prompt (SDXL: zero embeddings).
+        negative_prompts: Some(asked.negative_prompt.clone())
+            .filter(|n| !n.is_empty())
+            .map(|n| vec![n]),
         seed: Some(seed),
         steps,
         guidance_scale: asked.cfg_scale,
@@ -123,7 +126,7 @@ pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan,
         height,
         num_images: batch_size,
         eta,
-        clip_skip: 0,
+        ..GenerateRequest::default()
     };
     let resolved = pipeline
         .resolve(&base)
@@ -204,6 +207,7 @@ pub fn a1111_aliases(kind: SchedulerKind) -> &'static [&'static str] {
         SchedulerKind::EulerAncestral => &["k_euler_a"],
         SchedulerKind::DpmPP2M => &["k_dpmpp_2m"],
         SchedulerKind::DpmPP2MKarras => &["k_dpmpp_2m_ka"],
+        SchedulerKind::Lcm => &["k_lcm"],
     }
 }
 

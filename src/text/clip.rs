@@ -31,6 +31,15 @@ pub struct ClipTextConfig {
     /// Present in CLIPTextModelWithProjection configs (SDXL's second encoder).
     #[serde(default)]
     pub projection_dim: Option<usize>,
+    /// Where the pooled output is read: the first `eos_token_id` of each row, or, for the
+    /// legacy value 2 that released SDXL configs carry, the highest token id (transformers'
+    /// rule, kept for those checkpoints).
+    #[serde(default = "d_eos")]
+    pub eos_token_id: i64,
+}
+
+fn d_eos() -> i64 {
+    49407
 }
 
 fn d_vocab() -> usize {
@@ -207,6 +216,13 @@ impl ClipTextModel {
     /// The hidden state after `layers` encoder layers (0 = the embeddings), without the final
     /// norm (transformers' `hidden_states[layers]`).
     pub fn hidden_states(&self, ids: &[Vec<u32>], layers: usize) -> Result<Tensor> {
+        let mut all = self.hidden_state_list(ids, layers)?;
+        Ok(all.pop().expect("at least the embeddings"))
+    }
+
+    /// transformers' `hidden_states[0..=layers]`: the embeddings, then each layer's output
+    /// (without the final norm).
+    pub fn hidden_state_list(&self, ids: &[Vec<u32>], layers: usize) -> Result<Vec<Tensor>> {
         let seq = ids.first().map_or(0, Vec::len);
         if seq == 0
             || seq > self.config.max_position_embeddings
@@ -237,7 +253,9 @@ impl ClipTextModel {
         let positions = self.position_embedding.narrow(0, 0, seq)?;
         let mut x = tokens.broadcast_add(&positions)?;
         let mask = causal_mask(seq, &self.device)?;
+        let mut all = Vec::with_capacity(layers + 1);
         for layer in self.layers.iter().take(layers) {
+            all.push(x.clone());
             x = layer.forward(
                 &x,
                 &mask,
@@ -245,7 +263,43 @@ impl ClipTextModel {
                 &self.config.hidden_act,
             )?;
         }
-        Ok(x)
+        all.push(x);
+        Ok(all)
+    }
+
+    /// The pooled output (transformers' `pooler_output`): the final-normed hidden state
+    /// (`last`, (batch, tokens, dim)) at each row's end-of-text position.
+    pub fn pooled(&self, ids: &[Vec<u32>], last: &Tensor) -> Result<Tensor> {
+        let positions: Vec<u32> = ids
+            .iter()
+            .map(|row| {
+                let position = if self.config.eos_token_id == 2 {
+                    // torch's argmax: the first position of the largest id.
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    row.iter().position(|&id| id == max)
+                } else {
+                    row.iter()
+                        .position(|&id| i64::from(id) == self.config.eos_token_id)
+                };
+                position.unwrap_or(0) as u32
+            })
+            .collect();
+        let rows = (0..ids.len())
+            .map(|b| last.get(b)?.get(positions[b] as usize))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+
+    /// `CLIPTextModelWithProjection`'s `text_embeds`: the pooled output through
+    /// `text_projection`.
+    pub fn text_embeds(&self, ids: &[Vec<u32>], last: &Tensor) -> Result<Tensor> {
+        let projection = self.text_projection.as_ref().ok_or_else(|| {
+            Error::InvalidRequest(
+                "this text encoder has no `text_projection` (not a CLIPTextModelWithProjection)"
+                    .into(),
+            )
+        })?;
+        projection.forward(&self.pooled(ids, last)?)
     }
 
     pub fn final_layer_norm(&self, x: &Tensor) -> Result<Tensor> {

@@ -159,7 +159,7 @@ pub fn evaluate(
     for (i, (group, prompt)) in prompts.iter().enumerate() {
         on_prompt(i, prompts.len());
         let request = GenerateRequest {
-            prompt: prompt.clone(),
+            prompts: vec![prompt.clone()],
             seed: Some(1000),
             num_images: options.seeds,
             steps: options.steps,

@@ -274,6 +274,12 @@ pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     y
 }
 
+/// `np.linspace(start, stop, num, endpoint=False)`: `start + i * ((stop - start) / num)`.
+pub(crate) fn np_linspace_open(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    let step = (stop - start) / num as f64;
+    (0..num).map(|i| i as f64 * step + start).collect()
+}
+
 /// `np.arange(start, stop, step)` with a float step: `ceil((stop - start) / step)` values,
 /// the second one `start + step` and the others `start + i * (second - start)`.
 pub(crate) fn np_arange_f64(start: f64, stop: f64, step: f64) -> Vec<f64> {

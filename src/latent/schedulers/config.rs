@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{ddim::Ddim, ddpm::Ddpm, dpm_solver::DpmSolverMultistep, euler::EulerDiscrete};
-use super::{euler_ancestral::EulerAncestralDiscrete, pndm::Pndm, Scheduler};
+use super::{euler_ancestral::EulerAncestralDiscrete, lcm::Lcm, pndm::Pndm, Scheduler};
 use crate::error::{Error, Result};
 
 /// Floats that may be infinite: JSON has no infinities, so they are written as the strings
@@ -200,6 +200,41 @@ scheduler_config! {
     }
 }
 
+scheduler_config! {
+    /// diffusers' `LCMScheduler` config (whose beta defaults are SD's scaled-linear ones).
+    pub struct LcmConfig {
+        pub original_inference_steps: usize = 50,
+        pub clip_sample: bool = false,
+        pub clip_sample_range: f64 = 1.0,
+        pub set_alpha_to_one: bool = true,
+        pub steps_offset: i64 = 0,
+        pub prediction_type: String = "epsilon".into(),
+        pub thresholding: bool = false,
+        pub dynamic_thresholding_ratio: f64 = 0.995,
+        pub sample_max_value: f64 = 1.0,
+        pub timestep_spacing: String = "leading".into(),
+        pub timestep_scaling: f64 = 10.0,
+        pub rescale_betas_zero_snr: bool = false,
+    }
+}
+
+impl LcmConfig {
+    /// The class's own beta defaults differ from the other classes' (0.00085, 0.012,
+    /// scaled_linear); apply them where the folder config has no value.
+    fn with_class_beta_defaults(mut self, given: &Map<String, Value>) -> Self {
+        if !given.contains_key("beta_start") {
+            self.beta_start = 0.00085;
+        }
+        if !given.contains_key("beta_end") {
+            self.beta_end = 0.012;
+        }
+        if !given.contains_key("beta_schedule") {
+            self.beta_schedule = "scaled_linear".into();
+        }
+        self
+    }
+}
+
 impl DpmSolverMultistepConfig {
     /// What the class's `__init__` rewrites in its own config: the `deis` algorithm becomes
     /// `dpmsolver++`, the UniPC/DEIS solver types become `midpoint`.
@@ -256,10 +291,12 @@ pub enum SchedulerKind {
     EulerAncestral,
     DpmPP2M,
     DpmPP2MKarras,
+    /// Latent Consistency Models' sampler (for LCM-distilled U-Nets).
+    Lcm,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 7] = [
+    pub const ALL: [SchedulerKind; 8] = [
         SchedulerKind::Pndm,
         SchedulerKind::Ddim,
         SchedulerKind::Ddpm,
@@ -267,10 +304,11 @@ impl SchedulerKind {
         SchedulerKind::EulerAncestral,
         SchedulerKind::DpmPP2M,
         SchedulerKind::DpmPP2MKarras,
+        SchedulerKind::Lcm,
     ];
 
     /// The kind named on the command line (`pndm`, `ddim`, `ddpm`, `euler`, `euler-a`,
-    /// `dpm++2m`, `dpm++2m-karras`).
+    /// `dpm++2m`, `dpm++2m-karras`, `lcm`).
     pub fn from_cli_name(name: &str) -> Result<Self> {
         Self::ALL
             .into_iter()
@@ -290,6 +328,7 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "euler-a",
             SchedulerKind::DpmPP2M => "dpm++2m",
             SchedulerKind::DpmPP2MKarras => "dpm++2m-karras",
+            SchedulerKind::Lcm => "lcm",
         }
     }
 
@@ -303,6 +342,7 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "Euler a",
             SchedulerKind::DpmPP2M => "DPM++ 2M",
             SchedulerKind::DpmPP2MKarras => "DPM++ 2M Karras",
+            SchedulerKind::Lcm => "LCM",
         }
     }
 
@@ -315,6 +355,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "EulerDiscreteScheduler",
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::DpmPP2M | SchedulerKind::DpmPP2MKarras => "DPMSolverMultistepScheduler",
+            SchedulerKind::Lcm => "LCMScheduler",
         }
     }
 
@@ -327,6 +368,7 @@ impl SchedulerKind {
             "DDPMScheduler" => SchedulerKind::Ddpm,
             "EulerDiscreteScheduler" => SchedulerKind::Euler,
             "EulerAncestralDiscreteScheduler" => SchedulerKind::EulerAncestral,
+            "LCMScheduler" => SchedulerKind::Lcm,
             "DPMSolverMultistepScheduler" => {
                 let karras = effective_config(config)
                     .ok()
@@ -374,12 +416,45 @@ impl std::str::FromStr for SchedulerKind {
     }
 }
 
+/// How inference timesteps spread over the training timesteps (`timestep_spacing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimestepSpacing {
+    Linspace,
+    Leading,
+    /// Ends at the last training timestep: what SD-Turbo and few-step sampling use.
+    Trailing,
+}
+
+impl TimestepSpacing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimestepSpacing::Linspace => "linspace",
+            TimestepSpacing::Leading => "leading",
+            TimestepSpacing::Trailing => "trailing",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "linspace" => Ok(TimestepSpacing::Linspace),
+            "leading" => Ok(TimestepSpacing::Leading),
+            "trailing" => Ok(TimestepSpacing::Trailing),
+            other => Err(Error::InvalidRequest(format!(
+                "unknown timestep spacing `{other}`; known: linspace, leading, trailing"
+            ))),
+        }
+    }
+}
+
 /// Options of a run that are not part of the scheduler config.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct SchedulerOptions {
     /// DDIM's eta (0: deterministic DDIM; > 0 draws noise at each step). Other kinds ignore it,
     /// as diffusers' pipelines pass it only to schedulers whose `step` takes it.
     pub eta: f64,
+    /// Overrides the config's `timestep_spacing`, as
+    /// `Kind.from_config(config, timestep_spacing=...)` does.
+    pub timestep_spacing: Option<TimestepSpacing>,
 }
 
 /// A typed config of one kind.
@@ -390,6 +465,7 @@ enum KindConfig {
     Euler(EulerDiscreteConfig),
     EulerAncestral(EulerAncestralDiscreteConfig),
     Dpm(DpmSolverMultistepConfig),
+    Lcm(LcmConfig),
 }
 
 fn kind_config(kind: SchedulerKind, folder_config: &Value) -> Result<KindConfig> {
@@ -406,6 +482,10 @@ fn kind_config(kind: SchedulerKind, folder_config: &Value) -> Result<KindConfig>
         SchedulerKind::DpmPP2M | SchedulerKind::DpmPP2MKarras => {
             let config: DpmSolverMultistepConfig = config_for(class, folder_config, &overrides)?;
             KindConfig::Dpm(config.normalize())
+        }
+        SchedulerKind::Lcm => {
+            let config: LcmConfig = config_for(class, folder_config, &overrides)?;
+            KindConfig::Lcm(config.with_class_beta_defaults(&effective_config(folder_config)?))
         }
     })
 }
@@ -468,7 +548,18 @@ pub fn build(
             options.eta
         )));
     }
+    let overridden;
+    let folder_config = match options.timestep_spacing {
+        Some(spacing) => {
+            let mut map = effective_config(folder_config)?;
+            map.insert("timestep_spacing".into(), Value::from(spacing.as_str()));
+            overridden = Value::Object(map);
+            &overridden
+        }
+        None => folder_config,
+    };
     Ok(match kind_config(kind, folder_config)? {
+        KindConfig::Lcm(c) => Box::new(Lcm::new(&c, steps)?),
         KindConfig::Pndm(c) => Box::new(Pndm::new(&c, steps)?),
         KindConfig::Ddim(c) => Box::new(Ddim::new(&c, steps, options.eta)?),
         KindConfig::Ddpm(c) => Box::new(Ddpm::new(&c, steps)?),
@@ -489,6 +580,7 @@ pub fn resolved_config(kind: SchedulerKind, folder_config: &Value) -> Result<Val
         KindConfig::Euler(c) => serde_json::to_value(c),
         KindConfig::EulerAncestral(c) => serde_json::to_value(c),
         KindConfig::Dpm(c) => serde_json::to_value(c),
+        KindConfig::Lcm(c) => serde_json::to_value(c),
     };
     value.map_err(|e| Error::InvalidRequest(format!("scheduler config: {e}")))
 }

@@ -15,7 +15,8 @@
 //! - [`ddpm`]: `DDPMScheduler` (draws noise at every step whose timestep is above 0);
 //! - [`euler`]: `EulerDiscreteScheduler` (float timesteps);
 //! - [`euler_ancestral`]: `EulerAncestralDiscreteScheduler` (draws noise at every step);
-//! - [`dpm_solver`]: `DPMSolverMultistepScheduler` (`dpm++2m`, `dpm++2m-karras`).
+//! - [`dpm_solver`]: `DPMSolverMultistepScheduler` (`dpm++2m`, `dpm++2m-karras`);
+//! - [`lcm`]: `LCMScheduler` (draws noise at every step but the last).
 //!
 //! Every scheduler takes its steps in order, `index` = 0, 1, ... over [`Scheduler::timesteps`].
 
@@ -31,19 +32,21 @@ pub mod ddpm;
 pub mod dpm_solver;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod lcm;
 pub mod pndm;
 
 pub use common::alphas_cumprod_for;
 pub use config::{
     build, effective_config, resolved_config, stable_diffusion_pipeline_config, DdimConfig,
     DdpmConfig, DpmSolverMultistepConfig, EulerAncestralDiscreteConfig, EulerDiscreteConfig,
-    PndmConfig, SchedulerKind, SchedulerOptions,
+    LcmConfig, PndmConfig, SchedulerKind, SchedulerOptions, TimestepSpacing,
 };
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;
 pub use dpm_solver::DpmSolverMultistep;
 pub use euler::EulerDiscrete;
 pub use euler_ancestral::EulerAncestralDiscrete;
+pub use lcm::Lcm;
 pub use pndm::Pndm;
 
 /// The per-run state of a scheduler set to a number of inference steps.

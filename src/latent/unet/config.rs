@@ -95,6 +95,12 @@ struct RawUNetConfig {
     #[serde(default)]
     addition_embed_type: Option<String>,
     #[serde(default)]
+    addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default)]
+    reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    #[serde(default)]
     encoder_hid_dim: Option<usize>,
     #[serde(default)]
     num_class_embeds: Option<usize>,
@@ -201,6 +207,23 @@ pub struct BlockConfig {
     pub only_cross_attention: bool,
 }
 
+/// SDXL's added conditioning (`addition_embed_type: "text_time"`): the pooled text
+/// embedding and six size/crop numbers, embedded and added to the timestep embedding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextTimeConfig {
+    /// Sinusoidal features per time id (`addition_time_embed_dim`).
+    pub time_embed_dim: usize,
+    /// `projection_class_embeddings_input_dim`: text embedding width + 6 x time_embed_dim.
+    pub input_dim: usize,
+}
+
+impl TextTimeConfig {
+    /// The width of the pooled text embedding the U-Net expects.
+    pub fn text_embeds_dim(&self) -> usize {
+        self.input_dim - 6 * self.time_embed_dim
+    }
+}
+
 /// The U-Net's architecture, every number read from `unet/config.json`.
 #[derive(Clone, Debug)]
 pub struct UNetConfig {
@@ -224,7 +247,10 @@ pub struct UNetConfig {
     pub use_linear_projection: bool,
     pub upcast_attention: bool,
     pub time_embedding_dim: usize,
+    /// LCM: the width of the guidance-scale embedding added to the timestep features.
     pub time_cond_proj_dim: Option<usize>,
+    /// SDXL's added conditioning, when `addition_embed_type` is `text_time`.
+    pub text_time: Option<TextTimeConfig>,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
     pub sample_size: Option<usize>,
@@ -240,11 +266,36 @@ impl UNetConfig {
         let err = |m: String| Error::config(path, m);
         let refuse = |field: &str, what: &str| {
             err(format!(
-                "`{field}` = {what} is not supported (Stable Diffusion 1.x/2.x UNets only)"
+                "`{field}` = {what} is not supported (Stable Diffusion 1.x/2.x/XL UNets only)"
             ))
         };
-        if let Some(v) = &raw.addition_embed_type {
-            return Err(refuse("addition_embed_type", v));
+        let text_time = match raw.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let (Some(time_dim), Some(input_dim)) = (
+                    raw.addition_time_embed_dim,
+                    raw.projection_class_embeddings_input_dim,
+                ) else {
+                    return Err(err("`addition_embed_type` \"text_time\" needs `addition_time_embed_dim` and `projection_class_embeddings_input_dim`".into()));
+                };
+                if input_dim <= 6 * time_dim {
+                    return Err(err(format!(
+                        "`projection_class_embeddings_input_dim` {input_dim} leaves no room for text embeddings beside 6 time ids x {time_dim}"
+                    )));
+                }
+                Some(TextTimeConfig {
+                    time_embed_dim: time_dim,
+                    input_dim,
+                })
+            }
+            Some(v) => return Err(refuse("addition_embed_type", v)),
+        };
+        if raw
+            .reverse_transformer_layers_per_block
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return Err(refuse("reverse_transformer_layers_per_block", "set"));
         }
         if let Some(v) = &raw.class_embed_type {
             return Err(refuse("class_embed_type", v));
@@ -269,9 +320,6 @@ impl UNetConfig {
         }
         if raw.time_embedding_act_fn.is_some() || raw.timestep_post_act.is_some() {
             return Err(refuse("time_embedding_act_fn/timestep_post_act", "set"));
-        }
-        if raw.time_cond_proj_dim.is_some() {
-            return Err(refuse("time_cond_proj_dim", "set (LCM UNets)"));
         }
         if raw.resnet_skip_time_act {
             return Err(refuse("resnet_skip_time_act", "true"));
@@ -401,6 +449,7 @@ impl UNetConfig {
             use_linear_projection: raw.use_linear_projection,
             upcast_attention: raw.upcast_attention,
             time_cond_proj_dim: raw.time_cond_proj_dim,
+            text_time,
             conv_in_kernel: raw.conv_in_kernel,
             conv_out_kernel: raw.conv_out_kernel,
             sample_size: raw.sample_size,

@@ -1,4 +1,5 @@
-//! The noise predictor: diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x/2.x.
+//! The noise predictor: diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x/2.x/XL,
+//! including SDXL's added text/time conditioning and LCM's guidance-scale embedding.
 
 pub mod blocks;
 pub mod config;
@@ -17,9 +18,21 @@ use blocks::{DownBlock, MidBlock, UpBlock};
 pub use config::UNetConfig;
 use embeddings::{timestep_features, TimestepEmbedding};
 
+/// Conditioning beyond the timestep and the text context, for the U-Nets that take it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExtraConditions<'a> {
+    /// SDXL: the pooled text embedding (batch, dim) and the six time ids (batch, 6):
+    /// original height and width, crop top and left, target height and width.
+    pub text_time: Option<(&'a Tensor, &'a Tensor)>,
+    /// LCM: the guidance-scale embedding (batch, `time_cond_proj_dim`).
+    pub timestep_cond: Option<&'a Tensor>,
+}
+
 pub struct UNet {
     pub config: UNetConfig,
     time_embedding: TimestepEmbedding,
+    /// SDXL's `add_embedding` (over `text_embeds` and the time ids' features).
+    add_embedding: Option<TimestepEmbedding>,
     conv_in: Conv2d,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
@@ -57,11 +70,23 @@ impl UNet {
             .map(|i| UpBlock::load(&vb.pp("up_blocks").pp(i), c, i))
             .collect::<Result<_>>()?;
         Ok(Self {
-            time_embedding: TimestepEmbedding::load(
+            time_embedding: TimestepEmbedding::load_with_cond(
                 &vb.pp("time_embedding"),
                 ch0,
                 c.time_embedding_dim,
+                c.time_cond_proj_dim,
             )?,
+            add_embedding: c
+                .text_time
+                .as_ref()
+                .map(|tt| {
+                    TimestepEmbedding::load(
+                        &vb.pp("add_embedding"),
+                        tt.input_dim,
+                        c.time_embedding_dim,
+                    )
+                })
+                .transpose()?,
             conv_in: Conv2d::load(
                 &vb.pp("conv_in"),
                 c.in_channels,
@@ -105,6 +130,18 @@ impl UNet {
         timesteps: &[f64],
         context: &Tensor,
     ) -> Result<Tensor> {
+        self.forward_conditioned(sample, timesteps, context, &ExtraConditions::default())
+    }
+
+    /// The full forward pass: one timestep per batch row, plus the extra conditions that
+    /// SDXL (`text_time`) and LCM (`timestep_cond`) U-Nets take.
+    pub fn forward_conditioned(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+        extra: &ExtraConditions,
+    ) -> Result<Tensor> {
         let (batch, channels, _, _) = sample.dims4()?;
         if timesteps.len() != batch {
             return Err(Error::InvalidRequest(format!(
@@ -125,7 +162,47 @@ impl UNet {
             self.config.freq_shift,
             &self.device,
         )?;
-        let temb = self.time_embedding.forward(&features)?;
+        if let (Some(cond), Some(dim)) = (extra.timestep_cond, self.config.time_cond_proj_dim) {
+            if cond.dims() != [batch, dim] {
+                return Err(Error::InvalidRequest(format!(
+                    "the guidance embedding has shape {:?}; the U-Net takes ({batch}, {dim})",
+                    cond.dims()
+                )));
+            }
+        }
+        let mut temb = self
+            .time_embedding
+            .forward_cond(&features, extra.timestep_cond)?;
+        if let (Some(add), Some(tt)) = (&self.add_embedding, &self.config.text_time) {
+            let Some((text_embeds, time_ids)) = extra.text_time else {
+                return Err(Error::InvalidRequest(
+                    "this U-Net (SDXL) needs the pooled text embedding and the time ids".into(),
+                ));
+            };
+            let want = tt.text_embeds_dim();
+            if text_embeds.dims() != [batch, want] || time_ids.dims() != [batch, 6] {
+                return Err(Error::InvalidRequest(format!(
+                    "text embeddings {:?} and time ids {:?}: the U-Net takes ({batch}, {want}) and ({batch}, 6)",
+                    text_embeds.dims(),
+                    time_ids.dims()
+                )));
+            }
+            let ids: Vec<f64> = time_ids
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_vec1()?;
+            let time_features = timestep_features(
+                &ids,
+                tt.time_embed_dim,
+                self.config.flip_sin_to_cos,
+                self.config.freq_shift,
+                &self.device,
+            )?
+            .reshape((batch, 6 * tt.time_embed_dim))?;
+            let text_embeds = text_embeds.to_dtype(time_features.dtype())?;
+            let added = add.forward(&Tensor::cat(&[&text_embeds, &time_features], 1)?)?;
+            temb = (temb + added)?;
+        }
 
         let sample = if self.config.center_input_sample {
             sample.affine(2.0, -1.0)?

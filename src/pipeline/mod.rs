@@ -1,5 +1,10 @@
-//! The composition Text2Img(c, u) = Dec(LatentGen(TextEnc(c), u)): text encoding,
-//! classifier-free guidance, the scheduler loop seeded from torch's generator, VAE decode.
+//! The composition Text2Img((c_1..c_m), u) = Dec(LatentGen((TextEnc_i(c_i))_i, u)): text
+//! encoding ([`conditioning`]), classifier-free guidance, the scheduler loop seeded from
+//! torch's generator, VAE decode. One text encoder for Stable Diffusion 1.x/2.x, two for
+//! SDXL ([`family`]).
+
+pub mod conditioning;
+pub mod family;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -8,14 +13,17 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use crate::error::{read_json, Error, Result};
-use crate::latent::schedulers::{self, SchedulerKind, SchedulerOptions};
-use crate::latent::unet::UNet;
+use crate::latent::schedulers::{self, SchedulerKind, SchedulerOptions, TimestepSpacing};
+use crate::latent::unet::embeddings::guidance_scale_embedding;
+use crate::latent::unet::{ExtraConditions, UNet};
 use crate::rng::BatchGenerator;
 use crate::text::clip::ClipTextModel;
 use crate::text::tokenizer::ClipTokenizer;
 use crate::vae::preview::latent_preview;
 use crate::vae::AutoencoderKl;
 use crate::weights::folder::{self, ModelFolder};
+use conditioning::{Conditioning, TextEncoder};
+pub use family::Family;
 
 /// How to load a model.
 #[derive(Clone, Debug)]
@@ -37,17 +45,24 @@ impl Default for LoadOptions {
 /// One generation request; every field has a default, so callers set only what they need.
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
-    pub prompt: String,
-    /// The unconditional prompt of classifier-free guidance ("" when empty, as diffusers).
-    pub negative_prompt: String,
+    /// The condition strings, one per text encoder (SDXL: `prompt`, `prompt_2`). An encoder
+    /// with no string here, or an empty one past the first, takes the first, as diffusers'
+    /// `prompt_2 = prompt_2 or prompt`. [`GenerateRequest::new`] sets one.
+    pub prompts: Vec<String>,
+    /// The unconditional strings of classifier-free guidance, one per encoder, filled in the
+    /// same way. `None`: no negative prompt, which is "" for SD 1.x/2.x and zero embeddings
+    /// for SDXL folders with `force_zeros_for_empty_prompt` (as diffusers).
+    pub negative_prompts: Option<Vec<String>>,
     /// Image i uses seed + i. `None` draws a seed.
     pub seed: Option<u64>,
     /// `None`: the model's default (50 for diffusers-layout folders).
     pub steps: Option<usize>,
-    /// `None`: the model's default (7.5 for diffusers-layout folders). <= 1 disables guidance.
+    /// `None`: the model's default (7.5 for SD, 5 for SDXL). <= 1 disables guidance.
     pub guidance_scale: Option<f64>,
     /// `None`: the model folder's own scheduler.
     pub scheduler: Option<SchedulerKind>,
+    /// Overrides the scheduler's `timestep_spacing` (`trailing` for SD-Turbo-style models).
+    pub timestep_spacing: Option<TimestepSpacing>,
     /// `None`: the U-Net's `sample_size` times the VAE factor.
     pub width: Option<usize>,
     pub height: Option<usize>,
@@ -56,33 +71,86 @@ pub struct GenerateRequest {
     pub eta: f64,
     /// 0: the text encoder's last layer; k: the k-th layer from the end (diffusers' meaning).
     pub clip_skip: usize,
+    /// SDXL time ids: the (height, width) the model is told the original image had (default:
+    /// the output size), the crop's (top, left) (default 0, 0) and the target (height, width)
+    /// (default: the output size).
+    pub original_size: Option<(usize, usize)>,
+    pub crop_top_left: (usize, usize),
+    pub target_size: Option<(usize, usize)>,
 }
 
 impl Default for GenerateRequest {
     fn default() -> Self {
         Self {
-            prompt: String::new(),
-            negative_prompt: String::new(),
+            prompts: vec![String::new()],
+            negative_prompts: None,
             seed: None,
             steps: None,
             guidance_scale: None,
             scheduler: None,
+            timestep_spacing: None,
             width: None,
             height: None,
             num_images: 1,
             eta: 0.0,
             clip_skip: 0,
+            original_size: None,
+            crop_top_left: (0, 0),
+            target_size: None,
         }
     }
+}
+
+impl GenerateRequest {
+    /// A request for one prompt (for every text encoder), all else default.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompts: vec![prompt.into()],
+            ..Self::default()
+        }
+    }
+
+    /// The first condition string (what metadata calls the prompt).
+    pub fn prompt(&self) -> &str {
+        self.prompts.first().map_or("", String::as_str)
+    }
+
+    /// The first negative string, "" when there is none.
+    pub fn negative_prompt(&self) -> &str {
+        self.negative_prompts
+            .as_ref()
+            .and_then(|n| n.first())
+            .map_or("", String::as_str)
+    }
+
+    /// Sets the negative prompt (for every encoder).
+    pub fn with_negative(mut self, negative: impl Into<String>) -> Self {
+        self.negative_prompts = Some(vec![negative.into()]);
+        self
+    }
+}
+
+/// `m` strings from a list, diffusers' way: missing or empty entries past the first take
+/// the first.
+fn per_encoder(strings: &[String], m: usize) -> Vec<&str> {
+    let first = strings.first().map_or("", String::as_str);
+    (0..m)
+        .map(|i| match strings.get(i) {
+            Some(s) if i == 0 || !s.is_empty() => s.as_str(),
+            _ => first,
+        })
+        .collect()
 }
 
 /// Defaults a model folder may carry in `text2img.json` (diffusers ignores the file).
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct ModelDefaults {
-    #[serde(default = "d_steps")]
-    pub steps: usize,
-    #[serde(default = "d_guidance")]
-    pub guidance_scale: f64,
+    /// `None`: the family's default (diffusers': 50, or 4 for LCM pipelines).
+    #[serde(default)]
+    pub steps: Option<usize>,
+    /// `None`: the family's default (diffusers': 7.5 for SD, 5 for SDXL, 8.5 for LCM).
+    #[serde(default)]
+    pub guidance_scale: Option<f64>,
     #[serde(default)]
     pub scheduler: Option<String>,
     #[serde(default)]
@@ -91,18 +159,11 @@ pub struct ModelDefaults {
     pub height: Option<usize>,
 }
 
-fn d_steps() -> usize {
-    50
-}
-fn d_guidance() -> f64 {
-    7.5
-}
-
 impl Default for ModelDefaults {
     fn default() -> Self {
         Self {
-            steps: d_steps(),
-            guidance_scale: d_guidance(),
+            steps: None,
+            guidance_scale: None,
             scheduler: None,
             width: None,
             height: None,
@@ -175,12 +236,15 @@ pub struct Generation {
 /// A loaded model: load once, serve many requests.
 pub struct Pipeline {
     pub name: String,
-    pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
+    pub family: Family,
+    /// TextEnc_1..m, in the order of the condition strings.
+    pub text_encoders: Vec<TextEncoder>,
     pub unet: UNet,
     pub vae: AutoencoderKl,
     scheduler_config: Value,
     folder_scheduler: SchedulerKind,
+    /// SDXL: an absent negative prompt means zero embeddings.
+    force_zeros_for_empty_prompt: bool,
     pub defaults: ModelDefaults,
     device: Device,
 }
@@ -195,16 +259,13 @@ impl Pipeline {
     pub fn load_folder(folder: &ModelFolder, options: &LoadOptions) -> Result<Self> {
         let variant = options.variant.as_deref();
         let device = &options.device;
-        for (component, class) in [
-            ("unet", "UNet2DConditionModel"),
-            ("vae", "AutoencoderKL"),
-            ("text_encoder", "CLIPTextModel"),
-        ] {
+        let family = Family::detect(folder)?;
+        for (component, class) in family.components() {
             if let Some(found) = folder.class_of(component) {
-                if found != class {
+                if found != *class {
                     return Err(Error::config(
                         folder.root.join("model_index.json"),
-                        format!("{component} is a `{found}`; only `{class}` is supported (Stable Diffusion 1.x/2.x)"),
+                        format!("{component} is a `{found}`; this pipeline needs a `{class}`"),
                     ));
                 }
             }
@@ -228,21 +289,95 @@ impl Pipeline {
         } else {
             ModelDefaults::default()
         };
-        let tokenizer = ClipTokenizer::from_folder(&folder.component("tokenizer"))?;
-        let text_encoder = ClipTextModel::load(&folder.component("text_encoder"), variant, device)?;
+        let encoder_names: &[(&str, &str)] = match family {
+            Family::StableDiffusionXl => &[
+                ("tokenizer", "text_encoder"),
+                ("tokenizer_2", "text_encoder_2"),
+            ],
+            _ => &[("tokenizer", "text_encoder")],
+        };
+        let mut text_encoders = Vec::new();
+        for (tokenizer, encoder) in encoder_names {
+            text_encoders.push(TextEncoder {
+                tokenizer: ClipTokenizer::from_folder(&folder.component(tokenizer))?,
+                model: ClipTextModel::load(&folder.component(encoder), variant, device)?,
+            });
+        }
         let unet = UNet::load(&folder.component("unet"), variant, device)?;
         let vae = AutoencoderKl::load(&folder.component("vae"), variant, device)?;
-        Ok(Self {
+        let pipeline = Self {
             name: folder.name.clone(),
-            tokenizer,
-            text_encoder,
+            family,
+            text_encoders,
             unet,
             vae,
             scheduler_config,
             folder_scheduler,
+            force_zeros_for_empty_prompt: folder
+                .index
+                .get("force_zeros_for_empty_prompt")
+                .and_then(Value::as_bool)
+                .unwrap_or(family == Family::StableDiffusionXl),
             defaults,
             device: device.clone(),
-        })
+        };
+        pipeline.check_widths(folder)?;
+        Ok(pipeline)
+    }
+
+    /// The text encoders' widths must add up to what the U-Net's cross-attention reads, and
+    /// an SDXL U-Net's added embedding must fit the pooled text embedding.
+    fn check_widths(&self, folder: &ModelFolder) -> Result<()> {
+        let unet_config = folder.component("unet").join("config.json");
+        let context: usize = self
+            .text_encoders
+            .iter()
+            .map(|e| e.model.config.hidden_size)
+            .sum();
+        let cross = self
+            .unet
+            .config
+            .down_blocks
+            .iter()
+            .map(|b| b.cross_attention_dim)
+            .max()
+            .unwrap_or(context);
+        if cross != context {
+            return Err(Error::config(
+                unet_config,
+                format!("the U-Net's cross_attention_dim is {cross}, but the text encoders give {context} features"),
+            ));
+        }
+        match (&self.unet.config.text_time, self.family) {
+            (Some(tt), Family::StableDiffusionXl) => {
+                let last = &self.text_encoders.last().expect("two encoders").model;
+                let projection = last.text_projection.as_ref().map(|_| last.config.projection_dim);
+                if projection.flatten() != Some(tt.text_embeds_dim()) {
+                    return Err(Error::config(
+                        unet_config,
+                        format!(
+                            "projection_class_embeddings_input_dim expects {} text-embedding features; text_encoder_2 projects to {:?}",
+                            tt.text_embeds_dim(),
+                            projection.flatten()
+                        ),
+                    ));
+                }
+            }
+            (None, Family::StableDiffusionXl) => {
+                return Err(Error::config(
+                    unet_config,
+                    "an SDXL pipeline needs a U-Net with `addition_embed_type` \"text_time\"",
+                ))
+            }
+            (Some(_), _) => {
+                return Err(Error::config(
+                    unet_config,
+                    "this U-Net takes SDXL's text_time conditioning, but the folder is not an SDXL pipeline",
+                ))
+            }
+            (None, _) => {}
+        }
+        Ok(())
     }
 
     /// The pixels one latent covers (diffusers' `vae_scale_factor`).
@@ -257,6 +392,12 @@ impl Pipeline {
             .as_deref()
             .and_then(|s| SchedulerKind::from_cli_name(s).ok())
             .unwrap_or(self.folder_scheduler)
+    }
+
+    /// Whether the U-Net takes the guidance scale as an embedding (LCM) instead of a
+    /// second, unconditional pass.
+    pub fn embeds_guidance(&self) -> bool {
+        self.unet.config.time_cond_proj_dim.is_some()
     }
 
     /// Fills a request's open fields with this model's defaults and checks it.
@@ -276,7 +417,10 @@ impl Pipeline {
                 )));
             }
         }
-        let steps = req.steps.unwrap_or(self.defaults.steps);
+        let steps = req
+            .steps
+            .or(self.defaults.steps)
+            .unwrap_or(self.family.default_steps());
         if steps == 0 {
             return Err(Error::InvalidRequest("steps must be at least 1".into()));
         }
@@ -285,7 +429,10 @@ impl Pipeline {
                 "num_images must be at least 1".into(),
             ));
         }
-        let guidance_scale = req.guidance_scale.unwrap_or(self.defaults.guidance_scale);
+        let guidance_scale = req
+            .guidance_scale
+            .or(self.defaults.guidance_scale)
+            .unwrap_or(self.family.default_guidance());
         if !guidance_scale.is_finite() {
             return Err(Error::InvalidRequest(
                 "guidance scale must be a finite number".into(),
@@ -294,11 +441,26 @@ impl Pipeline {
         if !(req.eta.is_finite() && req.eta >= 0.0) {
             return Err(Error::InvalidRequest("eta must be a number >= 0".into()));
         }
-        if req.clip_skip >= self.text_encoder.num_layers() {
+        // SDXL reads the penultimate layer already, so clip skip goes one further.
+        let reserved = usize::from(self.family == Family::StableDiffusionXl);
+        let layers = self
+            .text_encoders
+            .iter()
+            .map(|e| e.model.num_layers())
+            .min()
+            .unwrap_or(0);
+        if req.clip_skip + reserved >= layers {
             return Err(Error::InvalidRequest(format!(
-                "clip skip {} must be below the text encoder's {} layers",
+                "clip skip {} must be below {}: the text encoder has {layers} layers",
                 req.clip_skip,
-                self.text_encoder.num_layers()
+                layers - reserved
+            )));
+        }
+        if req.prompts.len() > self.text_encoders.len() {
+            return Err(Error::InvalidRequest(format!(
+                "{} prompts for a model with {} text encoder(s)",
+                req.prompts.len(),
+                self.text_encoders.len()
             )));
         }
         Ok(Resolved {
@@ -310,21 +472,25 @@ impl Pipeline {
         })
     }
 
-    /// TextEnc: the embeddings of one prompt (1, tokens, dim), warning on truncation.
-    pub fn encode_prompt(
+    /// TextEnc: the conditioning of one set of condition strings (batch 1).
+    pub fn encode_prompts(
         &self,
-        prompt: &str,
+        prompts: &[String],
         clip_skip: usize,
         warnings: &mut Vec<String>,
-    ) -> Result<Tensor> {
-        let encoded = self.tokenizer.encode_padded(prompt);
-        if let Some(cut) = &encoded.truncated {
-            warnings.push(format!(
-                "the prompt was truncated because CLIP can only handle sequences up to {} tokens; removed: \"{cut}\"",
-                self.tokenizer.model_max_length()
-            ));
+    ) -> Result<Conditioning> {
+        let strings = per_encoder(prompts, self.text_encoders.len());
+        match self.family {
+            Family::StableDiffusionXl => {
+                conditioning::sdxl(&self.text_encoders, &strings, clip_skip, warnings)
+            }
+            _ => conditioning::stable_diffusion(
+                &self.text_encoders[0],
+                strings[0],
+                clip_skip,
+                warnings,
+            ),
         }
-        self.text_encoder.forward(&[encoded.ids], clip_skip)
     }
 
     /// Runs a request. `on_step` sees each step's progress; returning `false` cancels.
@@ -342,6 +508,21 @@ impl Pipeline {
         })
     }
 
+    /// The unconditional half of classifier-free guidance.
+    fn encode_negative(&self, req: &GenerateRequest, cond: &Conditioning) -> Result<Conditioning> {
+        match &req.negative_prompts {
+            None if self.family == Family::StableDiffusionXl
+                && self.force_zeros_for_empty_prompt =>
+            {
+                cond.zeros_like()
+            }
+            // diffusers encodes the negative prompt from the last layer (SDXL: the
+            // penultimate) even with clip skip; so do we, so that a seed gives its image.
+            None => self.encode_prompts(&[String::new()], 0, &mut Vec::new()),
+            Some(negatives) => self.encode_prompts(negatives, 0, &mut Vec::new()),
+        }
+    }
+
     /// Runs a request; after each step `on_step` may continue, finish early (decoding the
     /// latents as they are) or cancel.
     pub fn generate_controlled(
@@ -353,33 +534,64 @@ impl Pipeline {
         let mut timings = Timings::default();
         let mut warnings = Vec::new();
         let n = req.num_images;
-        let cfg = resolved.guidance_scale > 1.0;
+        // LCM U-Nets take the guidance as an embedding: no unconditional pass.
+        let cfg = resolved.guidance_scale > 1.0 && !self.embeds_guidance();
         let seed = req.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
 
         let started = Instant::now();
-        let cond = self.encode_prompt(&req.prompt, req.clip_skip, &mut warnings)?;
-        let cond = cond.repeat((n, 1, 1))?;
-        let context = if cfg {
-            // diffusers encodes the negative prompt from the last layer even with clip skip;
-            // we do the same so that a seed gives diffusers' image.
-            let uncond = self.encode_prompt(&req.negative_prompt, 0, &mut Vec::new())?;
-            Tensor::cat(&[&uncond.repeat((n, 1, 1))?, &cond], 0)?
+        let cond = self.encode_prompts(&req.prompts, req.clip_skip, &mut warnings)?;
+        let conditioning = if cfg {
+            let uncond = self.encode_negative(req, &cond)?;
+            Conditioning::batch(&[&uncond, &cond], n)?
         } else {
-            cond
+            Conditioning::batch(&[&cond], n)?
+        };
+        let rows = conditioning.context.dim(0)?;
+        let time_ids = match self.family {
+            Family::StableDiffusionXl => {
+                let size = (resolved.height, resolved.width);
+                Some(conditioning::time_ids(
+                    req.original_size.unwrap_or(size),
+                    req.crop_top_left,
+                    req.target_size.unwrap_or(size),
+                    rows,
+                    &self.device,
+                )?)
+            }
+            _ => None,
+        };
+        let guidance_embedding = self
+            .unet
+            .config
+            .time_cond_proj_dim
+            .map(|dim| {
+                guidance_scale_embedding(&vec![resolved.guidance_scale; rows], dim, &self.device)
+            })
+            .transpose()?;
+        let extra = ExtraConditions {
+            text_time: conditioning.text_embeds.as_ref().zip(time_ids.as_ref()),
+            timestep_cond: guidance_embedding.as_ref(),
         };
         timings.text = started.elapsed();
 
         let started = Instant::now();
-        // diffusers' pipeline rewrites some scheduler keys before the loop; so do we.
-        let config = schedulers::stable_diffusion_pipeline_config(
-            resolved.scheduler,
-            &self.scheduler_config,
-        )?;
+        // diffusers' StableDiffusionPipeline rewrites some scheduler keys before the loop;
+        // so do we. The SDXL and LCM pipelines run the folder's config as it is.
+        let config = match self.family {
+            Family::StableDiffusion => schedulers::stable_diffusion_pipeline_config(
+                resolved.scheduler,
+                &self.scheduler_config,
+            )?,
+            _ => self.scheduler_config.clone(),
+        };
         let mut scheduler = schedulers::build(
             resolved.scheduler,
             &config,
             resolved.steps,
-            &SchedulerOptions { eta: req.eta },
+            &SchedulerOptions {
+                eta: req.eta,
+                timestep_spacing: req.timestep_spacing,
+            },
         )?;
         let f = self.vae_scale_factor();
         let shape = [
@@ -399,7 +611,12 @@ impl Pipeline {
                 latents.clone()
             };
             let input = scheduler.scale_model_input(&input, i)?;
-            let pred = self.unet.forward(&input, t, &context)?;
+            let pred = self.unet.forward_conditioned(
+                &input,
+                &vec![t; rows],
+                &conditioning.context,
+                &extra,
+            )?;
             let pred = if cfg {
                 let uncond = pred.narrow(0, 0, n)?;
                 let text = pred.narrow(0, n, n)?;

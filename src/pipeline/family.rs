@@ -1,0 +1,84 @@
+//! Which pipeline a model folder is: read from `model_index.json`'s class name (or, without
+//! one, from the components present), with a clear error for layouts not supported yet.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::weights::folder::ModelFolder;
+
+/// The pipelines text2img runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `StableDiffusionPipeline` (SD 1.x/2.x): one CLIP text encoder.
+    StableDiffusion,
+    /// `LatentConsistencyModelPipeline`: SD 1.x/2.x with an LCM-distilled U-Net.
+    LatentConsistency,
+    /// `StableDiffusionXLPipeline`: two text encoders and `text_time` added conditioning.
+    StableDiffusionXl,
+}
+
+const SUPPORTED: &str =
+    "StableDiffusionPipeline, StableDiffusionXLPipeline, LatentConsistencyModelPipeline";
+
+impl Family {
+    pub fn detect(folder: &ModelFolder) -> Result<Self> {
+        let index = folder.root.join("model_index.json");
+        let class = folder.index.get("_class_name").and_then(|v| v.as_str());
+        let family = match class {
+            Some("StableDiffusionPipeline") => Family::StableDiffusion,
+            Some("LatentConsistencyModelPipeline") => Family::LatentConsistency,
+            Some("StableDiffusionXLPipeline") => Family::StableDiffusionXl,
+            Some(other) => return Err(unsupported(&index, other)),
+            None if folder.component("text_encoder_2").is_dir() => Family::StableDiffusionXl,
+            None => Family::StableDiffusion,
+        };
+        if family == Family::StableDiffusionXl && !folder.component("text_encoder").is_dir() {
+            return Err(Error::config(
+                index,
+                "an SDXL folder without `text_encoder/` (the refiner layout) is not supported yet",
+            ));
+        }
+        Ok(family)
+    }
+
+    /// The (component, class) pairs the family loads, checked against `model_index.json`.
+    pub fn components(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Family::StableDiffusion | Family::LatentConsistency => &[
+                ("unet", "UNet2DConditionModel"),
+                ("vae", "AutoencoderKL"),
+                ("text_encoder", "CLIPTextModel"),
+            ],
+            Family::StableDiffusionXl => &[
+                ("unet", "UNet2DConditionModel"),
+                ("vae", "AutoencoderKL"),
+                ("text_encoder", "CLIPTextModel"),
+                ("text_encoder_2", "CLIPTextModelWithProjection"),
+            ],
+        }
+    }
+
+    /// Guidance when neither the request nor `text2img.json` sets one (diffusers' defaults).
+    pub fn default_guidance(self) -> f64 {
+        match self {
+            Family::StableDiffusion => 7.5,
+            Family::LatentConsistency => 8.5,
+            Family::StableDiffusionXl => 5.0,
+        }
+    }
+
+    /// Steps when neither the request nor `text2img.json` sets them (diffusers' defaults).
+    pub fn default_steps(self) -> usize {
+        match self {
+            Family::LatentConsistency => 4,
+            _ => 50,
+        }
+    }
+}
+
+fn unsupported(index: &Path, class: &str) -> Error {
+    Error::config(
+        index,
+        format!("`{class}` folders are not supported yet; text2img runs {SUPPORTED}"),
+    )
+}
