@@ -247,3 +247,78 @@ fn a_repo_id_resolves_in_the_hub_cache() {
         texts[0].1
     );
 }
+
+#[test]
+fn sdxl_from_the_command_line_with_two_prompts_and_turbo_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let sdxl = model_dir("sdxl-tiny").display().to_string();
+    // Two prompts and a negative prompt give diffusers' image.
+    let out = dir.path().join("two.png");
+    let result = text2img(
+        &[
+            "generate",
+            "--model",
+            &sdxl,
+            "--prompt",
+            "a red circle on a blue background",
+            "--prompt-2",
+            "a green triangle",
+            "--negative-prompt",
+            "a blue square",
+            "--seed",
+            "42",
+            "--steps",
+            "8",
+            "--guidance-scale",
+            "5",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(result.status.success(), "{}", stderr(&result));
+    let (rgb, ..) = read_png(&out);
+    let (reference, ..) = read_png(&fixtures().join("reference/sdxl/sdxl-two-prompts-0.png"));
+    assert!(psnr(&rgb, &reference) >= 50.0);
+    // SDXL-Turbo settings: euler-a, trailing spacing, no guidance, one step.
+    let out = dir.path().join("turbo.png");
+    let result = text2img(
+        &[
+            "generate",
+            "--model",
+            &sdxl,
+            "--prompt",
+            "a red circle on a blue background",
+            "--scheduler",
+            "euler-a",
+            "--timestep-spacing",
+            "trailing",
+            "--guidance-scale",
+            "0",
+            "--steps",
+            "1",
+            "--seed",
+            "42",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(result.status.success(), "{}", stderr(&result));
+    let (rgb, ..) = read_png(&out);
+    let (reference, ..) = read_png(&fixtures().join("reference/sdxl/sdxl-turbo-1-step-0.png"));
+    assert!(psnr(&rgb, &reference) >= 50.0);
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            &sdxl,
+            "--prompt",
+            "x",
+            "--timestep-spacing",
+            "sideways",
+        ],
+        &[],
+        "unknown timestep spacing `sideways`",
+    );
+}

@@ -21,7 +21,7 @@ mod train;
 #[command(
     name = "text2img",
     version,
-    about = "Text-to-image diffusion (Stable Diffusion 1.x/2.x) on the CPU"
+    about = "Text-to-image diffusion (Stable Diffusion 1.x/2.x/XL) on the CPU"
 )]
 struct Cli {
     #[command(subcommand)]
