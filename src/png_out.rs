@@ -110,3 +110,30 @@ pub fn numbered_path(path: &Path, index: usize, count: usize) -> std::path::Path
         .map_or_else(|| "png".into(), |s| s.to_string_lossy().into_owned());
     path.with_file_name(format!("{stem}-{}.{ext}", index + 1))
 }
+
+/// Lays rows of same-sized images out as one RGB canvas, `gap` white pixels apart:
+/// (rgb, width, height).
+pub fn grid(rows: &[Vec<GeneratedImage>], gap: usize) -> Result<(Vec<u8>, usize, usize)> {
+    let first = rows
+        .first()
+        .and_then(|r| r.first())
+        .ok_or_else(|| Error::InvalidRequest("a grid needs at least one image".into()))?;
+    let (w, h) = (first.width, first.height);
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let (gw, gh) = (cols * (w + gap) - gap, rows.len() * (h + gap) - gap);
+    let mut canvas = vec![255u8; gw * gh * 3];
+    for (r, images) in rows.iter().enumerate() {
+        for (c, image) in images.iter().enumerate() {
+            if (image.width, image.height) != (w, h) {
+                return Err(Error::InvalidRequest(
+                    "grid images must share one size".into(),
+                ));
+            }
+            for y in 0..h {
+                let dst = ((r * (h + gap) + y) * gw + c * (w + gap)) * 3;
+                canvas[dst..dst + w * 3].copy_from_slice(&image.rgb[y * w * 3..(y + 1) * w * 3]);
+            }
+        }
+    }
+    Ok((canvas, gw, gh))
+}

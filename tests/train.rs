@@ -1,6 +1,8 @@
 //! Training through the real binary: a short run's loss falls, and a run killed with
 //! SIGKILL then resumed gives the same loss curve as an uninterrupted run.
 
+mod parity;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -107,7 +109,22 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
 
     // LatentGen, uninterrupted.
     let a = tmp.path().join("a");
-    run(&unet_args(vae_s, a.to_str().unwrap(), "30"));
+    // With samples every 15 steps (the killed run below has none: sampling must not change
+    // the loss curve).
+    let mut with_samples = unet_args(vae_s, a.to_str().unwrap(), "30");
+    with_samples.extend(["--sample-every", "15"]);
+    run(&with_samples);
+    for step in ["000015", "000030"] {
+        let (_, w, h, texts) = parity::read_png(&a.join(format!("samples/step-{step}.png")));
+        assert_eq!(
+            (w, h),
+            (4 * 66 - 2, 4 * 66 - 2),
+            "4 captions x 4 seeds of 64x64"
+        );
+        assert!(texts
+            .iter()
+            .any(|(k, v)| k == "parameters" && v.starts_with("step ")));
+    }
     let full = losses(&a);
     assert_eq!(full.len(), 30);
     assert!(

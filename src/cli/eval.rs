@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 
 use text2img::pipeline::{GenerateRequest, Pipeline};
-use text2img::png_out::{encode_rgb_png, write_atomic};
+use text2img::png_out::{encode_rgb_png, grid, write_atomic};
 use text2img::train::evaluate::{evaluate, EvaluateOptions};
 
 #[derive(Args)]
@@ -85,18 +85,7 @@ pub fn grid_cmd(a: GridArgs) -> Result<()> {
         };
         rows.push(pipeline.generate(&request, &mut |_| true)?.images);
     }
-    let (w, h) = (rows[0][0].width, rows[0][0].height);
-    let gap = 2;
-    let (gw, gh) = (a.seeds * (w + gap) - gap, rows.len() * (h + gap) - gap);
-    let mut canvas = vec![255u8; gw * gh * 3];
-    for (r, images) in rows.iter().enumerate() {
-        for (c, image) in images.iter().enumerate() {
-            for y in 0..h {
-                let dst = ((r * (h + gap) + y) * gw + c * (w + gap)) * 3;
-                canvas[dst..dst + w * 3].copy_from_slice(&image.rgb[y * w * 3..(y + 1) * w * 3]);
-            }
-        }
-    }
+    let (canvas, gw, gh) = grid(&rows, 2)?;
     let params = format!(
         "grid: {} prompts x seeds {}..{}",
         a.prompts.len(),

@@ -160,6 +160,10 @@ pub struct TrainArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 250)]
     pub save_every: usize,
+    /// Every N steps, render four captions x four seeds with the EMA weights into
+    /// OUT/samples/step-N.png (0: never).
+    #[arg(long, default_value_t = 500)]
+    pub sample_every: usize,
     #[arg(long)]
     pub resume: bool,
     #[arg(long)]
@@ -205,7 +209,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         text_max_tokens: a.text_max_tokens,
         seed: a.seed,
         save_every: a.save_every.max(1),
-        sample_every: 0,
+        sample_every: a.sample_every,
         quiet: a.quiet,
     };
     let report = train(options, a.resume)?;

@@ -211,10 +211,11 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
     let resumed = if resume {
         let ck: Checkpoint<RunState> = checkpoint::load(&o.out)?;
         start = ck.state.step;
-        let (steps, quiet) = (o.steps, o.quiet);
+        let (steps, quiet, sample_every) = (o.steps, o.quiet, o.sample_every);
         o = ck.state.options.clone();
         o.steps = steps.max(start);
         o.quiet = quiet;
+        o.sample_every = sample_every;
         Some(ck)
     } else {
         None
@@ -275,6 +276,13 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         opt.load_state(&ck.optimizer, start)?;
     }
     let data = DataSource::open(&o.data, o.seed, o.size)?;
+    // Sample prompts: four captions from a part of the stream far from what training reads
+    // first (for a folder, the positions wrap around to its first captions).
+    let sample_prompts = if o.sample_every > 0 {
+        data.batch(1 << 40, 4, &device)?.captions
+    } else {
+        Vec::new()
+    };
     let acp = alphas_cumprod(1000);
     let mut log = TrainLog::open(&o.out, "step,loss,lr,grad_norm", start, o.steps, o.quiet)?;
     let parameters = unet_params.num_parameters() + params.num_parameters();
@@ -322,9 +330,17 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         last_loss = loss.to_scalar::<f32>()? as f64;
         log.step(step + 1, last_loss, b, &[stats.lr, stats.grad_norm])?;
         let done = step + 1 == o.steps;
-        if (step + 1) % o.save_every == 0 || done {
+        let saving = (step + 1) % o.save_every == 0 || done;
+        if saving {
             save(&o, &unet_params, &params, &opt, step + 1)?;
             export(&o, &opt)?;
+        }
+        if o.sample_every > 0 && (step + 1) % o.sample_every == 0 {
+            if !saving {
+                export(&o, &opt)?;
+            }
+            let path = write_samples(&o, step + 1, &sample_prompts)?;
+            log.println(format!("samples: {}", path.display()));
         }
     }
     log.finish();
@@ -360,6 +376,31 @@ fn save(
             },
         },
     )
+}
+
+/// Renders the sample prompts x 4 seeds with the output folder as it now is (the EMA
+/// weights) into `samples/step-NNNNNN.png`, so a run can be watched as it learns.
+fn write_samples(o: &TrainOptions, step: usize, prompts: &[String]) -> Result<std::path::PathBuf> {
+    let pipeline = crate::pipeline::load_local(&o.out, &Default::default())?;
+    let mut rows = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let request = crate::pipeline::GenerateRequest {
+            seed: Some(0),
+            num_images: 4,
+            ..crate::pipeline::GenerateRequest::new(prompt.clone())
+        };
+        rows.push(pipeline.generate(&request, &mut |_| true)?.images);
+    }
+    let (rgb, w, h) = crate::png_out::grid(&rows, 2)?;
+    let dir = o.out.join("samples");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let path = dir.join(format!("step-{step:06}.png"));
+    let text = format!("step {step}; rows: {}; seeds 0..3", prompts.join(" | "));
+    crate::png_out::write_atomic(
+        &path,
+        &crate::png_out::encode_rgb_png(&rgb, w, h, Some(&text))?,
+    )?;
+    Ok(path)
 }
 
 /// Writes the EMA weights into the output folder's diffusers layout.
