@@ -13,6 +13,7 @@ use text2img::pipeline::GenerateRequest;
 use text2img::png_out::{a1111_parameters, encode_png, numbered_path, write_atomic};
 
 mod assets;
+mod bench;
 mod eval;
 mod serve;
 mod train;
@@ -44,6 +45,8 @@ enum Command {
     Grid(eval::GridArgs),
     /// Serve an HTTP API (A1111- and OpenAI-compatible) and a web page.
     Serve(serve::ServeArgs),
+    /// Time the parts of a generation (load, text, U-Net step, VAE decode) and sgemm.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -157,6 +160,7 @@ fn main() -> ExitCode {
         Command::Evaluate(args) => eval::evaluate_cmd(args),
         Command::Grid(args) => eval::grid_cmd(args),
         Command::Serve(args) => serve::serve_cmd(args),
+        Command::Bench(args) => bench::bench_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

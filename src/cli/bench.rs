@@ -1,0 +1,110 @@
+//! `text2img bench`: times the parts of a generation on this machine (load, text encoding,
+//! one U-Net step with classifier-free guidance, VAE decode) and a large matrix product, so
+//! speed work can be measured. `scripts/bench` puts these beside PyTorch's figures.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+
+use text2img::latent::unet::ExtraConditions;
+use text2img::pipeline::GenerateRequest;
+use text2img::rng::BatchGenerator;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A model folder or repo id; default: the built-in model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Image size (square) for the U-Net step and the decode.
+    #[arg(long, default_value_t = 512)]
+    size: usize,
+    /// Timed repetitions of each part (the best is reported).
+    #[arg(long, default_value_t = 2)]
+    repeat: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn best<T>(repeat: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..repeat.max(1) {
+        let started = Instant::now();
+        f()?;
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+pub fn bench_cmd(a: BenchArgs) -> Result<()> {
+    let started = Instant::now();
+    let (pipeline, source) = crate::assets::load_model(a.model.as_deref(), None)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let device = candle_core::Device::Cpu;
+    let f = pipeline.vae_scale_factor();
+    if a.size == 0 || a.size % f != 0 {
+        anyhow::bail!("--size {} is not a positive multiple of {f}", a.size);
+    }
+    let request = GenerateRequest::new("a photograph of an astronaut riding a horse");
+    let mut warnings = Vec::new();
+    let text_s = best(a.repeat, || {
+        Ok(pipeline.encode_prompts(&request.prompts, 0, &mut warnings)?)
+    })?;
+    let cond = pipeline.encode_prompts(&request.prompts, 0, &mut warnings)?;
+    let uncond = pipeline.encode_prompts(&[String::new()], 0, &mut warnings)?;
+    let batch = text2img::pipeline::conditioning::Conditioning::batch(&[&uncond, &cond], 1)?;
+    let latent = [2, pipeline.unet.config.in_channels, a.size / f, a.size / f];
+    let sample = BatchGenerator::consecutive(0, 2).randn(&latent, &device)?;
+    let time_ids = text2img::pipeline::conditioning::time_ids(
+        (a.size, a.size),
+        (0, 0),
+        (a.size, a.size),
+        2,
+        &device,
+    )?;
+    let guidance = pipeline
+        .unet
+        .config
+        .time_cond_proj_dim
+        .map(|d| text2img::latent::unet::embeddings::guidance_scale_embedding(&[7.5, 7.5], d, &device))
+        .transpose()?;
+    let extra = ExtraConditions {
+        text_time: batch.text_embeds.as_ref().map(|t| (t, &time_ids)),
+        timestep_cond: guidance.as_ref(),
+    };
+    let unet_s = best(a.repeat, || {
+        Ok(pipeline
+            .unet
+            .forward_conditioned(&sample, &[500.0, 500.0], &batch.context, &extra)?)
+    })?;
+    let z = sample.narrow(0, 0, 1)?;
+    let decode_s = best(a.repeat, || Ok(pipeline.vae.decode(&z)?))?;
+    let n = 2048;
+    let x = BatchGenerator::consecutive(1, 1)
+        .randn(&[1, n, n], &device)?
+        .squeeze(0)?;
+    let sgemm_s = best(a.repeat.max(3), || Ok(x.matmul(&x)?))?;
+    let gflops = 2.0 * (n as f64).powi(3) / sgemm_s / 1e9;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "model": source, "size": a.size, "threads": threads, "load_s": load_s,
+                "text_s": text_s, "unet_step_cfg_s": unet_s, "vae_decode_s": decode_s,
+                "sgemm_2048_gflops": gflops,
+            })
+        );
+    } else {
+        println!("model {} ({source})", pipeline.name);
+        println!("  size {}x{}, {threads} threads", a.size, a.size);
+        println!("  load                      {load_s:8.2} s");
+        println!("  text encoding (1 prompt)  {text_s:8.3} s");
+        println!("  U-Net step, CFG batch 2   {unet_s:8.3} s");
+        println!("  VAE decode (1 image)      {decode_s:8.3} s");
+        println!("  sgemm 2048^3              {gflops:8.1} GFLOP/s");
+    }
+    Ok(())
+}
