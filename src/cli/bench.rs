@@ -68,7 +68,9 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
         .unet
         .config
         .time_cond_proj_dim
-        .map(|d| text2img::latent::unet::embeddings::guidance_scale_embedding(&[7.5, 7.5], d, &device))
+        .map(|d| {
+            text2img::latent::unet::embeddings::guidance_scale_embedding(&[7.5, 7.5], d, &device)
+        })
         .transpose()?;
     let extra = ExtraConditions {
         text_time: batch.text_embeds.as_ref().map(|t| (t, &time_ids)),

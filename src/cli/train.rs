@@ -59,6 +59,10 @@ pub struct TrainVaeArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// Learning-rate schedule after the warm-up: cosine (decays to 10 % at the last step)
+    /// or constant.
+    #[arg(long, default_value = "cosine", value_parser = ["cosine", "constant"])]
+    pub lr_schedule: String,
     /// Channels per level; n levels downsample by 2^(n-1).
     #[arg(long, default_value = "32,64,64")]
     pub channels: String,
@@ -89,6 +93,7 @@ pub fn train_vae_cmd(a: TrainVaeArgs) -> Result<()> {
         steps: a.steps,
         batch: a.batch,
         lr: a.lr,
+        cosine: a.lr_schedule == "cosine",
         channels: parse_list(&a.channels)?,
         latent_channels: a.latent_channels,
         layers_per_block: a.layers_per_block,
@@ -132,6 +137,10 @@ pub struct TrainArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 5e-4)]
     pub lr: f64,
+    /// Learning-rate schedule after the warm-up: cosine (decays to 10 % at the last step)
+    /// or constant.
+    #[arg(long, default_value = "cosine", value_parser = ["cosine", "constant"])]
+    pub lr_schedule: String,
     #[arg(long, default_value_t = 200)]
     pub warmup: usize,
     #[arg(long, default_value_t = 0.999)]
@@ -196,6 +205,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         steps: a.steps,
         batch: a.batch,
         lr: a.lr,
+        cosine: a.lr_schedule == "cosine",
         warmup_steps: a.warmup,
         ema_decay: a.ema_decay,
         caption_dropout: a.caption_dropout,

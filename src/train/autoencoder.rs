@@ -24,6 +24,10 @@ pub struct TrainVaeOptions {
     pub steps: usize,
     pub batch: usize,
     pub lr: f64,
+    /// Cosine decay of the learning rate over `steps` (to 10 %) after the warm-up; false:
+    /// constant (runs checkpointed before the option existed).
+    #[serde(default)]
+    pub cosine: bool,
     pub channels: Vec<usize>,
     pub latent_channels: usize,
     pub layers_per_block: usize,
@@ -91,6 +95,7 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
         AdamWConfig {
             lr: o.lr,
             warmup_steps: 100,
+            decay_steps: o.cosine.then_some(o.steps),
             weight_decay: 0.0,
             ..Default::default()
         },

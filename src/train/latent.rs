@@ -39,6 +39,10 @@ pub struct TrainOptions {
     pub batch: usize,
     pub lr: f64,
     pub warmup_steps: usize,
+    /// Cosine decay of the learning rate over `steps` (to 10 %) after the warm-up; false:
+    /// constant (runs checkpointed before the option existed).
+    #[serde(default)]
+    pub cosine: bool,
     pub ema_decay: f64,
     pub caption_dropout: f64,
     pub v_prediction: bool,
@@ -260,6 +264,7 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         AdamWConfig {
             lr: o.lr,
             warmup_steps: o.warmup_steps,
+            decay_steps: o.cosine.then_some(o.steps),
             ema_decay: o.ema_decay,
             ..Default::default()
         },

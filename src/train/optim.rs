@@ -1,4 +1,4 @@
-//! AdamW with linear warm-up, global gradient-norm clipping and an EMA of the weights; all of
+//! AdamW with linear warm-up (then constant or cosine decay), global gradient-norm clipping and an EMA of the weights; all of
 //! its state can be saved and restored, so a resumed run continues the same curve.
 
 use std::collections::BTreeMap;
@@ -16,6 +16,10 @@ pub struct AdamWConfig {
     pub eps: f64,
     pub weight_decay: f64,
     pub warmup_steps: usize,
+    /// `Some(n)`: after the warm-up, a cosine decay to `min_lr_ratio * lr` at step n (held
+    /// there after); `None`: constant after the warm-up.
+    pub decay_steps: Option<usize>,
+    pub min_lr_ratio: f64,
     /// Clip the global gradient norm to this (0 = off).
     pub max_grad_norm: f64,
     pub ema_decay: f64,
@@ -30,6 +34,8 @@ impl Default for AdamWConfig {
             eps: 1e-8,
             weight_decay: 1e-2,
             warmup_steps: 200,
+            decay_steps: None,
+            min_lr_ratio: 0.1,
             max_grad_norm: 1.0,
             ema_decay: 0.999,
         }
@@ -79,8 +85,20 @@ impl AdamW {
     }
 
     pub fn learning_rate(&self) -> f64 {
-        let warm = self.config.warmup_steps.max(1) as f64;
-        self.config.lr * ((self.step + 1) as f64 / warm).min(1.0)
+        let c = &self.config;
+        let warm = c.warmup_steps.max(1);
+        let step = self.step + 1;
+        if step < warm {
+            return c.lr * step as f64 / warm as f64;
+        }
+        match c.decay_steps {
+            Some(end) if end > warm => {
+                let progress = ((step - warm) as f64 / (end - warm) as f64).min(1.0);
+                let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+                c.lr * (c.min_lr_ratio + (1.0 - c.min_lr_ratio) * cosine)
+            }
+            _ => c.lr,
+        }
     }
 
     /// One AdamW update from the gradients of `loss`'s backward pass.
@@ -164,5 +182,40 @@ impl AdamW {
         }
         self.step = step;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_then_cosine_or_constant() {
+        let config = AdamWConfig {
+            lr: 1.0,
+            warmup_steps: 10,
+            decay_steps: Some(110),
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(Vec::new(), config.clone()).unwrap();
+        let mut at = |step: usize| {
+            opt.step = step;
+            opt.learning_rate()
+        };
+        assert!((at(0) - 0.1).abs() < 1e-12);
+        assert!((at(9) - 1.0).abs() < 1e-12);
+        assert!((at(59) - 0.55).abs() < 1e-12, "{}", at(59));
+        assert!((at(109) - 0.1).abs() < 1e-12);
+        assert!((at(500) - 0.1).abs() < 1e-12);
+        let mut constant = AdamW::new(
+            Vec::new(),
+            AdamWConfig {
+                decay_steps: None,
+                ..config
+            },
+        )
+        .unwrap();
+        constant.step = 500;
+        assert_eq!(constant.learning_rate(), 1.0);
     }
 }
