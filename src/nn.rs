@@ -150,6 +150,9 @@ impl LayerNorm {
     }
 }
 
+/// Largest attention score matrix (bytes) computed at once at inference.
+const ATTENTION_SCORE_BUDGET: usize = 256 << 20;
+
 /// Multi-head scaled dot-product attention on (batch, tokens, heads * head_dim) inputs.
 pub fn attention(
     q: &Tensor,
@@ -157,6 +160,17 @@ pub fn attention(
     v: &Tensor,
     heads: usize,
     mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    attention_with_budget(q, k, v, heads, mask, ATTENTION_SCORE_BUDGET)
+}
+
+fn attention_with_budget(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    budget: usize,
 ) -> Result<Tensor> {
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
@@ -170,6 +184,32 @@ pub fn attention(
     let k = split(k, m)?;
     let v = split(v, m)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
+    // At large sizes the full score matrix does not fit in memory (SD 1.5 at 1024x1024:
+    // 16384^2 scores per head); inference then takes the queries in slices, each row's
+    // softmax being independent of the others.
+    let score_bytes = b * heads * n * m * 4;
+    if !q.track_op() && !k.track_op() && score_bytes > budget {
+        let rows = (budget / (b * heads * m * 4)).max(1);
+        let kt = k.t()?;
+        let mut outs = Vec::with_capacity(n.div_ceil(rows));
+        for start in (0..n).step_by(rows) {
+            let len = rows.min(n - start);
+            let mut scores = (q.narrow(2, start, len)?.matmul(&kt)? * scale)?;
+            if let Some(mask) = mask {
+                let rank = mask.rank();
+                let mask = if rank >= 2 && mask.dim(rank - 2)? == n {
+                    mask.narrow(rank - 2, start, len)?
+                } else {
+                    mask.clone()
+                };
+                scores = scores.broadcast_add(&mask)?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            outs.push(probs.matmul(&v)?);
+        }
+        let out = Tensor::cat(&outs, 2)?;
+        return Ok(out.transpose(1, 2)?.reshape((b, n, inner))?);
+    }
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     if let Some(mask) = mask {
         scores = scores.broadcast_add(mask)?;
@@ -215,4 +255,28 @@ pub fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
 pub fn halves(x: &Tensor) -> Result<(Tensor, Tensor)> {
     let n = x.dim(D::Minus1)? / 2;
     Ok((x.narrow(D::Minus1, 0, n)?, x.narrow(D::Minus1, n, n)?))
+}
+
+#[cfg(test)]
+mod attention_tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn sliced_attention_equals_the_full_one() {
+        let dev = Device::Cpu;
+        let (b, n, m, heads, d) = (2, 37, 29, 3, 8);
+        let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev).unwrap();
+        let mask = Tensor::randn(0f32, 1.0, (n, m), &dev).unwrap();
+        for mask in [None, Some(&mask)] {
+            let full = attention_with_budget(&q, &k, &v, heads, mask, usize::MAX).unwrap();
+            // 5 query rows per slice: 8 slices, the last one short.
+            let sliced =
+                attention_with_budget(&q, &k, &v, heads, mask, b * heads * m * 4 * 5).unwrap();
+            let diff = (full - sliced).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+        }
+    }
 }

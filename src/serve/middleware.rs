@@ -93,6 +93,73 @@ pub async fn cors(State(app): State<Arc<AppState>>, request: Request, next: Next
     response
 }
 
+/// Keeps other web sites out of a server on this machine: a browser page from another origin
+/// may not send state-changing requests (POST) unless `--cors-origin` names it, and a server
+/// bound to loopback without a key answers only to loopback host names, so a DNS-rebinding
+/// page cannot reach it under its own name.
+pub async fn guard_origin(
+    State(app): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    if app.options.api_key.is_none() && app.loopback && !is_loopback_host(&host) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("host `{host}` is not allowed: this server answers to localhost names only"),
+        )
+        .into_response();
+    }
+    let state_changing = !matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    if state_changing {
+        if let Some(origin) = request
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+        {
+            let same = origin
+                .split_once("://")
+                .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(&host));
+            let allowed = app
+                .options
+                .cors_origin
+                .as_deref()
+                .is_some_and(|o| o == "*" || o == origin);
+            if !same && !allowed {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "requests from pages at `{origin}` are not allowed (see --cors-origin)"
+                    ),
+                )
+                .into_response();
+            }
+        }
+    }
+    next.run(request).await
+}
+
+/// `localhost`, `127.x.x.x` or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// With `--api-key`, every `/sdapi` and `/v1` call needs the key: `Authorization: Bearer KEY`,
 /// or HTTP Basic with KEY as the password (what A1111 clients send). `/` and `/health` stay
 /// open so the page can load and ask for the key.
@@ -159,6 +226,28 @@ fn constant_time_eq(given: &[u8], key: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for h in [
+            "localhost",
+            "localhost:7860",
+            "127.0.0.1:80",
+            "[::1]:7860",
+            "127.3.4.5",
+        ] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in [
+            "evil.test",
+            "evil.test:7860",
+            "10.0.0.1:7860",
+            "",
+            "localhost.evil.test",
+        ] {
+            assert!(!is_loopback_host(h), "{h}");
+        }
+    }
 
     #[test]
     fn keys() {

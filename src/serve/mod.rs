@@ -77,6 +77,8 @@ pub struct AppState {
     pub model_name: String,
     /// Where the model came from (a folder or a repo id), for `/sdapi/v1/sd-models`.
     pub model_source: String,
+    /// Bound to a loopback address (then, without a key, only loopback host names answer).
+    pub loopback: bool,
 }
 
 /// Queues a plan and waits for its images, turning queue and job failures into HTTP errors.
@@ -174,12 +176,16 @@ pub fn router(app: Arc<AppState>) -> Router {
 }
 
 /// Checks the address before binding: a non-loopback one needs an API key (or `--insecure`).
-pub fn check_bind(options: &ServeOptions) -> Result<()> {
-    let loopback = options.host == "localhost"
+fn is_loopback_bind(options: &ServeOptions) -> bool {
+    options.host == "localhost"
         || options
             .host
             .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+pub fn check_bind(options: &ServeOptions) -> Result<()> {
+    let loopback = is_loopback_bind(options);
     if !loopback && options.api_key.is_none() && !options.insecure {
         return Err(Error::InvalidRequest(format!(
             "refusing to listen on {} without --api-key: anyone who can reach it could use \
@@ -225,6 +231,7 @@ pub fn serve(
             max_steps: options.max_steps,
             max_images: options.max_images,
         },
+        loopback: is_loopback_bind(&options),
         options: options.clone(),
         model_name,
         model_source,
@@ -248,27 +255,44 @@ pub fn serve(
             .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
         println!("listening on http://{bound}");
         let grace = options.shutdown_grace;
-        axum::serve(listener, router(app))
-            .with_graceful_shutdown(async move {
-                stop_signal().await;
-                eprintln!("shutting down: answering queued requests 503");
-                if shutdown_queue.close() {
-                    eprintln!(
-                        "letting the running request finish (at most {:.0} s)",
-                        grace.as_secs_f64()
-                    );
-                    let q = shutdown_queue.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(grace).await;
-                        if q.is_running() {
-                            eprintln!("grace period over: cancelling the running request");
-                            q.cancel_running();
-                        }
-                    });
+        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+        let server = axum::serve(listener, router(app)).with_graceful_shutdown(async move {
+            stop_signal().await;
+            let _ = stopping_tx.send(true);
+            eprintln!("shutting down: answering queued requests 503");
+            if shutdown_queue.close() {
+                eprintln!(
+                    "letting the running request finish (at most {:.0} s)",
+                    grace.as_secs_f64()
+                );
+                let q = shutdown_queue.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    if q.is_running() {
+                        eprintln!("grace period over: cancelling the running request");
+                        q.cancel_running();
+                    }
+                });
+            }
+        });
+        // Connections that never finish (a client trickling its body or not reading its
+        // answer) must not keep the process alive: stop waiting for them some seconds after
+        // the grace period.
+        let deadline = async move {
+            while !*stopping_rx.borrow() {
+                if stopping_rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
                 }
-            })
-            .await
-            .map_err(|e| Error::io("serving HTTP", e))
+            }
+            tokio::time::sleep(grace + Duration::from_secs(10)).await;
+        };
+        tokio::select! {
+            result = server => result.map_err(|e| Error::io("serving HTTP", e)),
+            () = deadline => {
+                eprintln!("some connections did not close; exiting anyway");
+                Ok(())
+            }
+        }
     });
     queue.close();
     let _ = worker.join();

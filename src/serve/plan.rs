@@ -131,6 +131,27 @@ pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan,
     let resolved = pipeline
         .resolve(&base)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // The model's own defaults must fit the server's limits too.
+    for (name, v) in [("width", resolved.width), ("height", resolved.height)] {
+        if v > limits.max_size {
+            return Err(ApiError::field(
+                name,
+                format!(
+                    "(the model's default {v}) is over the server's limit of {}",
+                    limits.max_size
+                ),
+            ));
+        }
+    }
+    if resolved.steps > limits.max_steps {
+        return Err(ApiError::field(
+            "steps",
+            format!(
+                "(the model's default {}) is over the server's limit of {}",
+                resolved.steps, limits.max_steps
+            ),
+        ));
+    }
     let batches = (0..n_iter)
         .map(|k| GenerateRequest {
             seed: Some(seed + (k * batch_size) as u64),

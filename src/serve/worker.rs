@@ -196,11 +196,10 @@ impl Queue {
     }
 
     fn update_job_count(&self) {
-        let count = {
-            let state = self.lock();
-            state.waiting.len() + usize::from(state.running.is_some())
-        };
-        lock(&self.progress).job_count = count;
+        // Written while the queue is locked, so a later change cannot be overwritten by an
+        // earlier count (the lock order queue -> progress is the same everywhere).
+        let state = self.lock();
+        lock(&self.progress).job_count = state.waiting.len() + usize::from(state.running.is_some());
     }
 
     /// Asks the running job to stop and return what it has (A1111's interrupt).
