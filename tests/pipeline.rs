@@ -7,7 +7,7 @@ mod parity;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use parity::{fixtures, model_dir, psnr, read_png};
+use parity::{check_cases, fixtures, model_dir, psnr, read_png};
 use serde_json::Value;
 use text2img::latent::schedulers::SchedulerKind;
 use text2img::pipeline::{load_local, GenerateRequest, LoadOptions, Pipeline};
@@ -59,30 +59,10 @@ fn request(case: &Value) -> GenerateRequest {
 
 /// Runs every reference case whose name starts with `prefix` and checks each image.
 fn check(prefix: &str) {
-    let mut ran = 0;
-    for case in cases() {
-        let name = case["name"].as_str().unwrap();
-        if !name.starts_with(prefix) || name.contains("probe") {
-            continue;
-        }
+    check_cases(&cases(), prefix, &fixtures().join("reference"), |case| {
         let pipe = pipeline(case["model"].as_str().unwrap());
-        let generation = pipe.generate(&request(&case), &mut |_| true).unwrap();
-        let files = case["images"].as_array().unwrap();
-        assert_eq!(generation.images.len(), files.len(), "{name}: image count");
-        for (image, file) in generation.images.iter().zip(files) {
-            let (rgb, w, h, _) =
-                read_png(&fixtures().join("reference").join(file.as_str().unwrap()));
-            assert_eq!((image.width, image.height), (w, h), "{name}: size");
-            let db = psnr(&image.rgb, &rgb);
-            eprintln!("{name}: {db:.1} dB");
-            assert!(
-                db >= 50.0,
-                "{name}: PSNR {db:.1} dB < 50 dB against diffusers"
-            );
-        }
-        ran += 1;
-    }
-    assert!(ran > 0, "no reference case starts with {prefix}");
+        pipe.generate(&request(case), &mut |_| true).unwrap().images
+    });
 }
 
 #[test]

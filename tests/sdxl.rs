@@ -16,7 +16,7 @@ use text2img::latent::unet::{ExtraConditions, UNet};
 use text2img::pipeline::{load_local, Family, GenerateRequest, Pipeline};
 use text2img::text::clip::ClipTextModel;
 
-use parity::{assert_close, copy_dir, fixtures, model_dir, psnr, read_png};
+use parity::{assert_close, check_cases, copy_dir, fixtures, model_dir};
 
 fn reference(name: &str) -> Tensor {
     let path = fixtures().join("reference/sdxl/components.safetensors");
@@ -102,34 +102,17 @@ fn request(case: &Value) -> GenerateRequest {
 }
 
 fn check(prefix: &str) {
-    let mut ran = 0;
-    for case in cases() {
-        let name = case["name"].as_str().unwrap();
-        if !name.starts_with(prefix) || name.contains("probe") {
-            continue;
-        }
-        let generation = pipeline(case["model"].as_str().unwrap())
-            .generate(&request(case), &mut |_| true)
-            .unwrap();
-        let files = case["images"].as_array().unwrap();
-        assert_eq!(generation.images.len(), files.len(), "{name}: image count");
-        for (image, file) in generation.images.iter().zip(files) {
-            let (rgb, w, h, _) = read_png(
-                &fixtures()
-                    .join("reference/sdxl")
-                    .join(file.as_str().unwrap()),
-            );
-            assert_eq!((image.width, image.height), (w, h), "{name}: size");
-            let db = psnr(&image.rgb, &rgb);
-            eprintln!("{name}: {db:.1} dB");
-            assert!(
-                db >= 50.0,
-                "{name}: PSNR {db:.1} dB < 50 dB against diffusers"
-            );
-        }
-        ran += 1;
-    }
-    assert!(ran > 0, "no reference case starts with {prefix}");
+    check_cases(
+        cases(),
+        prefix,
+        &fixtures().join("reference/sdxl"),
+        |case| {
+            pipeline(case["model"].as_str().unwrap())
+                .generate(&request(case), &mut |_| true)
+                .unwrap()
+                .images
+        },
+    );
 }
 
 #[test]

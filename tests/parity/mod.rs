@@ -103,3 +103,35 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Runs every reference case (from a `cases.json`) whose name starts with `prefix`, skipping
+/// the probes, and asserts each image is within 50 dB of diffusers' PNG in `dir`.
+pub fn check_cases(
+    cases: &[serde_json::Value],
+    prefix: &str,
+    dir: &Path,
+    generate: impl Fn(&serde_json::Value) -> Vec<text2img::pipeline::GeneratedImage>,
+) {
+    let mut ran = 0;
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        if !name.starts_with(prefix) || name.contains("probe") {
+            continue;
+        }
+        let images = generate(case);
+        let files = case["images"].as_array().unwrap();
+        assert_eq!(images.len(), files.len(), "{name}: image count");
+        for (image, file) in images.iter().zip(files) {
+            let (rgb, w, h, _) = read_png(&dir.join(file.as_str().unwrap()));
+            assert_eq!((image.width, image.height), (w, h), "{name}: size");
+            let db = psnr(&image.rgb, &rgb);
+            eprintln!("{name}: {db:.1} dB");
+            assert!(
+                db >= 50.0,
+                "{name}: PSNR {db:.1} dB < 50 dB against diffusers"
+            );
+        }
+        ran += 1;
+    }
+    assert!(ran > 0, "no reference case starts with {prefix}");
+}
