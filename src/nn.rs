@@ -36,10 +36,29 @@ impl Linear {
             _ => x.matmul(&self.weight_t)?,
         };
         Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => add_bias_last(&y, b)?,
             None => y,
         })
     }
+}
+
+fn add_bias_last(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    add_bias(y, bias, y.rank() - 1)
+}
+
+/// `x + bias` along `axis` (bias: that axis's length, or the product of the dims up to it);
+/// the fused kernel when it applies (its backward pass sums in one sweep), candle's broadcast
+/// otherwise.
+pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
+    if x.dtype() == candle_core::DType::F32 && x.device().is_cpu() {
+        return Ok(crate::kernels::bias::add_bias(x, bias, axis)?);
+    }
+    let mut shape: Vec<usize> = bias.dims().to_vec();
+    shape.resize(x.rank() - axis - 1 + shape.len(), 1);
+    while shape.len() < x.rank() {
+        shape.insert(0, 1);
+    }
+    Ok(x.broadcast_add(&bias.reshape(shape)?)?)
 }
 
 #[derive(Clone, Debug)]
@@ -91,7 +110,10 @@ impl Conv2d {
 
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
-    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
 }
 
 impl GroupNorm {
@@ -102,15 +124,33 @@ impl GroupNorm {
                 vb.name("weight")
             )));
         }
-        let weight = vb.get("weight", &[channels])?;
-        let bias = vb.get("bias", &[channels])?;
         Ok(Self {
-            inner: candle_nn::GroupNorm::new(weight, bias, channels, groups, eps)?,
+            weight: vb.get("weight", &[channels])?,
+            bias: vb.get("bias", &[channels])?,
+            groups,
+            eps,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.inner.forward(x)?)
+        self.run(x, false)
+    }
+
+    /// `silu(norm(x))` in one pass, the pairing of every ResNet block.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let (w, b, g, eps) = (&self.weight, &self.bias, self.groups, self.eps);
+        if x.dtype() == candle_core::DType::F32 && x.device().is_cpu() {
+            return Ok(crate::kernels::group_norm::group_norm(
+                x, w, b, g, eps, silu,
+            )?);
+        }
+        Ok(crate::kernels::group_norm::group_norm_reference(
+            x, w, b, g, eps, silu,
+        )?)
     }
 }
 

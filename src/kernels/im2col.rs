@@ -5,6 +5,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
+use super::parallel::for_each_chunk;
+
 /// Geometry of a square-kernel convolution over an (h, w) input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeometry {
@@ -24,11 +26,13 @@ impl ConvGeometry {
     }
 }
 
-/// (b, c, h, w) -> (b, c * k * k, out_h * out_w): one row per (channel, ky, kx) tap, each
-/// contiguous over output positions, so a convolution is `W (out, c*k*k) x cols` per image.
+/// (b, c, h, w) -> (c * k * k, b * out_h * out_w): one row per (channel, ky, kx) tap, holding
+/// that tap's value at every output position of every image, so the whole batch's convolution
+/// is one `W (out, c*k*k) x cols` product and the weight gradient one product too (a per-image
+/// batched product would leave a (b, out, c*k*k) gradient to be summed along a strided axis).
 struct Im2Col(ConvGeometry);
 
-/// (b, c * k * k, out_h * out_w) -> (b, c, h, w), summing overlapping taps.
+/// (c * k * k, b * out_h * out_w) -> (b, c, h, w), summing overlapping taps.
 struct Col2Im(ConvGeometry, usize);
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
@@ -40,29 +44,6 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("im2col: input must be contiguous"),
     }
-}
-
-/// Runs `f(image_index, src_chunk, dst_chunk)` for each image, on up to the available cores.
-fn per_image<F>(b: usize, src: &[f32], src_len: usize, dst: &mut [f32], dst_len: usize, f: F)
-where
-    F: Fn(&[f32], &mut [f32]) + Sync,
-{
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(b)
-        .max(1);
-    let per = b.div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (t, dst_part) in dst.chunks_mut(per * dst_len).enumerate() {
-            let f = &f;
-            scope.spawn(move || {
-                for (i, d) in dst_part.chunks_mut(dst_len).enumerate() {
-                    let bi = t * per + i;
-                    f(&src[bi * src_len..(bi + 1) * src_len], d);
-                }
-            });
-        }
-    });
 }
 
 /// The range of output positions along one axis whose tap `kpos` lands inside the input.
@@ -94,40 +75,40 @@ impl CustomOp1 for Im2Col {
         let src = contiguous_f32(storage, layout)?;
         let (oh, ow, k) = (g.out_h(), g.out_w(), g.kernel);
         let l = oh * ow;
-        let mut out = vec![0f32; b * c * k * k * l];
-        per_image(b, src, c * h * w, &mut out, c * k * k * l, |img, dst| {
-            for ci in 0..c {
-                for ky in 0..k {
-                    let (y0, y1) = valid_range(oh, g.stride, ky, g.padding, h);
-                    for kx in 0..k {
-                        let (x0, x1) = valid_range(ow, g.stride, kx, g.padding, w);
-                        let row = &mut dst[((ci * k + ky) * k + kx) * l..][..l];
-                        for oy in y0..y1 {
-                            let y = oy * g.stride + ky - g.padding;
-                            let src_row = &img[ci * h * w + y * w..][..w];
-                            let dst_row = &mut row[oy * ow..][..ow];
-                            if g.stride == 1 {
-                                let xs = x0 + kx - g.padding;
-                                dst_row[x0..x1].copy_from_slice(&src_row[xs..xs + (x1 - x0)]);
-                            } else {
-                                for ox in x0..x1 {
-                                    dst_row[ox] = src_row[ox * g.stride + kx - g.padding];
-                                }
-                            }
+        let mut out = vec![0f32; c * k * k * b * l];
+        // One chunk per tap row: (channel, ky, kx) across the batch.
+        for_each_chunk(&mut out, b * l, |row_index, row| {
+            let (ci, ky, kx) = (row_index / (k * k), row_index / k % k, row_index % k);
+            let (y0, y1) = valid_range(oh, g.stride, ky, g.padding, h);
+            let (x0, x1) = valid_range(ow, g.stride, kx, g.padding, w);
+            for bi in 0..b {
+                let plane = &src[(bi * c + ci) * h * w..][..h * w];
+                let dst = &mut row[bi * l..][..l];
+                for oy in y0..y1 {
+                    let y = oy * g.stride + ky - g.padding;
+                    let src_row = &plane[y * w..][..w];
+                    let dst_row = &mut dst[oy * ow..][..ow];
+                    if g.stride == 1 {
+                        let xs = x0 + kx - g.padding;
+                        dst_row[x0..x1].copy_from_slice(&src_row[xs..xs + (x1 - x0)]);
+                    } else {
+                        for ox in x0..x1 {
+                            dst_row[ox] = src_row[ox * g.stride + kx - g.padding];
                         }
                     }
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((b, c * k * k, l))))
+        Ok((CpuStorage::F32(out), Shape::from((c * k * k, b * l))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let c = arg.dim(1)?;
+        let (b, c) = (arg.dim(0)?, arg.dim(1)?);
         Ok(Some(
             grad_res
                 .contiguous()?
-                .apply_op1_no_bwd(&Col2Im(self.0, c))?,
+                .apply_op1_no_bwd(&Col2Im(self.0, b * c))?
+                .reshape(arg.shape())?,
         ))
     }
 }
@@ -138,35 +119,38 @@ impl CustomOp1 for Col2Im {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, c) = (self.0, self.1);
-        let (b, rows, l) = layout.shape().dims3()?;
+        let (g, planes) = (self.0, self.1);
+        let (rows, cols) = layout.shape().dims2()?;
         let (oh, ow, k) = (g.out_h(), g.out_w(), g.kernel);
-        if (rows, l) != (c * k * k, oh * ow) {
-            candle_core::bail!("col2im: columns {rows}x{l} do not fit the geometry");
+        let l = oh * ow;
+        let b = cols / l.max(1);
+        if l == 0 || cols % l != 0 || rows % (k * k) != 0 || b * (rows / (k * k)) != planes {
+            candle_core::bail!("col2im: columns {rows}x{cols} do not fit the geometry");
         }
+        let c = rows / (k * k);
         let src = contiguous_f32(storage, layout)?;
         let (h, w) = (g.h, g.w);
         let mut out = vec![0f32; b * c * h * w];
-        per_image(b, src, rows * l, &mut out, c * h * w, |cols, img| {
-            for ci in 0..c {
-                for ky in 0..k {
-                    let (y0, y1) = valid_range(oh, g.stride, ky, g.padding, h);
-                    for kx in 0..k {
-                        let (x0, x1) = valid_range(ow, g.stride, kx, g.padding, w);
-                        let row = &cols[((ci * k + ky) * k + kx) * l..][..l];
-                        for oy in y0..y1 {
-                            let y = oy * g.stride + ky - g.padding;
-                            let dst_row = &mut img[ci * h * w + y * w..][..w];
-                            let src_row = &row[oy * ow..][..ow];
-                            for ox in x0..x1 {
-                                dst_row[ox * g.stride + kx - g.padding] += src_row[ox];
-                            }
+        // One chunk per output plane (image, channel), gathering its k*k tap rows.
+        for_each_chunk(&mut out, h * w, |plane_index, plane| {
+            let (bi, ci) = (plane_index / c, plane_index % c);
+            for ky in 0..k {
+                let (y0, y1) = valid_range(oh, g.stride, ky, g.padding, h);
+                for kx in 0..k {
+                    let (x0, x1) = valid_range(ow, g.stride, kx, g.padding, w);
+                    let row = &src[((ci * k + ky) * k + kx) * cols + bi * l..][..l];
+                    for oy in y0..y1 {
+                        let y = oy * g.stride + ky - g.padding;
+                        let dst_row = &mut plane[y * w..][..w];
+                        let src_row = &row[oy * ow..][..ow];
+                        for ox in x0..x1 {
+                            dst_row[ox * g.stride + kx - g.padding] += src_row[ox];
                         }
                     }
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((b, c, h, w))))
+        Ok((CpuStorage::F32(out), Shape::from(b * c * h * w)))
     }
 }
 
@@ -188,14 +172,16 @@ pub fn conv2d_im2col(
         h,
         w,
     };
-    let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // (b, in*k*k, L)
+    let l = g.out_h() * g.out_w();
+    let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // (in*k*k, b*L)
     let wmat = weight.reshape((out_c, in_c * k * k))?;
-    let y = wmat.broadcast_left(b)?.matmul(&cols)?; // (b, out, L)
-    let y = y.reshape((b, out_c, g.out_h(), g.out_w()))?;
-    match bias {
-        Some(bias) => y.broadcast_add(&bias.reshape((1, out_c, 1, 1))?),
-        None => Ok(y),
-    }
+    let y = wmat.matmul(&cols)?; // (out, b*L)
+    let y = y.reshape((out_c, b, l))?.transpose(0, 1)?; // (b, out, L)
+    let y = match bias {
+        Some(bias) => super::bias::add_bias(&y, bias, 1)?,
+        None => y.contiguous()?,
+    };
+    y.reshape((b, out_c, g.out_h(), g.out_w()))
 }
 
 #[cfg(test)]

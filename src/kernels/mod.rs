@@ -1,3 +1,6 @@
 //! CPU kernels that candle lacks or runs slowly, each tested against a plain reference.
 
+pub mod bias;
+pub mod group_norm;
 pub mod im2col;
+pub mod parallel;

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use super::config::VaeConfig;
 use crate::error::{Error, Result};
 use crate::latent::unet::resnet::{ResnetBlock2D, ResnetOptions};
-use crate::nn::{attention, silu, Conv2d, GroupNorm, Linear};
+use crate::nn::{attention, Conv2d, GroupNorm, Linear};
 use crate::weights::{Vb, Weights};
 
 const EPS: f64 = 1e-6;
@@ -154,7 +154,7 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        self.conv_out.forward(&silu(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 
@@ -212,7 +212,7 @@ impl Decoder {
                 h = up.forward(&h.upsample_nearest2d(height * 2, width * 2)?)?;
             }
         }
-        self.conv_out.forward(&silu(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 

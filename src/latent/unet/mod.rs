@@ -234,7 +234,7 @@ impl UNet {
             };
             x = block.forward(&x, &mut skips, &temb, context, upsample_size)?;
         }
-        let x = silu(&self.conv_norm_out.forward(&x)?)?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }

@@ -1,0 +1,353 @@
+//! GroupNorm, optionally fused with the SiLU that follows it in every U-Net and VAE block, as
+//! one candle op with its own backward pass. candle composes GroupNorm from a dozen ops whose
+//! backward passes are broadcast reductions along strided axes; here each (image, group) is one
+//! pass over contiguous memory, forward and backward, and the normalised tensor is never kept.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::parallel::for_each_chunk;
+
+#[derive(Clone, Copy, Debug)]
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = match storage {
+        CpuStorage::F32(d) => d,
+        _ => candle_core::bail!("group_norm: {what} must be f32"),
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("group_norm: {what} must be contiguous"),
+    }
+}
+
+/// (batch, channels, spatial size) of an input of rank >= 3.
+fn dims(shape: &Shape, groups: usize) -> Result<(usize, usize, usize)> {
+    let d = shape.dims();
+    if d.len() < 3 {
+        candle_core::bail!("group_norm: input rank must be at least 3, got {shape:?}");
+    }
+    let (b, c) = (d[0], d[1]);
+    if groups == 0 || c % groups != 0 {
+        candle_core::bail!("group_norm: {c} channels cannot be split into {groups} groups");
+    }
+    Ok((b, c, d[2..].iter().product()))
+}
+
+/// Mean and 1/std of one group's values (biased variance, as PyTorch), accumulated in f64.
+fn moments(x: &[f32], eps: f64) -> (f32, f32) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x
+        .iter()
+        .map(|&v| {
+            let d = v as f64 - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, s) = dims(xl.shape(), self.groups)?;
+        let (x, w, bias) = (
+            f32_slice(xs, xl, "input")?,
+            f32_slice(ws, wl, "weight")?,
+            f32_slice(bs, bl, "bias")?,
+        );
+        if w.len() != c || bias.len() != c {
+            candle_core::bail!("group_norm: weight and bias must have {c} elements");
+        }
+        let cg = c / self.groups;
+        let group_len = cg * s;
+        let mut out = vec![0f32; b * c * s];
+        for_each_chunk(&mut out, group_len, |i, dst| {
+            let src = &x[i * group_len..][..group_len];
+            let (mean, rstd) = moments(src, self.eps);
+            let c0 = (i % self.groups) * cg;
+            for ci in 0..cg {
+                // (v - mean) first: folding the mean into the shift cancels badly when the
+                // group's variance is tiny and rstd large.
+                let (scale, shift) = (w[c0 + ci] * rstd, bias[c0 + ci]);
+                let (src, dst) = (&src[ci * s..][..s], &mut dst[ci * s..][..s]);
+                if self.silu {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        let z = (v - mean) * scale + shift;
+                        *d = z * sigmoid(z);
+                    }
+                } else {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = (v - mean) * scale + shift;
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = weight.dim(0)?;
+        let n = x.elem_count();
+        let params = Tensor::cat(&[weight, bias], 0)?;
+        let packed = x.contiguous()?.apply_op3_no_bwd(
+            &grad.contiguous()?,
+            &params.contiguous()?,
+            &GroupNormBackward(*self),
+        )?;
+        let grad_x = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let grad_w = packed.narrow(0, n, c)?;
+        let grad_b = packed.narrow(0, n + c, c)?;
+        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+    }
+}
+
+/// (x, grad of the output, weight ++ bias) -> grad_x ++ grad_weight ++ grad_bias, flat.
+struct GroupNormBackward(GroupNormOp);
+
+impl CustomOp3 for GroupNormBackward {
+    fn name(&self) -> &'static str {
+        "group-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.0;
+        let (b, c, s) = dims(xl.shape(), op.groups)?;
+        let (x, g, p) = (
+            f32_slice(xs, xl, "input")?,
+            f32_slice(gs, gl, "gradient")?,
+            f32_slice(ps, pl, "parameters")?,
+        );
+        let (w, bias) = p.split_at(c);
+        let cg = c / op.groups;
+        let group_len = cg * s;
+        let n = b * c * s;
+        // Per group: grad_x, then that group's per-channel grad_weight and grad_bias partials,
+        // so the parallel loop writes disjoint chunks; the partials are summed over images after.
+        let chunk = group_len + 2 * cg;
+        let mut work = vec![0f32; b * op.groups * chunk];
+        for_each_chunk(&mut work, chunk, |i, dst| {
+            let xg = &x[i * group_len..][..group_len];
+            let gg = &g[i * group_len..][..group_len];
+            let (mean, rstd) = moments(xg, op.eps);
+            let c0 = (i % op.groups) * cg;
+            let (dx, partials) = dst.split_at_mut(group_len);
+            // First pass: dx holds grad of xhat; partials get the parameter gradients.
+            let (mut m1, mut m2) = (0f64, 0f64);
+            for ci in 0..cg {
+                let (wc, bc) = (w[c0 + ci], bias[c0 + ci]);
+                let (mut dw, mut db) = (0f64, 0f64);
+                let range = ci * s..(ci + 1) * s;
+                for ((d, &xv), &gv) in dx[range.clone()]
+                    .iter_mut()
+                    .zip(&xg[range.clone()])
+                    .zip(&gg[range])
+                {
+                    let xhat = (xv - mean) * rstd;
+                    let gz = if op.silu {
+                        let z = xhat * wc + bc;
+                        let sg = sigmoid(z);
+                        gv * sg * (1.0 + z * (1.0 - sg))
+                    } else {
+                        gv
+                    };
+                    dw += (gz * xhat) as f64;
+                    db += gz as f64;
+                    let gxhat = gz * wc;
+                    m1 += gxhat as f64;
+                    m2 += (gxhat * xhat) as f64;
+                    *d = gxhat;
+                }
+                partials[ci] = dw as f32;
+                partials[cg + ci] = db as f32;
+            }
+            let (m1, m2) = (
+                (m1 / group_len as f64) as f32,
+                (m2 / group_len as f64) as f32,
+            );
+            for (d, &xv) in dx.iter_mut().zip(xg) {
+                let xhat = (xv - mean) * rstd;
+                *d = rstd * (*d - m1 - xhat * m2);
+            }
+        });
+        let mut out = Vec::with_capacity(n + 2 * c);
+        for i in 0..b * op.groups {
+            out.extend_from_slice(&work[i * chunk..][..group_len]);
+        }
+        let mut grad_params = vec![0f32; 2 * c];
+        for i in 0..b * op.groups {
+            let c0 = (i % op.groups) * cg;
+            let partials = &work[i * chunk + group_len..][..2 * cg];
+            for ci in 0..cg {
+                grad_params[c0 + ci] += partials[ci];
+                grad_params[c + c0 + ci] += partials[cg + ci];
+            }
+        }
+        out.extend_from_slice(&grad_params);
+        Ok((CpuStorage::F32(out), Shape::from(n + 2 * c)))
+    }
+}
+
+/// GroupNorm over `groups` channel groups of a (batch, channels, ...) f32 tensor, then SiLU
+/// when `silu` is set. Differentiable in all three arguments.
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+        candle_core::bail!("group_norm: the fused kernel takes f32 tensors on the CPU");
+    }
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        GroupNormOp { groups, eps, silu },
+    )
+}
+
+/// The plain composition of candle ops that the kernel must match.
+pub fn group_norm_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (b, c) = (dims[0], dims[1]);
+    let xg = x.reshape((b, groups, ()))?;
+    let mean = xg.mean_keepdim(2)?;
+    let centered = xg.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(2)?;
+    let normed = centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape(dims.as_slice())?;
+    let mut pdims = vec![1; dims.len()];
+    pdims[1] = c;
+    let y = normed
+        .broadcast_mul(&weight.reshape(pdims.as_slice())?)?
+        .broadcast_add(&bias.reshape(pdims.as_slice())?)?;
+    if silu {
+        candle_nn::ops::silu(&y)
+    } else {
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_the_composed_reference_forward_and_backward() {
+        let dev = Device::Cpu;
+        for (shape, groups, silu) in [
+            (vec![2, 6, 5, 3], 3, true),
+            (vec![3, 8, 7], 2, false),
+            (vec![1, 4, 1, 1], 4, true),
+            (vec![2, 32, 9, 9], 8, false),
+        ] {
+            let c = shape[1];
+            let x = Var::from_tensor(
+                &(Tensor::randn(0f32, 2., shape.as_slice(), &dev).unwrap() + 0.7).unwrap(),
+            )
+            .unwrap();
+            let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, c, &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, c, &dev).unwrap()).unwrap();
+            let probe = Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap();
+            let ours = group_norm(&x, &w, &b, groups, 1e-5, silu).unwrap();
+            let reference = group_norm_reference(&x, &w, &b, groups, 1e-5, silu).unwrap();
+            assert!(max_diff(&ours, &reference) < 1e-5, "{shape:?} forward");
+            let g1 = (&ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (&reference * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
+                let (a, r) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                assert_eq!(a.dims(), r.dims());
+                assert!(
+                    max_diff(a, r) < 1e-4,
+                    "{shape:?} grad {:?}: {}",
+                    v.dims(),
+                    max_diff(a, r)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_channels_that_do_not_split_into_groups() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 6, 2, 2), DType::F32, &dev).unwrap();
+        let p = Tensor::ones(6, DType::F32, &dev).unwrap();
+        let err = group_norm(&x, &p, &p, 4, 1e-5, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("6 channels cannot be split into 4 groups"),
+            "{err}"
+        );
+    }
+}
