@@ -171,8 +171,16 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // The fused kernel has no backward pass; training takes the composed one.
-        if x.track_op() || self.weight.track_op() {
+        // candle's fused kernel has no backward pass; training takes ours, which has one.
+        let training = x.track_op() || self.weight.track_op();
+        if training && x.dtype() == candle_core::DType::F32 && x.device().is_cpu() {
+            Ok(crate::kernels::layer_norm::layer_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?)
+        } else if training {
             Ok(candle_nn::ops::layer_norm_slow(
                 x,
                 &self.weight,
@@ -254,8 +262,10 @@ fn attention_with_budget(
     if let Some(mask) = mask {
         scores = scores.broadcast_add(mask)?;
     }
-    // The fused softmax has no backward pass; training takes the composed one.
-    let probs = if scores.track_op() {
+    // candle's fused softmax has no backward pass; training takes ours, which has one.
+    let probs = if scores.track_op() && scores.dtype() == candle_core::DType::F32 {
+        crate::kernels::softmax::softmax_last_dim(&scores)?
+    } else if scores.track_op() {
         candle_nn::ops::softmax(&scores, D::Minus1)?
     } else {
         candle_nn::ops::softmax_last_dim(&scores)?

@@ -3,4 +3,6 @@
 pub mod bias;
 pub mod group_norm;
 pub mod im2col;
+pub mod layer_norm;
 pub mod parallel;
+pub mod softmax;

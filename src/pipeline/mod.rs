@@ -143,7 +143,7 @@ fn per_encoder(strings: &[String], m: usize) -> Vec<&str> {
 }
 
 /// Defaults a model folder may carry in `text2img.json` (diffusers ignores the file).
-#[derive(Clone, Debug, serde::Deserialize)]
+#[derive(Clone, Debug, Default, serde::Deserialize)]
 pub struct ModelDefaults {
     /// `None`: the family's default (diffusers': 50, or 4 for LCM pipelines).
     #[serde(default)]
@@ -157,18 +157,6 @@ pub struct ModelDefaults {
     pub width: Option<usize>,
     #[serde(default)]
     pub height: Option<usize>,
-}
-
-impl Default for ModelDefaults {
-    fn default() -> Self {
-        Self {
-            steps: None,
-            guidance_scale: None,
-            scheduler: None,
-            width: None,
-            height: None,
-        }
-    }
 }
 
 /// What the step callback sees after each scheduler step.

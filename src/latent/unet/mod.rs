@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::nn::{silu, Conv2d, GroupNorm};
+use crate::nn::{Conv2d, GroupNorm};
 use crate::weights::{Vb, Weights};
 use blocks::{DownBlock, MidBlock, UpBlock};
 pub use config::UNetConfig;
