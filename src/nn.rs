@@ -94,8 +94,11 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Training takes the im2col path, whose backward pass is two matrix products.
-        if x.track_op() || self.inner.weight().track_op() {
+        // Training takes the im2col path, whose backward pass is two matrix products; so does
+        // inference while the column matrix stays small, as one product per layer beats
+        // candle's tiled convolution, which gathers its columns one element at a time.
+        let training = x.track_op() || self.inner.weight().track_op();
+        if training || self.im2col_fits(x) {
             return Ok(crate::kernels::im2col::conv2d_im2col(
                 x,
                 self.inner.weight(),
@@ -106,7 +109,24 @@ impl Conv2d {
         }
         Ok(self.inner.forward(x)?)
     }
+
+    fn im2col_fits(&self, x: &Tensor) -> bool {
+        let (Ok((b, c, h, w)), Ok((_, _, k, _))) = (x.dims4(), self.inner.weight().dims4()) else {
+            return false;
+        };
+        let (oh, ow) = (
+            (h + 2 * self.padding).saturating_sub(k) / self.stride + 1,
+            (w + 2 * self.padding).saturating_sub(k) / self.stride + 1,
+        );
+        x.dtype() == candle_core::DType::F32
+            && x.device().is_cpu()
+            && b * c * k * k * oh * ow * 4 <= IM2COL_BUDGET
+    }
 }
+
+/// Largest im2col column matrix (bytes) built at inference; above it candle's tiled
+/// convolution, which needs no such buffer, takes over.
+const IM2COL_BUDGET: usize = 128 << 20;
 
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
