@@ -105,7 +105,9 @@ pub fn sdxl(
     for (encoder, prompt) in encoders.iter().zip(prompts) {
         let ids = encoder.ids(prompt, warnings);
         let layers = encoder.model.num_layers();
-        let mut hidden = encoder.model.hidden_state_list(std::slice::from_ref(&ids), layers)?;
+        let mut hidden = encoder
+            .model
+            .hidden_state_list(std::slice::from_ref(&ids), layers)?;
         let last = hidden.pop().expect("the last layer");
         // hidden now ends with hidden_states[-2]; take -(clip_skip + 2).
         let index = hidden.len() - 1 - clip_skip.min(hidden.len() - 1);
