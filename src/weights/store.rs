@@ -17,14 +17,17 @@ struct Entry {
     shard: usize,
     dtype: DType,
     shape: Vec<usize>,
-    /// Byte range inside the shard's mmap.
+    /// Byte range inside the shard's file.
     start: usize,
     end: usize,
 }
 
 /// The weights of one model component (one folder such as `unet/`).
 pub struct Weights {
-    shards: Vec<(PathBuf, Mmap)>,
+    /// Each shard's path and open file. Tensors are read from the file, not from a mapping:
+    /// pages of a mapping stay resident beside the loaded copies, so peak memory would be the
+    /// file size on top of the model.
+    shards: Vec<(PathBuf, Mutex<std::fs::File>)>,
     entries: HashMap<String, Entry>,
     /// Canonical name -> stored name, for legacy names that diffusers also accepts.
     aliases: HashMap<String, String>,
@@ -51,7 +54,8 @@ impl Weights {
         for (shard, path) in files.iter().enumerate() {
             let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: the file is opened read-only; like every mmap-based loader we rely on
-            // model files not being truncated while in use.
+            // model files not being truncated while in use. The mapping serves the header
+            // parse only (which touches the header's pages) and is dropped right after.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
             let bad = |reason: String| Error::Safetensors {
                 path: path.clone(),
@@ -89,7 +93,8 @@ impl Weights {
                 );
             }
             drop(parsed);
-            shards.push((path.clone(), mmap));
+            drop(mmap);
+            shards.push((path.clone(), Mutex::new(file)));
         }
         Ok(Self {
             shards,
@@ -157,14 +162,25 @@ impl Weights {
             });
         }
         self.used.lock().unwrap().insert(stored.to_string());
-        let bytes = &self.shards[entry.shard].1[entry.start..entry.end];
-        let tensor = Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, &self.device)?;
+        let bytes = self.read(entry)?;
+        let tensor = Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, &self.device)?;
         let tensor = if legacy_conv {
             tensor.reshape(shape)?
         } else {
             tensor
         };
         Ok(tensor.to_dtype(self.dtype)?)
+    }
+
+    fn read(&self, entry: &Entry) -> Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let (path, file) = &self.shards[entry.shard];
+        let mut bytes = vec![0u8; entry.end - entry.start];
+        let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+        file.seek(SeekFrom::Start(entry.start as u64))
+            .and_then(|_| file.read_exact(&mut bytes))
+            .map_err(|e| Error::io(path, e))?;
+        Ok(bytes)
     }
 
     /// Fails if a stored tensor was never asked for: the folder holds a different model than
