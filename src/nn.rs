@@ -1,7 +1,7 @@
 //! Small building blocks shared by the three models, each loaded from a [`Vb`] with the shape
 //! its config implies (so a mismatched checkpoint fails with both shapes named).
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{Tensor, D};
 
 use crate::error::Result;
 use crate::weights::Vb;
@@ -14,7 +14,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get("weight", &[out_dim, in_dim])?;
+        let weight = vb.get_matrix("weight", &[out_dim, in_dim])?;
         let bias = if bias {
             Some(vb.get("bias", &[out_dim])?)
         } else {
@@ -28,18 +28,28 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = widen(&self.weight_t, x)?;
         let y = match x.dims() {
             [b, n, k] => x
                 .reshape((b * n, *k))?
-                .matmul(&self.weight_t)?
+                .matmul(&weight)?
                 .reshape((*b, *n, ()))?,
-            _ => x.matmul(&self.weight_t)?,
+            _ => x.matmul(&weight)?,
         };
         Ok(match &self.bias {
             Some(b) => add_bias_last(&y, b)?,
             None => y,
         })
     }
+}
+
+/// A weight kept in a narrower storage dtype, widened to the activations' dtype for one use.
+fn widen(weight: &Tensor, x: &Tensor) -> Result<Tensor> {
+    Ok(if weight.dtype() == x.dtype() {
+        weight.clone()
+    } else {
+        weight.to_dtype(x.dtype())?
+    })
 }
 
 fn add_bias_last(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -63,7 +73,8 @@ pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
 
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    inner: candle_nn::Conv2d,
+    weight: Tensor,
+    bias: Tensor,
     stride: usize,
     padding: usize,
 }
@@ -77,41 +88,35 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
-        let weight = vb.get("weight", &[out_channels, in_channels, kernel, kernel])?;
-        let bias = vb.get("bias", &[out_channels])?;
-        let config = candle_nn::Conv2dConfig {
-            padding,
-            stride,
-            dilation: 1,
-            groups: 1,
-            cudnn_fwd_algo: None,
-        };
         Ok(Self {
-            inner: candle_nn::Conv2d::new(weight, Some(bias), config),
+            weight: vb.get_matrix("weight", &[out_channels, in_channels, kernel, kernel])?,
+            bias: vb.get("bias", &[out_channels])?,
             stride,
             padding,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = widen(&self.weight, x)?;
         // Training takes the im2col path, whose backward pass is two matrix products; so does
         // inference while the column matrix stays small, as one product per layer beats
         // candle's tiled convolution, which gathers its columns one element at a time.
-        let training = x.track_op() || self.inner.weight().track_op();
+        let training = x.track_op() || weight.track_op();
         if training || self.im2col_fits(x) {
             return Ok(crate::kernels::im2col::conv2d_im2col(
                 x,
-                self.inner.weight(),
-                self.inner.bias(),
+                &weight,
+                Some(&self.bias),
                 self.stride,
                 self.padding,
             )?);
         }
-        Ok(self.inner.forward(x)?)
+        let y = x.conv2d(&weight, self.padding, self.stride, 1, 1)?;
+        add_bias(&y, &self.bias, 1)
     }
 
     fn im2col_fits(&self, x: &Tensor) -> bool {
-        let (Ok((b, c, h, w)), Ok((_, _, k, _))) = (x.dims4(), self.inner.weight().dims4()) else {
+        let (Ok((b, c, h, w)), Ok((_, _, k, _))) = (x.dims4(), self.weight.dims4()) else {
             return false;
         };
         let (oh, ow) = (

@@ -148,6 +148,7 @@ pub fn default_model_dir() -> Result<PathBuf> {
 pub fn load_model(
     model: Option<&str>,
     variant: Option<String>,
+    dtype: WeightDtype,
 ) -> Result<(text2img::Pipeline, String)> {
     let source = match model {
         Some(m) => m.to_string(),
@@ -155,6 +156,7 @@ pub fn load_model(
     };
     let options = text2img::LoadOptions {
         variant,
+        weight_dtype: dtype.dtype(),
         ..Default::default()
     };
     let mut pipeline = text2img::Pipeline::load(&source, &options)
@@ -163,4 +165,25 @@ pub fn load_model(
         pipeline.name = DEFAULT_MODEL_NAME.into();
     }
     Ok((pipeline, source))
+}
+
+/// `--dtype`: how the weight matrices and convolution kernels are kept in memory.
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    /// Half the memory; computation stays f32.
+    F16,
+    /// Half the memory, f32's range; computation stays f32.
+    Bf16,
+}
+
+impl WeightDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::F16 => candle_core::DType::F16,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }

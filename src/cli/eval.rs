@@ -29,7 +29,7 @@ pub struct EvaluateArgs {
 }
 
 pub fn load(model: Option<&str>) -> Result<Pipeline> {
-    Ok(crate::assets::load_model(model, None)?.0)
+    Ok(crate::assets::load_model(model, None, Default::default())?.0)
 }
 
 pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {

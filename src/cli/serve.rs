@@ -15,6 +15,9 @@ pub struct ServeArgs {
     /// Load `*.{variant}.safetensors` weights (e.g. fp16).
     #[arg(long)]
     variant: Option<String>,
+    /// Keep weight matrices and kernels as f32, or f16/bf16 for half the memory.
+    #[arg(long, value_enum, default_value_t = crate::assets::WeightDtype::F32)]
+    dtype: crate::assets::WeightDtype,
     /// The address to listen on; one that is not loopback needs --api-key (or --insecure).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -101,7 +104,7 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
     };
     // Refuse a bad address before the (slow) model load.
     text2img::serve::check_bind(&options)?;
-    let (pipeline, source) = crate::assets::load_model(a.model.as_deref(), a.variant)?;
+    let (pipeline, source) = crate::assets::load_model(a.model.as_deref(), a.variant, a.dtype)?;
     eprintln!("model {} loaded from {source}", pipeline.name);
     let name = pipeline.name.clone();
     serve(pipeline, name, source, options)?;

@@ -31,6 +31,9 @@ pub struct LoadOptions {
     /// `fp16` picks `*.fp16.safetensors`.
     pub variant: Option<String>,
     pub device: Device,
+    /// Storage dtype of the weight matrices and convolution kernels: f32, or f16/bf16 for
+    /// half the memory (computation stays f32; each layer widens its weight as it runs).
+    pub weight_dtype: DType,
 }
 
 impl Default for LoadOptions {
@@ -38,6 +41,7 @@ impl Default for LoadOptions {
         Self {
             variant: None,
             device: Device::Cpu,
+            weight_dtype: DType::F32,
         }
     }
 }
@@ -246,6 +250,7 @@ impl Pipeline {
 
     pub fn load_folder(folder: &ModelFolder, options: &LoadOptions) -> Result<Self> {
         let variant = options.variant.as_deref();
+        let wd = options.weight_dtype;
         let device = &options.device;
         let family = Family::detect(folder)?;
         for (component, class) in family.components() {
@@ -288,11 +293,11 @@ impl Pipeline {
         for (tokenizer, encoder) in encoder_names {
             text_encoders.push(TextEncoder {
                 tokenizer: ClipTokenizer::from_folder(&folder.component(tokenizer))?,
-                model: ClipTextModel::load(&folder.component(encoder), variant, device)?,
+                model: ClipTextModel::load_as(&folder.component(encoder), variant, device, wd)?,
             });
         }
-        let unet = UNet::load(&folder.component("unet"), variant, device)?;
-        let vae = AutoencoderKl::load(&folder.component("vae"), variant, device)?;
+        let unet = UNet::load_as(&folder.component("unet"), variant, device, wd)?;
+        let vae = AutoencoderKl::load_as(&folder.component("vae"), variant, device, wd)?;
         let pipeline = Self {
             name: folder.name.clone(),
             family,

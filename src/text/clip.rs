@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::{read_json, Error, Result};
@@ -150,8 +150,19 @@ pub struct ClipTextModel {
 impl ClipTextModel {
     /// Loads from a `text_encoder/` folder.
     pub fn load(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
+        Self::load_as(dir, variant, device, DType::F32)
+    }
+
+    /// As [`ClipTextModel::load`], keeping weight matrices in `matrix_dtype`.
+    pub fn load_as(
+        dir: &Path,
+        variant: Option<&str>,
+        device: &Device,
+        matrix_dtype: DType,
+    ) -> Result<Self> {
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
         let mut weights = Weights::open_component(dir, variant, device)?;
+        weights.store_matrices_as(matrix_dtype);
         // A buffer, not a weight; diffusers' loaders drop it too.
         weights.ignore("text_model.embeddings.position_ids");
         weights.ignore("embeddings.position_ids");

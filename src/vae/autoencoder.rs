@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::config::VaeConfig;
 use crate::error::{Error, Result};
@@ -235,8 +235,19 @@ const LEGACY_ATTENTION: [(&str, &str); 4] = [
 
 impl AutoencoderKl {
     pub fn load(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
+        Self::load_as(dir, variant, device, DType::F32)
+    }
+
+    /// As [`AutoencoderKl::load`], keeping weight matrices and kernels in `matrix_dtype`.
+    pub fn load_as(
+        dir: &Path,
+        variant: Option<&str>,
+        device: &Device,
+        matrix_dtype: DType,
+    ) -> Result<Self> {
         let config = VaeConfig::from_file(&dir.join("config.json"))?;
         let mut weights = Weights::open_component(dir, variant, device)?;
+        weights.store_matrices_as(matrix_dtype);
         for part in ["encoder", "decoder"] {
             for (new, old) in LEGACY_ATTENTION {
                 for leaf in ["weight", "bias"] {

@@ -35,7 +35,11 @@ pub struct Weights {
     ignored: HashSet<String>,
     used: Mutex<HashSet<String>>,
     device: Device,
+    /// The dtype every tensor is computed in.
     dtype: DType,
+    /// The dtype the large weight matrices and kernels are kept in (`get_matrix`); f16/bf16
+    /// halve a model's memory, and layers widen one weight at a time as they run.
+    matrix_dtype: DType,
 }
 
 impl Weights {
@@ -104,7 +108,13 @@ impl Weights {
             used: Mutex::new(HashSet::new()),
             device: device.clone(),
             dtype: DType::F32,
+            matrix_dtype: DType::F32,
         })
+    }
+
+    /// Keeps weight matrices and convolution kernels in `dtype` (f32, f16 or bf16).
+    pub fn store_matrices_as(&mut self, dtype: DType) {
+        self.matrix_dtype = dtype;
     }
 
     /// Accepts the stored name `stored` for the canonical name `canonical`.
@@ -141,6 +151,15 @@ impl Weights {
 
     /// Loads the tensor `name`, which must have exactly `shape`, as the compute dtype.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_as(name, shape, self.dtype)
+    }
+
+    /// Loads a weight matrix or convolution kernel in the storage dtype for matrices.
+    pub fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_as(name, shape, self.matrix_dtype)
+    }
+
+    fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let stored = self.aliases.get(name).map_or(name, String::as_str);
         let Some(entry) = self.entries.get(stored) else {
             return Err(Error::MissingTensor {
@@ -169,7 +188,7 @@ impl Weights {
         } else {
             tensor
         };
-        Ok(tensor.to_dtype(self.dtype)?)
+        Ok(tensor.to_dtype(dtype)?)
     }
 
     fn read(&self, entry: &Entry) -> Result<Vec<u8>> {
@@ -260,6 +279,15 @@ impl<'a> Vb<'a> {
     pub fn get(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
         match self.source {
             Source::Stored(w) => w.get(&self.name(leaf), shape),
+            Source::Fresh(p) => p.get_or_init(&self.name(leaf), shape),
+        }
+    }
+
+    /// A weight matrix or convolution kernel: in the stored weights' matrix dtype (see
+    /// [`Weights::store_matrices_as`]); fresh parameters are always f32.
+    pub fn get_matrix(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
+        match self.source {
+            Source::Stored(w) => w.get_matrix(&self.name(leaf), shape),
             Source::Fresh(p) => p.get_or_init(&self.name(leaf), shape),
         }
     }

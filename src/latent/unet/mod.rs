@@ -9,7 +9,7 @@ pub mod transformer;
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::nn::{Conv2d, GroupNorm};
@@ -45,8 +45,19 @@ pub struct UNet {
 impl UNet {
     /// Loads from a `unet/` folder; every stored tensor must be used.
     pub fn load(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
+        Self::load_as(dir, variant, device, DType::F32)
+    }
+
+    /// As [`UNet::load`], keeping weight matrices and kernels in `matrix_dtype`.
+    pub fn load_as(
+        dir: &Path,
+        variant: Option<&str>,
+        device: &Device,
+        matrix_dtype: DType,
+    ) -> Result<Self> {
         let config = UNetConfig::from_file(&dir.join("config.json"))?;
-        let weights = Weights::open_component(dir, variant, device)?;
+        let mut weights = Weights::open_component(dir, variant, device)?;
+        weights.store_matrices_as(matrix_dtype);
         let model = Self::from_weights(config, &weights.root())?;
         weights.finish()?;
         Ok(model)
