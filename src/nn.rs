@@ -102,21 +102,33 @@ impl Conv2d {
         // inference while the column matrix stays small, as one product per layer beats
         // candle's tiled convolution, which gathers its columns one element at a time.
         let training = x.track_op() || weight.track_op();
-        if training || self.im2col_fits(x) {
-            return Ok(crate::kernels::im2col::conv2d_im2col(
+        let conv = |x: &Tensor| {
+            crate::kernels::im2col::conv2d_im2col(
                 x,
                 &weight,
                 Some(&self.bias),
                 self.stride,
                 self.padding,
-            )?);
+            )
+        };
+        if training {
+            return Ok(conv(x)?);
+        }
+        if self.im2col_fits(x) {
+            // One image per product at inference: the product's shape then does not depend
+            // on the batch, so an image comes out bit-identical whether it is generated alone
+            // or in a batch (image i of a batch is reproducible from its own seed).
+            let images = (0..x.dim(0)?)
+                .map(|i| conv(&x.narrow(0, i, 1)?))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&images, 0)?);
         }
         let y = x.conv2d(&weight, self.padding, self.stride, 1, 1)?;
         add_bias(&y, &self.bias, 1)
     }
 
     fn im2col_fits(&self, x: &Tensor) -> bool {
-        let (Ok((b, c, h, w)), Ok((_, _, k, _))) = (x.dims4(), self.weight.dims4()) else {
+        let (Ok((_, c, h, w)), Ok((_, _, k, _))) = (x.dims4(), self.weight.dims4()) else {
             return false;
         };
         let (oh, ow) = (
@@ -125,11 +137,11 @@ impl Conv2d {
         );
         x.dtype() == candle_core::DType::F32
             && x.device().is_cpu()
-            && b * c * k * k * oh * ow * 4 <= IM2COL_BUDGET
+            && c * k * k * oh * ow * 4 <= IM2COL_BUDGET
     }
 }
 
-/// Largest im2col column matrix (bytes) built at inference; above it candle's tiled
+/// Largest im2col column matrix (bytes, one image) built at inference; above it candle's tiled
 /// convolution, which needs no such buffer, takes over.
 const IM2COL_BUDGET: usize = 128 << 20;
 
