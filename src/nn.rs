@@ -8,6 +8,9 @@ use crate::weights::Vb;
 
 #[derive(Clone, Debug)]
 pub struct Linear {
+    /// (in, out): transposed once at load for inference; for a trainable weight, a transposed
+    /// view of the parameter itself (a copy would freeze the forward pass at the initial
+    /// weights while the optimizer updates the parameter).
     weight_t: Tensor,
     bias: Option<Tensor>,
 }
@@ -21,10 +24,12 @@ impl Linear {
             None
         };
         // Transposed once at load so every forward is a plain (.., in) x (in, out) matmul.
-        Ok(Self {
-            weight_t: weight.t()?.contiguous()?,
-            bias,
-        })
+        let weight_t = if weight.track_op() {
+            weight.t()?
+        } else {
+            weight.t()?.contiguous()?
+        };
+        Ok(Self { weight_t, bias })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -364,6 +369,50 @@ mod attention_tests {
                 attention_with_budget(&q, &k, &v, heads, mask, b * heads * m * 4 * 5).unwrap();
             let diff = (full - sliced).unwrap().abs().unwrap().max_all().unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+        }
+    }
+}
+
+#[cfg(test)]
+mod trainable_tests {
+    use super::*;
+    use crate::weights::ParamStore;
+    use candle_core::{Device, Var};
+    use std::collections::BTreeMap;
+
+    /// Layers built from trainable parameters must read the parameters' current values: the
+    /// optimizer and `--resume` update them in place after the model is built.
+    #[test]
+    fn layers_follow_their_parameters_after_an_update() {
+        let dev = Device::Cpu;
+        let params = ParamStore::new(3, &dev);
+        let vb = Vb::from(&params);
+        let linear = Linear::load(&vb.pp("lin"), 5, 4, true).unwrap();
+        let conv = Conv2d::load(&vb.pp("conv"), 2, 3, 3, 1, 1).unwrap();
+        let norm = LayerNorm::load(&vb.pp("norm"), 5, 1e-5).unwrap();
+        let mut values = BTreeMap::new();
+        for (name, var) in params.vars() {
+            let fill = if name.ends_with("bias") { 1.0 } else { 0.0 };
+            values.insert(name, (var.ones_like().unwrap() * fill).unwrap());
+        }
+        params.load_values(&values).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 7, 5), &dev).unwrap()).unwrap();
+        let img = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 4, 4), &dev).unwrap()).unwrap();
+        for y in [
+            linear.forward(&x).unwrap(),
+            conv.forward(&img).unwrap(),
+            norm.forward(&x).unwrap(),
+        ] {
+            let ones = y.ones_like().unwrap();
+            let diff: f32 = (y - ones)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-5, "a layer still uses its initial weights");
         }
     }
 }
