@@ -136,6 +136,9 @@ impl Conv2d {
         let (Ok((_, c, h, w)), Ok((_, _, k, _))) = (x.dims4(), self.weight.dims4()) else {
             return false;
         };
+        if self.stride == 0 || k > h + 2 * self.padding || k > w + 2 * self.padding {
+            return false; // candle's convolution reports the misfit
+        }
         let (oh, ow) = (
             (h + 2 * self.padding).saturating_sub(k) / self.stride + 1,
             (w + 2 * self.padding).saturating_sub(k) / self.stride + 1,

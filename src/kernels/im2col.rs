@@ -81,6 +81,9 @@ impl CustomOp1 for Im2Col {
             let (ci, ky, kx) = (row_index / (k * k), row_index / k % k, row_index % k);
             let (y0, y1) = valid_range(oh, g.stride, ky, g.padding, h);
             let (x0, x1) = valid_range(ow, g.stride, kx, g.padding, w);
+            if x0 == x1 {
+                return; // this tap never lands inside the input: the row stays zero
+            }
             for bi in 0..b {
                 let plane = &src[(bi * c + ci) * h * w..][..h * w];
                 let dst = &mut row[bi * l..][..l];
@@ -165,6 +168,11 @@ pub fn conv2d_im2col(
 ) -> Result<Tensor> {
     let (b, _, h, w) = x.dims4()?;
     let (out_c, in_c, k, _) = weight.dims4()?;
+    if stride == 0 || k == 0 || k > h + 2 * padding || k > w + 2 * padding {
+        candle_core::bail!(
+            "conv2d: a {k}x{k} kernel with stride {stride} and padding {padding} does not fit a {h}x{w} input"
+        );
+    }
     let g = ConvGeometry {
         kernel: k,
         stride,
@@ -214,6 +222,7 @@ mod tests {
             (3, 2, 0, 8, 8),
             (1, 1, 0, 5, 3),
             (3, 2, 1, 8, 8),
+            (5, 1, 2, 3, 1),
         ] {
             let x =
                 Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, h, w), &dev).unwrap()).unwrap();

@@ -68,7 +68,7 @@ impl CustomOp3 for LayerNormOp {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -81,7 +81,7 @@ impl CustomOp3 for LayerNormOp {
         )?;
         let grad_x = packed.narrow(0, 0, total)?.reshape(x.shape())?;
         let grad_w = packed.narrow(0, total, n)?.reshape(weight.shape())?;
-        let grad_b = packed.narrow(0, total + n, n)?.reshape(weight.shape())?;
+        let grad_b = packed.narrow(0, total + n, n)?.reshape(bias.shape())?;
         Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
     }
 }
