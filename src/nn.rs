@@ -4,6 +4,7 @@
 use candle_core::{Tensor, D};
 
 use crate::error::Result;
+use crate::kernels::im2col::ConvGeometry;
 use crate::weights::Vb;
 
 #[derive(Clone, Debug)]
@@ -65,7 +66,7 @@ fn add_bias_last(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// the fused kernel when it applies (its backward pass sums in one sweep), candle's broadcast
 /// otherwise.
 pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
-    if x.dtype() == candle_core::DType::F32 && x.device().is_cpu() {
+    if crate::kernels::supports(x) {
         return Ok(crate::kernels::bias::add_bias(x, bias, axis)?);
     }
     let mut shape: Vec<usize> = bias.dims().to_vec();
@@ -136,16 +137,11 @@ impl Conv2d {
         let (Ok((_, c, h, w)), Ok((_, _, k, _))) = (x.dims4(), self.weight.dims4()) else {
             return false;
         };
-        if self.stride == 0 || k > h + 2 * self.padding || k > w + 2 * self.padding {
-            return false; // candle's convolution reports the misfit
-        }
-        let (oh, ow) = (
-            (h + 2 * self.padding).saturating_sub(k) / self.stride + 1,
-            (w + 2 * self.padding).saturating_sub(k) / self.stride + 1,
-        );
-        x.dtype() == candle_core::DType::F32
-            && x.device().is_cpu()
-            && c * k * k * oh * ow * 4 <= IM2COL_BUDGET
+        // A kernel that does not fit its input goes to candle's convolution, which says so.
+        let Some(g) = ConvGeometry::new(k, self.stride, self.padding, h, w) else {
+            return false;
+        };
+        crate::kernels::supports(x) && g.column_bytes(c) <= IM2COL_BUDGET
     }
 }
 
@@ -188,7 +184,7 @@ impl GroupNorm {
 
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         let (w, b, g, eps) = (&self.weight, &self.bias, self.groups, self.eps);
-        if x.dtype() == candle_core::DType::F32 && x.device().is_cpu() {
+        if crate::kernels::supports(x) {
             return Ok(crate::kernels::group_norm::group_norm(
                 x, w, b, g, eps, silu,
             )?);
@@ -218,7 +214,7 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's fused kernel has no backward pass; training takes ours, which has one.
         let training = x.track_op() || self.weight.track_op();
-        if training && x.dtype() == candle_core::DType::F32 && x.device().is_cpu() {
+        if training && crate::kernels::supports(x) {
             Ok(crate::kernels::layer_norm::layer_norm(
                 x,
                 &self.weight,
@@ -308,7 +304,7 @@ fn attention_with_budget(
         scores = scores.broadcast_add(mask)?;
     }
     // candle's fused softmax has no backward pass; training takes ours, which has one.
-    let probs = if scores.track_op() && scores.dtype() == candle_core::DType::F32 {
+    let probs = if scores.track_op() && crate::kernels::supports(&scores) {
         crate::kernels::softmax::softmax_last_dim(&scores)?
     } else if scores.track_op() {
         candle_nn::ops::softmax(&scores, D::Minus1)?

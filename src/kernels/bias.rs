@@ -3,7 +3,9 @@
 //! candle's `broadcast_add` backward reduces along strided axes one element at a time, which
 //! was a sixth of a training step.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::f32_slice;
 
 /// x viewed as (outer, channels, inner); the bias is (channels) or (outer, channels).
 #[derive(Clone, Copy, Debug)]
@@ -24,17 +26,6 @@ impl Geometry {
     }
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(d) => d,
-        _ => candle_core::bail!("add_bias: only f32 is supported"),
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("add_bias: inputs must be contiguous"),
-    }
-}
-
 struct AddBias(Geometry);
 
 impl CustomOp2 for AddBias {
@@ -50,7 +41,10 @@ impl CustomOp2 for AddBias {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let (x, bias) = (f32_slice(xs, xl)?, f32_slice(bs, bl)?);
+        let (x, bias) = (
+            f32_slice(xs, xl, "add_bias", "input")?,
+            f32_slice(bs, bl, "add_bias", "input")?,
+        );
         let mut out = x.to_vec();
         for o in 0..g.outer {
             for c in 0..g.channels {
@@ -88,7 +82,7 @@ impl CustomOp1 for SumToBias {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let grad = f32_slice(storage, layout)?;
+        let grad = f32_slice(storage, layout, "add_bias", "input")?;
         let len = if g.per_outer {
             g.outer * g.channels
         } else {
@@ -108,9 +102,7 @@ impl CustomOp1 for SumToBias {
 /// `x + bias` with the bias along axis `axis` of `x`: `bias` has `x.dim(axis)` elements, or
 /// `x.dims()[..=axis]`'s product (one bias per leading index, e.g. (batch, channels)).
 pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || !x.device().is_cpu() {
-        candle_core::bail!("add_bias: the kernel takes f32 tensors on the CPU");
-    }
+    super::require_supported(x, "add_bias")?;
     let dims = x.dims();
     if axis >= dims.len() {
         candle_core::bail!("add_bias: axis {axis} out of range for {:?}", x.shape());
@@ -137,21 +129,9 @@ pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::assert_matches;
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn matches_broadcast_add_forward_and_backward() {
@@ -168,29 +148,12 @@ mod tests {
             let b =
                 Var::from_tensor(&Tensor::randn(0f32, 1., bias_shape.as_slice(), &dev).unwrap())
                     .unwrap();
-            let probe = Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap();
             let ours = add_bias(&x, &b, axis).unwrap();
             let reference = x
                 .broadcast_add(&b.reshape(bcast.as_slice()).unwrap())
                 .unwrap();
-            assert!(max_diff(&ours, &reference) < 1e-6);
-            let g1 = (&ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&reference * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [x.as_tensor(), b.as_tensor()] {
-                let (a, r) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-                assert_eq!(a.dims(), r.dims());
-                assert!(max_diff(a, r) < 1e-4, "{shape:?}");
-            }
+            let label = format!("{shape:?}");
+            assert_matches(&ours, &reference, &[&x, &b], 1e-6, 1e-4, &label);
         }
     }
 

@@ -3,26 +3,16 @@
 //! backward passes are broadcast reductions along strided axes; here each (image, group) is one
 //! pass over contiguous memory, forward and backward, and the normalised tensor is never kept.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::parallel::for_each_chunk;
+use super::{f32_slice, moments};
 
 #[derive(Clone, Copy, Debug)]
 struct GroupNormOp {
     groups: usize,
     eps: f64,
     silu: bool,
-}
-
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(d) => d,
-        _ => candle_core::bail!("group_norm: {what} must be f32"),
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("group_norm: {what} must be contiguous"),
-    }
 }
 
 /// (batch, channels, spatial size) of an input of rank >= 3.
@@ -36,21 +26,6 @@ fn dims(shape: &Shape, groups: usize) -> Result<(usize, usize, usize)> {
         candle_core::bail!("group_norm: {c} channels cannot be split into {groups} groups");
     }
     Ok((b, c, d[2..].iter().product()))
-}
-
-/// Mean and 1/std of one group's values (biased variance, as PyTorch), accumulated in f64.
-fn moments(x: &[f32], eps: f64) -> (f32, f32) {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x
-        .iter()
-        .map(|&v| {
-            let d = v as f64 - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
-    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
 fn sigmoid(z: f32) -> f32 {
@@ -73,9 +48,9 @@ impl CustomOp3 for GroupNormOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c, s) = dims(xl.shape(), self.groups)?;
         let (x, w, bias) = (
-            f32_slice(xs, xl, "input")?,
-            f32_slice(ws, wl, "weight")?,
-            f32_slice(bs, bl, "bias")?,
+            f32_slice(xs, xl, "group_norm", "input")?,
+            f32_slice(ws, wl, "group_norm", "weight")?,
+            f32_slice(bs, bl, "group_norm", "bias")?,
         );
         if w.len() != c || bias.len() != c {
             candle_core::bail!("group_norm: weight and bias must have {c} elements");
@@ -150,9 +125,9 @@ impl CustomOp3 for GroupNormBackward {
         let op = self.0;
         let (b, c, s) = dims(xl.shape(), op.groups)?;
         let (x, g, p) = (
-            f32_slice(xs, xl, "input")?,
-            f32_slice(gs, gl, "gradient")?,
-            f32_slice(ps, pl, "parameters")?,
+            f32_slice(xs, xl, "group_norm", "input")?,
+            f32_slice(gs, gl, "group_norm", "gradient")?,
+            f32_slice(ps, pl, "group_norm", "parameters")?,
         );
         let (w, bias) = p.split_at(c);
         let cg = c / op.groups;
@@ -234,9 +209,7 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || !x.device().is_cpu() {
-        candle_core::bail!("group_norm: the fused kernel takes f32 tensors on the CPU");
-    }
+    super::require_supported(x, "group_norm")?;
     x.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &bias.contiguous()?,
@@ -276,21 +249,9 @@ pub fn group_norm_reference(
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::assert_matches;
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn matches_the_composed_reference_forward_and_backward() {
@@ -308,32 +269,10 @@ mod tests {
             .unwrap();
             let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, c, &dev).unwrap()).unwrap();
             let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, c, &dev).unwrap()).unwrap();
-            let probe = Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap();
             let ours = group_norm(&x, &w, &b, groups, 1e-5, silu).unwrap();
             let reference = group_norm_reference(&x, &w, &b, groups, 1e-5, silu).unwrap();
-            assert!(max_diff(&ours, &reference) < 1e-5, "{shape:?} forward");
-            let g1 = (&ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&reference * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
-                let (a, r) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-                assert_eq!(a.dims(), r.dims());
-                assert!(
-                    max_diff(a, r) < 1e-4,
-                    "{shape:?} grad {:?}: {}",
-                    v.dims(),
-                    max_diff(a, r)
-                );
-            }
+            let label = format!("{shape:?}");
+            assert_matches(&ours, &reference, &[&x, &w, &b], 1e-5, 1e-4, &label);
         }
     }
 

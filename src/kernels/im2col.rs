@@ -5,6 +5,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
+use super::f32_slice;
 use super::parallel::for_each_chunk;
 
 /// Geometry of a square-kernel convolution over an (h, w) input.
@@ -18,6 +19,24 @@ pub struct ConvGeometry {
 }
 
 impl ConvGeometry {
+    /// The geometry, or None when the kernel does not fit the padded input (or stride is 0).
+    pub fn new(kernel: usize, stride: usize, padding: usize, h: usize, w: usize) -> Option<Self> {
+        let fits =
+            stride > 0 && kernel > 0 && kernel <= h + 2 * padding && kernel <= w + 2 * padding;
+        fits.then_some(Self {
+            kernel,
+            stride,
+            padding,
+            h,
+            w,
+        })
+    }
+
+    /// Bytes of one image's im2col column matrix for `channels` input channels.
+    pub fn column_bytes(&self, channels: usize) -> usize {
+        channels * self.kernel * self.kernel * self.out_h() * self.out_w() * 4
+    }
+
     pub fn out_h(&self) -> usize {
         (self.h + 2 * self.padding - self.kernel) / self.stride + 1
     }
@@ -34,17 +53,6 @@ struct Im2Col(ConvGeometry);
 
 /// (c * k * k, b * out_h * out_w) -> (b, c, h, w), summing overlapping taps.
 struct Col2Im(ConvGeometry, usize);
-
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(d) => d,
-        _ => candle_core::bail!("im2col: only f32 is supported"),
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("im2col: input must be contiguous"),
-    }
-}
 
 /// The range of output positions along one axis whose tap `kpos` lands inside the input.
 fn valid_range(
@@ -72,7 +80,7 @@ impl CustomOp1 for Im2Col {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
         let (b, c, h, w) = layout.shape().dims4()?;
-        let src = contiguous_f32(storage, layout)?;
+        let src = f32_slice(storage, layout, "im2col", "input")?;
         let (oh, ow, k) = (g.out_h(), g.out_w(), g.kernel);
         let l = oh * ow;
         let mut out = vec![0f32; c * k * k * b * l];
@@ -131,7 +139,7 @@ impl CustomOp1 for Col2Im {
             candle_core::bail!("col2im: columns {rows}x{cols} do not fit the geometry");
         }
         let c = rows / (k * k);
-        let src = contiguous_f32(storage, layout)?;
+        let src = f32_slice(storage, layout, "im2col", "input")?;
         let (h, w) = (g.h, g.w);
         let mut out = vec![0f32; b * c * h * w];
         // One chunk per output plane (image, channel), gathering its k*k tap rows.
@@ -168,17 +176,10 @@ pub fn conv2d_im2col(
 ) -> Result<Tensor> {
     let (b, _, h, w) = x.dims4()?;
     let (out_c, in_c, k, _) = weight.dims4()?;
-    if stride == 0 || k == 0 || k > h + 2 * padding || k > w + 2 * padding {
+    let Some(g) = ConvGeometry::new(k, stride, padding, h, w) else {
         candle_core::bail!(
             "conv2d: a {k}x{k} kernel with stride {stride} and padding {padding} does not fit a {h}x{w} input"
         );
-    }
-    let g = ConvGeometry {
-        kernel: k,
-        stride,
-        padding,
-        h,
-        w,
     };
     let l = g.out_h() * g.out_w();
     let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // (in*k*k, b*L)
@@ -194,21 +195,9 @@ pub fn conv2d_im2col(
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::max_diff;
     use super::*;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// The reference is candle's own conv2d (and, at stride 1, its backward pass; its strided
     /// backward gets odd sizes wrong), plus finite differences, exact here because the

@@ -1,8 +1,98 @@
 //! CPU kernels that candle lacks or runs slowly, each tested against a plain reference.
 
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+
 pub mod bias;
 pub mod group_norm;
 pub mod im2col;
 pub mod layer_norm;
 pub mod parallel;
 pub mod softmax;
+
+/// Whether these kernels apply to `x`: they take f32 tensors on the CPU (other dtypes and
+/// devices take candle's own ops).
+pub fn supports(x: &Tensor) -> bool {
+    x.dtype() == DType::F32 && x.device().is_cpu()
+}
+
+/// Fails with a message naming the kernel unless [`supports`] holds.
+fn require_supported(x: &Tensor, kernel: &str) -> Result<()> {
+    if !supports(x) {
+        candle_core::bail!("{kernel}: the kernel takes f32 tensors on the CPU");
+    }
+    Ok(())
+}
+
+/// A custom op argument as a contiguous f32 slice, or an error naming the kernel and argument.
+fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    kernel: &str,
+    what: &str,
+) -> Result<&'a [f32]> {
+    let data = match storage {
+        CpuStorage::F32(d) => d,
+        _ => candle_core::bail!("{kernel}: {what} must be f32"),
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{kernel}: {what} must be contiguous"),
+    }
+}
+
+/// Mean and 1/std of a run of values (biased variance, as PyTorch), accumulated in f64.
+fn moments(x: &[f32], eps: f64) -> (f32, f32) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+#[cfg(test)]
+mod testing {
+    use candle_core::Tensor;
+
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// `ours` against `reference` (both computed from `inputs`): the forward values within
+    /// `forward_tol`, and the gradient of sum(out * probe) for every input, same shape, within
+    /// `grad_tol`.
+    pub fn assert_matches(
+        ours: &Tensor,
+        reference: &Tensor,
+        inputs: &[&Tensor],
+        forward_tol: f32,
+        grad_tol: f32,
+        label: &str,
+    ) {
+        let forward = max_diff(ours, reference);
+        assert!(forward < forward_tol, "{label} forward: {forward}");
+        let probe = Tensor::randn(0f32, 1., ours.dims(), ours.device()).unwrap();
+        let grads = |out: &Tensor| {
+            (out * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (g1, g2) = (grads(ours), grads(reference));
+        for v in inputs {
+            let (a, r) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert_eq!(a.dims(), r.dims(), "{label}");
+            let diff = max_diff(a, r);
+            assert!(diff < grad_tol, "{label} grad {:?}: {diff}", v.dims());
+        }
+    }
+}

@@ -2,20 +2,10 @@
 //! row). candle's fused softmax has no backward pass and its composed one materialises the
 //! exponentials, the row sums and their broadcast gradients; attention in training runs this.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
+use super::f32_slice;
 use super::parallel::for_each_chunk;
-
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(d) => d,
-        _ => candle_core::bail!("softmax: only f32 is supported"),
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("softmax: inputs must be contiguous"),
-    }
-}
 
 fn last_dim(layout: &Layout) -> Result<usize> {
     match layout.shape().dims().last() {
@@ -32,7 +22,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(storage, layout)?;
+        let x = f32_slice(storage, layout, "softmax", "input")?;
         let n = last_dim(layout)?;
         let mut out = vec![0f32; x.len()];
         for_each_chunk(&mut out, n, |row, dst| {
@@ -72,7 +62,10 @@ impl CustomOp2 for SoftmaxBackward {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, g) = (f32_slice(ys, yl)?, f32_slice(gs, gl)?);
+        let (y, g) = (
+            f32_slice(ys, yl, "softmax", "input")?,
+            f32_slice(gs, gl, "softmax", "input")?,
+        );
         let n = last_dim(yl)?;
         let mut out = vec![0f32; y.len()];
         for_each_chunk(&mut out, n, |row, dst| {
@@ -88,29 +81,15 @@ impl CustomOp2 for SoftmaxBackward {
 
 /// Softmax over the last axis of an f32 CPU tensor, differentiable.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || !x.device().is_cpu() {
-        candle_core::bail!("softmax: the kernel takes f32 tensors on the CPU");
-    }
+    super::require_supported(x, "softmax")?;
     x.contiguous()?.apply_op1(Softmax)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::assert_matches;
     use super::*;
     use candle_core::{Device, Var, D};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn matches_the_composed_softmax_forward_and_backward() {
@@ -118,24 +97,10 @@ mod tests {
         for shape in [vec![3, 7], vec![2, 3, 5, 1], vec![2, 4, 33]] {
             let x = Var::from_tensor(&Tensor::randn(0f32, 3., shape.as_slice(), &dev).unwrap())
                 .unwrap();
-            let probe = Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap();
             let ours = softmax_last_dim(&x).unwrap();
             let reference = candle_nn::ops::softmax(&x, D::Minus1).unwrap();
-            assert!(max_diff(&ours, &reference) < 1e-6, "{shape:?}");
-            let g1 = (&ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&reference * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let (a, r) = (g1.get(&x).unwrap(), g2.get(&x).unwrap());
-            assert!(max_diff(a, r) < 1e-5, "{shape:?} grad");
+            let label = format!("{shape:?}");
+            assert_matches(&ours, &reference, &[&x], 1e-6, 1e-5, &label);
         }
     }
 }
