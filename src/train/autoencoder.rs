@@ -164,7 +164,7 @@ fn save(o: &TrainVaeOptions, params: &ParamStore, opt: &AdamW, step: usize) -> R
         &o.out,
         &Checkpoint {
             params: params.tensors(candle_core::DType::F32)?,
-            optimizer: opt.state(),
+            optimizer: opt.state()?,
             state: VaeRunState {
                 step,
                 options: o.clone(),

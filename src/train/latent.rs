@@ -374,7 +374,7 @@ fn save(
         &o.out,
         &Checkpoint {
             params: all,
-            optimizer: opt.state(),
+            optimizer: opt.state()?,
             state: RunState {
                 step,
                 options: o.clone(),

@@ -48,6 +48,10 @@ struct Slot {
     m: Tensor,
     v: Tensor,
     ema: Tensor,
+    /// Updates this parameter has had: its moments' bias correction counts these, as
+    /// PyTorch's per-parameter `step` does, so a parameter that first gets a gradient late
+    /// (a frozen part unfrozen, a branch first used at step n) is not under-corrected.
+    updates: u32,
 }
 
 pub struct AdamW {
@@ -72,6 +76,7 @@ impl AdamW {
                     m: var.zeros_like()?,
                     v: var.zeros_like()?,
                     ema: var.as_tensor().detach().copy()?,
+                    updates: 0,
                     name,
                     var,
                 })
@@ -134,14 +139,16 @@ impl AdamW {
         let decay = c
             .ema_decay
             .min((1.0 + self.step as f64) / (10.0 + self.step as f64)) as f32;
-        let bias1 = (1.0 - c.beta1.powi(self.step as i32)) as f32;
-        let bias2 = (1.0 - c.beta2.powi(self.step as i32)) as f32;
         let (b1, b2, eps, clip) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32, clip as f32);
         let (lr32, shrink) = (lr as f32, (1.0 - lr * c.weight_decay) as f32);
         for (slot, g) in self.slots.iter_mut().zip(gradients) {
             let Some(g) = g else {
                 continue;
             };
+            slot.updates += 1;
+            let t = slot.updates as i32;
+            let bias1 = (1.0 - c.beta1.powi(t)) as f32;
+            let bias2 = (1.0 - c.beta2.powi(t)) as f32;
             let (mut m, mut v) = (flat(&slot.m)?, flat(&slot.v)?);
             let (mut w, mut ema) = (flat(slot.var.as_tensor())?, flat(&slot.ema)?);
             for i in 0..g.len() {
@@ -170,27 +177,50 @@ impl AdamW {
             .collect()
     }
 
-    /// Everything needed to resume: moments and EMA, by `m.NAME`, `v.NAME`, `ema.NAME`.
-    pub fn state(&self) -> BTreeMap<String, Tensor> {
+    /// Everything needed to resume: moments, EMA and update count, by `m.NAME`, `v.NAME`,
+    /// `ema.NAME` and `t.NAME` (a one-element u32 tensor).
+    pub fn state(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for s in &self.slots {
             out.insert(format!("m.{}", s.name), s.m.clone());
             out.insert(format!("v.{}", s.name), s.v.clone());
             out.insert(format!("ema.{}", s.name), s.ema.clone());
+            let t = Tensor::from_vec(vec![s.updates], 1, &candle_core::Device::Cpu)?;
+            out.insert(format!("t.{}", s.name), t);
         }
-        out
+        Ok(out)
     }
 
+    /// Restores what `state` saved. Checkpoints written before update counts were kept lack
+    /// `t.NAME`; those parameters take the global step, which is what their moments were
+    /// corrected with.
     pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>, step: usize) -> Result<()> {
         for s in &mut self.slots {
-            let get = |k: String| {
-                state.get(&k).cloned().ok_or_else(|| {
+            let get = |k: String| -> Result<Tensor> {
+                let t = state.get(&k).ok_or_else(|| {
                     Error::InvalidRequest(format!("checkpoint lacks optimizer tensor `{k}`"))
-                })
+                })?;
+                if t.shape() != s.var.shape() {
+                    return Err(Error::InvalidRequest(format!(
+                        "checkpoint optimizer tensor `{k}` has shape {:?}, the parameter {:?}",
+                        t.dims(),
+                        s.var.dims()
+                    )));
+                }
+                Ok(t.to_device(s.var.device())?.to_dtype(s.var.dtype())?)
             };
             s.m = get(format!("m.{}", s.name))?;
             s.v = get(format!("v.{}", s.name))?;
             s.ema = get(format!("ema.{}", s.name))?;
+            s.updates = match state.get(&format!("t.{}", s.name)) {
+                Some(t) => t
+                    .flatten_all()?
+                    .to_vec1::<u32>()?
+                    .first()
+                    .copied()
+                    .unwrap_or(0),
+                None => step as u32,
+            };
         }
         self.step = step;
         Ok(())
@@ -247,6 +277,56 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A parameter whose first gradient comes at the third step moves by the full learning
+    /// rate (Adam's first update is lr * sign(g)), as with PyTorch's per-parameter step count;
+    /// with the global step its moments would be corrected as if two updates had happened.
+    /// The count survives a save and restore.
+    #[test]
+    fn a_late_parameter_gets_its_own_bias_correction() {
+        use candle_core::Device;
+        let dev = Device::Cpu;
+        let early = Var::from_vec(vec![0f32], 1, &dev).unwrap();
+        let late = Var::from_vec(vec![0f32], 1, &dev).unwrap();
+        let config = AdamWConfig {
+            lr: 0.1,
+            warmup_steps: 1,
+            weight_decay: 0.0,
+            max_grad_norm: 0.0,
+            ..Default::default()
+        };
+        let vars = vec![
+            ("early".into(), early.clone()),
+            ("late".into(), late.clone()),
+        ];
+        let mut opt = AdamW::new(vars.clone(), config.clone()).unwrap();
+        for step in 0..3 {
+            let mut loss = early.as_tensor().sum_all().unwrap();
+            if step == 2 {
+                loss = (loss + late.as_tensor().sum_all().unwrap()).unwrap();
+            }
+            opt.step(&loss.backward().unwrap()).unwrap();
+        }
+        let moved = late.as_tensor().to_vec1::<f32>().unwrap()[0];
+        assert!(
+            (moved + 0.1).abs() < 1e-5,
+            "first update of `late`: {moved}"
+        );
+
+        let mut restored = AdamW::new(vars, config).unwrap();
+        restored
+            .load_state(&opt.state().unwrap(), opt.step)
+            .unwrap();
+        let counts: Vec<u32> = restored.slots.iter().map(|s| s.updates).collect();
+        assert_eq!(counts, vec![3, 1]);
+        let mut wrong = opt.state().unwrap();
+        wrong.insert(
+            "m.late".into(),
+            Tensor::zeros(2, candle_core::DType::F32, &dev).unwrap(),
+        );
+        let err = restored.load_state(&wrong, 3).unwrap_err().to_string();
+        assert!(err.contains("m.late") && err.contains("shape"), "{err}");
     }
 
     #[test]
