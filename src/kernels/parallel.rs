@@ -1,5 +1,8 @@
 //! Splitting a kernel's work over the cores, with the same thread count as candle's own ops
-//! (RAYON_NUM_THREADS / CANDLE_NUM_THREADS), so one setting governs the whole process.
+//! (RAYON_NUM_THREADS / CANDLE_NUM_THREADS), so one setting governs the whole process. The work
+//! runs on rayon's global pool, the one candle's matrix products use: no thread is started per
+//! call, and concurrent callers (the server's requests) share the cores instead of
+//! oversubscribing them.
 
 /// Threads to use for `items` independent pieces of work.
 pub fn threads_for(items: usize) -> usize {
@@ -24,14 +27,32 @@ where
         return;
     }
     let per = items.div_ceil(threads);
-    std::thread::scope(|scope| {
+    rayon::scope(|scope| {
         for (t, part) in out.chunks_mut(per * chunk_len).enumerate() {
             let f = &f;
-            scope.spawn(move || {
+            scope.spawn(move |_| {
                 for (i, chunk) in part.chunks_mut(chunk_len).enumerate() {
                     f(t * per + i, chunk);
                 }
             });
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::for_each_chunk;
+
+    #[test]
+    fn every_chunk_is_visited_once_with_its_index() {
+        // 37 chunks of 3 over however many threads the pool has: uneven split on purpose.
+        let mut out = vec![0f32; 37 * 3];
+        for_each_chunk(&mut out, 3, |i, chunk| {
+            for (j, v) in chunk.iter_mut().enumerate() {
+                *v += (i * 3 + j) as f32 + 1.0;
+            }
+        });
+        let expected: Vec<f32> = (0..37 * 3).map(|k| k as f32 + 1.0).collect();
+        assert_eq!(out, expected);
+    }
 }
