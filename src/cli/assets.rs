@@ -143,6 +143,28 @@ pub fn default_model_dir() -> Result<PathBuf> {
     )
 }
 
+/// Which model to load and how: the flags `generate`, `serve` and `bench` share.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// A diffusers-layout model folder, or a Hugging Face repo id (ORG/NAME); default: the
+    /// built-in model (trained on the `shapes` data set).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Load `*.{variant}.safetensors` weights (e.g. fp16).
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Keep weight matrices and kernels as f32, or f16/bf16 for half the memory.
+    #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
+    pub dtype: WeightDtype,
+}
+
+impl ModelArgs {
+    /// The pipeline and where it came from.
+    pub fn load(&self) -> Result<(text2img::Pipeline, String)> {
+        load_model(self.model.as_deref(), self.variant.clone(), self.dtype)
+    }
+}
+
 /// Loads `--model` (a folder or a repo id), or the built-in model when none is given.
 /// Returns the pipeline and where it came from.
 pub fn load_model(

@@ -14,9 +14,8 @@ use text2img::rng::BatchGenerator;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// A model folder or repo id; default: the built-in model.
-    #[arg(long)]
-    model: Option<String>,
+    #[command(flatten)]
+    model: crate::assets::ModelArgs,
     /// Image size (square) for the U-Net step and the decode.
     #[arg(long, default_value_t = 512)]
     size: usize,
@@ -26,9 +25,6 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
-    /// Keep weight matrices and kernels as f32, or f16/bf16 for half the memory.
-    #[arg(long, value_enum, default_value_t = crate::assets::WeightDtype::F32)]
-    dtype: crate::assets::WeightDtype,
 }
 
 fn best<T>(repeat: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
@@ -43,7 +39,7 @@ fn best<T>(repeat: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
 
 pub fn bench_cmd(a: BenchArgs) -> Result<()> {
     let started = Instant::now();
-    let (pipeline, source) = crate::assets::load_model(a.model.as_deref(), None, a.dtype)?;
+    let (pipeline, source) = a.model.load()?;
     let load_s = started.elapsed().as_secs_f64();
     let device = candle_core::Device::Cpu;
     let f = pipeline.vae_scale_factor();

@@ -51,16 +51,8 @@ enum Command {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// A diffusers-layout model folder, or a Hugging Face repo id (ORG/NAME); default: the
-    /// built-in model (trained on the `shapes` data set).
-    #[arg(long)]
-    model: Option<String>,
-    /// Load `*.{variant}.safetensors` weights (e.g. fp16).
-    #[arg(long)]
-    variant: Option<String>,
-    /// Keep weight matrices and kernels as f32, or f16/bf16 for half the memory.
-    #[arg(long, value_enum, default_value_t = crate::assets::WeightDtype::F32)]
-    dtype: crate::assets::WeightDtype,
+    #[command(flatten)]
+    model: crate::assets::ModelArgs,
     #[arg(long)]
     prompt: String,
     /// The second text encoder's prompt (SDXL); default: --prompt.
@@ -223,7 +215,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         clip_skip: args.clip_skip,
     };
     let started = Instant::now();
-    let (pipeline, _) = assets::load_model(args.model.as_deref(), args.variant, args.dtype)?;
+    let (pipeline, _) = args.model.load()?;
     let load_time = started.elapsed();
     // Check the request before the long work, so a bad size fails at once.
     let resolved = pipeline.resolve(&request)?;

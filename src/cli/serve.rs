@@ -9,15 +9,8 @@ use text2img::serve::{serve, ServeOptions};
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// A diffusers-layout model folder or a Hugging Face repo id; default: the built-in model.
-    #[arg(long)]
-    model: Option<String>,
-    /// Load `*.{variant}.safetensors` weights (e.g. fp16).
-    #[arg(long)]
-    variant: Option<String>,
-    /// Keep weight matrices and kernels as f32, or f16/bf16 for half the memory.
-    #[arg(long, value_enum, default_value_t = crate::assets::WeightDtype::F32)]
-    dtype: crate::assets::WeightDtype,
+    #[command(flatten)]
+    model: crate::assets::ModelArgs,
     /// The address to listen on; one that is not loopback needs --api-key (or --insecure).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -104,7 +97,7 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
     };
     // Refuse a bad address before the (slow) model load.
     text2img::serve::check_bind(&options)?;
-    let (pipeline, source) = crate::assets::load_model(a.model.as_deref(), a.variant, a.dtype)?;
+    let (pipeline, source) = a.model.load()?;
     eprintln!("model {} loaded from {source}", pipeline.name);
     let name = pipeline.name.clone();
     serve(pipeline, name, source, options)?;
