@@ -120,7 +120,7 @@ impl Conv2d {
         if training {
             return Ok(conv(x)?);
         }
-        if self.im2col_fits(x) {
+        if self.im2col_fits(x) == Some(true) {
             // One image per product at inference: the product's shape then does not depend
             // on the batch, so an image comes out bit-identical whether it is generated alone
             // or in a batch (image i of a batch is reproducible from its own seed).
@@ -129,24 +129,35 @@ impl Conv2d {
                 .collect::<candle_core::Result<Vec<_>>>()?;
             return Ok(Tensor::cat(&images, 0)?);
         }
+        if self.im2col_fits(x) == Some(false) {
+            // Too large for one column matrix (VAE decoder layers at 512x512): bands of rows.
+            return Ok(crate::kernels::im2col::conv2d_im2col_banded(
+                x,
+                &weight,
+                Some(&self.bias),
+                self.stride,
+                self.padding,
+                IM2COL_BUDGET,
+            )?);
+        }
         let y = x.conv2d(&weight, self.padding, self.stride, 1, 1)?;
         add_bias(&y, &self.bias, 1)
     }
 
-    fn im2col_fits(&self, x: &Tensor) -> bool {
+    /// Whether one image's column matrix fits the budget; None when our kernels cannot take
+    /// the input at all (another dtype or device, or a kernel that does not fit its input: then
+    /// candle's convolution runs, or says what is wrong).
+    fn im2col_fits(&self, x: &Tensor) -> Option<bool> {
         let (Ok((_, c, h, w)), Ok((_, _, k, _))) = (x.dims4(), self.weight.dims4()) else {
-            return false;
+            return None;
         };
-        // A kernel that does not fit its input goes to candle's convolution, which says so.
-        let Some(g) = ConvGeometry::new(k, self.stride, self.padding, h, w) else {
-            return false;
-        };
-        crate::kernels::supports(x) && g.column_bytes(c) <= IM2COL_BUDGET
+        let g = ConvGeometry::new(k, self.stride, self.padding, h, w)?;
+        crate::kernels::supports(x).then(|| g.column_bytes(c) <= IM2COL_BUDGET)
     }
 }
 
-/// Largest im2col column matrix (bytes, one image) built at inference; above it candle's tiled
-/// convolution, which needs no such buffer, takes over.
+/// Largest im2col column matrix (bytes) built at inference; larger images are convolved in
+/// bands of rows whose columns fit.
 const IM2COL_BUDGET: usize = 128 << 20;
 
 #[derive(Clone, Debug)]

@@ -193,6 +193,49 @@ pub fn conv2d_im2col(
     y.reshape((b, out_c, g.out_h(), g.out_w()))
 }
 
+/// Inference convolution of images whose whole column matrix would not fit `budget` bytes:
+/// each image's output rows are made in bands whose columns do fit, from a zero-padded copy
+/// of the input (a band then needs no padding of its own). Same result as `conv2d_im2col`; the
+/// memory is one band's columns instead of the image's (a 512x512 VAE decoder layer: 1.2 GB).
+pub fn conv2d_im2col_banded(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    budget: usize,
+) -> Result<Tensor> {
+    let (b, in_c, h, w) = x.dims4()?;
+    let (_, _, k, _) = weight.dims4()?;
+    let Some(g) = ConvGeometry::new(k, stride, padding, h, w) else {
+        candle_core::bail!(
+            "conv2d: a {k}x{k} kernel with stride {stride} and padding {padding} does not fit a {h}x{w} input"
+        );
+    };
+    let row_bytes = in_c * k * k * g.out_w() * 4;
+    let rows = (budget / row_bytes.max(1)).clamp(1, g.out_h());
+    let padded = if padding > 0 {
+        x.pad_with_zeros(2, padding, padding)?
+            .pad_with_zeros(3, padding, padding)?
+    } else {
+        x.clone()
+    };
+    let mut images = Vec::with_capacity(b);
+    for i in 0..b {
+        let image = padded.narrow(0, i, 1)?;
+        let mut bands = Vec::with_capacity(g.out_h().div_ceil(rows));
+        let mut r0 = 0;
+        while r0 < g.out_h() {
+            let r1 = (r0 + rows).min(g.out_h());
+            let band = image.narrow(2, r0 * stride, (r1 - r0 - 1) * stride + k)?;
+            bands.push(conv2d_im2col(&band, weight, bias, stride, 0)?);
+            r0 = r1;
+        }
+        images.push(Tensor::cat(&bands, 2)?);
+    }
+    Tensor::cat(&images, 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::max_diff;
@@ -279,6 +322,35 @@ mod tests {
                         grad[i]
                     );
                 }
+            }
+        }
+    }
+
+    /// Bands of one output row, of two rows, and a budget larger than the image, at strides
+    /// 1 and 2 with and without padding: all equal to the one-product convolution.
+    #[test]
+    fn banded_convolution_matches_the_whole_image() {
+        let dev = Device::Cpu;
+        for (k, stride, padding, h, w) in [
+            (3, 1, 1, 7, 5),
+            (3, 2, 1, 9, 6),
+            (3, 2, 0, 8, 8),
+            (1, 1, 0, 5, 3),
+        ] {
+            let x = Tensor::randn(0f32, 1., (2, 3, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (4, 3, k, k), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1., 4, &dev).unwrap();
+            let whole = conv2d_im2col(&x, &wt, Some(&bias), stride, padding).unwrap();
+            let row_bytes =
+                3 * k * k * ConvGeometry::new(k, stride, padding, h, w).unwrap().out_w() * 4;
+            for budget in [1, row_bytes, 2 * row_bytes + 1, 1 << 30] {
+                let banded =
+                    conv2d_im2col_banded(&x, &wt, Some(&bias), stride, padding, budget).unwrap();
+                assert_eq!(banded.dims(), whole.dims());
+                assert!(
+                    max_diff(&banded, &whole) < 1e-5,
+                    "k{k} s{stride} p{padding} budget {budget}"
+                );
             }
         }
     }
