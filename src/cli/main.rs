@@ -144,8 +144,20 @@ fn parse_pair(text: &str) -> Result<(usize, usize), String> {
     Ok((parse(a)?, parse(b)?))
 }
 
+/// Fixes the thread count once. Without RAYON_NUM_THREADS, candle works out the default
+/// (physical cores, read from /proc/cpuinfo) again on every matrix product: 1,820 reads of
+/// /proc/cpuinfo in a 5-step 64x64 generation.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        // Called first thing in main, before any other thread exists.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
+    pin_thread_count();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),

@@ -4,9 +4,12 @@
 //! call, and concurrent callers (the server's requests) share the cores instead of
 //! oversubscribing them.
 
-/// Threads to use for `items` independent pieces of work.
+/// Threads to use for `items` independent pieces of work. candle's thread count is looked up
+/// once: without RAYON_NUM_THREADS it is recomputed from /proc/cpuinfo on every call.
 pub fn threads_for(items: usize) -> usize {
-    candle_core::utils::get_num_threads().min(items).max(1)
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads = *THREADS.get_or_init(candle_core::utils::get_num_threads);
+    threads.min(items).max(1)
 }
 
 /// Calls `f(index, chunk)` for each `chunk_len`-sized chunk of `out`, spread over the threads
