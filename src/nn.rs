@@ -294,44 +294,61 @@ fn attention_with_budget(
         let mut outs = Vec::with_capacity(n.div_ceil(rows));
         for start in (0..n).step_by(rows) {
             let len = rows.min(n - start);
-            let mut scores = (q.narrow(2, start, len)?.matmul(&kt)? * scale)?;
-            if let Some(mask) = mask {
-                let rank = mask.rank();
-                let mask = if rank >= 2 && mask.dim(rank - 2)? == n {
-                    mask.narrow(rank - 2, start, len)?
-                } else {
-                    mask.clone()
-                };
-                scores = scores.broadcast_add(&mask)?;
-            }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let scores = q.narrow(2, start, len)?.matmul(&kt)?;
+            let mask = match mask {
+                Some(mask) => {
+                    let rank = mask.rank();
+                    Some(if rank >= 2 && mask.dim(rank - 2)? == n {
+                        mask.narrow(rank - 2, start, len)?
+                    } else {
+                        mask.clone()
+                    })
+                }
+                None => None,
+            };
+            let probs = scaled_softmax(&scores, scale, mask.as_ref())?;
             outs.push(probs.matmul(&v)?);
         }
         let out = Tensor::cat(&outs, 2)?;
         return Ok(out.transpose(1, 2)?.reshape((b, n, inner))?);
     }
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(mask) = mask {
-        scores = scores.broadcast_add(mask)?;
-    }
-    // candle's fused softmax has no backward pass; training takes ours, which has one.
-    let probs = if scores.track_op() && crate::kernels::supports(&scores) {
-        crate::kernels::softmax::softmax_last_dim(&scores)?
-    } else if scores.track_op() {
-        candle_nn::ops::softmax(&scores, D::Minus1)?
-    } else {
-        candle_nn::ops::softmax_last_dim(&scores)?
-    };
+    let scores = q.matmul(&k.t()?)?;
+    let probs = scaled_softmax(&scores, scale, mask)?;
     let out = probs.matmul(&v)?;
     Ok(out.transpose(1, 2)?.reshape((b, n, inner))?)
 }
 
+/// softmax(scale * scores + mask) over the last axis. Our kernel folds the scale into its
+/// pass (and has a backward pass, which candle's fused softmax lacks); with a mask the scores
+/// are scaled and masked first.
+fn scaled_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let ours = crate::kernels::supports(scores);
+    let (scores, scale) = match mask {
+        Some(mask) => ((scores * scale)?.broadcast_add(mask)?, 1.0),
+        None if ours => (scores.clone(), scale),
+        None => ((scores * scale)?, 1.0),
+    };
+    if ours {
+        return Ok(crate::kernels::softmax::softmax_scaled_last_dim(
+            &scores, scale,
+        )?);
+    }
+    Ok(candle_nn::ops::softmax(&scores, D::Minus1)?)
+}
+
+/// x * sigmoid(x); inference runs our vectorised kernel.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() && crate::kernels::supports(x) {
+        return Ok(crate::kernels::activation::silu(x)?);
+    }
     Ok(candle_nn::ops::silu(x)?)
 }
 
-/// Exact (erf) GELU, as torch's default.
+/// Exact (erf) GELU, as torch's default; inference runs our vectorised kernel.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() && crate::kernels::supports(x) {
+        return Ok(crate::kernels::activation::gelu_erf(x)?);
+    }
     Ok(x.gelu_erf()?)
 }
 

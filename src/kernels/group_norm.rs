@@ -67,15 +67,11 @@ impl CustomOp3 for GroupNormOp {
                 // group's variance is tiny and rstd large.
                 let (scale, shift) = (w[c0 + ci] * rstd, bias[c0 + ci]);
                 let (src, dst) = (&src[ci * s..][..s], &mut dst[ci * s..][..s]);
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = (v - mean) * scale + shift;
+                }
                 if self.silu {
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        let z = (v - mean) * scale + shift;
-                        *d = z * sigmoid(z);
-                    }
-                } else {
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = (v - mean) * scale + shift;
-                    }
+                    super::fast_math::silu_in_place(dst);
                 }
             }
         });

@@ -2,7 +2,9 @@
 
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 
+pub mod activation;
 pub mod bias;
+pub mod fast_math;
 pub mod group_norm;
 pub mod im2col;
 pub mod layer_norm;
