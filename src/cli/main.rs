@@ -120,15 +120,9 @@ fn tune_allocator() {
 
 /// `WxH` to (height, width), the order diffusers' size arguments use.
 fn parse_size(text: &str) -> Result<(usize, usize), String> {
-    let (w, h) = text
-        .split_once(['x', 'X'])
+    let (w, h) = text2img::pipeline::size::parse_wxh(text)
         .ok_or_else(|| format!("`{text}` is not a size such as 1024x1024"))?;
-    let parse = |v: &str| {
-        v.trim()
-            .parse::<usize>()
-            .map_err(|_| format!("`{text}` is not a size such as 1024x1024"))
-    };
-    Ok((parse(h)?, parse(w)?))
+    Ok((h, w))
 }
 
 /// `A,B` to (A, B).

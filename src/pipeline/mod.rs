@@ -5,6 +5,7 @@
 
 pub mod conditioning;
 pub mod family;
+pub mod size;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

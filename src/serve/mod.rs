@@ -117,23 +117,30 @@ fn shutting_down() -> ApiError {
     )
 }
 
-/// A guess at when a place frees up: the running job's remaining time, at least 1 s.
+/// A guess at when a place frees up: the running job's remaining time, at least 1 s. The
+/// queue advances by one when the running job ends, so that is when the next place opens,
+/// however many wait behind it.
 fn retry_after_seconds(app: &AppState) -> u32 {
     app.queue.progress().eta_seconds().ceil().clamp(1.0, 3600.0) as u32
 }
 
-/// Base64 PNGs, each with its A1111 `parameters` text.
+/// Base64 PNGs, each with its A1111 `parameters` text. Called from request handlers on the
+/// server's multi-threaded runtime: the encoding (tens of ms per large image) runs in
+/// `block_in_place`, so the runtime moves its other tasks (progress polls, the web page) to
+/// another thread meanwhile.
 pub(crate) fn encode_images(output: &JobOutput, model: &str) -> Result<Vec<String>, ApiError> {
-    output
-        .images
-        .iter()
-        .map(|(image, req, resolved)| {
-            let parameters = a1111_parameters(req, resolved, image.seed, model);
-            let png = encode_png(image, &parameters)
-                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-            Ok(base64::engine::general_purpose::STANDARD.encode(png))
-        })
-        .collect()
+    tokio::task::block_in_place(|| {
+        output
+            .images
+            .iter()
+            .map(|(image, req, resolved)| {
+                let parameters = a1111_parameters(req, resolved, image.seed, model);
+                let png = encode_png(image, &parameters)
+                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+                Ok(base64::engine::general_purpose::STANDARD.encode(png))
+            })
+            .collect()
+    })
 }
 
 async fn health(axum::extract::State(app): axum::extract::State<Arc<AppState>>) -> Json<Value> {

@@ -75,19 +75,8 @@ async fn handle(
     Ok(Json(json!({ "created": created, "data": data })))
 }
 
-/// `"WxH"` to (W, H).
+/// `"WxH"` to (W, H) as the request's integer fields.
 fn parse_size(size: &str) -> Option<(i64, i64)> {
-    let (w, h) = size.trim().split_once(['x', 'X'])?;
-    Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes() {
-        assert_eq!(super::parse_size("512x768"), Some((512, 768)));
-        assert_eq!(super::parse_size(" 64X64 "), Some((64, 64)));
-        assert_eq!(super::parse_size("512"), None);
-        assert_eq!(super::parse_size("ax5"), None);
-    }
+    let (w, h) = crate::pipeline::size::parse_wxh(size)?;
+    Some((i64::try_from(w).ok()?, i64::try_from(h).ok()?))
 }

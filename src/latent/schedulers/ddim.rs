@@ -47,6 +47,51 @@ impl X0Processing {
     }
 }
 
+/// What DDIM and LCM build alike from their configs (which share these fields' names).
+pub(crate) struct DdimParts {
+    pub alphas_cumprod: Vec<f32>,
+    /// alpha-bar "before" the first training step: 1, or alpha-bar of step 0.
+    pub final_alpha_cumprod: f32,
+    pub prediction: Prediction,
+    pub x0: X0Processing,
+}
+
+/// `DdimParts` from a DDIM-style config (`?` on errors, in a function returning `Result`).
+macro_rules! ddim_parts {
+    ($class:expr, $config:expr) => {{
+        let config = $config;
+        let betas = common::betas(&beta_config!($class, config, false))?;
+        let alphas_cumprod = common::alphas_cumprod(&betas);
+        let final_alpha_cumprod = if config.set_alpha_to_one {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
+        let prediction = Prediction::parse(
+            $class,
+            &config.prediction_type,
+            &[
+                Prediction::Epsilon,
+                Prediction::Sample,
+                Prediction::Velocity,
+            ],
+        )?;
+        $crate::latent::schedulers::ddim::DdimParts {
+            alphas_cumprod,
+            final_alpha_cumprod,
+            prediction,
+            x0: $crate::latent::schedulers::ddim::X0Processing::new(
+                config.thresholding,
+                config.clip_sample,
+                config.dynamic_thresholding_ratio,
+                config.sample_max_value,
+                config.clip_sample_range,
+            ),
+        }
+    }};
+}
+pub(crate) use ddim_parts;
+
 pub struct Ddim {
     alphas_cumprod: Vec<f32>,
     final_alpha_cumprod: f32,
@@ -99,22 +144,12 @@ pub(crate) fn discrete_timesteps(
 
 impl Ddim {
     pub fn new(config: &DdimConfig, steps: usize, eta: f64) -> Result<Self> {
-        let betas = common::betas(&beta_config!(CLASS, config, false))?;
-        let alphas_cumprod = common::alphas_cumprod(&betas);
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
-        let prediction = Prediction::parse(
-            CLASS,
-            &config.prediction_type,
-            &[
-                Prediction::Epsilon,
-                Prediction::Sample,
-                Prediction::Velocity,
-            ],
-        )?;
+        let DdimParts {
+            alphas_cumprod,
+            final_alpha_cumprod,
+            prediction,
+            x0,
+        } = ddim_parts!(CLASS, config);
         let spacing = Spacing::parse(CLASS, &config.timestep_spacing)?;
         let n_train = config.num_train_timesteps;
         let timesteps_int =
@@ -123,13 +158,7 @@ impl Ddim {
             alphas_cumprod,
             final_alpha_cumprod,
             prediction,
-            x0: X0Processing::new(
-                config.thresholding,
-                config.clip_sample,
-                config.dynamic_thresholding_ratio,
-                config.sample_max_value,
-                config.clip_sample_range,
-            ),
+            x0,
             step_ratio: (n_train / steps) as i64,
             eta,
             timesteps: timesteps_int.iter().map(|&t| t as f64).collect(),

@@ -6,7 +6,7 @@ use candle_core::Tensor;
 
 use super::common::{self, beta_config, invalid, unscaled_input_methods, Prediction};
 use super::config::LcmConfig;
-use super::ddim::X0Processing;
+use super::ddim::{ddim_parts, DdimParts, X0Processing};
 use super::Scheduler;
 use crate::error::Result;
 use crate::rng::BatchGenerator;
@@ -54,22 +54,12 @@ pub(crate) fn lcm_timesteps(
 
 impl Lcm {
     pub fn new(config: &LcmConfig, steps: usize) -> Result<Self> {
-        let betas = common::betas(&beta_config!(CLASS, config, false))?;
-        let alphas_cumprod = common::alphas_cumprod(&betas);
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
-        let prediction = Prediction::parse(
-            CLASS,
-            &config.prediction_type,
-            &[
-                Prediction::Epsilon,
-                Prediction::Sample,
-                Prediction::Velocity,
-            ],
-        )?;
+        let DdimParts {
+            alphas_cumprod,
+            final_alpha_cumprod,
+            prediction,
+            x0,
+        } = ddim_parts!(CLASS, config);
         let timesteps_int = lcm_timesteps(
             config.num_train_timesteps,
             config.original_inference_steps,
@@ -79,13 +69,7 @@ impl Lcm {
             alphas_cumprod,
             final_alpha_cumprod,
             prediction,
-            x0: X0Processing::new(
-                config.thresholding,
-                config.clip_sample,
-                config.dynamic_thresholding_ratio,
-                config.sample_max_value,
-                config.clip_sample_range,
-            ),
+            x0,
             timestep_scaling: config.timestep_scaling,
             timesteps: timesteps_int.iter().map(|&t| t as f64).collect(),
             timesteps_int,
