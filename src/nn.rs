@@ -117,8 +117,14 @@ impl Conv2d {
                 self.padding,
             )
         };
-        if training {
+        if training && self.im2col_fits_training(x) {
             return Ok(conv(x)?);
+        }
+        if training {
+            // Columns too large to keep for the backward pass (or a tensor our kernels do not
+            // take): candle's convolution, whose backward pass needs only the input.
+            let y = x.conv2d(&weight, self.padding, self.stride, 1, 1)?;
+            return add_bias(&y, &self.bias, 1);
         }
         if self.im2col_fits(x) == Some(true) {
             // One image per product at inference: the product's shape then does not depend
@@ -144,6 +150,17 @@ impl Conv2d {
         add_bias(&y, &self.bias, 1)
     }
 
+    /// Whether the whole batch's column matrix fits the training budget.
+    fn im2col_fits_training(&self, x: &Tensor) -> bool {
+        let (Ok((b, c, h, w)), Ok((_, _, k, _))) = (x.dims4(), self.weight.dims4()) else {
+            return false;
+        };
+        let Some(g) = ConvGeometry::new(k, self.stride, self.padding, h, w) else {
+            return false;
+        };
+        crate::kernels::supports(x) && b * g.column_bytes(c) <= TRAIN_IM2COL_BUDGET
+    }
+
     /// Whether one image's column matrix fits the budget; None when our kernels cannot take
     /// the input at all (another dtype or device, or a kernel that does not fit its input: then
     /// candle's convolution runs, or says what is wrong).
@@ -159,6 +176,12 @@ impl Conv2d {
 /// Largest im2col column matrix (bytes) built at inference; larger images are convolved in
 /// bands of rows whose columns fit.
 const IM2COL_BUDGET: usize = 128 << 20;
+
+/// Largest im2col column matrix (bytes, whole batch) a training step builds per layer. The
+/// columns stay alive until the backward pass, one matrix per layer: small models at 64x64
+/// (the default model's U-Net: 14 MB per layer at batch 16) are far below it, while a Stable
+/// Diffusion U-Net at 512x512 would hold gigabytes.
+const TRAIN_IM2COL_BUDGET: usize = 256 << 20;
 
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
