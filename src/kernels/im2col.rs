@@ -49,7 +49,12 @@ impl ConvGeometry {
 /// that tap's value at every output position of every image, so the whole batch's convolution
 /// is one `W (out, c*k*k) x cols` product and the weight gradient one product too (a per-image
 /// batched product would leave a (b, out, c*k*k) gradient to be summed along a strided axis).
-struct Im2Col(ConvGeometry);
+/// `rows` restricts the output to rows [r0, r1) of each image (a band; the full range in
+/// training, the only case with a backward pass).
+struct Im2Col {
+    g: ConvGeometry,
+    rows: (usize, usize),
+}
 
 /// (c * k * k, b * out_h * out_w) -> (b, c, h, w), summing overlapping taps.
 struct Col2Im(ConvGeometry, usize);
@@ -78,18 +83,22 @@ impl CustomOp1 for Im2Col {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
+        let (g, (r0, r1)) = (self.g, self.rows);
         let (b, c, h, w) = layout.shape().dims4()?;
         let src = f32_slice(storage, layout, "im2col", "input")?;
         let (oh, ow, k) = (g.out_h(), g.out_w(), g.kernel);
-        let l = oh * ow;
+        if r0 > r1 || r1 > oh {
+            candle_core::bail!("im2col: rows {r0}..{r1} outside the {oh} output rows");
+        }
+        let l = (r1 - r0) * ow;
         let mut out = vec![0f32; c * k * k * b * l];
         // One chunk per tap row: (channel, ky, kx) across the batch.
         for_each_chunk(&mut out, b * l, |row_index, row| {
             let (ci, ky, kx) = (row_index / (k * k), row_index / k % k, row_index % k);
             let (y0, y1) = valid_range(oh, g.stride, ky, g.padding, h);
+            let (y0, y1) = (y0.max(r0), y1.min(r1));
             let (x0, x1) = valid_range(ow, g.stride, kx, g.padding, w);
-            if x0 == x1 {
+            if x0 == x1 || y0 >= y1 {
                 return; // this tap never lands inside the input: the row stays zero
             }
             for bi in 0..b {
@@ -98,7 +107,7 @@ impl CustomOp1 for Im2Col {
                 for oy in y0..y1 {
                     let y = oy * g.stride + ky - g.padding;
                     let src_row = &plane[y * w..][..w];
-                    let dst_row = &mut dst[oy * ow..][..ow];
+                    let dst_row = &mut dst[(oy - r0) * ow..][..ow];
                     if g.stride == 1 {
                         let xs = x0 + kx - g.padding;
                         dst_row[x0..x1].copy_from_slice(&src_row[xs..xs + (x1 - x0)]);
@@ -114,11 +123,14 @@ impl CustomOp1 for Im2Col {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        if self.rows != (0, self.g.out_h()) {
+            candle_core::bail!("im2col: a band of rows has no backward pass");
+        }
         let (b, c) = (arg.dim(0)?, arg.dim(1)?);
         Ok(Some(
             grad_res
                 .contiguous()?
-                .apply_op1_no_bwd(&Col2Im(self.0, b * c))?
+                .apply_op1_no_bwd(&Col2Im(self.g, b * c))?
                 .reshape(arg.shape())?,
         ))
     }
@@ -182,7 +194,8 @@ pub fn conv2d_im2col(
         );
     };
     let l = g.out_h() * g.out_w();
-    let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // (in*k*k, b*L)
+    let rows = (0, g.out_h());
+    let cols = x.contiguous()?.apply_op1(Im2Col { g, rows })?; // (in*k*k, b*L)
     let wmat = weight.reshape((out_c, in_c * k * k))?;
     let y = wmat.matmul(&cols)?; // (out, b*L)
     let y = y.reshape((out_c, b, l))?.transpose(0, 1)?; // (b, out, L)
@@ -194,9 +207,10 @@ pub fn conv2d_im2col(
 }
 
 /// Inference convolution of images whose whole column matrix would not fit `budget` bytes:
-/// each image's output rows are made in bands whose columns do fit, from a zero-padded copy
-/// of the input (a band then needs no padding of its own). Same result as `conv2d_im2col`; the
-/// memory is one band's columns instead of the image's (a 512x512 VAE decoder layer: 1.2 GB).
+/// each image's output rows are made in bands whose columns do fit, each band's columns
+/// gathered straight from the image (padding included) and its product written into the
+/// image's output. Same result as `conv2d_im2col`; the memory is one band's columns instead of
+/// the image's (a 512x512 VAE decoder layer: 1.2 GB), with no padded or concatenated copies.
 pub fn conv2d_im2col_banded(
     x: &Tensor,
     weight: &Tensor,
@@ -206,32 +220,37 @@ pub fn conv2d_im2col_banded(
     budget: usize,
 ) -> Result<Tensor> {
     let (b, in_c, h, w) = x.dims4()?;
-    let (_, _, k, _) = weight.dims4()?;
+    let (out_c, _, k, _) = weight.dims4()?;
     let Some(g) = ConvGeometry::new(k, stride, padding, h, w) else {
         candle_core::bail!(
             "conv2d: a {k}x{k} kernel with stride {stride} and padding {padding} does not fit a {h}x{w} input"
         );
     };
-    let row_bytes = in_c * k * k * g.out_w() * 4;
-    let rows = (budget / row_bytes.max(1)).clamp(1, g.out_h());
-    let padded = if padding > 0 {
-        x.pad_with_zeros(2, padding, padding)?
-            .pad_with_zeros(3, padding, padding)?
-    } else {
-        x.clone()
-    };
+    let (oh, ow) = (g.out_h(), g.out_w());
+    let row_bytes = in_c * k * k * ow * 4;
+    let rows = (budget / row_bytes.max(1)).clamp(1, oh);
+    let wmat = weight.reshape((out_c, in_c * k * k))?;
+    let x = x.contiguous()?;
     let mut images = Vec::with_capacity(b);
     for i in 0..b {
-        let image = padded.narrow(0, i, 1)?;
-        let mut bands = Vec::with_capacity(g.out_h().div_ceil(rows));
+        let image = x.narrow(0, i, 1)?;
+        let out = Tensor::zeros((1, out_c, oh, ow), x.dtype(), x.device())?;
         let mut r0 = 0;
-        while r0 < g.out_h() {
-            let r1 = (r0 + rows).min(g.out_h());
-            let band = image.narrow(2, r0 * stride, (r1 - r0 - 1) * stride + k)?;
-            bands.push(conv2d_im2col(&band, weight, bias, stride, 0)?);
+        while r0 < oh {
+            let r1 = (r0 + rows).min(oh);
+            let cols = image.apply_op1_no_bwd(&Im2Col { g, rows: (r0, r1) })?;
+            let y = wmat.matmul(&cols)?; // (out, band rows * ow)
+            let y = match bias {
+                Some(bias) => super::bias::add_bias(&y, bias, 0)?,
+                None => y,
+            };
+            out.slice_set(&y.reshape((1, out_c, r1 - r0, ow))?, 2, r0)?;
             r0 = r1;
         }
-        images.push(Tensor::cat(&bands, 2)?);
+        images.push(out);
+    }
+    if b == 1 {
+        return Ok(images.remove(0));
     }
     Tensor::cat(&images, 0)
 }
