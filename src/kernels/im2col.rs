@@ -50,10 +50,13 @@ impl ConvGeometry {
 /// is one `W (out, c*k*k) x cols` product and the weight gradient one product too (a per-image
 /// batched product would leave a (b, out, c*k*k) gradient to be summed along a strided axis).
 /// `rows` restricts the output to rows [r0, r1) of each image (a band; the full range in
-/// training, the only case with a backward pass).
+/// training, the only case with a backward pass). `up` > 1 convolves the input as if it were
+/// first upsampled `up` times by nearest neighbour (the geometry is the upsampled one), so
+/// the upsampled image is never built.
 struct Im2Col {
     g: ConvGeometry,
     rows: (usize, usize),
+    up: usize,
 }
 
 /// (c * k * k, b * out_h * out_w) -> (b, c, h, w), summing overlapping taps.
@@ -83,10 +86,18 @@ impl CustomOp1 for Im2Col {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, (r0, r1)) = (self.g, self.rows);
-        let (b, c, h, w) = layout.shape().dims4()?;
+        let (g, (r0, r1), up) = (self.g, self.rows, self.up.max(1));
+        let (b, c, sh, sw) = layout.shape().dims4()?;
         let src = f32_slice(storage, layout, "im2col", "input")?;
+        let (h, w) = (sh * up, sw * up);
         let (oh, ow, k) = (g.out_h(), g.out_w(), g.kernel);
+        if (g.h, g.w) != (h, w) {
+            candle_core::bail!(
+                "im2col: a {sh}x{sw} input upsampled {up}x is not {}x{}",
+                g.h,
+                g.w
+            );
+        }
         if r0 > r1 || r1 > oh {
             candle_core::bail!("im2col: rows {r0}..{r1} outside the {oh} output rows");
         }
@@ -102,13 +113,17 @@ impl CustomOp1 for Im2Col {
                 return; // this tap never lands inside the input: the row stays zero
             }
             for bi in 0..b {
-                let plane = &src[(bi * c + ci) * h * w..][..h * w];
+                let plane = &src[(bi * c + ci) * sh * sw..][..sh * sw];
                 let dst = &mut row[bi * l..][..l];
                 for oy in y0..y1 {
                     let y = oy * g.stride + ky - g.padding;
-                    let src_row = &plane[y * w..][..w];
+                    let src_row = &plane[y / up * sw..][..sw];
                     let dst_row = &mut dst[(oy - r0) * ow..][..ow];
-                    if g.stride == 1 {
+                    if up > 1 {
+                        for ox in x0..x1 {
+                            dst_row[ox] = src_row[(ox * g.stride + kx - g.padding) / up];
+                        }
+                    } else if g.stride == 1 {
                         let xs = x0 + kx - g.padding;
                         dst_row[x0..x1].copy_from_slice(&src_row[xs..xs + (x1 - x0)]);
                     } else {
@@ -123,8 +138,8 @@ impl CustomOp1 for Im2Col {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        if self.rows != (0, self.g.out_h()) {
-            candle_core::bail!("im2col: a band of rows has no backward pass");
+        if self.rows != (0, self.g.out_h()) || self.up > 1 {
+            candle_core::bail!("im2col: a band of rows or an upsampled input has no backward pass");
         }
         let (b, c) = (arg.dim(0)?, arg.dim(1)?);
         Ok(Some(
@@ -195,7 +210,7 @@ pub fn conv2d_im2col(
     };
     let l = g.out_h() * g.out_w();
     let rows = (0, g.out_h());
-    let cols = x.contiguous()?.apply_op1(Im2Col { g, rows })?; // (in*k*k, b*L)
+    let cols = x.contiguous()?.apply_op1(Im2Col { g, rows, up: 1 })?; // (in*k*k, b*L)
     let wmat = weight.reshape((out_c, in_c * k * k))?;
     let y = wmat.matmul(&cols)?; // (out, b*L)
     let y = y.reshape((out_c, b, l))?.transpose(0, 1)?; // (b, out, L)
@@ -211,15 +226,21 @@ pub fn conv2d_im2col(
 /// gathered straight from the image (padding included) and its product written into the
 /// image's output. Same result as `conv2d_im2col`; the memory is one band's columns instead of
 /// the image's (a 512x512 VAE decoder layer: 1.2 GB), with no padded or concatenated copies.
+///
+/// `up` > 1 convolves `x` upsampled `up` times by nearest neighbour (a decoder's upsampler)
+/// without building the upsampled image.
 pub fn conv2d_im2col_banded(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     stride: usize,
     padding: usize,
+    up: usize,
     budget: usize,
 ) -> Result<Tensor> {
+    let up = up.max(1);
     let (b, in_c, h, w) = x.dims4()?;
+    let (h, w) = (h * up, w * up);
     let (out_c, _, k, _) = weight.dims4()?;
     let Some(g) = ConvGeometry::new(k, stride, padding, h, w) else {
         candle_core::bail!(
@@ -238,7 +259,11 @@ pub fn conv2d_im2col_banded(
         let mut r0 = 0;
         while r0 < oh {
             let r1 = (r0 + rows).min(oh);
-            let cols = image.apply_op1_no_bwd(&Im2Col { g, rows: (r0, r1) })?;
+            let cols = image.apply_op1_no_bwd(&Im2Col {
+                g,
+                rows: (r0, r1),
+                up,
+            })?;
             let y = wmat.matmul(&cols)?; // (out, band rows * ow)
             let y = match bias {
                 Some(bias) => super::bias::add_bias(&y, bias, 0)?,
@@ -364,11 +389,33 @@ mod tests {
                 3 * k * k * ConvGeometry::new(k, stride, padding, h, w).unwrap().out_w() * 4;
             for budget in [1, row_bytes, 2 * row_bytes + 1, 1 << 30] {
                 let banded =
-                    conv2d_im2col_banded(&x, &wt, Some(&bias), stride, padding, budget).unwrap();
+                    conv2d_im2col_banded(&x, &wt, Some(&bias), stride, padding, 1, budget).unwrap();
                 assert_eq!(banded.dims(), whole.dims());
                 assert!(
                     max_diff(&banded, &whole) < 1e-5,
                     "k{k} s{stride} p{padding} budget {budget}"
+                );
+            }
+        }
+    }
+
+    /// Upsampling folded into the columns equals upsampling first, at strides 1 and 2.
+    #[test]
+    fn upsampled_convolution_matches_upsampling_first() {
+        let dev = Device::Cpu;
+        for (k, stride, padding, h, w) in [(3, 1, 1, 4, 3), (3, 2, 1, 5, 4), (1, 1, 0, 3, 3)] {
+            let x = Tensor::randn(0f32, 1., (2, 3, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (4, 3, k, k), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1., 4, &dev).unwrap();
+            let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap();
+            let reference = conv2d_im2col(&up, &wt, Some(&bias), stride, padding).unwrap();
+            for budget in [1, 1 << 30] {
+                let fused =
+                    conv2d_im2col_banded(&x, &wt, Some(&bias), stride, padding, 2, budget).unwrap();
+                assert_eq!(fused.dims(), reference.dims());
+                assert!(
+                    max_diff(&fused, &reference) < 1e-5,
+                    "k{k} s{stride} budget {budget}"
                 );
             }
         }

@@ -208,8 +208,7 @@ impl Decoder {
                 h = resnet.forward(&h, None)?;
             }
             if let Some(up) = &block.upsampler {
-                let (_, _, height, width) = h.dims4()?;
-                h = up.forward(&h.upsample_nearest2d(height * 2, width * 2)?)?;
+                h = up.forward_upsampled2x(&h)?;
             }
         }
         self.conv_out.forward(&self.norm_out.forward_silu(&h)?)

@@ -202,7 +202,11 @@ impl UpBlock {
         if let Some(conv) = &self.upsampler {
             let (_, _, height, width) = h.dims4()?;
             let (th, tw) = upsample_size.unwrap_or((height * 2, width * 2));
-            h = conv.forward(&h.upsample_nearest2d(th, tw)?)?;
+            h = if (th, tw) == (height * 2, width * 2) {
+                conv.forward_upsampled2x(&h)?
+            } else {
+                conv.forward(&h.upsample_nearest2d(th, tw)?)?
+            };
         }
         Ok(h)
     }
