@@ -45,12 +45,21 @@ impl CustomOp2 for AddBias {
             f32_slice(xs, xl, "add_bias", "input")?,
             f32_slice(bs, bl, "add_bias", "input")?,
         );
-        let mut out = x.to_vec();
-        for o in 0..g.outer {
-            for c in 0..g.channels {
-                let bv = bias[g.bias_index(o, c)];
-                for v in &mut out[(o * g.channels + c) * g.inner..][..g.inner] {
-                    *v += bv;
+        // One pass writing x + bias (no copy of x first). A Linear layer's bias runs along
+        // the last axis (inner = 1): then each row adds the bias vector element-wise, which
+        // vectorises, instead of one channel lookup per element.
+        let mut out = Vec::with_capacity(x.len());
+        let row_len = g.channels * g.inner;
+        if row_len == 0 {
+            return Ok((CpuStorage::F32(out), xl.shape().clone()));
+        }
+        for (o, x_row) in x.chunks_exact(row_len).enumerate() {
+            let b_row = &bias[g.bias_index(o, 0)..][..g.channels];
+            if g.inner == 1 {
+                out.extend(x_row.iter().zip(b_row).map(|(v, b)| v + b));
+            } else {
+                for (plane, &b) in x_row.chunks_exact(g.inner).zip(b_row) {
+                    out.extend(plane.iter().map(|v| v + b));
                 }
             }
         }
@@ -90,9 +99,16 @@ impl CustomOp1 for SumToBias {
         };
         let mut out = vec![0f32; len];
         for o in 0..g.outer {
-            for c in 0..g.channels {
-                let row = &grad[(o * g.channels + c) * g.inner..][..g.inner];
-                out[g.bias_index(o, c)] += row.iter().sum::<f32>();
+            let start = g.bias_index(o, 0);
+            let acc = &mut out[start..][..g.channels];
+            let rows = &grad[o * g.channels * g.inner..][..g.channels * g.inner];
+            if g.inner == 1 {
+                // A Linear layer's bias: add the row into the sums (vectorises).
+                acc.iter_mut().zip(rows).for_each(|(a, v)| *a += v);
+            } else {
+                for (a, plane) in acc.iter_mut().zip(rows.chunks_exact(g.inner)) {
+                    *a += plane.iter().sum::<f32>();
+                }
             }
         }
         Ok((CpuStorage::F32(out), Shape::from(len)))
@@ -142,6 +158,7 @@ mod tests {
             (vec![7, 6], 1, vec![6], vec![1, 6]),
             (vec![3, 4, 5], 2, vec![5], vec![1, 1, 5]),
             (vec![2, 5, 3, 3], 1, vec![2, 5], vec![2, 5, 1, 1]),
+            (vec![3, 4, 5], 1, vec![3, 4], vec![3, 4, 1]),
         ] {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap())
                 .unwrap();
@@ -155,6 +172,14 @@ mod tests {
             let label = format!("{shape:?}");
             assert_matches(&ours, &reference, &[&x, &b], 1e-6, 1e-4, &label);
         }
+    }
+
+    #[test]
+    fn an_empty_input_stays_empty() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((0, 4), DType::F32, &dev).unwrap();
+        let b = Tensor::ones(4, DType::F32, &dev).unwrap();
+        assert_eq!(add_bias(&x, &b, 1).unwrap().dims(), &[0, 4]);
     }
 
     #[test]
