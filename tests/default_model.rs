@@ -88,9 +88,9 @@ fn evaluate_on_the_shipped_model() {
     );
     let groups = adherence(&report);
     assert_eq!(groups.len(), 3, "{report}");
-    // Measured on this sample when the model was exported: seen 35.3 %, held-out 33.3 %,
-    // two-shape 25.0 % (the shipped model is an early checkpoint; see the README).
-    for (group, floor) in [("seen", 30.0), ("held-out", 28.0), ("two-shape", 20.0)] {
+    // Measured on this sample when the model was exported (U-Net step 2,400): seen 47.1 %,
+    // held-out 22.2 % (4/18), two-shape 10.0 % (2/20); the floors allow one attribute less.
+    for (group, floor) in [("seen", 40.0), ("held-out", 16.0), ("two-shape", 5.0)] {
         let percent = groups
             .iter()
             .find(|(g, _)| g == group)
