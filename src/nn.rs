@@ -117,38 +117,33 @@ impl Conv2d {
                 self.padding,
             )
         };
-        if training && self.im2col_fits_training(x) {
-            return Ok(conv(x)?);
-        }
+        let columns = self.column_bytes(x);
         if training {
+            if columns.is_some_and(|(b, per_image)| b * per_image <= TRAIN_IM2COL_BUDGET) {
+                return Ok(conv(x)?);
+            }
             // Columns too large to keep for the backward pass (or a tensor our kernels do not
             // take): candle's convolution, whose backward pass needs only the input.
             let y = x.conv2d(&weight, self.padding, self.stride, 1, 1)?;
             return add_bias(&y, &self.bias, 1);
         }
-        if self.im2col_fits(x) == Some(true) {
-            // One image per product at inference: the product's shape then does not depend
-            // on the batch, so an image comes out bit-identical whether it is generated alone
-            // or in a batch (image i of a batch is reproducible from its own seed).
-            let images = (0..x.dim(0)?)
-                .map(|i| conv(&x.narrow(0, i, 1)?))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            return Ok(Tensor::cat(&images, 0)?);
-        }
-        if self.im2col_fits(x) == Some(false) {
+        match columns {
+            Some((_, per_image)) if per_image <= IM2COL_BUDGET => {
+                // One image per product at inference: the product's shape then does not
+                // depend on the batch, so an image comes out bit-identical whether it is
+                // generated alone or in a batch (image i is reproducible from its own seed).
+                let images = (0..x.dim(0)?)
+                    .map(|i| conv(&x.narrow(0, i, 1)?))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&images, 0)?)
+            }
             // Too large for one column matrix (VAE decoder layers at 512x512): bands of rows.
-            return Ok(crate::kernels::im2col::conv2d_im2col_banded(
-                x,
-                &weight,
-                Some(&self.bias),
-                self.stride,
-                self.padding,
-                1,
-                IM2COL_BUDGET,
-            )?);
+            Some(_) => self.banded(x, &weight, 1),
+            None => {
+                let y = x.conv2d(&weight, self.padding, self.stride, 1, 1)?;
+                add_bias(&y, &self.bias, 1)
+            }
         }
-        let y = x.conv2d(&weight, self.padding, self.stride, 1, 1)?;
-        add_bias(&y, &self.bias, 1)
     }
 
     /// `forward(upsample_nearest2d(x, 2h, 2w))`, the upsamplers of the U-Net and the VAE
@@ -164,37 +159,32 @@ impl Conv2d {
         if !fused {
             return self.forward(&x.upsample_nearest2d(2 * h, 2 * w)?);
         }
+        self.banded(x, &weight, 2)
+    }
+
+    /// Inference convolution in bands of rows within the column budget, of `x` upsampled
+    /// `up` times.
+    fn banded(&self, x: &Tensor, weight: &Tensor, up: usize) -> Result<Tensor> {
         Ok(crate::kernels::im2col::conv2d_im2col_banded(
             x,
-            &weight,
+            weight,
             Some(&self.bias),
             self.stride,
             self.padding,
-            2,
+            up,
             IM2COL_BUDGET,
         )?)
     }
 
-    /// Whether the whole batch's column matrix fits the training budget.
-    fn im2col_fits_training(&self, x: &Tensor) -> bool {
+    /// (batch, bytes of one image's im2col column matrix); None when our kernels cannot take
+    /// the input at all (another dtype or device, or a kernel that does not fit its input:
+    /// then candle's convolution runs, or says what is wrong).
+    fn column_bytes(&self, x: &Tensor) -> Option<(usize, usize)> {
         let (Ok((b, c, h, w)), Ok((_, _, k, _))) = (x.dims4(), self.weight.dims4()) else {
-            return false;
-        };
-        let Some(g) = ConvGeometry::new(k, self.stride, self.padding, h, w) else {
-            return false;
-        };
-        crate::kernels::supports(x) && b * g.column_bytes(c) <= TRAIN_IM2COL_BUDGET
-    }
-
-    /// Whether one image's column matrix fits the budget; None when our kernels cannot take
-    /// the input at all (another dtype or device, or a kernel that does not fit its input: then
-    /// candle's convolution runs, or says what is wrong).
-    fn im2col_fits(&self, x: &Tensor) -> Option<bool> {
-        let (Ok((_, c, h, w)), Ok((_, _, k, _))) = (x.dims4(), self.weight.dims4()) else {
             return None;
         };
         let g = ConvGeometry::new(k, self.stride, self.padding, h, w)?;
-        crate::kernels::supports(x).then(|| g.column_bytes(c) <= IM2COL_BUDGET)
+        crate::kernels::supports(x).then(|| (b, g.column_bytes(c)))
     }
 }
 

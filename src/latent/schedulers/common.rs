@@ -217,6 +217,16 @@ pub(crate) fn alphas_cumprod(betas: &[f32]) -> Vec<f32> {
     cumprod_f32(&alphas)
 }
 
+/// alpha-bar "before" the first training step, where the last step lands: 1 with
+/// `set_alpha_to_one`, else alpha-bar of step 0 (DDIM, LCM and PNDM alike).
+pub(crate) fn final_alpha_cumprod(set_alpha_to_one: bool, alphas_cumprod: &[f32]) -> f32 {
+    if set_alpha_to_one {
+        1.0
+    } else {
+        alphas_cumprod[0]
+    }
+}
+
 /// The `alphas_cumprod` of a beta schedule, as diffusers' DDIM/DDPM/PNDM schedulers hold it
 /// (exposed for tests).
 #[allow(clippy::too_many_arguments)]

@@ -62,11 +62,8 @@ macro_rules! ddim_parts {
         let config = $config;
         let betas = common::betas(&beta_config!($class, config, false))?;
         let alphas_cumprod = common::alphas_cumprod(&betas);
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
+        let final_alpha_cumprod =
+            common::final_alpha_cumprod(config.set_alpha_to_one, &alphas_cumprod);
         let prediction = Prediction::parse(
             $class,
             &config.prediction_type,

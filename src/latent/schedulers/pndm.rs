@@ -35,11 +35,8 @@ impl Pndm {
     pub fn new(config: &PndmConfig, steps: usize) -> Result<Self> {
         let betas = common::betas(&beta_config!(CLASS, config, false, false))?;
         let alphas_cumprod = common::alphas_cumprod(&betas);
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
+        let final_alpha_cumprod =
+            common::final_alpha_cumprod(config.set_alpha_to_one, &alphas_cumprod);
         let prediction = Prediction::parse(
             CLASS,
             &config.prediction_type,
