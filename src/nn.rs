@@ -103,100 +103,48 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.convolve(x, 1)
+    }
+
+    /// `forward(upsample_nearest2d(x, 2h, 2w))`, the upsamplers of the U-Net and the VAE
+    /// decoder. The upsampling is folded into the convolution's columns, so the 4x larger
+    /// upsampled image is never built (a 512x512 VAE decode: 268 MB at its peak).
+    pub fn forward_upsampled2x(&self, x: &Tensor) -> Result<Tensor> {
+        self.convolve(x, 2)
+    }
+
+    /// Our convolution (one graph node; its columns built per image within a budget) where
+    /// the kernels take the input, candle's otherwise (another dtype or device, or a kernel
+    /// that does not fit the input: candle then says what is wrong).
+    fn convolve(&self, x: &Tensor, up: usize) -> Result<Tensor> {
         let weight = widen(&self.weight, x)?;
-        // Training takes the im2col path, whose backward pass is two matrix products; so does
-        // inference while the column matrix stays small, as one product per layer beats
-        // candle's tiled convolution, which gathers its columns one element at a time.
-        let training = x.track_op() || weight.track_op();
-        let conv = |x: &Tensor| {
-            crate::kernels::im2col::conv2d_im2col(
+        let (_, _, h, w) = x.dims4()?;
+        let k = weight.dim(2)?;
+        let fits = ConvGeometry::new(k, self.stride, self.padding, h * up, w * up).is_some();
+        if crate::kernels::supports(x) && fits {
+            return Ok(crate::kernels::conv2d::conv2d(
                 x,
                 &weight,
                 Some(&self.bias),
                 self.stride,
                 self.padding,
-            )
+                up,
+                COLUMN_BUDGET,
+            )?);
+        }
+        let x = if up > 1 {
+            x.upsample_nearest2d(h * up, w * up)?
+        } else {
+            x.clone()
         };
-        let columns = self.column_bytes(x);
-        if training {
-            if columns.is_some_and(|(b, per_image)| b * per_image <= TRAIN_IM2COL_BUDGET) {
-                return Ok(conv(x)?);
-            }
-            // Columns too large to keep for the backward pass (or a tensor our kernels do not
-            // take): candle's convolution, whose backward pass needs only the input.
-            let y = x.conv2d(&weight, self.padding, self.stride, 1, 1)?;
-            return add_bias(&y, &self.bias, 1);
-        }
-        match columns {
-            Some((_, per_image)) if per_image <= IM2COL_BUDGET => {
-                // One image per product at inference: the product's shape then does not
-                // depend on the batch, so an image comes out bit-identical whether it is
-                // generated alone or in a batch (image i is reproducible from its own seed).
-                let images = (0..x.dim(0)?)
-                    .map(|i| conv(&x.narrow(0, i, 1)?))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Ok(Tensor::cat(&images, 0)?)
-            }
-            // Too large for one column matrix (VAE decoder layers at 512x512): bands of rows.
-            Some(_) => self.banded(x, &weight, 1),
-            None => {
-                let y = x.conv2d(&weight, self.padding, self.stride, 1, 1)?;
-                add_bias(&y, &self.bias, 1)
-            }
-        }
-    }
-
-    /// `forward(upsample_nearest2d(x, 2h, 2w))`, the upsamplers of the U-Net and the VAE
-    /// decoder. At inference the upsampling is folded into the convolution's columns, so the
-    /// 4x larger upsampled image is never built (a 512x512 VAE decode: 268 MB at its peak).
-    pub fn forward_upsampled2x(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        let weight = widen(&self.weight, x)?;
-        let fused = !x.track_op()
-            && !weight.track_op()
-            && crate::kernels::supports(x)
-            && ConvGeometry::new(weight.dim(2)?, self.stride, self.padding, 2 * h, 2 * w).is_some();
-        if !fused {
-            return self.forward(&x.upsample_nearest2d(2 * h, 2 * w)?);
-        }
-        self.banded(x, &weight, 2)
-    }
-
-    /// Inference convolution in bands of rows within the column budget, of `x` upsampled
-    /// `up` times.
-    fn banded(&self, x: &Tensor, weight: &Tensor, up: usize) -> Result<Tensor> {
-        Ok(crate::kernels::im2col::conv2d_im2col_banded(
-            x,
-            weight,
-            Some(&self.bias),
-            self.stride,
-            self.padding,
-            up,
-            IM2COL_BUDGET,
-        )?)
-    }
-
-    /// (batch, bytes of one image's im2col column matrix); None when our kernels cannot take
-    /// the input at all (another dtype or device, or a kernel that does not fit its input:
-    /// then candle's convolution runs, or says what is wrong).
-    fn column_bytes(&self, x: &Tensor) -> Option<(usize, usize)> {
-        let (Ok((b, c, h, w)), Ok((_, _, k, _))) = (x.dims4(), self.weight.dims4()) else {
-            return None;
-        };
-        let g = ConvGeometry::new(k, self.stride, self.padding, h, w)?;
-        crate::kernels::supports(x).then(|| (b, g.column_bytes(c)))
+        let y = x.conv2d(&weight, self.padding, self.stride, 1, 1)?;
+        add_bias(&y, &self.bias, 1)
     }
 }
 
-/// Largest im2col column matrix (bytes) built at inference; larger images are convolved in
-/// bands of rows whose columns fit.
-const IM2COL_BUDGET: usize = 128 << 20;
-
-/// Largest im2col column matrix (bytes, whole batch) a training step builds per layer. The
-/// columns stay alive until the backward pass, one matrix per layer: small models at 64x64
-/// (the default model's U-Net: 14 MB per layer at batch 16) are far below it, while a Stable
-/// Diffusion U-Net at 512x512 would hold gigabytes.
-const TRAIN_IM2COL_BUDGET: usize = 256 << 20;
+/// Largest im2col column buffers (bytes, all threads together) a convolution builds; larger
+/// images are convolved in bands of output rows whose columns fit.
+const COLUMN_BUDGET: usize = 128 << 20;
 
 #[derive(Clone, Debug)]
 pub struct GroupNorm {

@@ -150,6 +150,10 @@ pub struct TrainArgs {
     /// `epsilon` or `v_prediction`.
     #[arg(long, default_value = "epsilon")]
     pub prediction: String,
+    /// Rescale the noise schedule so that its last timestep is pure noise (needs
+    /// v_prediction); may be switched on when resuming a run to fine-tune it.
+    #[arg(long)]
+    pub zero_terminal_snr: bool,
     #[arg(long, default_value = "64,128,128")]
     pub unet_channels: String,
     #[arg(long, default_value_t = 1)]
@@ -210,6 +214,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         ema_decay: a.ema_decay,
         caption_dropout: a.caption_dropout,
         v_prediction,
+        zero_terminal_snr: a.zero_terminal_snr,
         unet_channels: parse_list(&a.unet_channels)?,
         unet_layers: a.unet_layers,
         unet_heads: a.unet_heads,

@@ -4,6 +4,7 @@ use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 
 pub mod activation;
 pub mod bias;
+pub mod conv2d;
 pub mod fast_math;
 pub mod group_norm;
 pub mod im2col;

@@ -197,12 +197,16 @@ pub fn evaluate(
 impl Report {
     pub fn print(&self) -> String {
         let mut out = String::new();
-        out.push_str(&format!(
-            "checker on the data set's own images: {:.1} % ({}/{} attributes)\n",
-            self.ground_truth.percent(),
-            self.ground_truth.right,
-            self.ground_truth.stated
-        ));
+        if self.ground_truth.stated == 0 {
+            out.push_str("checker on the data set's own images: skipped\n");
+        } else {
+            out.push_str(&format!(
+                "checker on the data set's own images: {:.1} % ({}/{} attributes)\n",
+                self.ground_truth.percent(),
+                self.ground_truth.right,
+                self.ground_truth.stated
+            ));
+        }
         out.push_str(&format!("adherence over {} images:\n", self.images));
         for (group, t) in &self.per_group {
             out.push_str(&format!(
