@@ -7,9 +7,29 @@
 /// Threads to use for `items` independent pieces of work. candle's thread count is looked up
 /// once: without RAYON_NUM_THREADS it is recomputed from /proc/cpuinfo on every call.
 pub fn threads_for(items: usize) -> usize {
+    if SERIAL.with(|s| s.get()) {
+        return 1;
+    }
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let threads = *THREADS.get_or_init(candle_core::utils::get_num_threads);
     threads.min(items).max(1)
+}
+
+thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the kernels single-threaded on this thread: for work that is itself split
+/// over the threads at a coarser grain (a training batch in shards, one per thread).
+pub fn serially<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SERIAL.with(|s| s.replace(true)));
+    f()
 }
 
 /// Calls `f(index, chunk)` for each `chunk_len`-sized chunk of `out`, spread over the threads

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +74,14 @@ pub struct VaeReport {
 
 pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
     let device = Device::Cpu;
+    let factor = 1 << o.channels.len().saturating_sub(1);
+    if o.channels.is_empty() || o.size == 0 || o.size % factor != 0 {
+        return Err(Error::InvalidRequest(format!(
+            "--size {} must be a positive multiple of the autoencoder's downsampling factor {factor} \
+             (one halving per --channels entry after the first)",
+            o.size
+        )));
+    }
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
     let mut start = 0;
     let resumed = if resume {
@@ -113,25 +122,30 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
     ));
     for step in start..o.steps {
         let batch = data.batch((step * o.batch) as u64, o.batch, &device)?;
-        let (mean, logvar) = vae.encode(&batch.images)?;
         let mut rng = step_rng(o.seed, step as u64);
-        let eps = rng.randn(mean.dims(), &device)?;
-        let z = (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?;
-        let recon = vae.decode(&z)?;
-        let mse = (recon - &batch.images)?.sqr()?.mean_all()?;
-        let kl = (((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?
-            .mean_all()?
-            .affine(0.5, 0.0)?;
-        let loss = (&mse + (&kl * o.kl_weight)?)?;
-        let grads = loss.backward()?;
-        opt.step(&grads)?;
-        let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
-        log.step(
-            step + 1,
-            scalar(&loss)?,
-            o.batch,
-            &[scalar(&mse)?, scalar(&kl)?],
-        )?;
+        let latent = (o.batch, o.latent_channels, o.size / factor, o.size / factor);
+        let eps = rng.randn(&[latent.0, latent.1, latent.2, latent.3], &device)?;
+        // Means over the whole batch, as sums over its shards.
+        let (pixels, latents) = (batch.images.elem_count() as f64, eps.elem_count() as f64);
+        let shard = |start: usize, len: usize| -> Result<([f64; 3], GradStore)> {
+            let images = batch.images.narrow(0, start, len)?;
+            let (mean, logvar) = vae.encode(&images)?;
+            let z = (&mean + ((&logvar * 0.5)?.exp()? * eps.narrow(0, start, len)?)?)?;
+            let recon = vae.decode(&z)?;
+            let mse = ((recon - &images)?.sqr()?.sum_all()? / pixels)?;
+            let kl = (((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?
+                .sum_all()?
+                .affine(0.5 / latents, 0.0)?;
+            let loss = (&mse + (&kl * o.kl_weight)?)?;
+            let grads = loss.backward()?;
+            let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
+            Ok(([scalar(&loss)?, scalar(&mse)?, scalar(&kl)?], grads))
+        };
+        let (parts, grads): (Vec<[f64; 3]>, Vec<_>) =
+            super::shards(o.batch, &shard)?.into_iter().unzip();
+        opt.step_summed(&grads)?;
+        let total = |i: usize| parts.iter().map(|p| p[i]).sum::<f64>();
+        log.step(step + 1, total(0), o.batch, &[total(1), total(2)])?;
         if (step + 1) % o.save_every == 0 || step + 1 == o.steps {
             save(&o, &params, &opt, step + 1)?;
         }

@@ -343,7 +343,6 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
                 tokenizer.encode_padded(if drop { "" } else { c }).ids
             })
             .collect();
-        let context = text_encoder.forward(&ids, 0)?;
         let noise = rng.randn(z0.dims(), &device)?;
         let coef = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
             let v: Vec<f32> = timesteps.iter().map(|&t| f(acp[t]) as f32).collect();
@@ -357,11 +356,20 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
             noise
         };
         let t_f: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
-        let pred = unet.forward_timesteps(&noisy, &t_f, &context)?;
-        let loss = (pred - target)?.sqr()?.mean_all()?;
-        let grads = loss.backward()?;
-        let stats = opt.step(&grads)?;
-        last_loss = loss.to_scalar::<f32>()? as f64;
+        // The mean squared error over the whole batch, as a sum over its shards.
+        let scale = 1.0 / target.elem_count() as f64;
+        let shard = |start: usize, len: usize| -> Result<(f64, candle_core::backprop::GradStore)> {
+            let context = text_encoder.forward(&ids[start..start + len], 0)?;
+            let noisy = noisy.narrow(0, start, len)?;
+            let pred = unet.forward_timesteps(&noisy, &t_f[start..start + len], &context)?;
+            let target = target.narrow(0, start, len)?;
+            let loss = ((pred - target)?.sqr()?.sum_all()? * scale)?;
+            let grads = loss.backward()?;
+            Ok((loss.to_scalar::<f32>()? as f64, grads))
+        };
+        let (losses, grads): (Vec<f64>, Vec<_>) = super::shards(b, &shard)?.into_iter().unzip();
+        let stats = opt.step_summed(&grads)?;
+        last_loss = losses.iter().sum();
         log.step(step + 1, last_loss, b, &[stats.lr, stats.grad_norm])?;
         let done = step + 1 == o.steps;
         let saving = (step + 1) % o.save_every == 0 || done;

@@ -110,11 +110,27 @@ impl AdamW {
     /// loop over each parameter's values (moments, weight and EMA together) rather than a dozen
     /// tensor ops per parameter.
     pub fn step(&mut self, grads: &GradStore) -> Result<StepStats> {
+        self.step_summed(std::slice::from_ref(grads))
+    }
+
+    /// As `step`, with each parameter's gradient the sum over `shards` (the backward passes
+    /// of a batch split into parts, summed in order).
+    pub fn step_summed(&mut self, shards: &[GradStore]) -> Result<StepStats> {
         let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
         let mut gradients: Vec<Option<Vec<f32>>> = Vec::with_capacity(self.slots.len());
         let mut sq = 0f64;
         for slot in &self.slots {
-            let g = grads.get(slot.var.as_tensor()).map(flat).transpose()?;
+            let mut g: Option<Vec<f32>> = None;
+            for grads in shards {
+                let Some(part) = grads.get(slot.var.as_tensor()) else {
+                    continue;
+                };
+                let part = flat(part)?;
+                match &mut g {
+                    None => g = Some(part),
+                    Some(sum) => sum.iter_mut().zip(&part).for_each(|(a, b)| *a += b),
+                }
+            }
             if let Some(g) = &g {
                 sq += g.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
             }
@@ -277,6 +293,45 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Gradients of a batch's shards, summed by `step_summed`, update the weights as the
+    /// gradient of the whole batch does.
+    #[test]
+    fn shard_gradients_sum_to_the_batch_gradient() {
+        use candle_core::Device;
+        let dev = Device::Cpu;
+        let config = AdamWConfig {
+            lr: 0.1,
+            warmup_steps: 1,
+            ..Default::default()
+        };
+        let (a, b) = ([3.0f32, 0.0, -4.0], [0.5f32, 2.0, 1.0]);
+        let coef = |c: [f32; 3]| Tensor::from_vec(c.to_vec(), 3, &dev).unwrap();
+        let grads = |var: &Var, c: [f32; 3]| {
+            (var.as_tensor() * coef(c))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let fresh = || Var::from_vec(vec![0.5f32, -1.0, 2.0], 3, &dev).unwrap();
+        let (whole, sharded) = (fresh(), fresh());
+        let mut opt = AdamW::new(vec![("w".into(), whole.clone())], config.clone()).unwrap();
+        let sum = [a[0] + b[0], a[1] + b[1], a[2] + b[2]];
+        let stats = opt.step(&grads(&whole, sum)).unwrap();
+        let mut opt2 = AdamW::new(vec![("w".into(), sharded.clone())], config).unwrap();
+        let stats2 = opt2
+            .step_summed(&[grads(&sharded, a), grads(&sharded, b)])
+            .unwrap();
+        assert!((stats.grad_norm - stats2.grad_norm).abs() < 1e-6);
+        let (w1, w2): (Vec<f32>, Vec<f32>) = (
+            whole.as_tensor().to_vec1().unwrap(),
+            sharded.as_tensor().to_vec1().unwrap(),
+        );
+        assert_eq!(w1, w2);
+        assert_ne!(w1, vec![0.5f32, -1.0, 2.0]);
     }
 
     /// A parameter whose first gradient comes at the third step moves by the full learning
