@@ -201,6 +201,10 @@ impl CustomOp3 for Conv2dOp {
         }
         let plan = self.plan(d);
         let (ow, image_in, image_out) = (self.g.out_w(), d.c * d.sh * d.sw, d.out_c * d.l);
+        let shape = Shape::from((d.b, d.out_c, self.g.out_h(), ow));
+        if d.b * image_out == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), shape));
+        }
         let mut y = vec![0f32; d.b * image_out];
         run_images(&mut y, image_out, plan.workers, |first, run| {
             let mut cols = vec![0f32; d.taps * plan.band_rows * ow];
@@ -240,7 +244,6 @@ impl CustomOp3 for Conv2dOp {
                 }
             }
         });
-        let shape = Shape::from((d.b, d.out_c, self.g.out_h(), ow));
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -304,6 +307,11 @@ impl CustomOp3 for Conv2dBackward {
         let plan = op.plan(d);
         let wlen = d.out_c * d.taps;
         let mut out = vec![0f32; d.b * image_in + wlen + d.out_c];
+        if d.b * image_in * image_out == 0 {
+            // An empty batch, image or output: every gradient is zero.
+            let len = out.len();
+            return Ok((CpuStorage::F32(out), Shape::from(len)));
+        }
         let (dx, rest) = out.split_at_mut(d.b * image_in);
         let partials = run_images(dx, image_in, plan.workers, |first, run| {
             let mut dw = vec![0f32; wlen];
