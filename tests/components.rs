@@ -78,3 +78,73 @@ fn vae_decode_and_encode_match_diffusers() {
         );
     }
 }
+
+/// The U-Net's batch in shards (one per thread, as generation runs classifier-free guidance)
+/// gives every row exactly what one pass over the whole batch gives.
+#[test]
+fn unet_in_shards_equals_one_pass() {
+    use candle_core::Tensor;
+    use text2img::latent::unet::ExtraConditions;
+    let unet = UNet::load(&model_dir("sd1-tiny").join("unet"), None, &Device::Cpu).unwrap();
+    let sample = reference("sd1.unet.9x7.sample");
+    let context = reference("sd1.unet.9x7.context");
+    // Three copies of the fixture's rows, each with its own noise and context (an odd number
+    // of rows when the fixture has one: an uneven split over two threads).
+    let sample = Tensor::cat(
+        &[&sample, &(&sample * -0.5).unwrap(), &sample.sqr().unwrap()],
+        0,
+    )
+    .unwrap();
+    let context = Tensor::cat(
+        &[
+            &context,
+            &(&context * 2.0).unwrap(),
+            &context.neg().unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let t: Vec<f64> = (0..sample.dim(0).unwrap())
+        .map(|i| [421.0, 17.0, 999.0][i % 3])
+        .collect();
+    let extra = ExtraConditions::default();
+    let whole = unet
+        .forward_conditioned(&sample, &t, &context, &extra)
+        .unwrap();
+    let sharded = unet.forward_sharded(&sample, &t, &context, &extra).unwrap();
+    let narrowed = |n: usize| {
+        let (s, c) = (
+            sample.narrow(0, 0, n).unwrap(),
+            context.narrow(0, 0, n).unwrap(),
+        );
+        unet.forward_sharded(&s, &t[..n], &c, &extra).unwrap()
+    };
+    // And an odd batch of three rows.
+    let odd = narrowed(3);
+    let first3 = whole.narrow(0, 0, 3).unwrap();
+    assert_eq!(
+        (odd - first3)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    assert_eq!(whole.dims(), sharded.dims());
+    let diff: f32 = (whole - sharded)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+}

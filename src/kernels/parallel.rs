@@ -32,6 +32,27 @@ pub fn serially<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Runs `f(start, len)` over `batch` rows split into one contiguous shard per thread, each
+/// shard on its own thread with the kernels inside it single-threaded (see [`serially`]), and
+/// returns the shards' results in order; one call on this thread when there is one thread or
+/// one row. A forward or backward pass is thousands of small ops that parallelise poorly one
+/// at a time; whole shards in parallel keep the cores busy.
+pub fn in_shards<R: Send>(batch: usize, f: &(dyn Fn(usize, usize) -> R + Sync)) -> Vec<R> {
+    let n = threads_for(batch);
+    if n <= 1 {
+        return vec![f(0, batch)];
+    }
+    let per = batch.div_ceil(n);
+    use rayon::prelude::*;
+    (0..batch.div_ceil(per))
+        .into_par_iter()
+        .map(|i| {
+            let start = i * per;
+            serially(|| f(start, per.min(batch - start)))
+        })
+        .collect()
+}
+
 /// Calls `f(index, chunk)` for each `chunk_len`-sized chunk of `out`, spread over the threads
 /// in contiguous runs (the chunks are uniform work, so a static split is balanced).
 pub fn for_each_chunk<F>(out: &mut [f32], chunk_len: usize, f: F)

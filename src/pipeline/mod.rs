@@ -605,12 +605,9 @@ impl Pipeline {
                 latents.clone()
             };
             let input = scheduler.scale_model_input(&input, i)?;
-            let pred = self.unet.forward_conditioned(
-                &input,
-                &vec![t; rows],
-                &conditioning.context,
-                &extra,
-            )?;
+            let pred =
+                self.unet
+                    .forward_sharded(&input, &vec![t; rows], &conditioning.context, &extra)?;
             let pred = if cfg {
                 let uncond = pred.narrow(0, 0, n)?;
                 let text = pred.narrow(0, n, n)?;

@@ -146,6 +146,50 @@ impl UNet {
 
     /// The full forward pass: one timestep per batch row, plus the extra conditions that
     /// SDXL (`text_time`) and LCM (`timestep_cond`) U-Nets take.
+    /// `forward_conditioned` with the batch split into shards, one per thread (see
+    /// `kernels::parallel::in_shards`): classifier-free guidance's two halves run side by side.
+    /// Each row's result is the same as in one pass.
+    pub fn forward_sharded(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+        extra: &ExtraConditions,
+    ) -> Result<Tensor> {
+        let batch = sample.dim(0)?;
+        if timesteps.len() != batch {
+            return self.forward_conditioned(sample, timesteps, context, extra);
+        }
+        let shard = |start: usize, len: usize| -> Result<Tensor> {
+            if (start, len) == (0, batch) {
+                return self.forward_conditioned(sample, timesteps, context, extra);
+            }
+            let rows = |t: &Tensor| t.narrow(0, start, len);
+            let text_time = match extra.text_time {
+                Some((embeds, ids)) => Some((rows(embeds)?, rows(ids)?)),
+                None => None,
+            };
+            let timestep_cond = extra.timestep_cond.map(rows).transpose()?;
+            let extra = ExtraConditions {
+                text_time: text_time.as_ref().map(|(e, i)| (e, i)),
+                timestep_cond: timestep_cond.as_ref(),
+            };
+            self.forward_conditioned(
+                &rows(sample)?,
+                &timesteps[start..start + len],
+                &rows(context)?,
+                &extra,
+            )
+        };
+        let parts = crate::kernels::parallel::in_shards(batch, &shard)
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().expect("one shard"));
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
     pub fn forward_conditioned(
         &self,
         sample: &Tensor,
