@@ -145,14 +145,75 @@ impl Conv2dOp {
                 .for_each(|(tap, row)| fill(tap, row));
         }
     }
+}
 
-    fn gemm_parallelism(plan: Plan) -> Parallelism {
-        if plan.inner {
-            Parallelism::Rayon(plan.threads)
-        } else {
-            Parallelism::None
+/// A matrix in memory: its first element and the distance between rows (`rows`: row-major)
+/// or between columns (`columns`: the transpose of a row-major matrix).
+struct Strided<P> {
+    ptr: P,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl<P> Strided<P> {
+    fn rows(ptr: P, row_len: usize) -> Self {
+        Self {
+            ptr,
+            row_stride: row_len as isize,
+            col_stride: 1,
         }
     }
+
+    fn columns(ptr: P, col_len: usize) -> Self {
+        Self {
+            ptr,
+            row_stride: 1,
+            col_stride: col_len as isize,
+        }
+    }
+}
+
+/// dst (m x n) = lhs (m x k) . rhs (k x n), added to dst when `accumulate`; threaded when the
+/// plan gives one image all the threads.
+///
+/// # Safety
+/// Every element the three views address for these sizes must be in bounds, and dst must not
+/// overlap lhs or rhs.
+unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<*mut f32>,
+    accumulate: bool,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    plan: Plan,
+) {
+    let parallelism = if plan.inner {
+        Parallelism::Rayon(plan.threads)
+    } else {
+        Parallelism::None
+    };
+    // gemm computes dst = alpha * dst + beta * lhs . rhs, reading dst only when asked.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.ptr,
+        dst.col_stride,
+        dst.row_stride,
+        accumulate,
+        lhs.ptr,
+        lhs.col_stride,
+        lhs.row_stride,
+        rhs.ptr,
+        rhs.col_stride,
+        rhs.row_stride,
+        1.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        parallelism,
+    );
 }
 
 /// Runs `f(first image, that run's slice of out)` over `workers` contiguous runs of images
@@ -219,26 +280,13 @@ impl CustomOp3 for Conv2dOp {
                     // SAFETY: dst is out_c rows of l values and the band's n positions start at
                     // `start` with start + n <= l; w is out_c x taps and cols taps x n, row-major.
                     unsafe {
-                        gemm::gemm(
-                            d.out_c,
-                            n,
-                            d.taps,
-                            dst.as_mut_ptr().add(start),
-                            1,
-                            d.l as isize,
+                        product(
+                            (d.out_c, n, d.taps),
+                            Strided::rows(dst.as_mut_ptr().add(start), d.l),
                             true,
-                            w.as_ptr(),
-                            1,
-                            d.taps as isize,
-                            cols.as_ptr(),
-                            1,
-                            n as isize,
-                            1.0f32,
-                            1.0f32,
-                            false,
-                            false,
-                            false,
-                            Self::gemm_parallelism(plan),
+                            Strided::rows(w.as_ptr(), d.taps),
+                            Strided::rows(cols.as_ptr(), n),
+                            plan,
                         );
                     }
                 }
@@ -330,48 +378,22 @@ impl CustomOp3 for Conv2dBackward {
                     // each; cols and dcols hold taps x n values, dw out_c x taps, w out_c x taps.
                     unsafe {
                         // dW += grad_band (out_c x n) . cols^T (n x taps)
-                        gemm::gemm(
-                            d.out_c,
-                            d.taps,
-                            n,
-                            dw.as_mut_ptr(),
-                            1,
-                            d.taps as isize,
+                        product(
+                            (d.out_c, d.taps, n),
+                            Strided::rows(dw.as_mut_ptr(), d.taps),
                             true,
-                            gb,
-                            1,
-                            d.l as isize,
-                            cols.as_ptr(),
-                            n as isize,
-                            1,
-                            1.0f32,
-                            1.0f32,
-                            false,
-                            false,
-                            false,
-                            Conv2dOp::gemm_parallelism(plan),
+                            Strided::rows(gb, d.l),
+                            Strided::columns(cols.as_ptr(), n),
+                            plan,
                         );
                         // dcols = W^T (taps x out_c) . grad_band (out_c x n)
-                        gemm::gemm(
-                            d.taps,
-                            n,
-                            d.out_c,
-                            dcols.as_mut_ptr(),
-                            1,
-                            n as isize,
+                        product(
+                            (d.taps, n, d.out_c),
+                            Strided::rows(dcols.as_mut_ptr(), n),
                             false,
-                            w.as_ptr(),
-                            d.taps as isize,
-                            1,
-                            gb,
-                            1,
-                            d.l as isize,
-                            0.0f32,
-                            1.0f32,
-                            false,
-                            false,
-                            false,
-                            Conv2dOp::gemm_parallelism(plan),
+                            Strided::columns(w.as_ptr(), d.taps),
+                            Strided::rows(gb, d.l),
+                            plan,
                         );
                     }
                     for (o, acc) in db.iter_mut().enumerate() {
