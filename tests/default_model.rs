@@ -88,9 +88,11 @@ fn evaluate_on_the_shipped_model() {
     );
     let groups = adherence(&report);
     assert_eq!(groups.len(), 3, "{report}");
-    // Measured on this sample when the model was exported (U-Net step 2,400): seen 47.1 %,
-    // held-out 22.2 % (4/18), two-shape 10.0 % (2/20); the floors allow one attribute less.
-    for (group, floor) in [("seen", 40.0), ("held-out", 16.0), ("two-shape", 5.0)] {
+    // Measured on this sample when the model was exported (U-Net step 5,000, 12 steps,
+    // guidance 3): seen 55.9 % (19/34), held-out 61.1 % (11/18), two-shape 10.0 % (2/20); the
+    // floors allow three, two and one attributes less (another CPU's float rounding can flip
+    // an attribute or two).
+    for (group, floor) in [("seen", 47.0), ("held-out", 50.0), ("two-shape", 5.0)] {
         let percent = groups
             .iter()
             .find(|(g, _)| g == group)
