@@ -236,7 +236,8 @@ impl LayerNorm {
     }
 }
 
-/// Largest attention score matrix (bytes) computed at once at inference.
+/// Largest attention score matrix (bytes) computed at once at inference, for the whole process
+/// (shards running side by side each take their share).
 const ATTENTION_SCORE_BUDGET: usize = 256 << 20;
 
 /// Multi-head scaled dot-product attention on (batch, tokens, heads * head_dim) inputs.
@@ -247,7 +248,8 @@ pub fn attention(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    attention_with_budget(q, k, v, heads, mask, ATTENTION_SCORE_BUDGET)
+    let budget = crate::kernels::parallel::share_of(ATTENTION_SCORE_BUDGET);
+    attention_with_budget(q, k, v, heads, mask, budget)
 }
 
 fn attention_with_budget(

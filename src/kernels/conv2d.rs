@@ -114,7 +114,8 @@ impl Conv2dOp {
         let threads = threads_for(usize::MAX);
         let workers = if d.b >= threads { threads } else { 1 };
         let row_bytes = d.taps * self.g.out_w() * 4;
-        let band_rows = (self.budget / workers / row_bytes.max(1)).clamp(1, self.g.out_h());
+        let budget = super::parallel::share_of(self.budget) / workers;
+        let band_rows = (budget / row_bytes.max(1)).clamp(1, self.g.out_h());
         Plan {
             workers,
             band_rows,

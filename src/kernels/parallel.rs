@@ -10,9 +10,12 @@ pub fn threads_for(items: usize) -> usize {
     if SERIAL.with(|s| s.get()) {
         return 1;
     }
+    threads_total().min(items).max(1)
+}
+
+fn threads_total() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let threads = *THREADS.get_or_init(candle_core::utils::get_num_threads);
-    threads.min(items).max(1)
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
 }
 
 thread_local! {
@@ -30,6 +33,16 @@ pub fn serially<R>(f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(SERIAL.with(|s| s.replace(true)));
     f()
+}
+
+/// This thread's share of a memory budget meant for the whole process: all of it, or, inside a
+/// shard of [`in_shards`] (which run side by side), one thread's part.
+pub fn share_of(budget: usize) -> usize {
+    if SERIAL.with(|s| s.get()) {
+        budget / threads_total()
+    } else {
+        budget
+    }
 }
 
 /// Runs `f(start, len)` over `batch` rows split into one contiguous shard per thread, each
