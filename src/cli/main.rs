@@ -159,8 +159,8 @@ fn pin_thread_count() {
 
 fn main() -> ExitCode {
     tune_allocator();
-    let cli = Cli::parse();
     pin_thread_count();
+    let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Dataset(args) => train::dataset(args),

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use super::f32_slice;
 use super::im2col::{fill_tap_row, scatter_channel, ConvGeometry};
-use super::parallel::{for_each_chunk, threads_for};
+use super::parallel::{for_each_chunk, serially, threads_for};
 
 /// `conv2d(upsample_nearest(x, up), weight, bias)` with `stride` and `padding`; `weight` is
 /// (out, in, k, k), `bias` (out). Column buffers stay within `budget` bytes in all (images
@@ -132,19 +132,12 @@ impl Conv2dOp {
     }
 
     /// One image's columns for output rows `band` into `cols` ((c*k*k) x band positions).
-    fn fill(&self, image: &[f32], d: Dims, plan: Plan, band: (usize, usize), cols: &mut [f32]) {
+    fn fill(&self, image: &[f32], d: Dims, band: (usize, usize), cols: &mut [f32]) {
         let n = (band.1 - band.0) * self.g.out_w();
         let fill = |tap: usize, row: &mut [f32]| {
             fill_tap_row(image, (d.sh, d.sw), self.g, band, self.up, tap, row)
         };
-        if plan.inner {
-            for_each_chunk(&mut cols[..d.taps * n], n, fill);
-        } else {
-            cols[..d.taps * n]
-                .chunks_mut(n)
-                .enumerate()
-                .for_each(|(tap, row)| fill(tap, row));
-        }
+        for_each_chunk(&mut cols[..d.taps * n], n, fill);
     }
 }
 
@@ -230,9 +223,10 @@ fn run_images<R: Send>(
         return vec![f(0, out)];
     }
     let per = images.div_ceil(workers);
+    // Each worker runs its images single-threaded (column gathering included).
     out.par_chunks_mut(per * image_len)
         .enumerate()
-        .map(|(i, run)| f(i * per, run))
+        .map(|(i, run)| serially(|| f(i * per, run)))
         .collect()
 }
 
@@ -274,7 +268,7 @@ impl CustomOp3 for Conv2dOp {
                 let image = &x[(first + j) * image_in..][..image_in];
                 for band in self.bands(plan) {
                     let (start, n) = (band.0 * ow, (band.1 - band.0) * ow);
-                    self.fill(image, d, plan, band, &mut cols);
+                    self.fill(image, d, band, &mut cols);
                     for (o, &bv) in bias.iter().enumerate() {
                         dst[o * d.l + start..][..n].fill(bv);
                     }
@@ -373,7 +367,7 @@ impl CustomOp3 for Conv2dBackward {
                 let g_image = &grad[i * image_out..][..image_out];
                 for band in op.bands(plan) {
                     let (start, n) = (band.0 * ow, (band.1 - band.0) * ow);
-                    op.fill(image, d, plan, band, &mut cols);
+                    op.fill(image, d, band, &mut cols);
                     let gb = g_image[start..].as_ptr();
                     // SAFETY: g_image is out_c rows of l values, read at [start, start + n) of
                     // each; cols and dcols hold taps x n values, dw out_c x taps, w out_c x taps.
@@ -405,14 +399,7 @@ impl CustomOp3 for Conv2dBackward {
                     let scatter = |ci: usize, dst: &mut [f32]| {
                         scatter_channel(dcols, d.sw, self.g, band, self.up, ci, dst)
                     };
-                    if plan.inner {
-                        for_each_chunk(dx_image, plane, scatter);
-                    } else {
-                        dx_image
-                            .chunks_mut(plane)
-                            .enumerate()
-                            .for_each(|(ci, dst)| scatter(ci, dst));
-                    }
+                    for_each_chunk(dx_image, plane, scatter);
                 }
             }
             (dw, db)

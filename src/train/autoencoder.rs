@@ -123,8 +123,8 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
     for step in start..o.steps {
         let batch = data.batch((step * o.batch) as u64, o.batch, &device)?;
         let mut rng = step_rng(o.seed, step as u64);
-        let latent = (o.batch, o.latent_channels, o.size / factor, o.size / factor);
-        let eps = rng.randn(&[latent.0, latent.1, latent.2, latent.3], &device)?;
+        let latent = [o.batch, o.latent_channels, o.size / factor, o.size / factor];
+        let eps = rng.randn(&latent, &device)?;
         // Means over the whole batch, as sums over its shards.
         let (pixels, latents) = (batch.images.elem_count() as f64, eps.elem_count() as f64);
         let shard = |start: usize, len: usize| -> Result<([f64; 3], GradStore)> {

@@ -144,8 +144,6 @@ impl UNet {
         self.forward_conditioned(sample, timesteps, context, &ExtraConditions::default())
     }
 
-    /// The full forward pass: one timestep per batch row, plus the extra conditions that
-    /// SDXL (`text_time`) and LCM (`timestep_cond`) U-Nets take.
     /// `forward_conditioned` with the batch split into shards, one per thread (see
     /// `kernels::parallel::in_shards`): classifier-free guidance's two halves run side by side.
     /// Each row's result is the same as in one pass.
@@ -190,6 +188,8 @@ impl UNet {
         Ok(Tensor::cat(&parts, 0)?)
     }
 
+    /// The full forward pass: one timestep per batch row, plus the extra conditions that
+    /// SDXL (`text_time`) and LCM (`timestep_cond`) U-Nets take.
     pub fn forward_conditioned(
         &self,
         sample: &Tensor,
