@@ -340,6 +340,16 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     Ok(x.gelu_erf()?)
 }
 
+/// GEGLU: the last axis's first half times the exact GELU of its second half. f32 CPU tensors
+/// take our fused kernel (with its own backward pass), others candle's ops.
+pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    if crate::kernels::supports(x) {
+        return Ok(crate::kernels::geglu::geglu(x)?);
+    }
+    let (hidden, gate) = halves(x)?;
+    Ok((hidden * gate.gelu_erf()?)?)
+}
+
 /// CLIP's `quick_gelu`: x * sigmoid(1.702 x).
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)

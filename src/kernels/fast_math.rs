@@ -58,6 +58,31 @@ fn gelu_generic(src: &[f32], dst: &mut [f32]) {
     }
 }
 
+/// GEGLU of one row: `src` is [hidden | gate] (2F values), `dst` gets hidden * gelu(gate).
+#[inline(always)]
+fn geglu_generic(src: &[f32], dst: &mut [f32]) {
+    let (hidden, gate) = src.split_at(dst.len());
+    for ((d, &h), &v) in dst.iter_mut().zip(hidden).zip(gate) {
+        *d = h * (0.5 * v * (1.0 + erf1(v * std::f32::consts::FRAC_1_SQRT_2)));
+    }
+}
+
+/// The gradient of one GEGLU row: from its input `x` ([hidden | gate]) and the output's
+/// gradient `g` (F values) into `dx` (2F values). gelu'(v) = Phi(v) + v phi(v).
+#[inline(always)]
+fn geglu_backward_generic(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let (hidden, gate) = x.split_at(g.len());
+    let (d_hidden, d_gate) = dx.split_at_mut(g.len());
+    for i in 0..g.len() {
+        let (v, h, gi) = (gate[i], hidden[i], g[i]);
+        let cdf = 0.5 * (1.0 + erf1(v * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = exp1(-0.5 * v * v) * INV_SQRT_2PI;
+        d_hidden[i] = gi * v * cdf;
+        d_gate[i] = gi * h * (cdf + v * pdf);
+    }
+}
+
 /// Defines `$name`, which runs `$generic` compiled for the best instruction set available.
 macro_rules! dispatch {
     ($name:ident, $generic:ident, ($($arg:ident: $ty:ty),*)) => {
@@ -91,6 +116,8 @@ macro_rules! dispatch {
 dispatch!(exp_in_place, exp_generic, (xs: &mut [f32]));
 dispatch!(silu_in_place, silu_generic, (xs: &mut [f32]));
 dispatch!(gelu_into, gelu_generic, (src: &[f32], dst: &mut [f32]));
+dispatch!(geglu_row, geglu_generic, (src: &[f32], dst: &mut [f32]));
+dispatch!(geglu_backward_row, geglu_backward_generic, (x: &[f32], g: &[f32], dx: &mut [f32]));
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@ pub mod activation;
 pub mod bias;
 pub mod conv2d;
 pub mod fast_math;
+pub mod geglu;
 pub mod group_norm;
 pub mod im2col;
 pub mod layer_norm;

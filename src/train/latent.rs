@@ -447,7 +447,7 @@ fn write_samples(o: &TrainOptions, step: usize, prompts: &[String]) -> Result<st
 
 /// Writes the EMA weights into the output folder's diffusers layout.
 fn export(o: &TrainOptions, opt: &AdamW) -> Result<()> {
-    let ema = opt.ema();
+    let ema = opt.ema()?;
     let part = |prefix: &str| -> std::collections::BTreeMap<String, Tensor> {
         ema.iter()
             .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone())))

@@ -42,12 +42,15 @@ impl Default for AdamWConfig {
     }
 }
 
+/// One parameter's optimizer state. The moments and the EMA are plain vectors, updated in one
+/// loop with the weight (which is updated inside its own storage): tensors would be copied out
+/// and back every step.
 struct Slot {
     name: String,
     var: Var,
-    m: Tensor,
-    v: Tensor,
-    ema: Tensor,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    ema: Vec<f32>,
     /// Updates this parameter has had: its moments' bias correction counts these, as
     /// PyTorch's per-parameter `step` does, so a parameter that first gets a gradient late
     /// (a frozen part unfrozen, a branch first used at step n) is not under-corrected.
@@ -67,15 +70,67 @@ pub struct StepStats {
     pub lr: f64,
 }
 
+impl Slot {
+    /// A state vector as a tensor of the parameter's shape (for checkpoints and samples).
+    fn tensor(&self, values: &[f32]) -> candle_core::Result<Tensor> {
+        Tensor::from_slice(values, self.var.shape(), self.var.device())
+    }
+}
+
+/// The AdamW update of one parameter, run inside the weight's storage. The state sits in a
+/// RefCell because candle hands in-place ops only `&self`.
+struct InPlaceUpdate<'a> {
+    state: std::cell::RefCell<(&'a mut Vec<f32>, &'a mut Vec<f32>, &'a mut Vec<f32>)>,
+    g: &'a [f32],
+    /// clip, beta1, beta2, bias corrections 1 and 2, eps, weight-decay shrink, lr, EMA decay.
+    coefficients: [f32; 9],
+}
+
+impl candle_core::InplaceOp1 for InPlaceUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let [clip, b1, b2, bias1, bias2, eps, shrink, lr, decay] = self.coefficients;
+        let (m, v, ema) = &mut *self.state.borrow_mut();
+        let w = match (storage, layout.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(data), Some((start, end))) => &mut data[start..end],
+            _ => candle_core::bail!("adamw: parameters must be contiguous f32 tensors"),
+        };
+        if w.len() != self.g.len() || m.len() != w.len() {
+            candle_core::bail!(
+                "adamw: gradient of {} values for {} weights",
+                self.g.len(),
+                w.len()
+            );
+        }
+        for i in 0..w.len() {
+            let gi = self.g[i] * clip;
+            m[i] = b1 * m[i] + (1.0 - b1) * gi;
+            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+            let update = (m[i] / bias1) / ((v[i] / bias2).sqrt() + eps);
+            w[i] = w[i] * shrink - update * lr;
+            ema[i] = ema[i] * decay + w[i] * (1.0 - decay);
+        }
+        Ok(())
+    }
+}
+
 impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
         let slots = vars
             .into_iter()
             .map(|(name, var)| {
+                let weights = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
                 Ok(Slot {
-                    m: var.zeros_like()?,
-                    v: var.zeros_like()?,
-                    ema: var.as_tensor().detach().copy()?,
+                    m: vec![0.0; weights.len()],
+                    v: vec![0.0; weights.len()],
+                    ema: weights,
                     updates: 0,
                     name,
                     var,
@@ -165,31 +220,21 @@ impl AdamW {
             let t = slot.updates as i32;
             let bias1 = (1.0 - c.beta1.powi(t)) as f32;
             let bias2 = (1.0 - c.beta2.powi(t)) as f32;
-            let (mut m, mut v) = (flat(&slot.m)?, flat(&slot.v)?);
-            let (mut w, mut ema) = (flat(slot.var.as_tensor())?, flat(&slot.ema)?);
-            for i in 0..g.len() {
-                let gi = g[i] * clip;
-                m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                let update = (m[i] / bias1) / ((v[i] / bias2).sqrt() + eps);
-                w[i] = w[i] * shrink - update * lr32;
-                ema[i] = ema[i] * decay + w[i] * (1.0 - decay);
-            }
-            let shape = slot.var.shape().clone();
-            let device = slot.var.device().clone();
-            slot.m = Tensor::from_vec(m, &shape, &device)?;
-            slot.v = Tensor::from_vec(v, &shape, &device)?;
-            slot.ema = Tensor::from_vec(ema, &shape, &device)?;
-            slot.var.set(&Tensor::from_vec(w, &shape, &device)?)?;
+            let update = InPlaceUpdate {
+                state: std::cell::RefCell::new((&mut slot.m, &mut slot.v, &mut slot.ema)),
+                g: &g,
+                coefficients: [clip, b1, b2, bias1, bias2, eps, shrink, lr32, decay],
+            };
+            slot.var.as_tensor().inplace_op1(&update)?;
         }
         Ok(StepStats { grad_norm, lr })
     }
 
     /// The EMA weights by name (what gets exported and sampled from).
-    pub fn ema(&self) -> BTreeMap<String, Tensor> {
+    pub fn ema(&self) -> Result<BTreeMap<String, Tensor>> {
         self.slots
             .iter()
-            .map(|s| (s.name.clone(), s.ema.clone()))
+            .map(|s| Ok((s.name.clone(), s.tensor(&s.ema)?)))
             .collect()
     }
 
@@ -198,9 +243,9 @@ impl AdamW {
     pub fn state(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for s in &self.slots {
-            out.insert(format!("m.{}", s.name), s.m.clone());
-            out.insert(format!("v.{}", s.name), s.v.clone());
-            out.insert(format!("ema.{}", s.name), s.ema.clone());
+            out.insert(format!("m.{}", s.name), s.tensor(&s.m)?);
+            out.insert(format!("v.{}", s.name), s.tensor(&s.v)?);
+            out.insert(format!("ema.{}", s.name), s.tensor(&s.ema)?);
             let t = Tensor::from_vec(vec![s.updates], 1, &candle_core::Device::Cpu)?;
             out.insert(format!("t.{}", s.name), t);
         }
@@ -212,7 +257,7 @@ impl AdamW {
     /// corrected with.
     pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>, step: usize) -> Result<()> {
         for s in &mut self.slots {
-            let get = |k: String| -> Result<Tensor> {
+            let get = |k: String| -> Result<Vec<f32>> {
                 let t = state.get(&k).ok_or_else(|| {
                     Error::InvalidRequest(format!("checkpoint lacks optimizer tensor `{k}`"))
                 })?;
@@ -223,7 +268,9 @@ impl AdamW {
                         s.var.dims()
                     )));
                 }
-                Ok(t.to_device(s.var.device())?.to_dtype(s.var.dtype())?)
+                Ok(t.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
             };
             s.m = get(format!("m.{}", s.name))?;
             s.v = get(format!("v.{}", s.name))?;
@@ -284,7 +331,7 @@ mod tests {
                 ema[i] = ema[i] * decay + w[i] * (1.0 - decay);
             }
             let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
-            let got_ema: Vec<f32> = opt.ema()["w"].to_vec1().unwrap();
+            let got_ema: Vec<f32> = opt.ema().unwrap()["w"].to_vec1().unwrap();
             for i in 0..3 {
                 assert!((got[i] as f64 - w[i]).abs() < 1e-5, "step {step} w[{i}]");
                 assert!(

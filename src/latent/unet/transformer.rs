@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::nn::{attention, gelu, halves, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::nn::{attention, geglu, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::weights::Vb;
 
 /// diffusers' `Attention` with `to_q`/`to_k`/`to_v` (no bias) and `to_out.0`.
@@ -63,8 +63,7 @@ impl FeedForward {
 
     /// GEGLU: the projection's first half gated by GELU of its second half.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (hidden, gate) = halves(&self.proj.forward(x)?)?;
-        self.out.forward(&(hidden * gelu(&gate)?)?)
+        self.out.forward(&geglu(&self.proj.forward(x)?)?)
     }
 }
 
