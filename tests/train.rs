@@ -187,6 +187,75 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
     assert_eq!((gen.images[0].width, gen.images[0].height), (64, 64));
 }
 
+/// `train-vae --finetune-decoder`: the source's encoder comes through bit for bit, its decoder
+/// starts from the source's weights (not random ones) and changes, the scaling factor is kept.
+#[test]
+fn decoder_fine_tuning_keeps_the_encoder_and_the_latent_scale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, ft) = (tmp.path().join("src"), tmp.path().join("ft"));
+    let mut args = vec!["train-vae", "--out", src.to_str().unwrap(), "--steps", "30"];
+    args.extend(VAE);
+    run(&args);
+    let source = src.join("vae");
+    run(&[
+        "train-vae",
+        "--out",
+        ft.to_str().unwrap(),
+        "--finetune-decoder",
+        source.to_str().unwrap(),
+        "--steps",
+        "6",
+        "--batch",
+        "4",
+        "--quiet",
+    ]);
+    let load = |dir: &Path| {
+        candle_core::safetensors::load(
+            dir.join("vae/diffusion_pytorch_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (before, after) = (load(&src), load(&ft));
+    assert_eq!(before.len(), after.len());
+    let mut decoder_changed = false;
+    for (name, a) in &before {
+        let b = &after[name];
+        let same = (a.to_dtype(candle_core::DType::F32).unwrap()
+            - b.to_dtype(candle_core::DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+            == 0.0;
+        if name.starts_with("decoder.") || name.starts_with("post_quant_conv.") {
+            decoder_changed |= !same;
+        } else {
+            assert!(same, "encoder tensor {name} changed");
+        }
+    }
+    assert!(decoder_changed, "no decoder tensor changed");
+    let scale = |dir: &Path| {
+        let text = std::fs::read_to_string(dir.join("vae/config.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["scaling_factor"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(scale(&src), scale(&ft));
+    // Starting from the trained decoder, the first loss is near the source's last ones, far
+    // below a random decoder's first.
+    let (trained, tuned) = (losses(&src), losses(&ft));
+    assert!(
+        tuned[0] < 0.5 * trained[0],
+        "fine-tuning did not start from the source's weights: {tuned:?} vs {trained:?}"
+    );
+}
+
 #[test]
 fn the_checker_scores_the_data_set_itself_at_100_percent() {
     let tally = text2img::train::evaluate::score_ground_truth(500).unwrap();

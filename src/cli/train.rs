@@ -83,6 +83,12 @@ pub struct TrainVaeArgs {
     pub resume: bool,
     #[arg(long)]
     pub quiet: bool,
+    /// Fine-tune the decoder of this diffusers `vae/` folder (config.json and
+    /// diffusion_pytorch_model.safetensors) with its encoder frozen: the latents keep their
+    /// meaning, so a U-Net trained on them works with the new decoder. The architecture
+    /// options and the scaling factor come from the folder.
+    #[arg(long)]
+    pub finetune_decoder: Option<PathBuf>,
 }
 
 pub fn train_vae_cmd(a: TrainVaeArgs) -> Result<()> {
@@ -102,6 +108,7 @@ pub fn train_vae_cmd(a: TrainVaeArgs) -> Result<()> {
         seed: a.seed,
         save_every: a.save_every.max(1),
         quiet: a.quiet,
+        finetune_decoder: a.finetune_decoder,
     };
     let report = train_vae(options, a.resume)?;
     println!(

@@ -37,6 +37,11 @@ pub struct TrainVaeOptions {
     pub seed: u64,
     pub save_every: usize,
     pub quiet: bool,
+    /// A diffusers `vae/` folder whose decoder this run fine-tunes: its encoder stays frozen,
+    /// so its latents (and a U-Net trained on them) keep their meaning, and its architecture
+    /// and scaling factor are kept. `None`: train a new autoencoder from scratch.
+    #[serde(default)]
+    pub finetune_decoder: Option<PathBuf>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -72,16 +77,33 @@ pub struct VaeReport {
     pub images_per_second: f64,
 }
 
-pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
-    let device = Device::Cpu;
-    let factor = 1 << o.channels.len().saturating_sub(1);
-    if o.channels.is_empty() || o.size == 0 || o.size % factor != 0 {
+/// Whether a parameter belongs to the decoder side (what `finetune_decoder` trains).
+fn is_decoder_parameter(name: &str) -> bool {
+    name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
+}
+
+/// The source folder's config and weights, for fine-tuning its decoder.
+fn read_source_vae(dir: &Path) -> Result<(serde_json::Value, VaeConfig, Vec<(String, Tensor)>)> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        Error::InvalidRequest(format!("{} is not valid JSON: {e}", config_path.display()))
+    })?;
+    let config = VaeConfig::from_file(&config_path)?;
+    let weights_path = dir.join("diffusion_pytorch_model.safetensors");
+    if !weights_path.is_file() {
         return Err(Error::InvalidRequest(format!(
-            "--size {} must be a positive multiple of the autoencoder's downsampling factor {factor} \
-             (one halving per --channels entry after the first)",
-            o.size
+            "--finetune-decoder: {} is missing",
+            weights_path.display()
         )));
     }
+    let weights = candle_core::safetensors::load(&weights_path, &Device::Cpu)
+        .map_err(|e| Error::InvalidRequest(format!("{}: {e}", weights_path.display())))?;
+    Ok((json, config, weights.into_iter().collect()))
+}
+
+pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
+    let device = Device::Cpu;
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
     let mut start = 0;
     let resumed = if resume {
@@ -94,13 +116,50 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
     } else {
         None
     };
+    // Fine-tuning takes the architecture from the source folder, not the options.
+    let source = match &o.finetune_decoder {
+        Some(dir) => {
+            let (json, config, weights) = read_source_vae(dir)?;
+            o.channels = config.block_out_channels.clone();
+            o.latent_channels = config.latent_channels;
+            o.layers_per_block = config.layers_per_block;
+            o.norm_groups = config.norm_num_groups;
+            Some((json, weights))
+        }
+        None => None,
+    };
+    let factor = 1 << o.channels.len().saturating_sub(1);
+    if o.channels.is_empty() || o.size == 0 || o.size % factor != 0 {
+        return Err(Error::InvalidRequest(format!(
+            "--size {} must be a positive multiple of the autoencoder's downsampling factor {factor} \
+             (one halving per --channels entry after the first)",
+            o.size
+        )));
+    }
     let config_path = o.out.join("vae").join("config.json");
-    write_json(&config_path, &vae_config_json(&o))?;
+    let config_json = match &source {
+        Some((json, _)) => json.clone(),
+        None => vae_config_json(&o),
+    };
+    write_json(&config_path, &config_json)?;
     let config = VaeConfig::from_file(&config_path)?;
     let params = ParamStore::new(o.seed, &device);
     let vae = AutoencoderKl::from_weights(config, &Vb::from(&params))?;
+    if let Some((_, weights)) = &source {
+        let values: std::collections::BTreeMap<String, Tensor> = weights
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(candle_core::DType::F32)?)))
+            .collect::<Result<_>>()?;
+        params.load_values(&values)?;
+    }
+    let decoder_only = source.is_some();
+    let trained: Vec<_> = params
+        .vars()
+        .into_iter()
+        .filter(|(name, _)| !decoder_only || is_decoder_parameter(name))
+        .collect();
     let mut opt = AdamW::new(
-        params.vars(),
+        trained,
         AdamWConfig {
             lr: o.lr,
             warmup_steps: 100,
@@ -130,13 +189,23 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
         let shard = |start: usize, len: usize| -> Result<([f64; 3], GradStore)> {
             let images = batch.images.narrow(0, start, len)?;
             let (mean, logvar) = vae.encode(&images)?;
+            // A frozen encoder: no gradient flows into it.
+            let (mean, logvar) = if decoder_only {
+                (mean.detach(), logvar.detach())
+            } else {
+                (mean, logvar)
+            };
             let z = (&mean + ((&logvar * 0.5)?.exp()? * eps.narrow(0, start, len)?)?)?;
             let recon = vae.decode(&z)?;
             let mse = ((recon - &images)?.sqr()?.sum_all()? / pixels)?;
             let kl = (((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?
                 .sum_all()?
                 .affine(0.5 / latents, 0.0)?;
-            let loss = (&mse + (&kl * o.kl_weight)?)?;
+            let loss = if decoder_only {
+                mse.clone()
+            } else {
+                (&mse + (&kl * o.kl_weight)?)?
+            };
             let grads = loss.backward()?;
             let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
             Ok(([scalar(&loss)?, scalar(&mse)?, scalar(&kl)?], grads))
@@ -155,9 +224,13 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
     // The autoencoder ships its final weights (an EMA matters little for this first
     // stage, and a short run's EMA still remembers its random start); evaluate them on
     // images the run never trained on.
-    let (psnr_db, scaling_factor) = evaluate(&vae, &o, &device)?;
-    let mut json = vae_config_json(&o);
-    json["scaling_factor"] = scaling_factor.into();
+    let (psnr_db, mut scaling_factor) = evaluate(&vae, &o, &device)?;
+    let mut json = config_json;
+    match json["scaling_factor"].as_f64() {
+        // The latents did not change: a U-Net trained on them expects the old factor.
+        Some(kept) if decoder_only => scaling_factor = kept,
+        _ => json["scaling_factor"] = scaling_factor.into(),
+    }
     write_json(&config_path, &json)?;
     let weights = params.tensors(candle_core::DType::F32)?;
     export_weights(

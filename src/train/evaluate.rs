@@ -121,6 +121,11 @@ pub struct Report {
     pub diversity: Vec<(String, usize, usize)>,
     /// The checker on the data set's own images (must be 100 %).
     pub ground_truth: Tally,
+    /// The checker on the data set's images after the model's autoencoder (encoded to the
+    /// latent mean, decoded): the ceiling for what the U-Net's latents can score. Pooled, then
+    /// per attribute.
+    pub autoencoded: Tally,
+    pub autoencoded_per_attribute: BTreeMap<Attribute, Tally>,
     pub images: usize,
 }
 
@@ -131,6 +136,37 @@ pub struct EvaluateOptions {
     pub steps: Option<usize>,
     pub guidance_scale: Option<f64>,
     pub ground_truth_images: usize,
+}
+
+/// Scores `count` of the data set's images after a round trip through the model's
+/// autoencoder (the latent distribution's mean, decoded), pooled and per attribute.
+pub fn score_autoencoded(
+    pipeline: &Pipeline,
+    count: usize,
+) -> Result<(Tally, BTreeMap<Attribute, Tally>)> {
+    const BATCH: usize = 25;
+    let (mut tally, mut per_attribute) = (Tally::default(), BTreeMap::<Attribute, Tally>::new());
+    let device = candle_core::Device::Cpu;
+    for start in (0..count).step_by(BATCH) {
+        let samples: Vec<Sample> = (start..count.min(start + BATCH))
+            .map(|i| Sample::at(0xda7a, i as u64))
+            .collect();
+        let pixels: Vec<Vec<u8>> = samples.iter().map(|s| s.image.clone()).collect();
+        let x = super::data::images_to_tensor(&pixels, 64, &device)?;
+        let (mean, _) = pipeline.vae.encode(&x)?;
+        let decoded = pipeline.vae.decode(&mean)?;
+        for (i, s) in samples.iter().enumerate() {
+            let image = crate::pipeline::to_rgb8(&decoded.get(i)?, 0)?;
+            let judgement = check(&s.caption, &image.rgb, image.width, image.height)?;
+            tally.add(&judgement);
+            for v in &judgement.verdicts {
+                let t = per_attribute.entry(v.attribute).or_default();
+                t.stated += 1;
+                t.right += usize::from(v.right);
+            }
+        }
+    }
+    Ok((tally, per_attribute))
 }
 
 /// Scores the data set's own images with the checker.
@@ -152,6 +188,8 @@ pub fn evaluate(
         ground_truth: score_ground_truth(options.ground_truth_images)?,
         ..Default::default()
     };
+    (report.autoencoded, report.autoencoded_per_attribute) =
+        score_autoencoded(pipeline, options.ground_truth_images)?;
     let prompts: Vec<(Group, String)> = prompt_set()
         .into_iter()
         .step_by(options.stride.max(1))
@@ -206,6 +244,16 @@ impl Report {
                 self.ground_truth.right,
                 self.ground_truth.stated
             ));
+        }
+        if self.autoencoded.stated > 0 {
+            out.push_str(&format!(
+                "checker on them after the model's autoencoder (the ceiling for generated images): {:.1} %\n ",
+                self.autoencoded.percent()
+            ));
+            for (attr, t) in &self.autoencoded_per_attribute {
+                out.push_str(&format!(" {} {:.1} %", attr.name(), t.percent()));
+            }
+            out.push('\n');
         }
         out.push_str(&format!("adherence over {} images:\n", self.images));
         for (group, t) in &self.per_group {
