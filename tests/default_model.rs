@@ -4,6 +4,9 @@
 
 use std::process::Command;
 
+/// The shipped autoencoder's ceiling measured on the test's 200 images: 93.3 %.
+const CEILING_FLOOR: f64 = 91.0;
+
 fn text2img(cache: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_text2img"));
     cmd.env("TEXT2IMG_CACHE", cache).env("HOME", cache);
@@ -86,13 +89,25 @@ fn evaluate_on_the_shipped_model() {
         report.contains("data set's own images: 100.0 %"),
         "{report}"
     );
+    // The shipped autoencoder's reconstructions: the ceiling for generated images.
+    let ceiling: f64 = report
+        .lines()
+        .find_map(|l| l.split("after the model's autoencoder").nth(1))
+        .and_then(|rest| rest.split(": ").nth(1))
+        .and_then(|v| v.trim_end_matches(" %").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no autoencoder line in\n{report}"));
+    assert!(
+        ceiling >= CEILING_FLOOR,
+        "autoencoder ceiling {ceiling} %\n{report}"
+    );
     let groups = adherence(&report);
     assert_eq!(groups.len(), 3, "{report}");
-    // Measured on this sample when the model was exported (U-Net step 5,000, 12 steps,
-    // guidance 3): seen 55.9 % (19/34), held-out 61.1 % (11/18), two-shape 10.0 % (2/20); the
-    // floors allow three, two and one attributes less (another CPU's float rounding can flip
-    // an attribute or two).
-    for (group, floor) in [("seen", 47.0), ("held-out", 50.0), ("two-shape", 5.0)] {
+    // Measured on this sample when the model was exported (U-Net step 7,500 with the
+    // fine-tuned decoder, 12 steps, guidance 3): seen 50.0 % (17/34), held-out 55.6 % (10/18),
+    // two-shape 25.0 % (5/20); the floors allow three, two and one attributes less (another
+    // CPU's float rounding can flip an attribute or two). This small sample is noisy: on the
+    // larger --stride 2 --seeds 4 sample the model beats the previous one in every group.
+    for (group, floor) in [("seen", 41.0), ("held-out", 44.0), ("two-shape", 20.0)] {
         let percent = groups
             .iter()
             .find(|(g, _)| g == group)

@@ -247,7 +247,7 @@ impl Report {
         }
         if self.autoencoded.stated > 0 {
             out.push_str(&format!(
-                "checker on them after the model's autoencoder (the ceiling for generated images): {:.1} %\n ",
+                "checker on them after the model's autoencoder (the ceiling for generated images): {:.1} %\n     ",
                 self.autoencoded.percent()
             ));
             for (attr, t) in &self.autoencoded_per_attribute {
