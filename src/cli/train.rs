@@ -161,6 +161,10 @@ pub struct TrainArgs {
     /// v_prediction); may be switched on when resuming a run to fine-tune it.
     #[arg(long)]
     pub zero_terminal_snr: bool,
+    /// Min-SNR-gamma loss weighting (5 is the usual gamma): the nearly clean timesteps stop
+    /// dominating the gradient. May be set when resuming.
+    #[arg(long)]
+    pub snr_gamma: Option<f64>,
     #[arg(long, default_value = "64,128,128")]
     pub unet_channels: String,
     #[arg(long, default_value_t = 1)]
@@ -222,6 +226,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         caption_dropout: a.caption_dropout,
         v_prediction,
         zero_terminal_snr: a.zero_terminal_snr,
+        snr_gamma: a.snr_gamma,
         unet_channels: parse_list(&a.unet_channels)?,
         unet_layers: a.unet_layers,
         unet_heads: a.unet_heads,

@@ -55,6 +55,12 @@ pub struct TrainOptions {
     /// Needs v-prediction (at SNR 0 the noise says nothing about the image).
     #[serde(default)]
     pub zero_terminal_snr: bool,
+    /// Min-SNR-gamma loss weighting (Hang et al., "Efficient Diffusion Training via Min-SNR
+    /// Weighting Strategy"): each sample's loss weighted by min(SNR, gamma) over its target's
+    /// own SNR weighting, so the nearly clean timesteps, easy and many, stop dominating the
+    /// gradient. `None`: plain MSE. Can be set or changed at `--resume`.
+    #[serde(default)]
+    pub snr_gamma: Option<f64>,
     pub unet_channels: Vec<usize>,
     pub unet_layers: usize,
     pub unet_heads: usize,
@@ -72,6 +78,22 @@ pub struct TrainOptions {
 struct RunState {
     step: usize,
     options: TrainOptions,
+}
+
+/// The Min-SNR-gamma weight of a sample at cumulative alpha `acp`, as diffusers' training
+/// scripts compute it: min(SNR, gamma) / SNR for an epsilon target, min(SNR, gamma) / (SNR + 1)
+/// for a v target (whose loss already weights the image error by SNR + 1). At SNR 0 (the
+/// zero-terminal schedule's last step) an epsilon weight is 1 and a v weight 0.
+pub fn min_snr_weight(acp: f64, gamma: f64, v_prediction: bool) -> f64 {
+    let snr = acp / (1.0 - acp).max(f64::MIN_POSITIVE);
+    let clipped = snr.min(gamma);
+    if v_prediction {
+        clipped / (snr + 1.0)
+    } else if snr == 0.0 {
+        1.0
+    } else {
+        clipped / snr
+    }
 }
 
 /// Stable Diffusion's training noise schedule: scaled-linear betas from 0.00085 to 0.012;
@@ -235,8 +257,9 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         let ck: Checkpoint<RunState> = checkpoint::load(&o.out)?;
         start = ck.state.step;
         let (steps, quiet, sample_every) = (o.steps, o.quiet, o.sample_every);
-        let zero_terminal_snr = o.zero_terminal_snr;
+        let (zero_terminal_snr, snr_gamma) = (o.zero_terminal_snr, o.snr_gamma);
         o = ck.state.options.clone();
+        o.snr_gamma = snr_gamma.or(o.snr_gamma);
         // A run may switch to the zero-SNR schedule when resumed (fine-tuning), not back.
         o.zero_terminal_snr |= zero_terminal_snr;
         o.steps = steps.max(start);
@@ -246,6 +269,11 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
     } else {
         None
     };
+    if o.snr_gamma.is_some_and(|g| !(g > 0.0 && g.is_finite())) {
+        return Err(Error::InvalidRequest(
+            "--snr-gamma must be a positive number (5 is the usual choice)".into(),
+        ));
+    }
     if o.zero_terminal_snr && !o.v_prediction {
         return Err(Error::InvalidRequest(
             "the zero-terminal-SNR schedule needs v-prediction: at its last timestep the input \
@@ -356,6 +384,10 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
             noise
         };
         let t_f: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
+        let weights = match o.snr_gamma {
+            Some(gamma) => Some(coef(&|a| min_snr_weight(a, gamma, o.v_prediction))?),
+            None => None,
+        };
         // The mean squared error over the whole batch, as a sum over its shards.
         let scale = 1.0 / target.elem_count() as f64;
         let shard = |start: usize, len: usize| -> Result<(f64, candle_core::backprop::GradStore)> {
@@ -363,7 +395,11 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
             let noisy = noisy.narrow(0, start, len)?;
             let pred = unet.forward_timesteps(&noisy, &t_f[start..start + len], &context)?;
             let target = target.narrow(0, start, len)?;
-            let loss = ((pred - target)?.sqr()?.sum_all()? * scale)?;
+            let mut squared = (pred - target)?.sqr()?;
+            if let Some(w) = &weights {
+                squared = squared.broadcast_mul(&w.narrow(0, start, len)?)?;
+            }
+            let loss = (squared.sum_all()? * scale)?;
             let grads = loss.backward()?;
             Ok((loss.to_scalar::<f32>()? as f64, grads))
         };
@@ -470,7 +506,32 @@ fn export(o: &TrainOptions, opt: &AdamW) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::alphas_cumprod;
+    use super::{alphas_cumprod, min_snr_weight};
+
+    /// Min-SNR-5 weights on SD's schedule and the zero-terminal one: noisy timesteps (SNR
+    /// below gamma) keep an epsilon weight of 1, clean ones are scaled down to gamma / SNR;
+    /// v targets carry the extra 1 / (SNR + 1); SNR 0 gives 1 (epsilon) and 0 (v).
+    #[test]
+    fn min_snr_weights() {
+        let sd = alphas_cumprod(1000, false);
+        let snr = |a: f64| a / (1.0 - a);
+        // t = 0: SNR ~ 1175 (alpha-bar 0.99915).
+        let s0 = snr(sd[0]);
+        assert!((s0 - 1175.5).abs() < 1.0, "{s0}");
+        assert!((min_snr_weight(sd[0], 5.0, false) - 5.0 / s0).abs() < 1e-12);
+        assert!((min_snr_weight(sd[0], 5.0, true) - 5.0 / (s0 + 1.0)).abs() < 1e-12);
+        // t = 999: SNR 0.0047, below gamma.
+        let s999 = snr(sd[999]);
+        assert_eq!(min_snr_weight(sd[999], 5.0, false), 1.0);
+        assert!((min_snr_weight(sd[999], 5.0, true) - s999 / (s999 + 1.0)).abs() < 1e-12);
+        let zero = alphas_cumprod(1000, true);
+        assert_eq!(min_snr_weight(zero[999], 5.0, false), 1.0);
+        assert_eq!(min_snr_weight(zero[999], 5.0, true), 0.0);
+        // The weights never grow past 1 and fall monotonically with the SNR (epsilon).
+        let w: Vec<f64> = sd.iter().map(|&a| min_snr_weight(a, 5.0, false)).collect();
+        assert!(w.iter().all(|&x| x > 0.0 && x <= 1.0));
+        assert!(w.windows(2).all(|p| p[0] <= p[1] + 1e-15));
+    }
 
     /// diffusers' `DDPMScheduler(beta_start=0.00085, beta_end=0.012,
     /// beta_schedule="scaled_linear", rescale_betas_zero_snr=...).alphas_cumprod` (float32).
