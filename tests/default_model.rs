@@ -4,8 +4,8 @@
 
 use std::process::Command;
 
-/// The shipped autoencoder's ceiling measured on the test's 200 images: 93.3 %.
-const CEILING_FLOOR: f64 = 91.0;
+/// The shipped autoencoder's ceiling measured on the test's 200 images: 94.6 %.
+const CEILING_FLOOR: f64 = 92.0;
 
 fn text2img(cache: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_text2img"));
@@ -102,11 +102,11 @@ fn evaluate_on_the_shipped_model() {
     );
     let groups = adherence(&report);
     assert_eq!(groups.len(), 3, "{report}");
-    // Measured on this sample when the model was exported (U-Net step 8,700 with the
-    // fine-tuned decoder, 12 steps, guidance 3): seen 64.7 % (22/34), held-out 61.1 % (11/18),
-    // two-shape 30.0 % (6/20); the floors allow three, two and one attributes less (another
+    // Measured on this sample when the model was exported (U-Net step 8,700 with the decoder
+    // fine-tuned 3,400 steps, 12 steps, guidance 3): seen 64.7 % (22/34), held-out 61.1 %
+    // (11/18), two-shape 35.0 % (7/20); the floors allow three, two and one attributes less (another
     // CPU's float rounding can flip an attribute or two).
-    for (group, floor) in [("seen", 55.0), ("held-out", 50.0), ("two-shape", 25.0)] {
+    for (group, floor) in [("seen", 55.0), ("held-out", 50.0), ("two-shape", 30.0)] {
         let percent = groups
             .iter()
             .find(|(g, _)| g == group)
