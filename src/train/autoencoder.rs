@@ -85,10 +85,7 @@ fn is_decoder_parameter(name: &str) -> bool {
 /// The source folder's config and weights, for fine-tuning its decoder.
 fn read_source_vae(dir: &Path) -> Result<(serde_json::Value, VaeConfig, Vec<(String, Tensor)>)> {
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        Error::InvalidRequest(format!("{} is not valid JSON: {e}", config_path.display()))
-    })?;
+    let json: serde_json::Value = crate::error::read_json(&config_path)?;
     let config = VaeConfig::from_file(&config_path)?;
     let weights_path = dir.join("diffusion_pytorch_model.safetensors");
     if !weights_path.is_file() {

@@ -107,6 +107,13 @@ impl Tally {
             100.0 * self.right as f64 / self.stated as f64
         }
     }
+
+    /// One stated attribute, judged `right` or not.
+    fn count(&mut self, right: bool) {
+        self.stated += 1;
+        self.right += usize::from(right);
+    }
+
     fn add(&mut self, j: &Judgement) {
         self.right += j.right();
         self.stated += j.stated();
@@ -138,6 +145,9 @@ pub struct EvaluateOptions {
     pub ground_truth_images: usize,
 }
 
+/// The data set's seed for the images the checker scores as they are and autoencoded.
+const GROUND_TRUTH_SEED: u64 = 0xda7a;
+
 /// Scores `count` of the data set's images after a round trip through the model's
 /// autoencoder (the latent distribution's mean, decoded), pooled and per attribute.
 pub fn score_autoencoded(
@@ -149,7 +159,7 @@ pub fn score_autoencoded(
     let device = candle_core::Device::Cpu;
     for start in (0..count).step_by(BATCH) {
         let samples: Vec<Sample> = (start..count.min(start + BATCH))
-            .map(|i| Sample::at(0xda7a, i as u64))
+            .map(|i| Sample::at(GROUND_TRUTH_SEED, i as u64))
             .collect();
         let pixels: Vec<Vec<u8>> = samples.iter().map(|s| s.image.clone()).collect();
         let x = super::data::images_to_tensor(&pixels, 64, &device)?;
@@ -160,9 +170,7 @@ pub fn score_autoencoded(
             let judgement = check(&s.caption, &image.rgb, image.width, image.height)?;
             tally.add(&judgement);
             for v in &judgement.verdicts {
-                let t = per_attribute.entry(v.attribute).or_default();
-                t.stated += 1;
-                t.right += usize::from(v.right);
+                per_attribute.entry(v.attribute).or_default().count(v.right);
             }
         }
     }
@@ -173,7 +181,7 @@ pub fn score_autoencoded(
 pub fn score_ground_truth(count: usize) -> Result<Tally> {
     let mut tally = Tally::default();
     for i in 0..count as u64 {
-        let s = Sample::at(0xda7a, i);
+        let s = Sample::at(GROUND_TRUTH_SEED, i);
         tally.add(&check(&s.caption, &s.image, 64, 64)?);
     }
     Ok(tally)
@@ -210,12 +218,11 @@ pub fn evaluate(
             let judgement = check(prompt, &image.rgb, image.width, image.height)?;
             report.per_group.entry(*group).or_default().add(&judgement);
             for v in &judgement.verdicts {
-                let t = report
+                report
                     .per_attribute
                     .entry((*group, v.attribute))
-                    .or_default();
-                t.stated += 1;
-                t.right += usize::from(v.right);
+                    .or_default()
+                    .count(v.right);
             }
             backgrounds.insert(judgement.analysis.background);
             if let Some(c) = judgement.analysis.components.first() {
