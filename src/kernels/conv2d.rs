@@ -262,6 +262,12 @@ impl CustomOp3 for Conv2dOp {
             return Ok((CpuStorage::F32(Vec::new()), shape));
         }
         let mut y = vec![0f32; d.b * image_out];
+        if super::winograd::applies(self.g, d.b, d.c, d.out_c) {
+            let budget = super::parallel::share_of(self.budget);
+            let dims = (d.b, d.c, d.sh, d.sw);
+            super::winograd::forward(x, w, bias, dims, d.out_c, self.g, self.up, budget, &mut y);
+            return Ok((CpuStorage::F32(y), shape));
+        }
         run_images(&mut y, image_out, plan.workers, |first, run| {
             let mut cols = vec![0f32; d.taps * plan.band_rows * ow];
             for (j, dst) in run.chunks_mut(image_out).enumerate() {

@@ -83,36 +83,6 @@ fn geglu_backward_generic(x: &[f32], g: &[f32], dx: &mut [f32]) {
     }
 }
 
-/// Defines `$name`, which runs `$generic` compiled for the best instruction set available.
-macro_rules! dispatch {
-    ($name:ident, $generic:ident, ($($arg:ident: $ty:ty),*)) => {
-        pub fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) {
-                    $generic($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    $generic($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has the features the function was compiled for.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: as above.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $generic($($arg),*)
-        }
-    };
-}
-
 dispatch!(exp_in_place, exp_generic, (xs: &mut [f32]));
 dispatch!(silu_in_place, silu_generic, (xs: &mut [f32]));
 dispatch!(gelu_into, gelu_generic, (src: &[f32], dst: &mut [f32]));

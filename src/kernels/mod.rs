@@ -2,6 +2,38 @@
 
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 
+/// Defines `$name`, which runs `$generic` compiled for the best instruction set available
+/// (AVX-512, AVX2+FMA, baseline), chosen at run time: `$generic` is written as plain loops
+/// that the compiler vectorises for each.
+macro_rules! dispatch {
+    ($name:ident, $generic:ident, ($($arg:ident: $ty:ty),*)) => {
+        pub fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features the function was compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+
 pub mod activation;
 pub mod bias;
 pub mod conv2d;
@@ -12,6 +44,7 @@ pub mod im2col;
 pub mod layer_norm;
 pub mod parallel;
 pub mod softmax;
+pub mod winograd;
 
 /// Whether these kernels apply to `x`: they take f32 tensors on the CPU (other dtypes and
 /// devices take candle's own ops).

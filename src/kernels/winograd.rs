@@ -1,0 +1,568 @@
+//! 3x3, stride-1 convolution by Winograd's minimal filtering F(4x4, 3x3) (Lavin and Gray,
+//! "Fast Algorithms for Convolutional Neural Networks", 2016): every 4x4 block of outputs of
+//! every (input, output) channel pair costs 36 multiplications instead of 144. The work
+//! becomes 36 independent matrix products, one per position of the 6x6 transformed tile:
+//!
+//!   M[e] (out_c x tiles) = U[e] (out_c x c) . V[e] (c x tiles)
+//!
+//! where U = G g G^T are the transformed 3x3 filters, V = B^T d B the transformed 6x6 input
+//! tiles (overlapping by 2), and the outputs are Y = A^T M A. The interpolation points are
+//! 0, +-1, +-2 (and infinity); in f32 the results stay within a few 1e-6 of the direct sum
+//! relative to the inputs' scale, the same order as a different summation order.
+//!
+//! Only the forward pass: the backward pass of `conv2d` stays the im2col one. Tile rows are
+//! processed in bands so that the transformed tiles stay within the caller's memory budget,
+//! and the filters are transformed per call, in blocks of output channels, instead of being
+//! kept: a transformed filter bank is 4x the size of the weights.
+
+use gemm::Parallelism;
+
+use super::im2col::ConvGeometry;
+use super::parallel::{for_each_chunk, threads_for};
+
+/// Outputs per tile side, and input (transformed) tile side.
+const M: usize = 4;
+const T: usize = 6;
+const TT: usize = T * T;
+
+/// Largest transformed filter block kept at once, in bytes.
+const FILTER_BLOCK_BYTES: usize = 32 << 20;
+
+/// Fewest tiles (over the batch) for which the Winograd path pays: each call transforms the
+/// whole filter bank (4x the weights' bytes), and the 36 products are only efficient when
+/// their shared dimension, the tile count, is not tiny. Measured on SD 1.5's convolutions
+/// (batch 2, 2 threads): 2x faster than im2col with 128 tiles and more (32x32, 64x64 maps),
+/// 1.1x with 32 (16x16), 0.45x with 8 (8x8).
+const MIN_TILES: usize = 64;
+
+/// Whether the Winograd path takes this convolution: 3x3, stride 1, enough channels for the
+/// transforms to be a small part of the work and enough tiles for the products.
+pub fn applies(g: ConvGeometry, batch: usize, in_c: usize, out_c: usize) -> bool {
+    let tiles = batch * g.out_h().div_ceil(M) * g.out_w().div_ceil(M);
+    g.kernel == 3
+        && tiles >= MIN_TILES
+        && g.stride == 1
+        && g.padding <= 2
+        && in_c >= 16
+        && out_c >= 16
+        && g.out_h() >= 2
+        && g.out_w() >= 2
+        && enabled()
+}
+
+/// `TEXT2IMG_CONV=im2col` turns the Winograd path off (for comparisons and benchmarks).
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TEXT2IMG_CONV").map_or(true, |v| v != "im2col"))
+}
+
+/// The filter transform along one axis: G (6x3) applied to three taps.
+#[inline(always)]
+fn filter_1d(g: [f32; 3]) -> [f32; T] {
+    let [g0, g1, g2] = g;
+    let a = (g0 + g2) * (-1.0 / 6.0);
+    let b = g1 * (-1.0 / 6.0);
+    let c = g0 * (1.0 / 24.0) + g2 * (1.0 / 6.0);
+    let d = g1 * (1.0 / 12.0);
+    [g0 * 0.25, a + b, a - b, c + d, c - d, g2]
+}
+
+/// The input transform along one axis: B^T (6x6) applied to six values.
+#[inline(always)]
+fn input_1d(d: [f32; T]) -> [f32; T] {
+    let [d0, d1, d2, d3, d4, d5] = d;
+    let p = d4 - 4.0 * d2;
+    let q = d3 - 4.0 * d1;
+    let r = d4 - d2;
+    let s = 2.0 * (d3 - d1);
+    [
+        4.0 * d0 - 5.0 * d2 + d4,
+        p + q,
+        p - q,
+        r + s,
+        r - s,
+        4.0 * d1 - 5.0 * d3 + d5,
+    ]
+}
+
+/// The output transform along one axis: A^T (4x6) applied to six values.
+#[inline(always)]
+fn output_1d(m: [f32; T]) -> [f32; M] {
+    let [m0, m1, m2, m3, m4, m5] = m;
+    let (sum12, dif12) = (m1 + m2, m1 - m2);
+    let (sum34, dif34) = (m3 + m4, m3 - m4);
+    [
+        m0 + sum12 + sum34,
+        dif12 + 2.0 * dif34,
+        sum12 + 4.0 * sum34,
+        dif12 + 8.0 * dif34 + m5,
+    ]
+}
+
+/// V = B^T d B for the tiles of one tile row of one channel, all at once so that every step
+/// is a loop over contiguous values: `lines` holds the tile row's six input lines, padded
+/// (`wp` = 4 * tiles_w + 2 values each); the 36 transformed values of tile `tx` go to
+/// `dst[e * tiles + tx]`. `scratch` holds 6 wp + 4 (tiles_w + 1) values.
+#[inline(always)]
+fn input_tile_row_generic(lines: &[f32], wp: usize, scratch: &mut [f32], dst: &mut [f32], tiles: usize) {
+    let tiles_w = (wp - 2) / M;
+    let (along_y, gathered) = scratch.split_at_mut(T * wp);
+    // Along y: six lines into six transformed lines.
+    for x in 0..wp {
+        let v = input_1d(std::array::from_fn(|r| lines[r * wp + x]));
+        for (a, &val) in v.iter().enumerate() {
+            along_y[a * wp + x] = val;
+        }
+    }
+    // Along x: tile tx reads columns 4 tx .. 4 tx + 5 of each transformed line. The line is
+    // split into its four phases (x mod 4), so that column 4 tx + c is phase c mod 4 at tx
+    // (c < 4) or tx + 1 (c = 4, 5): every read below is then contiguous.
+    let n = tiles_w + 1;
+    for a in 0..T {
+        let line = &along_y[a * wp..][..wp];
+        for tx in 0..tiles_w {
+            for c in 0..M {
+                gathered[c * n + tx] = line[tx * M + c];
+            }
+        }
+        gathered[tiles_w] = line[tiles_w * M];
+        gathered[n + tiles_w] = line[tiles_w * M + 1];
+        let (p0, rest) = gathered.split_at(n);
+        let (p1, rest) = rest.split_at(n);
+        let (p2, p3) = rest.split_at(n);
+        for tx in 0..tiles_w {
+            let v = input_1d([p0[tx], p1[tx], p2[tx], p3[tx], p0[tx + 1], p1[tx + 1]]);
+            for (b, &val) in v.iter().enumerate() {
+                dst[(a * T + b) * tiles + tx] = val;
+            }
+        }
+    }
+}
+
+/// Y = A^T M A plus `bias` for the tiles of one tile row of one output channel: `m[e * tiles
+/// + tx]` holds tile tx's 36 products; the first `rows` of its 4 output rows are written to
+/// `out` (lines of `ow` values). `scratch` holds 40 * tiles_w values.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn output_tile_row_generic(
+    m: &[f32],
+    tiles: usize,
+    tiles_w: usize,
+    bias: f32,
+    scratch: &mut [f32],
+    out: &mut [f32],
+    ow: usize,
+    rows: usize,
+) {
+    let (along_x, along_y) = scratch.split_at_mut(T * M * tiles_w);
+    for a in 0..T {
+        for tx in 0..tiles_w {
+            let v = output_1d(std::array::from_fn(|b| m[(a * T + b) * tiles + tx]));
+            for (q, &val) in v.iter().enumerate() {
+                along_x[(a * M + q) * tiles_w + tx] = val;
+            }
+        }
+    }
+    for q in 0..M {
+        for tx in 0..tiles_w {
+            let v = output_1d(std::array::from_fn(|a| along_x[(a * M + q) * tiles_w + tx]));
+            for (p, &val) in v.iter().enumerate() {
+                along_y[(p * M + q) * tiles_w + tx] = val + bias;
+            }
+        }
+    }
+    // Interleave the four columns of each tile back into output lines; the last tile may
+    // be cut by the right edge.
+    let full = ow / M;
+    for p in 0..rows {
+        let line = &mut out[p * ow..][..ow];
+        let cols = &along_y[p * M * tiles_w..][..M * tiles_w];
+        let (c0, rest) = cols.split_at(tiles_w);
+        let (c1, rest) = rest.split_at(tiles_w);
+        let (c2, c3) = rest.split_at(tiles_w);
+        for (tx, quad) in line[..full * M].chunks_exact_mut(M).enumerate() {
+            quad.copy_from_slice(&[c0[tx], c1[tx], c2[tx], c3[tx]]);
+        }
+        for x in full * M..ow {
+            line[x] = cols[(x % M) * tiles_w + x / M];
+        }
+    }
+}
+
+dispatch!(input_tile_row, input_tile_row_generic, (lines: &[f32], wp: usize, scratch: &mut [f32], dst: &mut [f32], tiles: usize));
+dispatch!(output_tile_row, output_tile_row_generic, (m: &[f32], tiles: usize, tiles_w: usize, bias: f32, scratch: &mut [f32], out: &mut [f32], ow: usize, rows: usize));
+
+/// Sizes of one call.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    c: usize,
+    out_c: usize,
+    /// The input before upsampling.
+    sh: usize,
+    sw: usize,
+    g: ConvGeometry,
+    tiles_h: usize,
+    tiles_w: usize,
+}
+
+impl Dims {
+    /// For each tile position along one axis (`tiles` of them), the six source indices of its
+    /// input tile in the stored (not upsampled) image, or usize::MAX for padding.
+    fn sources(tiles: usize, virtual_len: usize, up: usize, padding: usize) -> Vec<[usize; T]> {
+        (0..tiles)
+            .map(|t| {
+                let mut s = [usize::MAX; T];
+                for (i, v) in s.iter_mut().enumerate() {
+                    let pos = (t * M + i) as isize - padding as isize;
+                    if pos >= 0 && (pos as usize) < virtual_len {
+                        *v = pos as usize / up;
+                    }
+                }
+                s
+            })
+            .collect()
+    }
+}
+
+/// A raw pointer that may cross threads: each thread writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+/// The convolution of `x` ((b, c, sh, sw), read as upsampled `up` times) with `w`
+/// ((out_c, c, 3, 3)) plus `bias`, into `y` ((b, out_c, out_h, out_w)). Scratch buffers stay
+/// within about `budget` bytes beside the filter block.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    (b, c, sh, sw): (usize, usize, usize, usize),
+    out_c: usize,
+    g: ConvGeometry,
+    up: usize,
+    budget: usize,
+    y: &mut [f32],
+) {
+    run(x, w, bias, (b, c, sh, sw), out_c, g, up, (budget, FILTER_BLOCK_BYTES), y)
+}
+
+/// [`forward`] with the filter block limit as an argument (tests force small blocks).
+#[allow(clippy::too_many_arguments)]
+fn run(
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    (b, c, sh, sw): (usize, usize, usize, usize),
+    out_c: usize,
+    g: ConvGeometry,
+    up: usize,
+    (budget, filter_block_bytes): (usize, usize),
+    y: &mut [f32],
+) {
+    let (oh, ow) = (g.out_h(), g.out_w());
+    let d = Dims {
+        b,
+        c,
+        out_c,
+        sh,
+        sw,
+        g,
+        tiles_h: oh.div_ceil(M),
+        tiles_w: ow.div_ceil(M),
+    };
+    let rows_src = Dims::sources(d.tiles_h, g.h, up, g.padding);
+    // The padded input line of a tile row: 4 tiles_w + 2 positions from x = -padding.
+    let cols_src: Vec<usize> = (0..d.tiles_w * M + 2)
+        .map(|i| {
+            let pos = i as isize - g.padding as isize;
+            if pos >= 0 && (pos as usize) < g.w {
+                pos as usize / up
+            } else {
+                usize::MAX
+            }
+        })
+        .collect();
+    // Filter blocks: all output channels at once when the transformed bank is small enough.
+    let block = (filter_block_bytes / (TT * c * 4)).clamp(1, out_c);
+    let blocks = out_c.div_ceil(block);
+    // Tile rows per band: the transformed inputs and products of a band within the budget.
+    let per_tile_row = TT * (c + block) * 4 * b * d.tiles_w;
+    let band_rows = (budget / per_tile_row.max(1)).clamp(1, d.tiles_h);
+    let mut filters = vec![0f32; TT * block.min(out_c) * c];
+    let mut filters_block = usize::MAX;
+    let max_tiles = b * band_rows * d.tiles_w;
+    let mut v = vec![0f32; TT * c * max_tiles];
+    let mut m = vec![0f32; TT * block * max_tiles];
+    for r0 in (0..d.tiles_h).step_by(band_rows) {
+        let r1 = (r0 + band_rows).min(d.tiles_h);
+        let tiles = b * (r1 - r0) * d.tiles_w;
+        transform_inputs(x, d, (r0, r1), &rows_src, &cols_src, &mut v[..TT * c * tiles]);
+        for blk in 0..blocks {
+            let o0 = blk * block;
+            let n_o = block.min(out_c - o0);
+            if filters_block != blk {
+                transform_filters(&w[o0 * c * 9..][..n_o * c * 9], c, &mut filters[..TT * n_o * c]);
+                filters_block = blk;
+            }
+            products(&filters[..TT * n_o * c], &v[..TT * c * tiles], (n_o, c, tiles), &mut m);
+            write_outputs(&m[..TT * n_o * tiles], d, (r0, r1), o0, n_o, bias, y);
+        }
+    }
+}
+
+/// U in the layout [o][e][i]: U[e] is the (n_o x c) matrix with row stride 36c.
+fn transform_filters(w: &[f32], c: usize, u: &mut [f32]) {
+    for_each_chunk(u, TT * c, |o, dst| filter_row(&w[o * c * 9..][..c * 9], c, dst));
+}
+
+/// U = G g G^T for the `c` filters of one output channel (`w`: c x 3 x 3), into `dst[e * c +
+/// i]`: a loop over the filters, so that each step is vectorised across them.
+#[inline(always)]
+fn filter_row_generic(w: &[f32], c: usize, dst: &mut [f32]) {
+    for i in 0..c {
+        let g: [f32; 9] = std::array::from_fn(|k| w[i * 9 + k]);
+        let cols: [[f32; T]; 3] = std::array::from_fn(|x| filter_1d([g[x], g[3 + x], g[6 + x]]));
+        for a in 0..T {
+            let row = filter_1d([cols[0][a], cols[1][a], cols[2][a]]);
+            for (b, &val) in row.iter().enumerate() {
+                dst[(a * T + b) * c + i] = val;
+            }
+        }
+    }
+}
+
+dispatch!(filter_row, filter_row_generic, (w: &[f32], c: usize, dst: &mut [f32]));
+
+/// V for the tile rows `band` of every image, in the layout [i][e][t] (t runs over images,
+/// then tile rows, then tile columns).
+fn transform_inputs(
+    x: &[f32],
+    d: Dims,
+    (r0, r1): (usize, usize),
+    rows_src: &[[usize; T]],
+    cols_src: &[usize],
+    v: &mut [f32],
+) {
+    let tiles = d.b * (r1 - r0) * d.tiles_w;
+    let plane = d.sh * d.sw;
+    let wp = cols_src.len();
+    for_each_chunk(v, TT * tiles, |i, dst| {
+        let mut lines = vec![0f32; T * wp];
+        let mut scratch = vec![0f32; T * wp + M * (d.tiles_w + 1)];
+        let mut t = 0;
+        for img in 0..d.b {
+            let src = &x[(img * d.c + i) * plane..][..plane];
+            for rows in &rows_src[r0..r1] {
+                for (line, &sy) in lines.chunks_mut(wp).zip(rows) {
+                    if sy == usize::MAX {
+                        line.fill(0.0);
+                        continue;
+                    }
+                    let src_line = &src[sy * d.sw..][..d.sw];
+                    for (val, &sx) in line.iter_mut().zip(cols_src) {
+                        *val = if sx == usize::MAX { 0.0 } else { src_line[sx] };
+                    }
+                }
+                input_tile_row(&lines, wp, &mut scratch, &mut dst[t..], tiles);
+                t += d.tiles_w;
+            }
+        }
+    });
+}
+
+/// M[e] = U[e] . V[e] for the 36 positions, in the layout [o][e][t], spread over the threads
+/// by position (each product single-threaded).
+fn products(u: &[f32], v: &[f32], (n_o, c, tiles): (usize, usize, usize), m: &mut [f32]) {
+    let threads = threads_for(TT);
+    let m_ptr = Shared(m.as_mut_ptr());
+    let one = |e: usize| {
+        let m_ptr = m_ptr;
+        // SAFETY: for position e the product writes m[o * 36 * tiles + e * tiles + t] for
+        // o < n_o, t < tiles, inside m (36 * n_o * tiles long) and disjoint from every other
+        // position's elements; u and v are read within their lengths by the same reasoning.
+        unsafe {
+            gemm::gemm(
+                n_o,
+                tiles,
+                c,
+                m_ptr.0.add(e * tiles),
+                1,
+                (TT * tiles) as isize,
+                false,
+                u.as_ptr().add(e * c),
+                1,
+                (TT * c) as isize,
+                v.as_ptr().add(e * tiles),
+                1,
+                (TT * tiles) as isize,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    };
+    if threads <= 1 {
+        (0..TT).for_each(one);
+    } else {
+        let per = TT.div_ceil(threads);
+        rayon::scope(|s| {
+            for start in (0..TT).step_by(per) {
+                let one = &one;
+                s.spawn(move |_| (start..(start + per).min(TT)).for_each(one));
+            }
+        });
+    }
+}
+
+/// Y = A^T M A plus the bias for output channels o0..o0+n_o, written into y where the tiles
+/// fall inside the output.
+fn write_outputs(
+    m: &[f32],
+    d: Dims,
+    (r0, r1): (usize, usize),
+    o0: usize,
+    n_o: usize,
+    bias: &[f32],
+    y: &mut [f32],
+) {
+    let (oh, ow) = (d.g.out_h(), d.g.out_w());
+    let tiles = d.b * (r1 - r0) * d.tiles_w;
+    let y_ptr = Shared(y.as_mut_ptr());
+    let per_channel = |o: usize| {
+        let y_ptr = y_ptr;
+        let src = &m[o * TT * tiles..][..TT * tiles];
+        let bv = bias[o0 + o];
+        let mut scratch = vec![0f32; T * M * d.tiles_w + M * M * d.tiles_w];
+        let mut t = 0;
+        for img in 0..d.b {
+            // SAFETY: this closure alone writes output channel o0 + o of every image.
+            let plane = unsafe {
+                std::slice::from_raw_parts_mut(
+                    y_ptr.0.add((img * d.out_c + o0 + o) * oh * ow),
+                    oh * ow,
+                )
+            };
+            for ty in r0..r1 {
+                let rows = M.min(oh - ty * M);
+                let out = &mut plane[ty * M * ow..][..rows * ow];
+                output_tile_row(&src[t..], tiles, d.tiles_w, bv, &mut scratch, out, ow, rows);
+                t += d.tiles_w;
+            }
+        }
+    };
+    let threads = threads_for(n_o);
+    if threads <= 1 {
+        (0..n_o).for_each(per_channel);
+    } else {
+        let per = n_o.div_ceil(threads);
+        rayon::scope(|s| {
+            for start in (0..n_o).step_by(per) {
+                let f = &per_channel;
+                s.spawn(move |_| (start..(start + per).min(n_o)).for_each(f));
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::TorchGenerator;
+
+    /// The direct sum, in f64.
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        bias: &[f32],
+        (b, c, sh, sw): (usize, usize, usize, usize),
+        out_c: usize,
+        g: ConvGeometry,
+        up: usize,
+    ) -> Vec<f32> {
+        let (oh, ow) = (g.out_h(), g.out_w());
+        let mut y = vec![0f32; b * out_c * oh * ow];
+        for img in 0..b {
+            for o in 0..out_c {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = bias[o] as f64;
+                        for i in 0..c {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let yy = (oy + ky) as isize - g.padding as isize;
+                                    let xx = (ox + kx) as isize - g.padding as isize;
+                                    if yy < 0 || xx < 0 || yy as usize >= g.h || xx as usize >= g.w {
+                                        continue;
+                                    }
+                                    let (sy, sx) = (yy as usize / up, xx as usize / up);
+                                    acc += x[((img * c + i) * sh + sy) * sw + sx] as f64
+                                        * w[((o * c + i) * 3 + ky) * 3 + kx] as f64;
+                                }
+                            }
+                        }
+                        y[((img * out_c + o) * oh + oy) * ow + ox] = acc as f32;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn random(rng: &mut TorchGenerator, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.uniform() as f32 * 2.0 * scale - scale).collect()
+    }
+
+    #[test]
+    fn matches_the_direct_sum_on_odd_sizes_paddings_and_upsampling() {
+        let mut rng = TorchGenerator::new(5);
+        // (batch, in, out, h, w, padding, up, budget): sizes that are not multiples of the
+        // tile, paddings 0-2, the decoder's fused upsampling, and budgets small enough to
+        // force bands of one tile row and several filter blocks.
+        let cases = [
+            (2, 16, 17, 9, 7, 1, 1, 1 << 30),
+            (1, 19, 16, 4, 13, 0, 1, 1 << 30),
+            (3, 16, 20, 5, 6, 2, 1, 1),
+            (2, 16, 16, 3, 5, 1, 2, 1 << 30),
+            (1, 24, 18, 8, 8, 1, 1, 1),
+        ];
+        for &(b, c, out_c, sh, sw, padding, up, budget) in &cases {
+            let g = ConvGeometry::new(3, 1, padding, sh * up, sw * up).unwrap();
+            let x = random(&mut rng, b * c * sh * sw, 1.0);
+            let w = random(&mut rng, out_c * c * 9, 0.3);
+            let bias = random(&mut rng, out_c, 0.5);
+            let mut y = vec![f32::NAN; b * out_c * g.out_h() * g.out_w()];
+            forward(&x, &w, &bias, (b, c, sh, sw), out_c, g, up, budget, &mut y);
+            let want = reference(&x, &w, &bias, (b, c, sh, sw), out_c, g, up);
+            let worst = y
+                .iter()
+                .zip(&want)
+                .map(|(a, r)| (a - r).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 2e-5, "case {:?}: max error {worst}", (b, c, out_c, sh, sw, padding, up));
+        }
+    }
+
+    #[test]
+    fn filter_blocks_give_the_same_result() {
+        // A bank larger than the block limit is transformed and applied block by block.
+        let (b, c, out_c, s) = (2, 40, 20, 7);
+        let g = ConvGeometry::new(3, 1, 1, s, s).unwrap();
+        let mut rng = TorchGenerator::new(9);
+        let x = random(&mut rng, b * c * s * s, 1.0);
+        let w = random(&mut rng, out_c * c * 9, 0.05);
+        let bias = random(&mut rng, out_c, 0.5);
+        let mut y = vec![f32::NAN; b * out_c * s * s];
+        // Blocks of 3 output channels: 7 blocks, the last one short.
+        run(&x, &w, &bias, (b, c, s, s), out_c, g, 1, (1 << 30, TT * c * 4 * 3), &mut y);
+        let want = reference(&x, &w, &bias, (b, c, s, s), out_c, g, 1);
+        for (a, r) in y.iter().zip(&want) {
+            assert!((a - r).abs() < 1e-4, "{a} vs {r}");
+        }
+    }
+}
