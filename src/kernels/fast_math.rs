@@ -17,7 +17,8 @@ const ROUNDER: f32 = 12_582_912.0;
 #[inline(always)]
 fn exp1(x: f32) -> f32 {
     let x = x.clamp(-87.336_54, 88.376_26);
-    let n = (x * LOG2E + ROUNDER) - ROUNDER;
+    let t = x * LOG2E + ROUNDER;
+    let n = t - ROUNDER;
     let r = x - n * LN2_HI - n * LN2_LO;
     let r2 = r * r;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
@@ -25,8 +26,11 @@ fn exp1(x: f32) -> f32 {
         * r
         + 0.5; // the minimax coefficient 0.500000010 rounds to 0.5 in f32
     let e = p * r2 + r + 1.0;
-    // 2^n from its exponent bits; n is within [-126, 127] after the clamp.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from its exponent bits; n is within [-126, 127] after the clamp. n is read from t's
+    // low mantissa bits (t = 1.5 * 2^23 + n exactly) rather than by `n as i32`, whose
+    // saturating conversion the compiler does not vectorise (it made exp scalar).
+    let n_bits = t.to_bits().wrapping_sub(ROUNDER.to_bits());
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
     e * scale
 }
 
@@ -44,6 +48,26 @@ fn erf1(x: f32) -> f32 {
 #[inline(always)]
 fn exp_generic(xs: &mut [f32]) {
     xs.iter_mut().for_each(|v| *v = exp1(*v));
+}
+
+/// exp(scale * (x - shift)) in place, returning the sum: softmax's exponentials and their
+/// sum in one pass over the row (kept in eight partial sums, so the loop vectorises).
+#[inline(always)]
+fn exp_shifted_sum_generic(xs: &mut [f32], shift: f32, scale: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = xs.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = exp1((*v - shift) * scale);
+            *a += *v;
+        }
+    }
+    let mut tail = 0.0;
+    for v in chunks.into_remainder() {
+        *v = exp1((*v - shift) * scale);
+        tail += *v;
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 #[inline(always)]
@@ -84,6 +108,7 @@ fn geglu_backward_generic(x: &[f32], g: &[f32], dx: &mut [f32]) {
 }
 
 dispatch!(exp_in_place, exp_generic, (xs: &mut [f32]));
+dispatch!(exp_shifted_sum, exp_shifted_sum_generic, (xs: &mut [f32], shift: f32, scale: f32) -> f32);
 dispatch!(silu_in_place, silu_generic, (xs: &mut [f32]));
 dispatch!(gelu_into, gelu_generic, (src: &[f32], dst: &mut [f32]));
 dispatch!(geglu_row, geglu_generic, (src: &[f32], dst: &mut [f32]));

@@ -6,16 +6,16 @@ use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 /// (AVX-512, AVX2+FMA, baseline), chosen at run time: `$generic` is written as plain loops
 /// that the compiler vectorises for each.
 macro_rules! dispatch {
-    ($name:ident, $generic:ident, ($($arg:ident: $ty:ty),*)) => {
-        pub fn $name($($arg: $ty),*) {
+    ($name:ident, $generic:ident, ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) {
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
                     $generic($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     $generic($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
@@ -35,6 +35,7 @@ macro_rules! dispatch {
 }
 
 pub mod activation;
+pub mod attention;
 pub mod bias;
 pub mod conv2d;
 pub mod fast_math;
