@@ -172,6 +172,38 @@ fn step_callback_sees_every_step_and_can_cancel() {
     assert!(matches!(err, text2img::Error::Cancelled));
 }
 
+/// The one-shot path (text encoders and U-Net freed before decoding) gives the same images,
+/// bit for bit, as the reusable one, and diffusers' images within the parity threshold.
+#[test]
+fn one_shot_generation_matches_the_reusable_pipeline() {
+    let case = cases()
+        .into_iter()
+        .find(|c| c["name"] == "sd1-two-images")
+        .unwrap();
+    let req = request(&case);
+    let kept = pipeline("sd1-tiny").generate(&req, &mut |_| true).unwrap();
+    let own = load_local(&model_dir("sd1-tiny"), &LoadOptions::default()).unwrap();
+    let mut steps = 0;
+    let once = own
+        .generate_once(&req, &mut |_| {
+            steps += 1;
+            true
+        })
+        .unwrap();
+    assert_eq!(steps, kept.resolved.steps);
+    assert_eq!(once.images.len(), 2);
+    for (i, (a, b)) in once.images.iter().zip(&kept.images).enumerate() {
+        assert_eq!((a.seed, a.width, a.height), (b.seed, b.width, b.height));
+        assert!(a.rgb == b.rgb, "image {i} differs");
+        let (rgb, ..) = read_png(
+            &fixtures()
+                .join("reference")
+                .join(case["images"][i].as_str().unwrap()),
+        );
+        assert!(psnr(&a.rgb, &rgb) >= 50.0);
+    }
+}
+
 /// `weight_dtype` f16/bf16 keeps the weight matrices and kernels in half precision: the image
 /// stays within 35 dB of diffusers' fp32 image, and bf16's coarser rounding visibly differs
 /// from the f32 path (so the option is not silently ignored).

@@ -257,7 +257,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .expect("valid template")
         .progress_chars("=> "),
     );
-    let generation = pipeline.generate(&request, &mut |p| {
+    let model_name = pipeline.name.clone();
+    let generation = pipeline.generate_once(&request, &mut |p| {
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64);
         true
@@ -269,7 +270,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let count = generation.images.len();
     for (i, image) in generation.images.iter().enumerate() {
         let path = numbered_path(&args.output, i, count);
-        let parameters = a1111_parameters(&request, &resolved, image.seed, &pipeline.name);
+        let parameters = a1111_parameters(&request, &resolved, image.seed, &model_name);
         write_atomic(&path, &encode_png(image, &parameters)?)?;
         println!("{} (seed {})", path.display(), image.seed);
     }

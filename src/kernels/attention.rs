@@ -23,7 +23,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     }
     let (b, _, inner) = q.dims3()?;
     let (kb, m, k_inner) = k.dims3()?;
-    if heads == 0 || inner % heads != 0 || (kb, k_inner) != (b, inner) || v.dims3()? != (b, m, inner)
+    if heads == 0
+        || inner % heads != 0
+        || (kb, k_inner) != (b, inner)
+        || v.dims3()? != (b, m, inner)
     {
         candle_core::bail!(
             "attention: q {:?}, k {:?}, v {:?} do not fit {heads} heads",
@@ -46,6 +49,13 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
+impl Shared {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The largest of a row (eight running maxima, so the loop vectorises).
 #[inline(always)]
 fn row_max_generic(row: &[f32]) -> f32 {
@@ -56,7 +66,10 @@ fn row_max_generic(row: &[f32]) -> f32 {
             *a = a.max(v);
         }
     }
-    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     acc.iter().fold(tail, |m, &v| m.max(v))
 }
 
@@ -87,7 +100,9 @@ impl CustomOp3 for Attention {
         // At least d rows: each block repacks the keys and values (m x d each), which for
         // wide heads (the VAE's single 512-wide head) costs as much as a small block's
         // products; SD 1.5's VAE attention at 512x512 ran 2.4x faster with 512 rows than 32.
-        let rows = (SCORE_BLOCK_BYTES / (m.max(1) * 4)).max(d).clamp(1, n.max(1));
+        let rows = (SCORE_BLOCK_BYTES / (m.max(1) * 4))
+            .max(d)
+            .clamp(1, n.max(1));
         let blocks = n.div_ceil(rows);
         let tasks = b * heads * blocks;
         let mut out = vec![0f32; b * n * inner];
@@ -96,7 +111,6 @@ impl CustomOp3 for Attention {
         }
         let out_ptr = Shared(out.as_mut_ptr());
         let run = |task: usize, scores: &mut Vec<f32>| {
-            let out_ptr = out_ptr;
             let (img, rest) = (task / (heads * blocks), task % (heads * blocks));
             let (h, blk) = (rest / blocks, rest % blocks);
             let r0 = blk * rows;
@@ -142,7 +156,7 @@ impl CustomOp3 for Attention {
                     len,
                     d,
                     m,
-                    out_ptr.0.add(q0),
+                    out_ptr.get().add(q0),
                     1,
                     inner as isize,
                     false,
@@ -161,7 +175,7 @@ impl CustomOp3 for Attention {
                 );
                 for (r, &sum) in sums.iter().enumerate() {
                     let inv = 1.0 / sum;
-                    let row = std::slice::from_raw_parts_mut(out_ptr.0.add(q0 + r * inner), d);
+                    let row = std::slice::from_raw_parts_mut(out_ptr.get().add(q0 + r * inner), d);
                     row.iter_mut().for_each(|x| *x *= inv);
                 }
             }
@@ -197,7 +211,12 @@ mod tests {
         let m = k.dim(1).unwrap();
         let d = inner / heads;
         let split = |x: &Tensor, len: usize| {
-            x.reshape((b, len, heads, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+            x.reshape((b, len, heads, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
         };
         let (q, k, v) = (split(q, n), split(k, m), split(v, m));
         let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
@@ -228,7 +247,11 @@ mod tests {
             let ours = attention(&q, &k, &v, heads).unwrap();
             let want = reference(&q, &k, &v, heads);
             let diff = crate::kernels::testing::max_diff(&ours, &want);
-            assert!(diff < 2e-5, "{:?}: max difference {diff}", (b, n, m, heads, d));
+            assert!(
+                diff < 2e-5,
+                "{:?}: max difference {diff}",
+                (b, n, m, heads, d)
+            );
         }
     }
 

@@ -104,7 +104,13 @@ fn output_1d(m: [f32; T]) -> [f32; M] {
 /// (`wp` = 4 * tiles_w + 2 values each); the 36 transformed values of tile `tx` go to
 /// `dst[e * tiles + tx]`. `scratch` holds 6 wp + 4 (tiles_w + 1) values.
 #[inline(always)]
-fn input_tile_row_generic(lines: &[f32], wp: usize, scratch: &mut [f32], dst: &mut [f32], tiles: usize) {
+fn input_tile_row_generic(
+    lines: &[f32],
+    wp: usize,
+    scratch: &mut [f32],
+    dst: &mut [f32],
+    tiles: usize,
+) {
     let tiles_w = (wp - 2) / M;
     let (along_y, gathered) = scratch.split_at_mut(T * wp);
     // Along y: six lines into six transformed lines.
@@ -231,6 +237,13 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
+impl Shared {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The convolution of `x` ((b, c, sh, sw), read as upsampled `up` times) with `w`
 /// ((out_c, c, 3, 3)) plus `bias`, into `y` ((b, out_c, out_h, out_w)). Scratch buffers stay
 /// within about `budget` bytes beside the filter block.
@@ -246,7 +259,17 @@ pub fn forward(
     budget: usize,
     y: &mut [f32],
 ) {
-    run(x, w, bias, (b, c, sh, sw), out_c, g, up, (budget, FILTER_BLOCK_BYTES), y)
+    run(
+        x,
+        w,
+        bias,
+        (b, c, sh, sw),
+        out_c,
+        g,
+        up,
+        (budget, FILTER_BLOCK_BYTES),
+        y,
+    )
 }
 
 /// [`forward`] with the filter block limit as an argument (tests force small blocks).
@@ -299,15 +322,31 @@ fn run(
     for r0 in (0..d.tiles_h).step_by(band_rows) {
         let r1 = (r0 + band_rows).min(d.tiles_h);
         let tiles = b * (r1 - r0) * d.tiles_w;
-        transform_inputs(x, d, (r0, r1), &rows_src, &cols_src, &mut v[..TT * c * tiles]);
+        transform_inputs(
+            x,
+            d,
+            (r0, r1),
+            &rows_src,
+            &cols_src,
+            &mut v[..TT * c * tiles],
+        );
         for blk in 0..blocks {
             let o0 = blk * block;
             let n_o = block.min(out_c - o0);
             if filters_block != blk {
-                transform_filters(&w[o0 * c * 9..][..n_o * c * 9], c, &mut filters[..TT * n_o * c]);
+                transform_filters(
+                    &w[o0 * c * 9..][..n_o * c * 9],
+                    c,
+                    &mut filters[..TT * n_o * c],
+                );
                 filters_block = blk;
             }
-            products(&filters[..TT * n_o * c], &v[..TT * c * tiles], (n_o, c, tiles), &mut m);
+            products(
+                &filters[..TT * n_o * c],
+                &v[..TT * c * tiles],
+                (n_o, c, tiles),
+                &mut m,
+            );
             write_outputs(&m[..TT * n_o * tiles], d, (r0, r1), o0, n_o, bias, y);
         }
     }
@@ -315,7 +354,9 @@ fn run(
 
 /// U in the layout [o][e][i]: U[e] is the (n_o x c) matrix with row stride 36c.
 fn transform_filters(w: &[f32], c: usize, u: &mut [f32]) {
-    for_each_chunk(u, TT * c, |o, dst| filter_row(&w[o * c * 9..][..c * 9], c, dst));
+    for_each_chunk(u, TT * c, |o, dst| {
+        filter_row(&w[o * c * 9..][..c * 9], c, dst)
+    });
 }
 
 /// U = G g G^T for the `c` filters of one output channel (`w`: c x 3 x 3), into `dst[e * c +
@@ -379,7 +420,6 @@ fn products(u: &[f32], v: &[f32], (n_o, c, tiles): (usize, usize, usize), m: &mu
     let threads = threads_for(TT);
     let m_ptr = Shared(m.as_mut_ptr());
     let one = |e: usize| {
-        let m_ptr = m_ptr;
         // SAFETY: for position e the product writes m[o * 36 * tiles + e * tiles + t] for
         // o < n_o, t < tiles, inside m (36 * n_o * tiles long) and disjoint from every other
         // position's elements; u and v are read within their lengths by the same reasoning.
@@ -388,7 +428,7 @@ fn products(u: &[f32], v: &[f32], (n_o, c, tiles): (usize, usize, usize), m: &mu
                 n_o,
                 tiles,
                 c,
-                m_ptr.0.add(e * tiles),
+                m_ptr.get().add(e * tiles),
                 1,
                 (TT * tiles) as isize,
                 false,
@@ -435,7 +475,6 @@ fn write_outputs(
     let tiles = d.b * (r1 - r0) * d.tiles_w;
     let y_ptr = Shared(y.as_mut_ptr());
     let per_channel = |o: usize| {
-        let y_ptr = y_ptr;
         let src = &m[o * TT * tiles..][..TT * tiles];
         let bv = bias[o0 + o];
         let mut scratch = vec![0f32; T * M * d.tiles_w + M * M * d.tiles_w];
@@ -444,7 +483,7 @@ fn write_outputs(
             // SAFETY: this closure alone writes output channel o0 + o of every image.
             let plane = unsafe {
                 std::slice::from_raw_parts_mut(
-                    y_ptr.0.add((img * d.out_c + o0 + o) * oh * ow),
+                    y_ptr.get().add((img * d.out_c + o0 + o) * oh * ow),
                     oh * ow,
                 )
             };
@@ -497,7 +536,8 @@ mod tests {
                                 for kx in 0..3 {
                                     let yy = (oy + ky) as isize - g.padding as isize;
                                     let xx = (ox + kx) as isize - g.padding as isize;
-                                    if yy < 0 || xx < 0 || yy as usize >= g.h || xx as usize >= g.w {
+                                    if yy < 0 || xx < 0 || yy as usize >= g.h || xx as usize >= g.w
+                                    {
                                         continue;
                                     }
                                     let (sy, sx) = (yy as usize / up, xx as usize / up);
@@ -515,7 +555,9 @@ mod tests {
     }
 
     fn random(rng: &mut TorchGenerator, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| rng.uniform() as f32 * 2.0 * scale - scale).collect()
+        (0..n)
+            .map(|_| rng.uniform() as f32 * 2.0 * scale - scale)
+            .collect()
     }
 
     #[test]
@@ -544,7 +586,11 @@ mod tests {
                 .zip(&want)
                 .map(|(a, r)| (a - r).abs())
                 .fold(0f32, f32::max);
-            assert!(worst < 2e-5, "case {:?}: max error {worst}", (b, c, out_c, sh, sw, padding, up));
+            assert!(
+                worst < 2e-5,
+                "case {:?}: max error {worst}",
+                (b, c, out_c, sh, sw, padding, up)
+            );
         }
     }
 
@@ -559,7 +605,17 @@ mod tests {
         let bias = random(&mut rng, out_c, 0.5);
         let mut y = vec![f32::NAN; b * out_c * s * s];
         // Blocks of 3 output channels: 7 blocks, the last one short.
-        run(&x, &w, &bias, (b, c, s, s), out_c, g, 1, (1 << 30, TT * c * 4 * 3), &mut y);
+        run(
+            &x,
+            &w,
+            &bias,
+            (b, c, s, s),
+            out_c,
+            g,
+            1,
+            (1 << 30, TT * c * 4 * 3),
+            &mut y,
+        );
         let want = reference(&x, &w, &bias, (b, c, s, s), out_c, g, 1);
         for (a, r) in y.iter().zip(&want) {
             assert!((a - r).abs() < 1e-4, "{a} vs {r}");

@@ -82,8 +82,11 @@ fn is_decoder_parameter(name: &str) -> bool {
     name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
 }
 
+/// A VAE folder's config, as JSON and parsed, and its named weights.
+type SourceVae = (serde_json::Value, VaeConfig, Vec<(String, Tensor)>);
+
 /// The source folder's config and weights, for fine-tuning its decoder.
-fn read_source_vae(dir: &Path) -> Result<(serde_json::Value, VaeConfig, Vec<(String, Tensor)>)> {
+fn read_source_vae(dir: &Path) -> Result<SourceVae> {
     let config_path = dir.join("config.json");
     let json: serde_json::Value = crate::error::read_json(&config_path)?;
     let config = VaeConfig::from_file(&config_path)?;
