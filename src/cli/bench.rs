@@ -75,10 +75,11 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
         text_time: batch.text_embeds.as_ref().map(|t| (t, &time_ids)),
         timestep_cond: guidance.as_ref(),
     };
+    // The pipeline's own call: the guidance pair split over the threads.
     let unet_s = best(a.repeat, || {
         Ok(pipeline
             .unet
-            .forward_conditioned(&sample, &[500.0, 500.0], &batch.context, &extra)?)
+            .forward_sharded(&sample, &[500.0, 500.0], &batch.context, &extra)?)
     })?;
     let z = sample.narrow(0, 0, 1)?;
     let decode_s = best(a.repeat, || Ok(pipeline.vae.decode(&z)?))?;

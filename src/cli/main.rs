@@ -275,13 +275,19 @@ fn generate(args: GenerateArgs) -> Result<()> {
         println!("{} (seed {})", path.display(), image.seed);
     }
     let t = &generation.timings;
+    // PNDM runs one more U-Net evaluation than its step count: time per evaluation.
+    let evaluations = generation.completed_steps.max(1);
+    let steps = if evaluations == resolved.steps {
+        format!("{} steps", resolved.steps)
+    } else {
+        format!("{} steps ({evaluations} evaluations)", resolved.steps)
+    };
     println!(
-        "load {:.2}s, text {:.2}s, {} steps {:.2}s ({:.3}s/step), decode {:.2}s",
+        "load {:.2}s, text {:.2}s, {steps} {:.2}s ({:.3}s/evaluation), decode {:.2}s",
         load_time.as_secs_f64(),
         t.text.as_secs_f64(),
-        resolved.steps,
         t.steps.as_secs_f64(),
-        t.steps.as_secs_f64() / resolved.steps as f64,
+        t.steps.as_secs_f64() / evaluations as f64,
         t.decode.as_secs_f64()
     );
     Ok(())
