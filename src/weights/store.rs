@@ -181,14 +181,43 @@ impl Weights {
             });
         }
         self.used.lock().unwrap().insert(stored.to_string());
-        let bytes = self.read(entry)?;
-        let tensor = Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, &self.device)?;
+        let tensor = if entry.dtype == DType::F32 && cfg!(target_endian = "little") {
+            // Straight into the tensor's own buffer: no byte buffer and second copy (SD 1.5's
+            // 4.3 GB of f32 weights).
+            let values = self.read_f32(entry)?;
+            Tensor::from_vec(values, entry.shape.as_slice(), &self.device)?
+        } else {
+            let bytes = self.read(entry)?;
+            Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, &self.device)?
+        };
         let tensor = if legacy_conv {
             tensor.reshape(shape)?
         } else {
             tensor
         };
         Ok(tensor.to_dtype(dtype)?)
+    }
+
+    /// An f32 tensor's values (safetensors stores little-endian; callers check the host is).
+    fn read_f32(&self, entry: &Entry) -> Result<Vec<f32>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let (path, file) = &self.shards[entry.shard];
+        let len = entry.end - entry.start;
+        if len % 4 != 0 {
+            return Err(Error::Safetensors {
+                path: path.clone(),
+                reason: format!("an f32 tensor of {len} bytes"),
+            });
+        }
+        let mut values = vec![0f32; len / 4];
+        // SAFETY: the bytes of an f32 slice; every bit pattern is a valid f32.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), len) };
+        let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+        file.seek(SeekFrom::Start(entry.start as u64))
+            .and_then(|_| file.read_exact(bytes))
+            .map_err(|e| Error::io(path, e))?;
+        Ok(values)
     }
 
     fn read(&self, entry: &Entry) -> Result<Vec<u8>> {
