@@ -197,6 +197,33 @@ fn bad_requests_fail_clearly() {
     );
 }
 
+/// An I/O error names the file and its cause, once (the library's message already ends
+/// with the cause that the error chain would repeat).
+#[test]
+fn an_io_error_names_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-vae");
+    let out = dir.path().join("out");
+    let result = text2img(
+        &[
+            "train-vae",
+            "--data",
+            "shapes",
+            "--out",
+            out.to_str().unwrap(),
+            "--finetune-decoder",
+            missing.to_str().unwrap(),
+            "--steps",
+            "1",
+        ],
+        &[],
+    );
+    let err = stderr(&result);
+    assert!(!result.status.success());
+    assert!(err.contains("no-vae/config.json"), "{err}");
+    assert_eq!(err.matches("(os error 2)").count(), 1, "{err}");
+}
+
 #[test]
 fn a_repo_id_offline_without_cache_is_a_clear_error() {
     let cache = tempfile::tempdir().unwrap();

@@ -192,6 +192,10 @@ fn one_shot_generation_matches_the_reusable_pipeline() {
         .unwrap();
     assert_eq!(steps, kept.resolved.steps);
     assert_eq!(once.images.len(), 2);
+    // A cancelled one-shot run is an error, as with the reusable pipeline.
+    let own = load_local(&model_dir("sd1-tiny"), &LoadOptions::default()).unwrap();
+    let err = own.generate_once(&req, &mut |p| p.step < 2).err().unwrap();
+    assert!(matches!(err, text2img::Error::Cancelled));
     for (i, (a, b)) in once.images.iter().zip(&kept.images).enumerate() {
         assert_eq!((a.seed, a.width, a.height), (b.seed, b.width, b.height));
         assert!(a.rgb == b.rgb, "image {i} differs");

@@ -246,7 +246,8 @@ impl Shared {
 
 /// The convolution of `x` ((b, c, sh, sw), read as upsampled `up` times) with `w`
 /// ((out_c, c, 3, 3)) plus `bias`, into `y` ((b, out_c, out_h, out_w)). Scratch buffers stay
-/// within about `budget` bytes beside the filter block.
+/// within about `budget` bytes beside the filter block. Panics if a slice's length does not
+/// fit the sizes (the output is written through raw pointers: checked here, once).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     x: &[f32],
@@ -286,6 +287,19 @@ fn run(
     y: &mut [f32],
 ) {
     let (oh, ow) = (g.out_h(), g.out_w());
+    assert!(
+        g.kernel == 3 && g.stride == 1,
+        "winograd: 3x3 stride-1 geometry only"
+    );
+    assert_eq!(
+        (sh * up, sw * up),
+        (g.h, g.w),
+        "winograd: input size vs geometry"
+    );
+    assert_eq!(x.len(), b * c * sh * sw, "winograd: input length");
+    assert_eq!(w.len(), out_c * c * 9, "winograd: weight length");
+    assert_eq!(bias.len(), out_c, "winograd: bias length");
+    assert_eq!(y.len(), b * out_c * oh * ow, "winograd: output length");
     let d = Dims {
         b,
         c,
@@ -309,8 +323,10 @@ fn run(
         })
         .collect();
     // Filter blocks: all output channels at once when the transformed bank is small enough.
-    let block = (filter_block_bytes / (TT * c * 4)).clamp(1, out_c);
-    let blocks = out_c.div_ceil(block);
+    // Blocks of even size (512 channels in two blocks of 256, not 455 + 57).
+    let most = (filter_block_bytes / (TT * c * 4)).clamp(1, out_c);
+    let blocks = out_c.div_ceil(most);
+    let block = out_c.div_ceil(blocks);
     // Tile rows per band: the transformed inputs and products of a band within the budget.
     let per_tile_row = TT * (c + block) * 4 * b * d.tiles_w;
     let band_rows = (budget / per_tile_row.max(1)).clamp(1, d.tiles_h);
@@ -572,6 +588,11 @@ mod tests {
             (3, 16, 20, 5, 6, 2, 1, 1),
             (2, 16, 16, 3, 5, 1, 2, 1 << 30),
             (1, 24, 18, 8, 8, 1, 1, 1),
+            // Upsampling with paddings 0 and 2; bands of two tile rows with a short last one
+            // (a budget of about two tile rows: 5 tile rows in bands of 2, 2, 1).
+            (1, 16, 16, 5, 4, 0, 2, 1 << 30),
+            (2, 16, 16, 4, 3, 2, 2, 1 << 30),
+            (1, 16, 16, 18, 9, 1, 1, 2 * 36 * 32 * 4 * 3),
         ];
         for &(b, c, out_c, sh, sw, padding, up, budget) in &cases {
             let g = ConvGeometry::new(3, 1, padding, sh * up, sw * up).unwrap();
@@ -604,7 +625,8 @@ mod tests {
         let w = random(&mut rng, out_c * c * 9, 0.05);
         let bias = random(&mut rng, out_c, 0.5);
         let mut y = vec![f32::NAN; b * out_c * s * s];
-        // Blocks of 3 output channels: 7 blocks, the last one short.
+        // Blocks of at most 3 output channels (7 blocks of 3, the last short), in one band
+        // and in bands of one tile row (the filters transformed again for each band).
         run(
             &x,
             &w,
@@ -616,6 +638,19 @@ mod tests {
             (1 << 30, TT * c * 4 * 3),
             &mut y,
         );
+        let mut banded = vec![f32::NAN; y.len()];
+        run(
+            &x,
+            &w,
+            &bias,
+            (b, c, s, s),
+            out_c,
+            g,
+            1,
+            (1, TT * c * 4 * 3),
+            &mut banded,
+        );
+        assert_eq!(y, banded);
         let want = reference(&x, &w, &bias, (b, c, s, s), out_c, g, 1);
         for (a, r) in y.iter().zip(&want) {
             assert!((a - r).abs() < 1e-4, "{a} vs {r}");
