@@ -153,6 +153,13 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
         params.load_values(&values)?;
     }
     let decoder_only = source.is_some();
+    // Fine-tuning the decoder: the latents come from the source's encoder loaded as plain
+    // tensors, so its forward pass records no graph (the trainable copy's encoder is never
+    // updated and holds the same values).
+    let frozen_encoder = match &o.finetune_decoder {
+        Some(dir) => Some(AutoencoderKl::load(dir, None, &device)?),
+        None => None,
+    };
     let trained: Vec<_> = params
         .vars()
         .into_iter()
@@ -188,12 +195,9 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
         let (pixels, latents) = (batch.images.elem_count() as f64, eps.elem_count() as f64);
         let shard = |start: usize, len: usize| -> Result<([f64; 3], GradStore)> {
             let images = batch.images.narrow(0, start, len)?;
-            let (mean, logvar) = vae.encode(&images)?;
-            // A frozen encoder: no gradient flows into it.
-            let (mean, logvar) = if decoder_only {
-                (mean.detach(), logvar.detach())
-            } else {
-                (mean, logvar)
+            let (mean, logvar) = match &frozen_encoder {
+                Some(frozen) => frozen.encode(&images)?,
+                None => vae.encode(&images)?,
             };
             let z = (&mean + ((&logvar * 0.5)?.exp()? * eps.narrow(0, start, len)?)?)?;
             let recon = vae.decode(&z)?;
