@@ -10,7 +10,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
 use super::f32_slice;
-use super::parallel::threads_for;
+use super::matmul::{product, Strided};
+use super::parallel::{for_each_index_with, SharedMut};
 
 /// Query rows per block, from the block's scores (rows x keys), which should fit in the L2
 /// cache; fewer rows per block repack the keys and values more often.
@@ -41,19 +42,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
 
 struct Attention {
     heads: usize,
-}
-
-/// A raw pointer that may cross threads: each task writes its own rows and columns.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// Through a method, so closures capture the whole (Sync) wrapper, not its raw field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// The largest of a row (eight running maxima, so the loop vectorises).
@@ -109,13 +97,14 @@ impl CustomOp3 for Attention {
         if tasks == 0 || m == 0 {
             return Ok((CpuStorage::F32(out), ql.shape().clone()));
         }
-        let out_ptr = Shared(out.as_mut_ptr());
-        let run = |task: usize, scores: &mut Vec<f32>| {
+        let out_ptr = SharedMut::new(&mut out);
+        // Per thread: one block's scores and its rows' sums.
+        let init = || (vec![0f32; rows * m], Vec::with_capacity(rows));
+        for_each_index_with(tasks, init, |(scores, sums), task| {
             let (img, rest) = (task / (heads * blocks), task % (heads * blocks));
             let (h, blk) = (rest / blocks, rest % blocks);
             let r0 = blk * rows;
             let len = rows.min(n - r0);
-            scores.resize(rows * m, 0.0);
             let q0 = (img * n + r0) * inner + h * d;
             let kv0 = img * m * inner + h * d;
             // SAFETY: every view stays inside its tensor: rows r0..r0+len of q and out, all m
@@ -123,54 +112,28 @@ impl CustomOp3 for Attention {
             // len x m. This task alone writes those rows and columns of out.
             unsafe {
                 // scores (len x m) = q_blk (len x d) . k^T (d x m)
-                gemm::gemm(
-                    len,
-                    m,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    m as isize,
+                product(
+                    (len, m, d),
+                    Strided::rows(scores.as_mut_ptr(), m),
                     false,
-                    q.as_ptr().add(q0),
-                    1,
-                    inner as isize,
-                    k.as_ptr().add(kv0),
-                    inner as isize,
-                    1,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
+                    Strided::rows(q.as_ptr().add(q0), inner),
+                    Strided::columns(k.as_ptr().add(kv0), inner),
                     Parallelism::None,
                 );
             }
-            let mut sums = Vec::with_capacity(len);
+            sums.clear();
             for row in scores[..len * m].chunks_exact_mut(m) {
                 let max = row_max(row);
                 sums.push(super::fast_math::exp_shifted_sum(row, max, scale));
             }
             unsafe {
                 // out_blk (len x d) = p (len x m) . v (m x d)
-                gemm::gemm(
-                    len,
-                    d,
-                    m,
-                    out_ptr.get().add(q0),
-                    1,
-                    inner as isize,
+                product(
+                    (len, d, m),
+                    Strided::rows(out_ptr.get().add(q0), inner),
                     false,
-                    scores.as_ptr(),
-                    1,
-                    m as isize,
-                    v.as_ptr().add(kv0),
-                    1,
-                    inner as isize,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
+                    Strided::rows(scores.as_ptr(), m),
+                    Strided::rows(v.as_ptr().add(kv0), inner),
                     Parallelism::None,
                 );
                 for (r, &sum) in sums.iter().enumerate() {
@@ -179,23 +142,7 @@ impl CustomOp3 for Attention {
                     row.iter_mut().for_each(|x| *x *= inv);
                 }
             }
-        };
-        let threads = threads_for(tasks);
-        if threads <= 1 {
-            let mut scores = Vec::new();
-            (0..tasks).for_each(|t| run(t, &mut scores));
-        } else {
-            let per = tasks.div_ceil(threads);
-            rayon::scope(|s| {
-                for start in (0..tasks).step_by(per) {
-                    let run = &run;
-                    s.spawn(move |_| {
-                        let mut scores = Vec::new();
-                        (start..(start + per).min(tasks)).for_each(|t| run(t, &mut scores));
-                    });
-                }
-            });
-        }
+        });
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 }

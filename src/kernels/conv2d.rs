@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use super::f32_slice;
 use super::im2col::{fill_tap_row, scatter_channel, ConvGeometry};
+use super::matmul::Strided;
 use super::parallel::{for_each_chunk, serially, threads_for};
 
 /// `conv2d(upsample_nearest(x, up), weight, bias)` with `stride` and `padding`; `weight` is
@@ -141,40 +142,13 @@ impl Conv2dOp {
     }
 }
 
-/// A matrix in memory: its first element and the distance between rows (`rows`: row-major)
-/// or between columns (`columns`: the transpose of a row-major matrix).
-struct Strided<P> {
-    ptr: P,
-    row_stride: isize,
-    col_stride: isize,
-}
-
-impl<P> Strided<P> {
-    fn rows(ptr: P, row_len: usize) -> Self {
-        Self {
-            ptr,
-            row_stride: row_len as isize,
-            col_stride: 1,
-        }
-    }
-
-    fn columns(ptr: P, col_len: usize) -> Self {
-        Self {
-            ptr,
-            row_stride: 1,
-            col_stride: col_len as isize,
-        }
-    }
-}
-
 /// dst (m x n) = lhs (m x k) . rhs (k x n), added to dst when `accumulate`; threaded when the
 /// plan gives one image all the threads.
 ///
 /// # Safety
-/// Every element the three views address for these sizes must be in bounds, and dst must not
-/// overlap lhs or rhs.
+/// As [`super::matmul::product`].
 unsafe fn product(
-    (m, n, k): (usize, usize, usize),
+    sizes: (usize, usize, usize),
     dst: Strided<*mut f32>,
     accumulate: bool,
     lhs: Strided<*const f32>,
@@ -186,28 +160,7 @@ unsafe fn product(
     } else {
         Parallelism::None
     };
-    // gemm computes dst = alpha * dst + beta * lhs . rhs, reading dst only when asked.
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.ptr,
-        dst.col_stride,
-        dst.row_stride,
-        accumulate,
-        lhs.ptr,
-        lhs.col_stride,
-        lhs.row_stride,
-        rhs.ptr,
-        rhs.col_stride,
-        rhs.row_stride,
-        1.0f32,
-        1.0f32,
-        false,
-        false,
-        false,
-        parallelism,
-    );
+    super::matmul::product(sizes, dst, accumulate, lhs, rhs, parallelism);
 }
 
 /// Runs `f(first image, that run's slice of out)` over `workers` contiguous runs of images

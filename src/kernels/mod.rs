@@ -46,6 +46,7 @@ pub mod geglu;
 pub mod group_norm;
 pub mod im2col;
 pub mod layer_norm;
+mod matmul;
 pub mod parallel;
 pub mod softmax;
 pub mod winograd;

@@ -72,33 +72,92 @@ pub fn for_each_chunk<F>(out: &mut [f32], chunk_len: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
+    for_each_chunk_with(out, chunk_len, || (), |_, i, chunk| f(i, chunk));
+}
+
+/// [`for_each_chunk`] with per-thread state: `init` makes one per run of chunks (scratch
+/// buffers allocated once per thread, not once per chunk).
+pub fn for_each_chunk_with<S, I, F>(out: &mut [f32], chunk_len: usize, init: I, f: F)
+where
+    I: Fn() -> S + Sync,
+    F: Fn(&mut S, usize, &mut [f32]) + Sync,
+{
     if chunk_len == 0 || out.is_empty() {
         return;
     }
     let items = out.len() / chunk_len;
     let threads = threads_for(items);
     if threads == 1 {
+        let mut state = init();
         for (i, chunk) in out.chunks_mut(chunk_len).enumerate() {
-            f(i, chunk);
+            f(&mut state, i, chunk);
         }
         return;
     }
     let per = items.div_ceil(threads);
     rayon::scope(|scope| {
         for (t, part) in out.chunks_mut(per * chunk_len).enumerate() {
-            let f = &f;
+            let (f, init) = (&f, &init);
             scope.spawn(move |_| {
+                let mut state = init();
                 for (i, chunk) in part.chunks_mut(chunk_len).enumerate() {
-                    f(t * per + i, chunk);
+                    f(&mut state, t * per + i, chunk);
                 }
             });
         }
     });
 }
 
+/// Calls `f(state, index)` for every index below `items`, spread over the threads in
+/// contiguous runs, with one `init()` state per run; for work whose outputs are not one
+/// contiguous chunk per index (written through a [`SharedMut`]).
+pub fn for_each_index_with<S, I, F>(items: usize, init: I, f: F)
+where
+    I: Fn() -> S + Sync,
+    F: Fn(&mut S, usize) + Sync,
+{
+    let threads = threads_for(items);
+    if threads <= 1 {
+        let mut state = init();
+        (0..items).for_each(|i| f(&mut state, i));
+        return;
+    }
+    let per = items.div_ceil(threads);
+    rayon::scope(|scope| {
+        for start in (0..items).step_by(per) {
+            let (f, init) = (&f, &init);
+            scope.spawn(move |_| {
+                let mut state = init();
+                (start..(start + per).min(items)).for_each(|i| f(&mut state, i));
+            });
+        }
+    });
+}
+
+/// A raw pointer to an output buffer that parallel work may share: each piece of work
+/// writes its own disjoint set of elements (the user's unsafe blocks say which).
+#[derive(Clone, Copy)]
+pub struct SharedMut(*mut f32);
+
+// SAFETY: the wrapper only moves the address between threads; every dereference is an unsafe
+// block of its user, which guarantees that no two threads touch the same element.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    pub fn new(buffer: &mut [f32]) -> Self {
+        Self(buffer.as_mut_ptr())
+    }
+
+    /// Through a method, so closures capture the whole (Sync) wrapper, not its raw field.
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::for_each_chunk;
+    use super::{for_each_chunk, for_each_index_with};
 
     #[test]
     fn every_chunk_is_visited_once_with_its_index() {
@@ -111,5 +170,18 @@ mod tests {
         });
         let expected: Vec<f32> = (0..37 * 3).map(|k| k as f32 + 1.0).collect();
         assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn every_index_is_visited_once_with_a_state_per_run() {
+        let seen = std::sync::Mutex::new(Vec::new());
+        let states = std::sync::atomic::AtomicUsize::new(0);
+        let init = || states.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        for_each_index_with(37, init, |_, i| seen.lock().unwrap().push(i));
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        assert_eq!(seen, (0..37).collect::<Vec<_>>());
+        let runs = states.into_inner();
+        assert!((1..=37).contains(&runs), "{runs} states");
     }
 }

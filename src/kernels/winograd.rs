@@ -18,7 +18,8 @@
 use gemm::Parallelism;
 
 use super::im2col::ConvGeometry;
-use super::parallel::{for_each_chunk, threads_for};
+use super::matmul::{product, Strided};
+use super::parallel::{for_each_chunk, for_each_chunk_with, for_each_index_with, SharedMut};
 
 /// Outputs per tile side, and input (transformed) tile side.
 const M: usize = 4;
@@ -212,36 +213,20 @@ struct Dims {
     tiles_w: usize,
 }
 
-impl Dims {
-    /// For each tile position along one axis (`tiles` of them), the six source indices of its
-    /// input tile in the stored (not upsampled) image, or usize::MAX for padding.
-    fn sources(tiles: usize, virtual_len: usize, up: usize, padding: usize) -> Vec<[usize; T]> {
-        (0..tiles)
-            .map(|t| {
-                let mut s = [usize::MAX; T];
-                for (i, v) in s.iter_mut().enumerate() {
-                    let pos = (t * M + i) as isize - padding as isize;
-                    if pos >= 0 && (pos as usize) < virtual_len {
-                        *v = pos as usize / up;
-                    }
-                }
-                s
-            })
-            .collect()
-    }
-}
-
-/// A raw pointer that may cross threads: each thread writes a disjoint set of elements.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// Through a method, so closures capture the whole (Sync) wrapper, not its raw field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
+/// The padded input positions that `tiles` tiles read along one axis (4 tiles + 2, from
+/// -padding): for each, its index in the stored (not upsampled) image, or usize::MAX where it
+/// falls in the padding. Tile t reads entries 4t .. 4t + 5.
+fn padded_sources(tiles: usize, virtual_len: usize, up: usize, padding: usize) -> Vec<usize> {
+    (0..tiles * M + 2)
+        .map(|i| {
+            let pos = i as isize - padding as isize;
+            if pos >= 0 && (pos as usize) < virtual_len {
+                pos as usize / up
+            } else {
+                usize::MAX
+            }
+        })
+        .collect()
 }
 
 /// The convolution of `x` ((b, c, sh, sw), read as upsampled `up` times) with `w`
@@ -310,18 +295,8 @@ fn run(
         tiles_h: oh.div_ceil(M),
         tiles_w: ow.div_ceil(M),
     };
-    let rows_src = Dims::sources(d.tiles_h, g.h, up, g.padding);
-    // The padded input line of a tile row: 4 tiles_w + 2 positions from x = -padding.
-    let cols_src: Vec<usize> = (0..d.tiles_w * M + 2)
-        .map(|i| {
-            let pos = i as isize - g.padding as isize;
-            if pos >= 0 && (pos as usize) < g.w {
-                pos as usize / up
-            } else {
-                usize::MAX
-            }
-        })
-        .collect();
+    let rows_src = padded_sources(d.tiles_h, g.h, up, g.padding);
+    let cols_src = padded_sources(d.tiles_w, g.w, up, g.padding);
     // Filter blocks: all output channels at once when the transformed bank is small enough.
     // Blocks of even size (512 channels in two blocks of 256, not 455 + 57).
     let most = (filter_block_bytes / (TT * c * 4)).clamp(1, out_c);
@@ -399,20 +374,21 @@ fn transform_inputs(
     x: &[f32],
     d: Dims,
     (r0, r1): (usize, usize),
-    rows_src: &[[usize; T]],
+    rows_src: &[usize],
     cols_src: &[usize],
     v: &mut [f32],
 ) {
     let tiles = d.b * (r1 - r0) * d.tiles_w;
     let plane = d.sh * d.sw;
     let wp = cols_src.len();
-    for_each_chunk(v, TT * tiles, |i, dst| {
-        let mut lines = vec![0f32; T * wp];
-        let mut scratch = vec![0f32; T * wp + M * (d.tiles_w + 1)];
+    // Per thread: the six padded input lines of a tile row, and the transform's scratch.
+    let init = || (vec![0f32; T * wp], vec![0f32; T * wp + M * (d.tiles_w + 1)]);
+    for_each_chunk_with(v, TT * tiles, init, |(lines, scratch), i, dst| {
         let mut t = 0;
         for img in 0..d.b {
             let src = &x[(img * d.c + i) * plane..][..plane];
-            for rows in &rows_src[r0..r1] {
+            for ty in r0..r1 {
+                let rows = &rows_src[ty * M..][..T];
                 for (line, &sy) in lines.chunks_mut(wp).zip(rows) {
                     if sy == usize::MAX {
                         line.fill(0.0);
@@ -423,7 +399,7 @@ fn transform_inputs(
                         *val = if sx == usize::MAX { 0.0 } else { src_line[sx] };
                     }
                 }
-                input_tile_row(&lines, wp, &mut scratch, &mut dst[t..], tiles);
+                input_tile_row(lines, wp, scratch, &mut dst[t..], tiles);
                 t += d.tiles_w;
             }
         }
@@ -433,47 +409,26 @@ fn transform_inputs(
 /// M[e] = U[e] . V[e] for the 36 positions, in the layout [o][e][t], spread over the threads
 /// by position (each product single-threaded).
 fn products(u: &[f32], v: &[f32], (n_o, c, tiles): (usize, usize, usize), m: &mut [f32]) {
-    let threads = threads_for(TT);
-    let m_ptr = Shared(m.as_mut_ptr());
-    let one = |e: usize| {
-        // SAFETY: for position e the product writes m[o * 36 * tiles + e * tiles + t] for
-        // o < n_o, t < tiles, inside m (36 * n_o * tiles long) and disjoint from every other
-        // position's elements; u and v are read within their lengths by the same reasoning.
-        unsafe {
-            gemm::gemm(
-                n_o,
-                tiles,
-                c,
-                m_ptr.get().add(e * tiles),
-                1,
-                (TT * tiles) as isize,
-                false,
-                u.as_ptr().add(e * c),
-                1,
-                (TT * c) as isize,
-                v.as_ptr().add(e * tiles),
-                1,
-                (TT * tiles) as isize,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
-        }
-    };
-    if threads <= 1 {
-        (0..TT).for_each(one);
-    } else {
-        let per = TT.div_ceil(threads);
-        rayon::scope(|s| {
-            for start in (0..TT).step_by(per) {
-                let one = &one;
-                s.spawn(move |_| (start..(start + per).min(TT)).for_each(one));
+    let m_ptr = SharedMut::new(m);
+    for_each_index_with(
+        TT,
+        || (),
+        |_, e| {
+            // SAFETY: for position e the product writes m[o * 36 * tiles + e * tiles + t] for
+            // o < n_o, t < tiles, inside m (36 * n_o * tiles long) and disjoint from every other
+            // position's elements; u and v are read within their lengths by the same reasoning.
+            unsafe {
+                product(
+                    (n_o, tiles, c),
+                    Strided::rows(m_ptr.get().add(e * tiles), TT * tiles),
+                    false,
+                    Strided::rows(u.as_ptr().add(e * c), TT * c),
+                    Strided::rows(v.as_ptr().add(e * tiles), TT * tiles),
+                    Parallelism::None,
+                );
             }
-        });
-    }
+        },
+    );
 }
 
 /// Y = A^T M A plus the bias for output channels o0..o0+n_o, written into y where the tiles
@@ -489,14 +444,15 @@ fn write_outputs(
 ) {
     let (oh, ow) = (d.g.out_h(), d.g.out_w());
     let tiles = d.b * (r1 - r0) * d.tiles_w;
-    let y_ptr = Shared(y.as_mut_ptr());
-    let per_channel = |o: usize| {
+    let y_ptr = SharedMut::new(y);
+    let init = || vec![0f32; T * M * d.tiles_w + M * M * d.tiles_w];
+    for_each_index_with(n_o, init, |scratch, o| {
         let src = &m[o * TT * tiles..][..TT * tiles];
         let bv = bias[o0 + o];
-        let mut scratch = vec![0f32; T * M * d.tiles_w + M * M * d.tiles_w];
         let mut t = 0;
         for img in 0..d.b {
-            // SAFETY: this closure alone writes output channel o0 + o of every image.
+            // SAFETY: this call alone writes output channel o0 + o of every image, inside y
+            // (b * out_c planes of oh * ow values; `forward` checked its length).
             let plane = unsafe {
                 std::slice::from_raw_parts_mut(
                     y_ptr.get().add((img * d.out_c + o0 + o) * oh * ow),
@@ -506,23 +462,11 @@ fn write_outputs(
             for ty in r0..r1 {
                 let rows = M.min(oh - ty * M);
                 let out = &mut plane[ty * M * ow..][..rows * ow];
-                output_tile_row(&src[t..], tiles, d.tiles_w, bv, &mut scratch, out, ow, rows);
+                output_tile_row(&src[t..], tiles, d.tiles_w, bv, scratch, out, ow, rows);
                 t += d.tiles_w;
             }
         }
-    };
-    let threads = threads_for(n_o);
-    if threads <= 1 {
-        (0..n_o).for_each(per_channel);
-    } else {
-        let per = n_o.div_ceil(threads);
-        rayon::scope(|s| {
-            for start in (0..n_o).step_by(per) {
-                let f = &per_channel;
-                s.spawn(move |_| (start..(start + per).min(n_o)).for_each(f));
-            }
-        });
-    }
+    });
 }
 
 #[cfg(test)]
