@@ -189,6 +189,17 @@ pub enum StepControl {
     Cancel,
 }
 
+impl StepControl {
+    /// A plain callback's answer: go on, or cancel.
+    fn continue_if(go_on: bool) -> Self {
+        if go_on {
+            StepControl::Continue
+        } else {
+            StepControl::Cancel
+        }
+    }
+}
+
 /// One 8-bit RGB image and the seed that made it.
 #[derive(Clone, Debug)]
 pub struct GeneratedImage {
@@ -493,13 +504,7 @@ impl Pipeline {
         req: &GenerateRequest,
         on_step: &mut dyn FnMut(&StepProgress) -> bool,
     ) -> Result<Generation> {
-        self.generate_controlled(req, &mut |p| {
-            if on_step(p) {
-                StepControl::Continue
-            } else {
-                StepControl::Cancel
-            }
-        })
+        self.generate_controlled(req, &mut |p| StepControl::continue_if(on_step(p)))
     }
 
     /// The unconditional half of classifier-free guidance.
@@ -538,13 +543,7 @@ impl Pipeline {
         req: &GenerateRequest,
         on_step: &mut dyn FnMut(&StepProgress) -> bool,
     ) -> Result<Generation> {
-        let denoised = self.denoise(req, &mut |p| {
-            if on_step(p) {
-                StepControl::Continue
-            } else {
-                StepControl::Cancel
-            }
-        })?;
+        let denoised = self.denoise(req, &mut |p| StepControl::continue_if(on_step(p)))?;
         let Pipeline {
             vae,
             unet,
