@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -243,6 +244,45 @@ fn prepare_folder(o: &TrainOptions) -> Result<()> {
     )
 }
 
+/// One training batch after noising: what the text encoder and the U-Net see and what the
+/// U-Net should predict.
+pub struct NoisyBatch {
+    pub ids: Vec<Vec<u32>>,
+    /// The noised latents, (batch, channels, height, width).
+    pub noisy: Tensor,
+    pub timesteps: Vec<f64>,
+    /// The noise or v, shaped as `noisy`.
+    pub target: Tensor,
+    /// Per-sample loss weights, (batch, 1, 1, 1) (Min-SNR weighting); `None`: all 1.
+    pub weights: Option<Tensor>,
+}
+
+impl NoisyBatch {
+    /// The loss of samples `start..start + len` and its gradients: their share of the batch's
+    /// weighted mean squared error, so that the shards' losses and gradients sum to the whole
+    /// batch's.
+    pub fn loss_and_grads(
+        &self,
+        text_encoder: &ClipTextModel,
+        unet: &UNet,
+        start: usize,
+        len: usize,
+    ) -> Result<(f64, GradStore)> {
+        let scale = 1.0 / self.target.elem_count() as f64;
+        let context = text_encoder.forward(&self.ids[start..start + len], 0)?;
+        let noisy = self.noisy.narrow(0, start, len)?;
+        let pred = unet.forward_timesteps(&noisy, &self.timesteps[start..start + len], &context)?;
+        let target = self.target.narrow(0, start, len)?;
+        let mut squared = (pred - target)?.sqr()?;
+        if let Some(w) = &self.weights {
+            squared = squared.broadcast_mul(&w.narrow(0, start, len)?)?;
+        }
+        let loss = (squared.sum_all()? * scale)?;
+        let grads = loss.backward()?;
+        Ok((loss.to_scalar::<f32>()? as f64, grads))
+    }
+}
+
 pub struct TrainReport {
     pub images_per_second: f64,
     pub final_loss: f64,
@@ -388,21 +428,15 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
             Some(gamma) => Some(coef(&|a| min_snr_weight(a, gamma, o.v_prediction))?),
             None => None,
         };
-        // The mean squared error over the whole batch, as a sum over its shards.
-        let scale = 1.0 / target.elem_count() as f64;
-        let shard = |start: usize, len: usize| -> Result<(f64, candle_core::backprop::GradStore)> {
-            let context = text_encoder.forward(&ids[start..start + len], 0)?;
-            let noisy = noisy.narrow(0, start, len)?;
-            let pred = unet.forward_timesteps(&noisy, &t_f[start..start + len], &context)?;
-            let target = target.narrow(0, start, len)?;
-            let mut squared = (pred - target)?.sqr()?;
-            if let Some(w) = &weights {
-                squared = squared.broadcast_mul(&w.narrow(0, start, len)?)?;
-            }
-            let loss = (squared.sum_all()? * scale)?;
-            let grads = loss.backward()?;
-            Ok((loss.to_scalar::<f32>()? as f64, grads))
+        let noisy_batch = NoisyBatch {
+            ids,
+            noisy,
+            timesteps: t_f,
+            target,
+            weights,
         };
+        let shard =
+            |start: usize, len: usize| noisy_batch.loss_and_grads(&text_encoder, &unet, start, len);
         let (losses, grads): (Vec<f64>, Vec<_>) = super::shards(b, &shard)?.into_iter().unzip();
         let stats = opt.step_summed(&grads)?;
         last_loss = losses.iter().sum();
