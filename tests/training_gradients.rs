@@ -48,9 +48,8 @@ fn trainable_model() -> Model {
     let device = Device::Cpu;
     let text_params = ParamStore::new(0, &device);
     let text_config = ClipTextConfig::from_file(&dir.join("text_encoder/config.json")).unwrap();
-    let text =
-        ClipTextModel::from_vb(text_config, &Vb::from(&text_params).pp("text_model"), None)
-            .unwrap();
+    let text = ClipTextModel::from_vb(text_config, &Vb::from(&text_params).pp("text_model"), None)
+        .unwrap();
     let unet_params = ParamStore::new(1, &device);
     let unet = UNet::from_weights(
         UNetConfig::from_file(&dir.join("unet/config.json")).unwrap(),
@@ -87,7 +86,10 @@ fn a_training_step_has_pytorchs_loss_and_gradients() {
     let batch = NoisyBatch {
         ids,
         noisy: get("noisy"),
-        timesteps: to_vec(&get("timesteps")).iter().map(|&t| t as f64).collect(),
+        timesteps: to_vec(&get("timesteps"))
+            .iter()
+            .map(|&t| t as f64)
+            .collect(),
         target: get("target"),
         weights: Some(get("weights").reshape((2, 1, 1, 1)).unwrap()),
     };
@@ -100,9 +102,16 @@ fn a_training_step_has_pytorchs_loss_and_gradients() {
         "loss {loss} vs PyTorch {want}"
     );
     // Two shards of one sample each sum to the whole batch (what `train` does per thread).
-    let (l0, g0) = batch.loss_and_grads(&model.text, &model.unet, 0, 1).unwrap();
-    let (l1, g1) = batch.loss_and_grads(&model.text, &model.unet, 1, 1).unwrap();
-    assert!((l0 + l1 - loss).abs() <= 1e-5 * loss, "{l0} + {l1} vs {loss}");
+    let (l0, g0) = batch
+        .loss_and_grads(&model.text, &model.unet, 0, 1)
+        .unwrap();
+    let (l1, g1) = batch
+        .loss_and_grads(&model.text, &model.unet, 1, 1)
+        .unwrap();
+    assert!(
+        (l0 + l1 - loss).abs() <= 1e-5 * loss,
+        "{l0} + {l1} vs {loss}"
+    );
 
     let used: Vec<u32> = to_vec(&get("used_ids").to_dtype(DType::F32).unwrap())
         .iter()
@@ -127,8 +136,8 @@ fn a_training_step_has_pytorchs_loss_and_gradients() {
         let grad = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name}: no gradient (PyTorch's norm {want_norm})"));
-        let sharded = (g0.get(var.as_tensor()).unwrap() + g1.get(var.as_tensor()).unwrap())
-            .unwrap();
+        let sharded =
+            (g0.get(var.as_tensor()).unwrap() + g1.get(var.as_tensor()).unwrap()).unwrap();
         let mut grad_rows = grad.clone();
         let mut sharded_rows = sharded.clone();
         if name.ends_with("token_embedding.weight") {
@@ -150,8 +159,14 @@ fn a_training_step_has_pytorchs_loss_and_gradients() {
             if err > worst.0 {
                 worst = (err, name.clone());
             }
-            assert!(err <= 1e-3, "{name}: element {a} vs PyTorch {b} (norm {want_norm})");
-            assert!((a - s).abs() <= 1e-3 * want_norm.max(floor), "{name}: sharded {s} vs {a}");
+            assert!(
+                err <= 1e-3,
+                "{name}: element {a} vs PyTorch {b} (norm {want_norm})"
+            );
+            assert!(
+                (a - s).abs() <= 1e-3 * want_norm.max(floor),
+                "{name}: sharded {s} vs {a}"
+            );
         }
         checked += 1;
     }

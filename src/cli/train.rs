@@ -165,6 +165,11 @@ pub struct TrainArgs {
     /// dominating the gradient. May be set when resuming.
     #[arg(long)]
     pub snr_gamma: Option<f64>,
+    /// Share of each batch's timesteps drawn from the noisier half (t >= 500), where layout
+    /// and shape are decided; the rest stay uniform over all timesteps. 0 = uniform. May be
+    /// set when resuming.
+    #[arg(long)]
+    pub late_timesteps: Option<f64>,
     #[arg(long, default_value = "64,128,128")]
     pub unet_channels: String,
     #[arg(long, default_value_t = 1)]
@@ -227,6 +232,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         v_prediction,
         zero_terminal_snr: a.zero_terminal_snr,
         snr_gamma: a.snr_gamma,
+        late_timesteps: a.late_timesteps,
         unet_channels: parse_list(&a.unet_channels)?,
         unet_layers: a.unet_layers,
         unet_heads: a.unet_heads,

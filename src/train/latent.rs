@@ -62,6 +62,12 @@ pub struct TrainOptions {
     /// gradient. `None`: plain MSE. Can be set or changed at `--resume`.
     #[serde(default)]
     pub snr_gamma: Option<f64>,
+    /// The share of timesteps drawn from the noisier half, t in [500, 1000), instead of
+    /// uniformly over [0, 1000). What a model gets wrong last (where shapes go, which shape
+    /// they are) is decided there; the nearly clean half only refines edges. `None`: uniform
+    /// (and the random stream of runs made before the option). Can be set at `--resume`.
+    #[serde(default)]
+    pub late_timesteps: Option<f64>,
     pub unet_channels: Vec<usize>,
     pub unet_layers: usize,
     pub unet_heads: usize,
@@ -94,6 +100,17 @@ pub fn min_snr_weight(acp: f64, gamma: f64, v_prediction: bool) -> f64 {
         1.0
     } else {
         clipped / snr
+    }
+}
+
+/// A training timestep in [0, 1000): uniform, or with probability `late` from the noisier
+/// half [500, 1000). Draws one number when `late` is `None` (as runs before the option did),
+/// two otherwise.
+fn sample_timestep(rng: &mut crate::rng::TorchGenerator, late: Option<f64>) -> usize {
+    let t = (rng.uniform() * 1000.0) as usize;
+    match late {
+        Some(p) if rng.uniform() < p => 500 + t / 2,
+        _ => t,
     }
 }
 
@@ -298,8 +315,10 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         start = ck.state.step;
         let (steps, quiet, sample_every) = (o.steps, o.quiet, o.sample_every);
         let (zero_terminal_snr, snr_gamma) = (o.zero_terminal_snr, o.snr_gamma);
+        let late_timesteps = o.late_timesteps;
         o = ck.state.options.clone();
         o.snr_gamma = snr_gamma.or(o.snr_gamma);
+        o.late_timesteps = late_timesteps.or(o.late_timesteps);
         // A run may switch to the zero-SNR schedule when resumed (fine-tuning), not back.
         o.zero_terminal_snr |= zero_terminal_snr;
         o.steps = steps.max(start);
@@ -312,6 +331,11 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
     if o.snr_gamma.is_some_and(|g| !(g > 0.0 && g.is_finite())) {
         return Err(Error::InvalidRequest(
             "--snr-gamma must be a positive number (5 is the usual choice)".into(),
+        ));
+    }
+    if o.late_timesteps.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+        return Err(Error::InvalidRequest(
+            "--late-timesteps must be a share between 0 and 1".into(),
         ));
     }
     if o.zero_terminal_snr && !o.v_prediction {
@@ -402,7 +426,9 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         let eps = rng.randn(mean.dims(), &device)?;
         let z0 = ((mean + ((logvar * 0.5)?.exp()? * eps)?)? * scaling)?.detach();
         let b = o.batch;
-        let timesteps: Vec<usize> = (0..b).map(|_| (rng.uniform() * 1000.0) as usize).collect();
+        let timesteps: Vec<usize> = (0..b)
+            .map(|_| sample_timestep(&mut rng, o.late_timesteps))
+            .collect();
         let ids: Vec<Vec<u32>> = batch
             .captions
             .iter()
@@ -540,7 +566,33 @@ fn export(o: &TrainOptions, opt: &AdamW) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{alphas_cumprod, min_snr_weight};
+    use super::{alphas_cumprod, min_snr_weight, sample_timestep};
+
+    /// Without the option the stream is the old one (one draw per timestep); with it, the
+    /// asked share lands in the noisier half on top of the uniform draws' own half.
+    #[test]
+    fn late_timesteps_shift_the_share_of_noisy_samples() {
+        let mut a = super::super::step_rng(5, 0);
+        let mut b = super::super::step_rng(5, 0);
+        for _ in 0..100 {
+            assert_eq!(
+                sample_timestep(&mut a, None),
+                (b.uniform() * 1000.0) as usize
+            );
+        }
+        let share = |late: f64| {
+            let mut rng = super::super::step_rng(6, 0);
+            let n = 20_000;
+            let ts: Vec<usize> = (0..n)
+                .map(|_| sample_timestep(&mut rng, Some(late)))
+                .collect();
+            assert!(ts.iter().all(|&t| t < 1000));
+            ts.iter().filter(|&&t| t >= 500).count() as f64 / n as f64
+        };
+        assert_eq!(share(1.0), 1.0);
+        assert!((share(0.0) - 0.5).abs() < 0.02, "{}", share(0.0));
+        assert!((share(0.5) - 0.75).abs() < 0.02, "{}", share(0.5));
+    }
 
     /// Min-SNR-5 weights on SD's schedule and the zero-terminal one: noisy timesteps (SNR
     /// below gamma) keep an epsilon weight of 1, clean ones are scaled down to gamma / SNR;
