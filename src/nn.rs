@@ -28,7 +28,7 @@ impl Linear {
         let weight_t = if weight.track_op() {
             weight.t()?
         } else {
-            weight.t()?.contiguous()?
+            crate::kernels::transpose::transpose_matrix(&weight)?
         };
         Ok(Self { weight_t, bias })
     }

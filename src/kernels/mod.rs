@@ -49,6 +49,7 @@ pub mod layer_norm;
 mod matmul;
 pub mod parallel;
 pub mod softmax;
+pub mod transpose;
 pub mod winograd;
 
 /// Whether these kernels apply to `x`: they take f32 tensors on the CPU (other dtypes and

@@ -68,19 +68,21 @@ pub fn in_shards<R: Send>(batch: usize, f: &(dyn Fn(usize, usize) -> R + Sync)) 
 
 /// Calls `f(index, chunk)` for each `chunk_len`-sized chunk of `out`, spread over the threads
 /// in contiguous runs (the chunks are uniform work, so a static split is balanced).
-pub fn for_each_chunk<F>(out: &mut [f32], chunk_len: usize, f: F)
+pub fn for_each_chunk<T, F>(out: &mut [T], chunk_len: usize, f: F)
 where
-    F: Fn(usize, &mut [f32]) + Sync,
+    T: Send,
+    F: Fn(usize, &mut [T]) + Sync,
 {
     for_each_chunk_with(out, chunk_len, || (), |_, i, chunk| f(i, chunk));
 }
 
 /// [`for_each_chunk`] with per-thread state: `init` makes one per run of chunks (scratch
 /// buffers allocated once per thread, not once per chunk).
-pub fn for_each_chunk_with<S, I, F>(out: &mut [f32], chunk_len: usize, init: I, f: F)
+pub fn for_each_chunk_with<T, S, I, F>(out: &mut [T], chunk_len: usize, init: I, f: F)
 where
+    T: Send,
     I: Fn() -> S + Sync,
-    F: Fn(&mut S, usize, &mut [f32]) + Sync,
+    F: Fn(&mut S, usize, &mut [T]) + Sync,
 {
     if chunk_len == 0 || out.is_empty() {
         return;
