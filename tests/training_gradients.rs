@@ -117,12 +117,7 @@ fn a_training_step_has_pytorchs_loss_and_gradients() {
         .iter()
         .map(|&v| v as u32)
         .collect();
-    // Gradients below this norm are zero in exact arithmetic (a key bias shifts every score of
-    // a query alike, and softmax ignores that): both sides hold rounding noise there.
-    let floor = 1e-5f32;
-    let mut checked = 0;
-    let mut worst = (0f32, String::new());
-    let vars = model
+    let vars: Vec<_> = model
         .unet_params
         .vars()
         .into_iter()
@@ -130,50 +125,67 @@ fn a_training_step_has_pytorchs_loss_and_gradients() {
         .chain(model.text_params.vars().into_iter().map(|(k, v)| {
             let k = k.strip_prefix("text_model.").unwrap_or(&k).to_string();
             (format!("text_encoder.{k}"), v)
-        }));
-    for (name, var) in vars {
-        let want_norm = to_vec(&get(&format!("{name}.norm")))[0];
+        }))
+        .collect();
+    let norm_of = |name: &str| to_vec(&get(&format!("{name}.norm")))[0];
+    let largest = vars.iter().map(|(n, _)| norm_of(n)).fold(0f32, f32::max);
+    let distance = |a: &[f32], b: &[f32]| -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f32>()
+            .sqrt()
+    };
+    let mut checked = 0;
+    let mut worst = (0f32, String::new());
+    for (name, var) in &vars {
+        let want_norm = norm_of(name);
         let grad = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name}: no gradient (PyTorch's norm {want_norm})"));
+        let norm = to_vec(&grad.sqr().unwrap().sum_all().unwrap())[0].sqrt();
+        checked += 1;
+        // A key projection's bias shifts all of a query's scores alike, which softmax
+        // ignores: its gradient is zero in exact arithmetic, rounding noise on both sides.
+        if name.ends_with("k_proj.bias") {
+            assert!(
+                norm <= 1e-6 * largest && want_norm <= 1e-6 * largest,
+                "{name}: {norm} / {want_norm}"
+            );
+            continue;
+        }
+        assert!(
+            (norm - want_norm).abs() <= 1e-3 * want_norm,
+            "{name}: gradient norm {norm} vs PyTorch {want_norm}"
+        );
         let sharded =
             (g0.get(var.as_tensor()).unwrap() + g1.get(var.as_tensor()).unwrap()).unwrap();
-        let mut grad_rows = grad.clone();
-        let mut sharded_rows = sharded.clone();
+        let (mut grad_rows, mut sharded_rows) = (grad.clone(), sharded);
         if name.ends_with("token_embedding.weight") {
             let rows = Tensor::new(used.as_slice(), &Device::Cpu).unwrap();
             grad_rows = grad.index_select(&rows, 0).unwrap();
-            sharded_rows = sharded.index_select(&rows, 0).unwrap();
+            sharded_rows = sharded_rows.index_select(&rows, 0).unwrap();
         }
-        let norm = to_vec(&grad.sqr().unwrap().sum_all().unwrap())[0].sqrt();
-        assert!(
-            (norm - want_norm).abs() <= 1e-3 * want_norm + floor,
-            "{name}: gradient norm {norm} vs PyTorch {want_norm}"
-        );
         let ours = strided_sample(&to_vec(&grad_rows));
         let ours_sharded = strided_sample(&to_vec(&sharded_rows));
         let theirs = to_vec(&get(&format!("{name}.sample")));
         assert_eq!(ours.len(), theirs.len(), "{name}: sample length");
-        for ((a, s), b) in ours.iter().zip(&ours_sharded).zip(&theirs) {
-            let err = (a - b).abs() / want_norm.max(floor);
-            if err > worst.0 {
-                worst = (err, name.clone());
-            }
-            assert!(
-                err <= 1e-3,
-                "{name}: element {a} vs PyTorch {b} (norm {want_norm})"
-            );
-            assert!(
-                (a - s).abs() <= 1e-3 * want_norm.max(floor),
-                "{name}: sharded {s} vs {a}"
-            );
+        let scale = theirs.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let err = distance(&ours, &theirs) / scale;
+        if err > worst.0 {
+            worst = (err, name.clone());
         }
-        checked += 1;
+        assert!(
+            err <= 1e-4,
+            "{name}: sampled gradient off by {err} of its norm"
+        );
+        let split = distance(&ours, &ours_sharded) / scale;
+        assert!(split <= 1e-4, "{name}: two shards' gradient off by {split}");
     }
     let expected = reference.keys().filter(|k| k.ends_with(".norm")).count();
     assert_eq!(checked, expected, "parameters compared vs PyTorch's");
     eprintln!(
-        "{checked} gradients match; worst element error {:e} of its norm ({})",
+        "{checked} gradients match; worst sample error {:e} of its norm ({})",
         worst.0, worst.1
     );
 }

@@ -165,9 +165,9 @@ pub struct TrainArgs {
     /// dominating the gradient. May be set when resuming.
     #[arg(long)]
     pub snr_gamma: Option<f64>,
-    /// Share of each batch's timesteps drawn from the noisier half (t >= 500), where layout
-    /// and shape are decided; the rest stay uniform over all timesteps. 0 = uniform. May be
-    /// set when resuming.
+    /// Share P of the timesteps drawn from the noisier half (t >= 500), where layout and
+    /// shape are decided; the rest stay uniform over all timesteps, so that half gets
+    /// (1 + P) / 2 of them. 0 = uniform. May be set when resuming.
     #[arg(long)]
     pub late_timesteps: Option<f64>,
     #[arg(long, default_value = "64,128,128")]

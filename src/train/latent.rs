@@ -104,12 +104,12 @@ pub fn min_snr_weight(acp: f64, gamma: f64, v_prediction: bool) -> f64 {
 }
 
 /// A training timestep in [0, 1000): uniform, or with probability `late` from the noisier
-/// half [500, 1000). Draws one number when `late` is `None` (as runs before the option did),
-/// two otherwise.
+/// half [500, 1000) (so that half gets (1 + late) / 2 of the samples). Draws one number when
+/// `late` is `None` or 0 (as runs before the option did), two otherwise.
 fn sample_timestep(rng: &mut crate::rng::TorchGenerator, late: Option<f64>) -> usize {
     let t = (rng.uniform() * 1000.0) as usize;
     match late {
-        Some(p) if rng.uniform() < p => 500 + t / 2,
+        Some(p) if p > 0.0 && rng.uniform() < p => 500 + t / 2,
         _ => t,
     }
 }
@@ -285,6 +285,7 @@ impl NoisyBatch {
         start: usize,
         len: usize,
     ) -> Result<(f64, GradStore)> {
+        debug_assert!(start + len <= self.ids.len() && self.ids.len() == self.noisy.dim(0)?);
         let scale = 1.0 / self.target.elem_count() as f64;
         let context = text_encoder.forward(&self.ids[start..start + len], 0)?;
         let noisy = self.noisy.narrow(0, start, len)?;
@@ -572,13 +573,15 @@ mod tests {
     /// asked share lands in the noisier half on top of the uniform draws' own half.
     #[test]
     fn late_timesteps_shift_the_share_of_noisy_samples() {
-        let mut a = super::super::step_rng(5, 0);
-        let mut b = super::super::step_rng(5, 0);
-        for _ in 0..100 {
-            assert_eq!(
-                sample_timestep(&mut a, None),
-                (b.uniform() * 1000.0) as usize
-            );
+        for off in [None, Some(0.0)] {
+            let mut a = super::super::step_rng(5, 0);
+            let mut b = super::super::step_rng(5, 0);
+            for _ in 0..100 {
+                assert_eq!(
+                    sample_timestep(&mut a, off),
+                    (b.uniform() * 1000.0) as usize
+                );
+            }
         }
         let share = |late: f64| {
             let mut rng = super::super::step_rng(6, 0);
@@ -591,6 +594,7 @@ mod tests {
         };
         assert_eq!(share(1.0), 1.0);
         assert!((share(0.0) - 0.5).abs() < 0.02, "{}", share(0.0));
+        assert!((share(0.2) - 0.6).abs() < 0.02, "{}", share(0.2));
         assert!((share(0.5) - 0.75).abs() < 0.02, "{}", share(0.5));
     }
 
