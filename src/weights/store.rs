@@ -200,12 +200,10 @@ impl Weights {
 
     /// An f32 tensor's values (safetensors stores little-endian; callers check the host is).
     fn read_f32(&self, entry: &Entry) -> Result<Vec<f32>> {
-        use std::io::{Read, Seek, SeekFrom};
-        let (path, file) = &self.shards[entry.shard];
         let len = entry.end - entry.start;
         if len % 4 != 0 {
             return Err(Error::Safetensors {
-                path: path.clone(),
+                path: self.shards[entry.shard].0.clone(),
                 reason: format!("an f32 tensor of {len} bytes"),
             });
         }
@@ -213,22 +211,24 @@ impl Weights {
         // SAFETY: the bytes of an f32 slice; every bit pattern is a valid f32.
         let bytes =
             unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), len) };
-        let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
-        file.seek(SeekFrom::Start(entry.start as u64))
-            .and_then(|_| file.read_exact(bytes))
-            .map_err(|e| Error::io(path, e))?;
+        self.read_into(entry, bytes)?;
         Ok(values)
     }
 
     fn read(&self, entry: &Entry) -> Result<Vec<u8>> {
+        let mut bytes = vec![0u8; entry.end - entry.start];
+        self.read_into(entry, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Reads a tensor's bytes from its shard into `buffer` (exactly its length).
+    fn read_into(&self, entry: &Entry, buffer: &mut [u8]) -> Result<()> {
         use std::io::{Read, Seek, SeekFrom};
         let (path, file) = &self.shards[entry.shard];
-        let mut bytes = vec![0u8; entry.end - entry.start];
         let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
         file.seek(SeekFrom::Start(entry.start as u64))
-            .and_then(|_| file.read_exact(&mut bytes))
-            .map_err(|e| Error::io(path, e))?;
-        Ok(bytes)
+            .and_then(|_| file.read_exact(buffer))
+            .map_err(|e| Error::io(path, e))
     }
 
     /// Fails if a stored tensor was never asked for: the folder holds a different model than
