@@ -55,6 +55,25 @@ fn unet_matches_diffusers_square_and_odd_sizes() {
     }
 }
 
+/// `resnet_time_scale_shift: "scale_shift"`: the timestep scales and shifts the normalised
+/// features of every ResNet block (scripts/fixtures/unet_scale_shift.py).
+#[test]
+fn unet_with_time_scale_shift_matches_diffusers() {
+    let unet = UNet::load(&model_dir("unet-scale-shift"), None, &Device::Cpu).unwrap();
+    let path = parity::fixtures().join("reference/unet_scale_shift.safetensors");
+    let refs = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    for t in [37, 911] {
+        let out = unet
+            .forward(&refs["sample"], t as f64, &refs["context"])
+            .unwrap();
+        assert_close(
+            &format!("scale-shift U-Net at t = {t}"),
+            &out,
+            &refs[&format!("out.{t}")],
+        );
+    }
+}
+
 #[test]
 fn vae_decode_and_encode_match_diffusers() {
     for (model, name) in [("sd1-tiny", "sd1"), ("sd2-tiny", "sd2")] {

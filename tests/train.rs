@@ -185,6 +185,58 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
         )
         .unwrap();
     assert_eq!((gen.images[0].width, gen.images[0].height), (64, 64));
+
+    // Fine-tuning starts from the source's weights and architecture: at learning rate 0 the
+    // exported U-Net and text encoder are the source's, bit for bit, though the size options
+    // ask for another architecture.
+    let c = tmp.path().join("c");
+    let mut fine_tune = unet_args(vae_s, c.to_str().unwrap(), "2");
+    fine_tune.extend(["--init-from", a.to_str().unwrap()]);
+    for (flag, value) in [
+        ("--lr", "0"),
+        ("--unet-channels", "16,16"),
+        ("--text-hidden", "16"),
+    ] {
+        let at = fine_tune.iter().position(|a| *a == flag).unwrap();
+        fine_tune[at + 1] = value;
+    }
+    run(&fine_tune);
+    for file in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ] {
+        let load = |dir: &Path| {
+            candle_core::safetensors::load(dir.join(file), &candle_core::Device::Cpu).unwrap()
+        };
+        let (source, tuned) = (load(&a), load(&c));
+        assert_eq!(source.len(), tuned.len(), "{file}: tensor count");
+        for (name, t) in &source {
+            let values = |t: &candle_core::Tensor| {
+                let t = t.to_dtype(candle_core::DType::F32).unwrap();
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            assert!(values(t) == values(&tuned[name]), "{file}: {name} differs");
+        }
+    }
+    for file in [
+        "unet/config.json",
+        "text_encoder/config.json",
+        "tokenizer/tokenizer_config.json",
+    ] {
+        assert!(
+            std::fs::read(a.join(file)).unwrap() == std::fs::read(c.join(file)).unwrap(),
+            "{file} differs from the source's"
+        );
+    }
+    let (missing, d) = (tmp.path().join("no-such-model"), tmp.path().join("d"));
+    let mut bad = unet_args(vae_s, d.to_str().unwrap(), "2");
+    bad.extend(["--init-from", missing.to_str().unwrap()]);
+    let out = text2img().args(&bad).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no-such-model"),
+        "{err}"
+    );
 }
 
 /// `train-vae --finetune-decoder`: the source's encoder comes through bit for bit, its decoder

@@ -133,9 +133,15 @@ pub struct TrainArgs {
     /// `joint`: a CLIP text encoder trained from scratch; `frozen`: the one of --text-model.
     #[arg(long, default_value = "joint")]
     pub text_encoder: String,
-    /// The model folder whose text_encoder/ and tokenizer/ a frozen run uses.
+    /// The model folder whose text_encoder/ and tokenizer/ a frozen run uses (default: the
+    /// --init-from folder).
     #[arg(long)]
     pub text_model: Option<PathBuf>,
+    /// Fine-tune: start from this diffusers model folder's U-Net (and, with a joint text
+    /// encoder, its text encoder and tokenizer) instead of fresh weights. The architecture
+    /// comes from the folder, so the --unet-* and --text-* size options are not used.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     pub size: usize,
     #[arg(long, default_value_t = 5000)]
@@ -176,6 +182,11 @@ pub struct TrainArgs {
     pub unet_layers: usize,
     #[arg(long, default_value_t = 4)]
     pub unet_heads: usize,
+    /// The timestep scales and shifts each ResNet block's normalised features
+    /// (diffusers' `resnet_time_scale_shift: "scale_shift"`) instead of being added to them,
+    /// so it can switch features off where the input holds no image yet.
+    #[arg(long)]
+    pub unet_scale_shift: bool,
     #[arg(long, default_value_t = 128)]
     pub text_hidden: usize,
     #[arg(long, default_value_t = 4)]
@@ -205,6 +216,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         "frozen" => Some(
             a.text_model
                 .clone()
+                .or(a.init_from.clone())
                 .context("--text-encoder frozen needs --text-model DIR")?,
         ),
         other => bail!("--text-encoder must be `joint` or `frozen`, not `{other}`"),
@@ -233,9 +245,11 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         zero_terminal_snr: a.zero_terminal_snr,
         snr_gamma: a.snr_gamma,
         late_timesteps: a.late_timesteps,
+        init_from: a.init_from,
         unet_channels: parse_list(&a.unet_channels)?,
         unet_layers: a.unet_layers,
         unet_heads: a.unet_heads,
+        unet_scale_shift: a.unet_scale_shift,
         text_hidden: a.text_hidden,
         text_layers: a.text_layers,
         text_heads: a.text_heads,

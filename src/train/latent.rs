@@ -22,7 +22,7 @@ use crate::latent::unet::{UNet, UNetConfig};
 use crate::text::clip::{ClipTextConfig, ClipTextModel};
 use crate::text::tokenizer::ClipTokenizer;
 use crate::vae::AutoencoderKl;
-use crate::weights::{ParamStore, Vb};
+use crate::weights::{ParamStore, Vb, Weights};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainOptions {
@@ -68,9 +68,18 @@ pub struct TrainOptions {
     /// (and the random stream of runs made before the option). Can be set at `--resume`.
     #[serde(default)]
     pub late_timesteps: Option<f64>,
+    /// Start from this model folder's U-Net (and, for a joint text encoder, its text encoder
+    /// and tokenizer) instead of fresh weights: fine-tuning. The architecture comes from the
+    /// folder's configs; the optimizer starts afresh.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
     pub unet_channels: Vec<usize>,
     pub unet_layers: usize,
     pub unet_heads: usize,
+    /// ResNet blocks take the timestep as a scale and shift of their normalised features
+    /// (`resnet_time_scale_shift: "scale_shift"`) instead of an added bias.
+    #[serde(default)]
+    pub unet_scale_shift: bool,
     pub text_hidden: usize,
     pub text_layers: usize,
     pub text_heads: usize,
@@ -161,6 +170,7 @@ fn unet_config_json(o: &TrainOptions, cross_dim: usize) -> serde_json::Value {
         "norm_num_groups": 32usize.min(o.unet_channels[0]),
         "flip_sin_to_cos": true,
         "freq_shift": 0,
+        "resnet_time_scale_shift": if o.unet_scale_shift { "scale_shift" } else { "default" },
     })
 }
 
@@ -184,6 +194,19 @@ fn text_config_json(o: &TrainOptions) -> serde_json::Value {
     })
 }
 
+/// Removes the weight files copied beside a fine-tuning source's config: the run writes its
+/// own, and a stale fp16 variant or shard would otherwise shadow them.
+fn remove_weight_files(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.contains(".safetensors") || name.ends_with(".bin") {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Copies a folder's files (not recursive).
 fn copy_files(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
@@ -198,16 +221,35 @@ fn copy_files(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Writes the static parts of the output model folder (configs, tokenizer, VAE, scheduler).
-fn prepare_folder(o: &TrainOptions) -> Result<()> {
+/// A fine-tuning run takes its U-Net config (and a joint text encoder's config and tokenizer)
+/// from the source folder when it starts; a resumed run keeps what it started with.
+fn prepare_folder(o: &TrainOptions, resume: bool) -> Result<()> {
     let out = &o.out;
     let vae_dir = o.vae.join("vae");
     copy_files(&vae_dir, &out.join("vae"))?;
+    if let Some(source) = &o.init_from {
+        if !resume {
+            copy_files(&source.join("unet"), &out.join("unet"))?;
+            remove_weight_files(&out.join("unet"))?;
+            if o.frozen_text_encoder.is_none() {
+                // Over the CLIP vocabulary: a folder may share it instead of holding a copy
+                // (as the built-in model does).
+                copy_files(&o.tokenizer, &out.join("tokenizer"))?;
+                copy_files(&source.join("tokenizer"), &out.join("tokenizer"))?;
+                copy_files(&source.join("text_encoder"), &out.join("text_encoder"))?;
+                remove_weight_files(&out.join("text_encoder"))?;
+            }
+        }
+    }
     let tokenizer_dir = match &o.frozen_text_encoder {
-        Some(dir) => dir.join("tokenizer"),
-        None => o.tokenizer.clone(),
+        Some(dir) => Some(dir.join("tokenizer")),
+        None if o.init_from.is_none() => Some(o.tokenizer.clone()),
+        None => None,
     };
-    copy_files(&tokenizer_dir, &out.join("tokenizer"))?;
-    if o.frozen_text_encoder.is_none() {
+    if let Some(dir) = tokenizer_dir {
+        copy_files(&dir, &out.join("tokenizer"))?;
+    }
+    if o.frozen_text_encoder.is_none() && o.init_from.is_none() {
         // The joint encoder's context is `text_max_tokens` long: make the tokenizer pad to it.
         let path = out.join("tokenizer").join("tokenizer_config.json");
         let mut cfg: serde_json::Value = crate::error::read_json(&path)?;
@@ -346,7 +388,21 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
                 .into(),
         ));
     }
-    prepare_folder(&o)?;
+    if let Some(source) = &o.init_from {
+        if !source.join("unet").join("config.json").is_file() {
+            return Err(Error::config(
+                source,
+                "--init-from needs a model folder with unet/config.json",
+            ));
+        }
+        if o.frozen_text_encoder.is_none() && !source.join("text_encoder").is_dir() {
+            return Err(Error::config(
+                source,
+                "--init-from with a joint text encoder needs the folder's text_encoder/",
+            ));
+        }
+    }
+    prepare_folder(&o, resumed.is_some())?;
     let tokenizer = ClipTokenizer::from_folder(&o.out.join("tokenizer"))?;
     let vae = AutoencoderKl::load(&o.out.join("vae"), None, &device)?;
     let scaling = vae.config.scaling_factor;
@@ -361,15 +417,40 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         }
     };
     let cross_dim = text_encoder.config.hidden_size;
-    write_json(
-        &o.out.join("unet").join("config.json"),
-        &unet_config_json(&o, cross_dim),
-    )?;
+    let unet_config_path = o.out.join("unet").join("config.json");
+    if o.init_from.is_none() {
+        write_json(&unet_config_path, &unet_config_json(&o, cross_dim))?;
+    }
+    let unet_config = UNetConfig::from_file(&unet_config_path)?;
+    if o.init_from.is_some() {
+        // The record of the run names the architecture it really trains.
+        o.unet_channels = unet_config.block_out_channels.clone();
+        o.unet_scale_shift = unet_config.time_scale_shift;
+        if let Some(first) = unet_config.down_blocks.first() {
+            (o.unet_layers, o.unet_heads) = (first.layers, first.heads);
+        }
+        if o.frozen_text_encoder.is_none() {
+            let t = &text_encoder.config;
+            (o.text_hidden, o.text_layers) = (t.hidden_size, t.num_hidden_layers);
+            (o.text_heads, o.text_max_tokens) = (t.num_attention_heads, t.max_position_embeddings);
+        }
+    }
     let unet_params = ParamStore::new(o.seed.wrapping_add(1), &device);
-    let unet = UNet::from_weights(
-        UNetConfig::from_file(&o.out.join("unet").join("config.json"))?,
-        &Vb::from(&unet_params),
-    )?;
+    let unet = UNet::from_weights(unet_config, &Vb::from(&unet_params))?;
+    if let (Some(source), None) = (&o.init_from, &resumed) {
+        unet_params.load_from(&Weights::open_component(
+            &source.join("unet"),
+            None,
+            &device,
+        )?)?;
+        if o.frozen_text_encoder.is_none() {
+            params.load_from(&Weights::open_component(
+                &source.join("text_encoder"),
+                None,
+                &device,
+            )?)?;
+        }
+    }
     let mut vars: Vec<_> = unet_params
         .vars()
         .into_iter()

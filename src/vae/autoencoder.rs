@@ -92,6 +92,7 @@ fn options(c: &VaeConfig) -> ResnetOptions {
         groups: c.norm_num_groups,
         eps: EPS,
         temb_channels: None,
+        time_scale_shift: false,
         output_scale_factor: 1.0,
     }
 }

@@ -97,6 +97,18 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Overwrites every variable with the same-named tensor of a model component's weights
+    /// (fine-tuning an existing model); a missing tensor or a different shape is an error
+    /// that names it.
+    pub fn load_from(&self, weights: &super::Weights) -> Result<()> {
+        let vars = self.vars.lock().unwrap();
+        for (name, var) in vars.iter() {
+            let value = weights.get(name, var.dims())?;
+            var.set(&value.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+
     fn next_u64(&self) -> u64 {
         // SplitMix64: tiny, fast and good enough for initial weights.
         let mut state = self.rng.lock().unwrap();

@@ -15,6 +15,7 @@ fn resnet_options(c: &UNetConfig, output_scale_factor: f64) -> ResnetOptions {
         groups: c.norm_num_groups,
         eps: c.norm_eps,
         temb_channels: Some(c.time_embedding_dim),
+        time_scale_shift: c.time_scale_shift,
         output_scale_factor,
     }
 }

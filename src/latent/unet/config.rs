@@ -251,6 +251,9 @@ pub struct UNetConfig {
     pub time_cond_proj_dim: Option<usize>,
     /// SDXL's added conditioning, when `addition_embed_type` is `text_time`.
     pub text_time: Option<TextTimeConfig>,
+    /// `resnet_time_scale_shift` = `scale_shift`: the timestep embedding scales and shifts
+    /// each ResNet block's normalised features (`default`: it is added before the norm).
+    pub time_scale_shift: bool,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
     pub sample_size: Option<usize>,
@@ -309,7 +312,10 @@ impl UNetConfig {
         if raw.dual_cross_attention {
             return Err(refuse("dual_cross_attention", "true"));
         }
-        if raw.resnet_time_scale_shift != "default" {
+        if !matches!(
+            raw.resnet_time_scale_shift.as_str(),
+            "default" | "scale_shift"
+        ) {
             return Err(refuse(
                 "resnet_time_scale_shift",
                 &raw.resnet_time_scale_shift,
@@ -450,6 +456,7 @@ impl UNetConfig {
             upcast_attention: raw.upcast_attention,
             time_cond_proj_dim: raw.time_cond_proj_dim,
             text_time,
+            time_scale_shift: raw.resnet_time_scale_shift == "scale_shift",
             conv_in_kernel: raw.conv_in_kernel,
             conv_out_kernel: raw.conv_out_kernel,
             sample_size: raw.sample_size,
