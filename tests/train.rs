@@ -229,14 +229,19 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
         );
     }
     let (missing, d) = (tmp.path().join("no-such-model"), tmp.path().join("d"));
+    let fails_with = |args: &[&str], message: &str| {
+        let out = text2img().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(message), "{err}");
+    };
     let mut bad = unet_args(vae_s, d.to_str().unwrap(), "2");
     bad.extend(["--init-from", missing.to_str().unwrap()]);
-    let out = text2img().args(&bad).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("no-such-model"),
-        "{err}"
-    );
+    fails_with(&bad, "needs a model folder with unet/config.json");
+    // Fine-tuning into the source folder would overwrite the model it starts from.
+    let mut onto_itself = unet_args(vae_s, a.to_str().unwrap(), "2");
+    onto_itself.extend(["--init-from", a.to_str().unwrap()]);
+    fails_with(&onto_itself, "is the output folder");
+    assert!(a.join("unet/diffusion_pytorch_model.safetensors").is_file());
 }
 
 /// `train-vae --finetune-decoder`: the source's encoder comes through bit for bit, its decoder

@@ -139,7 +139,8 @@ pub struct TrainArgs {
     pub text_model: Option<PathBuf>,
     /// Fine-tune: start from this diffusers model folder's U-Net (and, with a joint text
     /// encoder, its text encoder and tokenizer) instead of fresh weights. The architecture
-    /// comes from the folder, so the --unet-* and --text-* size options are not used.
+    /// comes from the folder, so the --unet-* and --text-* size options are not used;
+    /// --prediction and --zero-terminal-snr should match the source's scheduler.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]

@@ -22,6 +22,7 @@ use crate::latent::unet::{UNet, UNetConfig};
 use crate::text::clip::{ClipTextConfig, ClipTextModel};
 use crate::text::tokenizer::ClipTokenizer;
 use crate::vae::AutoencoderKl;
+use crate::weights::store::find_weight_files;
 use crate::weights::{ParamStore, Vb, Weights};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -194,14 +195,28 @@ fn text_config_json(o: &TrainOptions) -> serde_json::Value {
     })
 }
 
-/// Removes the weight files copied beside a fine-tuning source's config: the run writes its
-/// own, and a stale fp16 variant or shard would otherwise shadow them.
-fn remove_weight_files(dir: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+/// A fine-tuning source component's weights: the plain files, else the fp16 variant (folders
+/// downloaded with only `*.fp16.safetensors`).
+fn source_weights(dir: &Path) -> Result<Weights> {
+    let variant = match find_weight_files(dir, None) {
+        Ok(_) => None,
+        Err(_) if find_weight_files(dir, Some("fp16")).is_ok() => Some("fp16"),
+        Err(e) => return Err(e),
+    };
+    Weights::open_component(dir, variant, &Device::Cpu)
+}
+
+/// Copies a component folder's files except its weights (a fine-tuning source's configs: the
+/// run writes its own weights, and an SD folder's can be gigabytes).
+fn copy_config_files(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let path = entry.map_err(|e| Error::io(from, e))?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.contains(".safetensors") || name.ends_with(".bin") {
-            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        let weights = name.contains(".safetensors") || name.contains(".bin");
+        if path.is_file() && !weights {
+            let target = to.join(name);
+            std::fs::copy(&path, &target).map_err(|e| Error::io(&target, e))?;
         }
     }
     Ok(())
@@ -229,15 +244,15 @@ fn prepare_folder(o: &TrainOptions, resume: bool) -> Result<()> {
     copy_files(&vae_dir, &out.join("vae"))?;
     if let Some(source) = &o.init_from {
         if !resume {
-            copy_files(&source.join("unet"), &out.join("unet"))?;
-            remove_weight_files(&out.join("unet"))?;
+            copy_config_files(&source.join("unet"), &out.join("unet"))?;
             if o.frozen_text_encoder.is_none() {
                 // Over the CLIP vocabulary: a folder may share it instead of holding a copy
                 // (as the built-in model does).
                 copy_files(&o.tokenizer, &out.join("tokenizer"))?;
-                copy_files(&source.join("tokenizer"), &out.join("tokenizer"))?;
-                copy_files(&source.join("text_encoder"), &out.join("text_encoder"))?;
-                remove_weight_files(&out.join("text_encoder"))?;
+                if source.join("tokenizer").is_dir() {
+                    copy_files(&source.join("tokenizer"), &out.join("tokenizer"))?;
+                }
+                copy_config_files(&source.join("text_encoder"), &out.join("text_encoder"))?;
             }
         }
     }
@@ -388,7 +403,15 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
                 .into(),
         ));
     }
-    if let Some(source) = &o.init_from {
+    if let (Some(source), None) = (&o.init_from, &resumed) {
+        let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
+        if same(source, &o.out) {
+            return Err(Error::InvalidRequest(format!(
+                "--init-from {} is the output folder: fine-tune into another folder (the run \
+                 would overwrite the model it starts from)",
+                source.display()
+            )));
+        }
         if !source.join("unet").join("config.json").is_file() {
             return Err(Error::config(
                 source,
@@ -422,6 +445,26 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         write_json(&unet_config_path, &unet_config_json(&o, cross_dim))?;
     }
     let unet_config = UNetConfig::from_file(&unet_config_path)?;
+    if unet_config.text_time.is_some() {
+        return Err(Error::config(
+            &unet_config_path,
+            "SDXL U-Nets (two text encoders, size conditioning) cannot be trained here",
+        ));
+    }
+    if let Some(b) = unet_config
+        .down_blocks
+        .iter()
+        .find(|b| b.cross_attention && b.cross_attention_dim != cross_dim)
+    {
+        return Err(Error::config(
+            &unet_config_path,
+            format!(
+                "the U-Net's cross_attention_dim is {}, but the text encoder gives {cross_dim} \
+                 features",
+                b.cross_attention_dim
+            ),
+        ));
+    }
     if o.init_from.is_some() {
         // The record of the run names the architecture it really trains.
         o.unet_channels = unet_config.block_out_channels.clone();
@@ -438,17 +481,19 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
     let unet_params = ParamStore::new(o.seed.wrapping_add(1), &device);
     let unet = UNet::from_weights(unet_config, &Vb::from(&unet_params))?;
     if let (Some(source), None) = (&o.init_from, &resumed) {
-        unet_params.load_from(&Weights::open_component(
-            &source.join("unet"),
-            None,
-            &device,
-        )?)?;
+        unet_params.load_from(&source_weights(&source.join("unet"))?)?;
         if o.frozen_text_encoder.is_none() {
-            params.load_from(&Weights::open_component(
-                &source.join("text_encoder"),
-                None,
-                &device,
-            )?)?;
+            let mut weights = source_weights(&source.join("text_encoder"))?;
+            // transformers 5 saves the transformer without its `text_model.` prefix.
+            let unprefixed: Vec<String> = weights
+                .names()
+                .filter(|n| !n.starts_with("text_model."))
+                .cloned()
+                .collect();
+            for name in unprefixed {
+                weights.alias(format!("text_model.{name}"), name);
+            }
+            params.load_from(&weights)?;
         }
     }
     let mut vars: Vec<_> = unet_params
