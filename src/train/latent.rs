@@ -195,6 +195,31 @@ fn text_config_json(o: &TrainOptions) -> serde_json::Value {
     })
 }
 
+/// Refuses a U-Net this trainer cannot train with a text encoder of width `cross_dim`.
+fn check_unet_fits(unet: &UNetConfig, cross_dim: usize, path: &Path) -> Result<()> {
+    if unet.text_time.is_some() {
+        return Err(Error::config(
+            path,
+            "SDXL U-Nets (two text encoders, size conditioning) cannot be trained here",
+        ));
+    }
+    if let Some(b) = unet
+        .down_blocks
+        .iter()
+        .find(|b| b.cross_attention && b.cross_attention_dim != cross_dim)
+    {
+        return Err(Error::config(
+            path,
+            format!(
+                "the U-Net's cross_attention_dim is {}, but the text encoder gives {cross_dim} \
+                 features",
+                b.cross_attention_dim
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A fine-tuning source component's weights: the plain files, else the fp16 variant (folders
 /// downloaded with only `*.fp16.safetensors`).
 fn source_weights(dir: &Path) -> Result<Weights> {
@@ -424,6 +449,18 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
                 "--init-from with a joint text encoder needs the folder's text_encoder/",
             ));
         }
+        // Before anything is written to the output folder.
+        let text_dir = match &o.frozen_text_encoder {
+            Some(dir) => dir.join("text_encoder"),
+            None => source.join("text_encoder"),
+        };
+        let text_config = ClipTextConfig::from_file(&text_dir.join("config.json"))?;
+        let unet_path = source.join("unet").join("config.json");
+        check_unet_fits(
+            &UNetConfig::from_file(&unet_path)?,
+            text_config.hidden_size,
+            &unet_path,
+        )?;
     }
     prepare_folder(&o, resumed.is_some())?;
     let tokenizer = ClipTokenizer::from_folder(&o.out.join("tokenizer"))?;
@@ -445,26 +482,7 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         write_json(&unet_config_path, &unet_config_json(&o, cross_dim))?;
     }
     let unet_config = UNetConfig::from_file(&unet_config_path)?;
-    if unet_config.text_time.is_some() {
-        return Err(Error::config(
-            &unet_config_path,
-            "SDXL U-Nets (two text encoders, size conditioning) cannot be trained here",
-        ));
-    }
-    if let Some(b) = unet_config
-        .down_blocks
-        .iter()
-        .find(|b| b.cross_attention && b.cross_attention_dim != cross_dim)
-    {
-        return Err(Error::config(
-            &unet_config_path,
-            format!(
-                "the U-Net's cross_attention_dim is {}, but the text encoder gives {cross_dim} \
-                 features",
-                b.cross_attention_dim
-            ),
-        ));
-    }
+    check_unet_fits(&unet_config, cross_dim, &unet_config_path)?;
     if o.init_from.is_some() {
         // The record of the run names the architecture it really trains.
         o.unet_channels = unet_config.block_out_channels.clone();
