@@ -221,39 +221,36 @@ fn check_unet_fits(unet: &UNetConfig, cross_dim: usize, path: &Path) -> Result<(
 }
 
 /// A fine-tuning source component's weights: the plain files, else the fp16 variant (folders
-/// downloaded with only `*.fp16.safetensors`).
+/// downloaded with only `*.fp16.safetensors`); the error names the plain files.
 fn source_weights(dir: &Path) -> Result<Weights> {
-    let variant = match find_weight_files(dir, None) {
-        Ok(_) => None,
-        Err(_) if find_weight_files(dir, Some("fp16")).is_ok() => Some("fp16"),
-        Err(e) => return Err(e),
+    let files = match find_weight_files(dir, None) {
+        Ok(files) => files,
+        Err(e) => find_weight_files(dir, Some("fp16")).map_err(|_| e)?,
     };
-    Weights::open_component(dir, variant, &Device::Cpu)
+    Weights::open_files(&files, &Device::Cpu)
+}
+
+/// Copies a folder's files (not recursive).
+fn copy_files(from: &Path, to: &Path) -> Result<()> {
+    copy_files_where(from, to, |_| true)
 }
 
 /// Copies a component folder's files except its weights (a fine-tuning source's configs: the
 /// run writes its own weights, and an SD folder's can be gigabytes).
 fn copy_config_files(from: &Path, to: &Path) -> Result<()> {
+    copy_files_where(from, to, |name| {
+        !(name.contains(".safetensors") || name.contains(".bin"))
+    })
+}
+
+/// Copies the files of a folder (not recursive) whose names `keep` accepts.
+fn copy_files_where(from: &Path, to: &Path, keep: impl Fn(&str) -> bool) -> Result<()> {
     std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
     for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
         let path = entry.map_err(|e| Error::io(from, e))?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let weights = name.contains(".safetensors") || name.contains(".bin");
-        if path.is_file() && !weights {
+        if path.is_file() && keep(name) {
             let target = to.join(name);
-            std::fs::copy(&path, &target).map_err(|e| Error::io(&target, e))?;
-        }
-    }
-    Ok(())
-}
-
-/// Copies a folder's files (not recursive).
-fn copy_files(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
-    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
-        let path = entry.map_err(|e| Error::io(from, e))?.path();
-        if path.is_file() {
-            let target = to.join(path.file_name().expect("file name"));
             std::fs::copy(&path, &target).map_err(|e| Error::io(&target, e))?;
         }
     }
@@ -481,8 +478,9 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
     if o.init_from.is_none() {
         write_json(&unet_config_path, &unet_config_json(&o, cross_dim))?;
     }
+    // A fine-tuning source's config was checked against its text encoder at the start; a
+    // generated one is built for `cross_dim`.
     let unet_config = UNetConfig::from_file(&unet_config_path)?;
-    check_unet_fits(&unet_config, cross_dim, &unet_config_path)?;
     if o.init_from.is_some() {
         // The record of the run names the architecture it really trains.
         o.unet_channels = unet_config.block_out_channels.clone();

@@ -87,23 +87,25 @@ impl ParamStore {
 
     /// Overwrites existing variables with stored values (resuming a run).
     pub fn load_values(&self, values: &BTreeMap<String, Tensor>) -> Result<()> {
-        let vars = self.vars.lock().unwrap();
-        for (name, var) in vars.iter() {
-            let value = values.get(name).ok_or_else(|| {
+        self.set_each(|name, _| {
+            values.get(name).cloned().ok_or_else(|| {
                 crate::Error::InvalidRequest(format!("checkpoint has no tensor `{name}`"))
-            })?;
-            var.set(&value.to_dtype(var.dtype())?)?;
-        }
-        Ok(())
+            })
+        })
     }
 
     /// Overwrites every variable with the same-named tensor of a model component's weights
     /// (fine-tuning an existing model); a missing tensor or a different shape is an error
     /// that names it.
     pub fn load_from(&self, weights: &super::Weights) -> Result<()> {
+        self.set_each(|name, dims| weights.get(name, dims))
+    }
+
+    /// Sets each variable to `value(name, dims)`, converted to the variable's dtype.
+    fn set_each(&self, value: impl Fn(&str, &[usize]) -> Result<Tensor>) -> Result<()> {
         let vars = self.vars.lock().unwrap();
         for (name, var) in vars.iter() {
-            let value = weights.get(name, var.dims())?;
+            let value = value(name, var.dims())?;
             var.set(&value.to_dtype(var.dtype())?)?;
         }
         Ok(())

@@ -61,7 +61,7 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let time = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => Some(proj.forward(&silu(temb)?)?),
             _ => None,
@@ -76,13 +76,9 @@ impl ResnetBlock2D {
                 let h = h.broadcast_mul(&(scale + 1.0)?.reshape((b, c, 1, 1))?)?;
                 silu(&add_bias(&h, &shift, 1)?)?
             }
-            time => {
-                if let Some(time) = time {
-                    // One (batch, channels) bias per image.
-                    h = add_bias(&h, &time, 1)?;
-                }
-                self.norm2.forward_silu(&h)?
-            }
+            // One (batch, channels) bias per image.
+            Some(time) => self.norm2.forward_silu(&add_bias(&h, &time, 1)?)?,
+            None => self.norm2.forward_silu(&h)?,
         };
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
