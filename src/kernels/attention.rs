@@ -3,12 +3,15 @@
 //! in cache, turned into probabilities there, and multiplied by the values. The score matrix
 //! of a head (SD 1.5 at 512x512: 4096 x 4096 floats, 64 MB, 16 of them per layer) is never
 //! written to memory, and the heads are read in place from the (batch, tokens, heads * dim)
-//! projections, without the transposed copies. Unmasked, no backward pass: training and
-//! masked attention (the text encoder's causal mask) take the composed path in `nn`.
+//! projections, without the transposed copies. Narrow heads (up to 160 values: the U-Nets')
+//! run in `attention_lanes`, 16 queries per block with transposed scores; wide ones (the VAE's)
+//! as two matrix products per block of rows. Unmasked, no backward pass: training and masked
+//! attention (the text encoder's causal mask) take the composed path in `nn`.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
+use super::attention_lanes::{self, LANES, MAX_HEAD_DIM};
 use super::f32_slice;
 use super::matmul::{product, Strided};
 use super::parallel::{for_each_index_with, SharedMut};
@@ -16,6 +19,11 @@ use super::parallel::{for_each_index_with, SharedMut};
 /// Query rows per block, from the block's scores (rows x keys), which should fit in the L2
 /// cache; fewer rows per block repack the keys and values more often.
 const SCORE_BLOCK_BYTES: usize = 512 << 10;
+
+/// The fewest queries for which narrow heads take the lane kernel: measured on SD 1.5's
+/// shapes (batch 2, 8 heads), lanes against blocks: 4096 queries x 40 per head 485 vs 779 ms,
+/// 1024 x 80 56 vs 67 ms, 1024 x 160 56 vs 71 ms, but 256 x 160 7.6 vs 6.2 ms.
+const MIN_QUERIES_FOR_LANES: usize = 512;
 
 /// softmax(q k^T / sqrt(d)) v per head; q (b, n, heads * d), k and v (b, m, heads * d).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
@@ -82,69 +90,143 @@ impl CustomOp3 for Attention {
         let v = f32_slice(vs, vl, "attention", "v")?;
         let (b, n, inner) = ql.shape().dims3()?;
         let m = kl.shape().dims3()?.1;
-        let heads = self.heads;
-        let d = inner / heads;
-        let scale = 1.0 / (d as f32).sqrt();
-        // At least d rows: each block repacks the keys and values (m x d each), which for
-        // wide heads (the VAE's single 512-wide head) costs as much as a small block's
-        // products; SD 1.5's VAE attention at 512x512 ran 2.4x faster with 512 rows than 32.
-        let rows = (SCORE_BLOCK_BYTES / (m.max(1) * 4))
-            .max(d)
-            .clamp(1, n.max(1));
-        let blocks = n.div_ceil(rows);
-        let tasks = b * heads * blocks;
-        let mut out = vec![0f32; b * n * inner];
-        if tasks == 0 || m == 0 {
-            return Ok((CpuStorage::F32(out), ql.shape().clone()));
-        }
-        let out_ptr = SharedMut::new(&mut out);
-        // Per thread: one block's scores and its rows' sums.
-        let init = || (vec![0f32; rows * m], Vec::with_capacity(rows));
-        for_each_index_with(tasks, init, |(scores, sums), task| {
-            let (img, rest) = (task / (heads * blocks), task % (heads * blocks));
-            let (h, blk) = (rest / blocks, rest % blocks);
-            let r0 = blk * rows;
-            let len = rows.min(n - r0);
-            let q0 = (img * n + r0) * inner + h * d;
-            let kv0 = img * m * inner + h * d;
-            // SAFETY: every view stays inside its tensor: rows r0..r0+len of q and out, all m
-            // rows of k and v, columns h*d..h*d+d of each (row stride inner); scores holds
-            // len x m. This task alone writes those rows and columns of out.
-            unsafe {
-                // scores (len x m) = q_blk (len x d) . k^T (d x m)
-                product(
-                    (len, m, d),
-                    Strided::rows(scores.as_mut_ptr(), m),
-                    false,
-                    Strided::rows(q.as_ptr().add(q0), inner),
-                    Strided::columns(k.as_ptr().add(kv0), inner),
-                    Parallelism::None,
-                );
-            }
-            sums.clear();
-            for row in scores[..len * m].chunks_exact_mut(m) {
-                let max = row_max(row);
-                sums.push(super::fast_math::exp_shifted_sum(row, max, scale));
-            }
-            unsafe {
-                // out_blk (len x d) = p (len x m) . v (m x d)
-                product(
-                    (len, d, m),
-                    Strided::rows(out_ptr.get().add(q0), inner),
-                    false,
-                    Strided::rows(scores.as_ptr(), m),
-                    Strided::rows(v.as_ptr().add(kv0), inner),
-                    Parallelism::None,
-                );
-                for (r, &sum) in sums.iter().enumerate() {
-                    let inv = 1.0 / sum;
-                    let row = std::slice::from_raw_parts_mut(out_ptr.get().add(q0 + r * inner), d);
-                    row.iter_mut().for_each(|x| *x *= inv);
-                }
-            }
-        });
+        let sizes = Sizes {
+            b,
+            n,
+            m,
+            heads: self.heads,
+            d: inner / self.heads,
+        };
+        // Short sequences (SD 1.5's 16x16 level: 256 queries) pack little per head, and there
+        // the matrix product's inner kernel is the faster one.
+        let lanes = sizes.d <= MAX_HEAD_DIM && sizes.n >= MIN_QUERIES_FOR_LANES;
+        let out = if lanes && !blocked_requested() {
+            attend_in_lanes(q, k, v, &sizes, attention_lanes::fast_available())
+        } else {
+            attend_in_blocks(q, k, v, &sizes)
+        };
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
+}
+
+/// The problem's sizes: images, queries, keys, heads and values per head.
+struct Sizes {
+    b: usize,
+    n: usize,
+    m: usize,
+    heads: usize,
+    d: usize,
+}
+
+/// `TEXT2IMG_ATTENTION=blocked` sends every head through the blocked matrix-product path
+/// (for comparisons).
+fn blocked_requested() -> bool {
+    static BLOCKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *BLOCKED.get_or_init(|| std::env::var("TEXT2IMG_ATTENTION").is_ok_and(|v| v == "blocked"))
+}
+
+/// Narrow heads: per (image, head) and block of 16 queries, the transposed-score kernel.
+fn attend_in_lanes(q: &[f32], k: &[f32], v: &[f32], sizes: &Sizes, fast: bool) -> Vec<f32> {
+    let &Sizes { b, n, m, heads, d } = sizes;
+    let inner = heads * d;
+    let blocks = n.div_ceil(LANES);
+    let tasks = b * heads * blocks;
+    let mut out = vec![0f32; b * n * inner];
+    if tasks == 0 || m == 0 {
+        return out;
+    }
+    let out_ptr = SharedMut::new(&mut out);
+    let scale = 1.0 / (d as f32).sqrt();
+    for_each_index_with(
+        tasks,
+        || attention_lanes::Scratch::new(d, m),
+        |scratch, task| {
+            let (img, rest) = (task / (heads * blocks), task % (heads * blocks));
+            let (h, blk) = (rest / blocks, rest % blocks);
+            let r0 = blk * LANES;
+            let block = attention_lanes::Block {
+                q0: (img * n + r0) * inner + h * d,
+                rows: LANES.min(n - r0),
+                kv0: img * m * inner + h * d,
+                keys: m,
+                d,
+                stride: inner,
+                scale,
+            };
+            // SAFETY: the block's rows of q and out (r0.. < n of image img) and all m rows of
+            // k and v lie inside their buffers, d columns from the head's first; this task
+            // alone writes those output elements.
+            unsafe { attention_lanes::block(scratch, &block, q, k, v, out_ptr.get(), fast) };
+        },
+    );
+    out
+}
+
+/// Wide heads: per (image, head) and block of query rows, two matrix products around a
+/// softmax in a cache-sized score buffer.
+fn attend_in_blocks(q: &[f32], k: &[f32], v: &[f32], sizes: &Sizes) -> Vec<f32> {
+    let &Sizes { b, n, m, heads, d } = sizes;
+    let inner = heads * d;
+    let scale = 1.0 / (d as f32).sqrt();
+    // At least d rows: each block repacks the keys and values (m x d each), which for
+    // wide heads (the VAE's single 512-wide head) costs as much as a small block's
+    // products; SD 1.5's VAE attention at 512x512 ran 2.4x faster with 512 rows than 32.
+    let rows = (SCORE_BLOCK_BYTES / (m.max(1) * 4))
+        .max(d)
+        .clamp(1, n.max(1));
+    let blocks = n.div_ceil(rows);
+    let tasks = b * heads * blocks;
+    let mut out = vec![0f32; b * n * inner];
+    if tasks == 0 || m == 0 {
+        return out;
+    }
+    let out_ptr = SharedMut::new(&mut out);
+    // Per thread: one block's scores and its rows' sums.
+    let init = || (vec![0f32; rows * m], Vec::with_capacity(rows));
+    for_each_index_with(tasks, init, |(scores, sums), task| {
+        let (img, rest) = (task / (heads * blocks), task % (heads * blocks));
+        let (h, blk) = (rest / blocks, rest % blocks);
+        let r0 = blk * rows;
+        let len = rows.min(n - r0);
+        let q0 = (img * n + r0) * inner + h * d;
+        let kv0 = img * m * inner + h * d;
+        // SAFETY: every view stays inside its tensor: rows r0..r0+len of q and out, all m
+        // rows of k and v, columns h*d..h*d+d of each (row stride inner); scores holds
+        // len x m. This task alone writes those rows and columns of out.
+        unsafe {
+            // scores (len x m) = q_blk (len x d) . k^T (d x m)
+            product(
+                (len, m, d),
+                Strided::rows(scores.as_mut_ptr(), m),
+                false,
+                Strided::rows(q.as_ptr().add(q0), inner),
+                Strided::columns(k.as_ptr().add(kv0), inner),
+                Parallelism::None,
+            );
+        }
+        sums.clear();
+        for row in scores[..len * m].chunks_exact_mut(m) {
+            let max = row_max(row);
+            sums.push(super::fast_math::exp_shifted_sum(row, max, scale));
+        }
+        unsafe {
+            // out_blk (len x d) = p (len x m) . v (m x d)
+            product(
+                (len, d, m),
+                Strided::rows(out_ptr.get().add(q0), inner),
+                false,
+                Strided::rows(scores.as_ptr(), m),
+                Strided::rows(v.as_ptr().add(kv0), inner),
+                Parallelism::None,
+            );
+            for (r, &sum) in sums.iter().enumerate() {
+                let inv = 1.0 / sum;
+                let row = std::slice::from_raw_parts_mut(out_ptr.get().add(q0 + r * inner), d);
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+    });
+    out
 }
 
 #[cfg(test)]
@@ -190,18 +272,43 @@ mod tests {
             // A wide single head (the VAE's): blocks of d = 160 rows, more than the score
             // budget alone would give, the last block short.
             (1, 350, 1000, 1, 160),
+            // Wider than the lane kernel takes; SD 1.5's 40-wide heads over 4096 keys with
+            // a short last block; key and channel counts that leave every tile remainder.
+            (1, 40, 90, 1, 200),
+            (1, 4099, 300, 2, 40),
+            (2, 17, 257, 3, 11),
+            (1, 33, 6, 2, 5),
         ] {
             let q = Tensor::randn(0f32, 1.5, (b, n, heads * d), &dev).unwrap();
             let k = Tensor::randn(0f32, 1.5, (b, m, heads * d), &dev).unwrap();
             let v = Tensor::randn(0f32, 1., (b, m, heads * d), &dev).unwrap();
-            let ours = attention(&q, &k, &v, heads).unwrap();
             let want = reference(&q, &k, &v, heads);
+            let ours = attention(&q, &k, &v, heads).unwrap();
             let diff = crate::kernels::testing::max_diff(&ours, &want);
             assert!(
                 diff < 2e-5,
                 "{:?}: max difference {diff}",
                 (b, n, m, heads, d)
             );
+            // Every path on every shape, whichever one `attention` picked.
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (qv, kv, vv) = (flat(&q), flat(&k), flat(&v));
+            let sizes = Sizes { b, n, m, heads, d };
+            let mut paths = vec![("blocked", attend_in_blocks(&qv, &kv, &vv, &sizes))];
+            if d <= MAX_HEAD_DIM {
+                paths.push(("lanes", attend_in_lanes(&qv, &kv, &vv, &sizes, false)));
+                if attention_lanes::fast_available() {
+                    paths.push(("lanes avx2", attend_in_lanes(&qv, &kv, &vv, &sizes, true)));
+                }
+            }
+            let want = flat(&want);
+            for (name, got) in paths {
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff < 2e-5, "{name} {:?}: {diff}", (b, n, m, heads, d));
+            }
         }
     }
 

@@ -70,6 +70,18 @@ fn exp_shifted_sum_generic(xs: &mut [f32], shift: f32, scale: f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// exp(x - shift[lane]) in place over rows of 16 lanes, adding each lane's values to its sum:
+/// the softmax of attention scores held transposed (one row per key, one lane per query).
+#[inline(always)]
+fn exp_lanes_generic(xs: &mut [f32], shift: &[f32; 16], sums: &mut [f32; 16]) {
+    for row in xs.chunks_exact_mut(16) {
+        for ((v, &m), s) in row.iter_mut().zip(shift).zip(sums.iter_mut()) {
+            *v = exp1(*v - m);
+            *s += *v;
+        }
+    }
+}
+
 #[inline(always)]
 fn silu_generic(xs: &mut [f32]) {
     xs.iter_mut().for_each(|v| *v /= 1.0 + exp1(-*v));
@@ -109,6 +121,7 @@ fn geglu_backward_generic(x: &[f32], g: &[f32], dx: &mut [f32]) {
 
 dispatch!(exp_in_place, exp_generic, (xs: &mut [f32]));
 dispatch!(exp_shifted_sum, exp_shifted_sum_generic, (xs: &mut [f32], shift: f32, scale: f32) -> f32);
+dispatch!(exp_lanes, exp_lanes_generic, (xs: &mut [f32], shift: &[f32; 16], sums: &mut [f32; 16]));
 dispatch!(silu_in_place, silu_generic, (xs: &mut [f32]));
 dispatch!(gelu_into, gelu_generic, (src: &[f32], dst: &mut [f32]));
 dispatch!(geglu_row, geglu_generic, (src: &[f32], dst: &mut [f32]));
