@@ -242,6 +242,32 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
     onto_itself.extend(["--init-from", a.to_str().unwrap()]);
     fails_with(&onto_itself, "is the output folder");
     assert!(a.join("unet/diffusion_pytorch_model.safetensors").is_file());
+
+    // Without --prediction a fine-tuning run keeps its source's targets and schedule (an
+    // SD 2.x v-prediction U-Net trained on noise would be ruined); a prediction type training
+    // does not know is named.
+    let scheduler = a.join("scheduler/scheduler_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&scheduler).unwrap()).unwrap();
+    assert_eq!(config["prediction_type"], "epsilon");
+    config["prediction_type"] = "v_prediction".into();
+    config["rescale_betas_zero_snr"] = true.into();
+    std::fs::write(&scheduler, config.to_string()).unwrap();
+    let e = tmp.path().join("e");
+    let mut keeps = unet_args(vae_s, e.to_str().unwrap(), "1");
+    keeps.extend(["--init-from", a.to_str().unwrap()]);
+    run(&keeps);
+    let tuned: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(e.join("scheduler/scheduler_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(tuned["prediction_type"], "v_prediction");
+    assert_eq!(tuned["rescale_betas_zero_snr"], true);
+    config["prediction_type"] = "sample".into();
+    std::fs::write(&scheduler, config.to_string()).unwrap();
+    let f = tmp.path().join("f");
+    let mut unknown = unet_args(vae_s, f.to_str().unwrap(), "1");
+    unknown.extend(["--init-from", a.to_str().unwrap()]);
+    fails_with(&unknown, "scheduler predicts `sample`");
 }
 
 /// `train-vae --finetune-decoder`: the source's encoder comes through bit for bit, its decoder

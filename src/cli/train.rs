@@ -139,8 +139,8 @@ pub struct TrainArgs {
     pub text_model: Option<PathBuf>,
     /// Fine-tune: start from this diffusers model folder's U-Net (and, with a joint text
     /// encoder, its text encoder and tokenizer) instead of fresh weights. The architecture
-    /// comes from the folder, so the --unet-* and --text-* size options are not used;
-    /// --prediction and --zero-terminal-snr should match the source's scheduler.
+    /// comes from the folder, so the --unet-* and --text-* size options are not used; the
+    /// prediction type and the zero-terminal-SNR schedule default to its scheduler's.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
@@ -161,9 +161,9 @@ pub struct TrainArgs {
     pub ema_decay: f64,
     #[arg(long, default_value_t = 0.1)]
     pub caption_dropout: f64,
-    /// `epsilon` or `v_prediction`.
-    #[arg(long, default_value = "epsilon")]
-    pub prediction: String,
+    /// `epsilon` or `v_prediction` [default: the --init-from folder's, else epsilon].
+    #[arg(long)]
+    pub prediction: Option<String>,
     /// Rescale the noise schedule so that its last timestep is pure noise (needs
     /// v_prediction); may be switched on when resuming a run to fine-tune it.
     #[arg(long)]
@@ -222,10 +222,22 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         ),
         other => bail!("--text-encoder must be `joint` or `frozen`, not `{other}`"),
     };
-    let v_prediction = match a.prediction.as_str() {
-        "epsilon" => false,
-        "v_prediction" => true,
-        other => bail!("--prediction must be `epsilon` or `v_prediction`, not `{other}`"),
+    // A fine-tuning run keeps what its source was trained to predict unless told otherwise:
+    // an SD 2.x v-prediction U-Net trained on noise targets would be ruined.
+    let source = match &a.init_from {
+        Some(dir) => source_schedule(dir)?,
+        None => SourceSchedule::default(),
+    };
+    let v_prediction = match (a.prediction.as_deref(), source.prediction.as_str()) {
+        (Some("epsilon"), _) | (None, "epsilon") => false,
+        (Some("v_prediction"), _) | (None, "v_prediction") => true,
+        (Some(other), _) => {
+            bail!("--prediction must be `epsilon` or `v_prediction`, not `{other}`")
+        }
+        (None, other) => bail!(
+            "the --init-from folder's scheduler predicts `{other}`; training predicts \
+             `epsilon` or `v_prediction` (pass --prediction to choose one)"
+        ),
     };
     let tokenizer = crate::assets::clip_tokenizer_dir()?;
     let options = TrainOptions {
@@ -243,7 +255,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         ema_decay: a.ema_decay,
         caption_dropout: a.caption_dropout,
         v_prediction,
-        zero_terminal_snr: a.zero_terminal_snr,
+        zero_terminal_snr: a.zero_terminal_snr || source.zero_terminal_snr,
         snr_gamma: a.snr_gamma,
         late_timesteps: a.late_timesteps,
         init_from: a.init_from,
@@ -269,4 +281,39 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         report.images_per_second
     );
     Ok(())
+}
+
+/// What a fine-tuning source's scheduler says about its training targets.
+struct SourceSchedule {
+    prediction: String,
+    zero_terminal_snr: bool,
+}
+
+impl Default for SourceSchedule {
+    fn default() -> Self {
+        Self {
+            prediction: "epsilon".into(),
+            zero_terminal_snr: false,
+        }
+    }
+}
+
+/// The prediction type and zero-terminal-SNR setting of `dir/scheduler/scheduler_config.json`
+/// (diffusers' defaults, epsilon and off, when the folder has no scheduler or the keys are
+/// missing).
+fn source_schedule(dir: &std::path::Path) -> Result<SourceSchedule> {
+    let path = dir.join("scheduler").join("scheduler_config.json");
+    let mut out = SourceSchedule::default();
+    if !path.is_file() {
+        return Ok(out);
+    }
+    let config: serde_json::Value = text2img::error::read_json(&path)?;
+    if let Some(p) = config.get("prediction_type").and_then(|v| v.as_str()) {
+        out.prediction = p.into();
+    }
+    out.zero_terminal_snr = config
+        .get("rescale_betas_zero_snr")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    Ok(out)
 }
