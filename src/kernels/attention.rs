@@ -44,6 +44,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
             v.dims()
         );
     }
+    if inner == 0 {
+        return q.zeros_like();
+    }
     q.contiguous()?
         .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &Attention { heads })
 }
@@ -273,11 +276,15 @@ mod tests {
             // budget alone would give, the last block short.
             (1, 350, 1000, 1, 160),
             // Wider than the lane kernel takes; SD 1.5's 40-wide heads over 4096 keys with
-            // a short last block; key and channel counts that leave every tile remainder.
+            // a short last block; key and channel counts leaving each tile remainder (keys
+            // mod 6: 0-5, channels mod 6: 0-5), one key past a chunk, exactly one chunk.
             (1, 40, 90, 1, 200),
             (1, 4099, 300, 2, 40),
             (2, 17, 257, 3, 11),
             (1, 33, 6, 2, 5),
+            (1, 20, 8, 2, 13),
+            (1, 18, 9, 1, 3),
+            (1, 16, 256, 1, 12),
         ] {
             let q = Tensor::randn(0f32, 1.5, (b, n, heads * d), &dev).unwrap();
             let k = Tensor::randn(0f32, 1.5, (b, m, heads * d), &dev).unwrap();
@@ -320,5 +327,10 @@ mod tests {
         let err = attention(&q, &k, &k, 4).unwrap_err().to_string();
         assert!(err.contains("do not fit 4 heads"), "{err}");
         assert!(attention(&q, &q, &q, 5).is_err());
+        let empty = Tensor::zeros((1, 600, 0), candle_core::DType::F32, &dev).unwrap();
+        assert_eq!(
+            attention(&empty, &empty, &empty, 2).unwrap().dims(),
+            &[1, 600, 0]
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! Attention for narrow heads (every Stable Diffusion U-Net's 40 to 160 values per head),
 //! 16 queries at a time held across the vector lanes. The scores are computed transposed,
 //! one row of 16 per key (keys x 16 in a buffer that stays in cache), so that:
-//! - a head's keys and values are packed once per thread, not per block of queries (a general
+//! - a head's keys and values are packed once per thread and run of the head's query blocks
+//!   (the tasks run blocks innermost), not once per block (a general
 //!   matrix product repacks them for every block: that and its thin shapes held the blocked
 //!   attention to about 55 GFLOP/s on SD 1.5's 64x64 self-attention here);
 //! - the softmax over the keys runs down the columns: every max, exp and sum is a whole-vector
@@ -11,7 +12,7 @@
 
 use super::fast_math::exp_lanes;
 
-/// Queries per block: two AVX2 vectors, or one AVX-512 vector.
+/// Queries per block: two AVX2 vectors.
 pub const LANES: usize = 16;
 /// The widest head this kernel takes; wider ones (the VAE's single 512-wide head) take the
 /// blocked matrix-product path, whose packing costs little beside their long rows (SD 1.5's
@@ -28,7 +29,8 @@ const KEY_CHUNK: usize = 256;
 pub struct Scratch {
     keys: Vec<f32>,
     values: Vec<f32>,
-    /// The element offset of the head whose keys and values are packed.
+    /// The element offset of the head whose keys and values are packed: meaningful within one
+    /// attention call only (a scratch lives for one call's run of tasks).
     packed: Option<usize>,
     queries: Vec<f32>,
     scores: Vec<f32>,
@@ -79,7 +81,8 @@ pub struct Block {
     pub scale: f32,
 }
 
-/// softmax(q k^T * scale) v for the block's (at most 16) query rows.
+/// softmax(q k^T * scale) v for the block's (at most 16) query rows; `fast` asks for the
+/// AVX2 kernels, which run only where [`fast_available`] says so.
 ///
 /// # Safety
 /// q and out must hold rows `q0 / stride .. + rows` and k, v rows `kv0 / stride .. + keys`,
@@ -94,6 +97,7 @@ pub unsafe fn block(
     fast: bool,
 ) {
     let (d, m, stride) = (b.d, b.keys, b.stride);
+    let fast = fast && fast_available();
     debug_assert!(b.rows <= LANES && d <= MAX_HEAD_DIM);
     debug_assert!(b.q0 + (b.rows.max(1) - 1) * stride + d <= q.len());
     debug_assert!(b.kv0 + (m.max(1) - 1) * stride + d <= k.len().min(v.len()));
