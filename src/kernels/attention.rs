@@ -128,47 +128,71 @@ fn blocked_requested() -> bool {
     *BLOCKED.get_or_init(|| std::env::var("TEXT2IMG_ATTENTION").is_ok_and(|v| v == "blocked"))
 }
 
-/// Narrow heads: per (image, head) and block of 16 queries, the transposed-score kernel.
-fn attend_in_lanes(q: &[f32], k: &[f32], v: &[f32], sizes: &Sizes, fast: bool) -> Vec<f32> {
+/// Where one task of the split reads and writes: `rows` query rows from element `q0` of q
+/// (and of the output), against the head whose first key row starts at element `kv0`.
+struct Task {
+    q0: usize,
+    kv0: usize,
+    rows: usize,
+}
+
+/// Runs `f` for every (image, head, block of `rows` query rows) over the threads, with one
+/// `init()` state per run of tasks, and returns the output `f` writes through the pointer
+/// (each task its own rows of its head's columns; all zero when there are no keys).
+fn for_each_block<S>(
+    sizes: &Sizes,
+    rows: usize,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, Task, SharedMut) + Sync,
+) -> Vec<f32> {
     let &Sizes { b, n, m, heads, d } = sizes;
     let inner = heads * d;
-    let blocks = n.div_ceil(LANES);
+    let blocks = n.div_ceil(rows.max(1));
     let tasks = b * heads * blocks;
     let mut out = vec![0f32; b * n * inner];
     if tasks == 0 || m == 0 {
         return out;
     }
     let out_ptr = SharedMut::new(&mut out);
-    let scale = 1.0 / (d as f32).sqrt();
-    for_each_index_with(
-        tasks,
-        || attention_lanes::Scratch::new(d, m),
-        |scratch, task| {
-            let (img, rest) = (task / (heads * blocks), task % (heads * blocks));
-            let (h, blk) = (rest / blocks, rest % blocks);
-            let r0 = blk * LANES;
-            let block = attention_lanes::Block {
-                q0: (img * n + r0) * inner + h * d,
-                rows: LANES.min(n - r0),
-                kv0: img * m * inner + h * d,
-                keys: m,
-                d,
-                stride: inner,
-                scale,
-            };
-            // SAFETY: the block's rows of q and out (r0.. < n of image img) and all m rows of
-            // k and v lie inside their buffers, d columns from the head's first; this task
-            // alone writes those output elements.
-            unsafe { attention_lanes::block(scratch, &block, q, k, v, out_ptr.get(), fast) };
-        },
-    );
+    for_each_index_with(tasks, init, |state, task| {
+        let (img, rest) = (task / (heads * blocks), task % (heads * blocks));
+        let (h, blk) = (rest / blocks, rest % blocks);
+        let r0 = blk * rows;
+        let at = Task {
+            q0: (img * n + r0) * inner + h * d,
+            kv0: img * m * inner + h * d,
+            rows: rows.min(n - r0),
+        };
+        f(state, at, out_ptr);
+    });
     out
+}
+
+/// Narrow heads: per (image, head) and block of 16 queries, the transposed-score kernel.
+fn attend_in_lanes(q: &[f32], k: &[f32], v: &[f32], sizes: &Sizes, fast: bool) -> Vec<f32> {
+    let &Sizes { m, heads, d, .. } = sizes;
+    let scale = 1.0 / (d as f32).sqrt();
+    let init = || attention_lanes::Scratch::new(d, m);
+    for_each_block(sizes, LANES, init, |scratch, at, out| {
+        let block = attention_lanes::Block {
+            q0: at.q0,
+            rows: at.rows,
+            kv0: at.kv0,
+            keys: m,
+            d,
+            stride: heads * d,
+            scale,
+        };
+        // SAFETY: the block's rows of q and out and all m rows of k and v lie inside their
+        // buffers, d columns from the head's first; this task alone writes those elements.
+        unsafe { attention_lanes::block(scratch, &block, q, k, v, out.get(), fast) };
+    })
 }
 
 /// Wide heads: per (image, head) and block of query rows, two matrix products around a
 /// softmax in a cache-sized score buffer.
 fn attend_in_blocks(q: &[f32], k: &[f32], v: &[f32], sizes: &Sizes) -> Vec<f32> {
-    let &Sizes { b, n, m, heads, d } = sizes;
+    let &Sizes { n, m, heads, d, .. } = sizes;
     let inner = heads * d;
     let scale = 1.0 / (d as f32).sqrt();
     // At least d rows: each block repacks the keys and values (m x d each), which for
@@ -177,24 +201,12 @@ fn attend_in_blocks(q: &[f32], k: &[f32], v: &[f32], sizes: &Sizes) -> Vec<f32> 
     let rows = (SCORE_BLOCK_BYTES / (m.max(1) * 4))
         .max(d)
         .clamp(1, n.max(1));
-    let blocks = n.div_ceil(rows);
-    let tasks = b * heads * blocks;
-    let mut out = vec![0f32; b * n * inner];
-    if tasks == 0 || m == 0 {
-        return out;
-    }
-    let out_ptr = SharedMut::new(&mut out);
     // Per thread: one block's scores and its rows' sums.
     let init = || (vec![0f32; rows * m], Vec::with_capacity(rows));
-    for_each_index_with(tasks, init, |(scores, sums), task| {
-        let (img, rest) = (task / (heads * blocks), task % (heads * blocks));
-        let (h, blk) = (rest / blocks, rest % blocks);
-        let r0 = blk * rows;
-        let len = rows.min(n - r0);
-        let q0 = (img * n + r0) * inner + h * d;
-        let kv0 = img * m * inner + h * d;
-        // SAFETY: every view stays inside its tensor: rows r0..r0+len of q and out, all m
-        // rows of k and v, columns h*d..h*d+d of each (row stride inner); scores holds
+    for_each_block(sizes, rows, init, |(scores, sums), at, out_ptr| {
+        let Task { q0, kv0, rows: len } = at;
+        // SAFETY: every view stays inside its tensor: the task's len rows of q and out, all
+        // m rows of k and v, the head's d columns of each (row stride inner); scores holds
         // len x m. This task alone writes those rows and columns of out.
         unsafe {
             // scores (len x m) = q_blk (len x d) . k^T (d x m)
@@ -228,8 +240,7 @@ fn attend_in_blocks(q: &[f32], k: &[f32], v: &[f32], sizes: &Sizes) -> Vec<f32> 
                 row.iter_mut().for_each(|x| *x *= inv);
             }
         }
-    });
-    out
+    })
 }
 
 #[cfg(test)]
