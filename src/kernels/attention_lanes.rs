@@ -117,7 +117,6 @@ pub unsafe fn block(
     scores_t(
         fast,
         s.keys.as_ptr(),
-        d,
         m,
         d,
         s.queries.as_ptr(),
@@ -133,7 +132,6 @@ pub unsafe fn block(
         values_t(
             fast,
             s.values.as_ptr().add(j0 * d),
-            d,
             keys,
             d,
             scores.as_ptr().add(j0 * LANES),
@@ -161,13 +159,11 @@ pub fn fast_available() -> bool {
     }
 }
 
-/// scores[j][0..16] = sum_c k[j][c] queries[c][0..16] for keys j < m (k rows `stride` apart),
+/// scores[j][0..16] = sum_c k[j][c] queries[c][0..16] for keys j < m (packed rows of d),
 /// and each lane's largest score into `max`.
-#[allow(clippy::too_many_arguments)]
 unsafe fn scores_t(
     fast: bool,
     k: *const f32,
-    stride: usize,
     m: usize,
     d: usize,
     queries: *const f32,
@@ -176,13 +172,13 @@ unsafe fn scores_t(
 ) {
     #[cfg(target_arch = "x86_64")]
     if fast {
-        return avx2::scores(k, stride, m, d, queries, scores, max);
+        return avx2::scores(k, m, d, queries, scores, max);
     }
     let _ = fast;
     for j in 0..m {
         let mut acc = [0f32; LANES];
         for c in 0..d {
-            let kv = *k.add(j * stride + c);
+            let kv = *k.add(j * d + c);
             let qrow = std::slice::from_raw_parts(queries.add(c * LANES), LANES);
             for (a, &x) in acc.iter_mut().zip(qrow) {
                 *a += kv * x;
@@ -195,25 +191,17 @@ unsafe fn scores_t(
     }
 }
 
-/// out[c][0..16] += sum_j v[j][c] p[j][0..16] over `keys` keys (v rows `stride` apart).
-unsafe fn values_t(
-    fast: bool,
-    v: *const f32,
-    stride: usize,
-    keys: usize,
-    d: usize,
-    p: *const f32,
-    out: *mut f32,
-) {
+/// out[c][0..16] += sum_j v[j][c] p[j][0..16] over `keys` keys (packed rows of d).
+unsafe fn values_t(fast: bool, v: *const f32, keys: usize, d: usize, p: *const f32, out: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     if fast {
-        return avx2::values(v, stride, keys, d, p, out);
+        return avx2::values(v, keys, d, p, out);
     }
     let _ = fast;
     for c in 0..d {
         let acc = std::slice::from_raw_parts_mut(out.add(c * LANES), LANES);
         for j in 0..keys {
-            let vv = *v.add(j * stride + c);
+            let vv = *v.add(j * d + c);
             let prow = std::slice::from_raw_parts(p.add(j * LANES), LANES);
             for (a, &x) in acc.iter_mut().zip(prow) {
                 *a += vv * x;
@@ -235,7 +223,6 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn score_rows<const R: usize>(
         k: *const f32,
-        stride: usize,
         d: usize,
         queries: *const f32,
         scores: *mut f32,
@@ -246,7 +233,7 @@ mod avx2 {
             let q0 = _mm256_loadu_ps(queries.add(c * LANES));
             let q1 = _mm256_loadu_ps(queries.add(c * LANES + 8));
             for (r, a) in acc.iter_mut().enumerate() {
-                let kv = _mm256_broadcast_ss(&*k.add(r * stride + c));
+                let kv = _mm256_broadcast_ss(&*k.add(r * d + c));
                 a[0] = _mm256_fmadd_ps(kv, q0, a[0]);
                 a[1] = _mm256_fmadd_ps(kv, q1, a[1]);
             }
@@ -262,7 +249,6 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scores(
         k: *const f32,
-        stride: usize,
         m: usize,
         d: usize,
         queries: *const f32,
@@ -275,18 +261,18 @@ mod avx2 {
         ];
         let mut j = 0;
         while j + TILE <= m {
-            let (kt, st) = (k.add(j * stride), scores.add(j * LANES));
-            score_rows::<TILE>(kt, stride, d, queries, st, &mut max);
+            let (kt, st) = (k.add(j * d), scores.add(j * LANES));
+            score_rows::<TILE>(kt, d, queries, st, &mut max);
             j += TILE;
         }
-        let (k, s, mx) = (k.add(j * stride), scores.add(j * LANES), &mut max);
+        let (k, s, mx) = (k.add(j * d), scores.add(j * LANES), &mut max);
         match m - j {
             0 => {}
-            1 => score_rows::<1>(k, stride, d, queries, s, mx),
-            2 => score_rows::<2>(k, stride, d, queries, s, mx),
-            3 => score_rows::<3>(k, stride, d, queries, s, mx),
-            4 => score_rows::<4>(k, stride, d, queries, s, mx),
-            _ => score_rows::<5>(k, stride, d, queries, s, mx),
+            1 => score_rows::<1>(k, d, queries, s, mx),
+            2 => score_rows::<2>(k, d, queries, s, mx),
+            3 => score_rows::<3>(k, d, queries, s, mx),
+            4 => score_rows::<4>(k, d, queries, s, mx),
+            _ => score_rows::<5>(k, d, queries, s, mx),
         }
         _mm256_storeu_ps(lane_max.as_mut_ptr(), max[0]);
         _mm256_storeu_ps(lane_max.as_mut_ptr().add(8), max[1]);
@@ -296,7 +282,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn value_rows<const R: usize>(
         v: *const f32,
-        stride: usize,
+        d: usize,
         keys: usize,
         p: *const f32,
         out: *mut f32,
@@ -309,7 +295,7 @@ mod avx2 {
         for j in 0..keys {
             let p0 = _mm256_loadu_ps(p.add(j * LANES));
             let p1 = _mm256_loadu_ps(p.add(j * LANES + 8));
-            let row = v.add(j * stride);
+            let row = v.add(j * d);
             for (r, a) in acc.iter_mut().enumerate() {
                 let vv = _mm256_broadcast_ss(&*row.add(r));
                 a[0] = _mm256_fmadd_ps(vv, p0, a[0]);
@@ -325,7 +311,6 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn values(
         v: *const f32,
-        stride: usize,
         keys: usize,
         d: usize,
         p: *const f32,
@@ -333,17 +318,17 @@ mod avx2 {
     ) {
         let mut c = 0;
         while c + TILE <= d {
-            value_rows::<TILE>(v.add(c), stride, keys, p, out.add(c * LANES));
+            value_rows::<TILE>(v.add(c), d, keys, p, out.add(c * LANES));
             c += TILE;
         }
         let (v, o) = (v.add(c), out.add(c * LANES));
         match d - c {
             0 => {}
-            1 => value_rows::<1>(v, stride, keys, p, o),
-            2 => value_rows::<2>(v, stride, keys, p, o),
-            3 => value_rows::<3>(v, stride, keys, p, o),
-            4 => value_rows::<4>(v, stride, keys, p, o),
-            _ => value_rows::<5>(v, stride, keys, p, o),
+            1 => value_rows::<1>(v, d, keys, p, o),
+            2 => value_rows::<2>(v, d, keys, p, o),
+            3 => value_rows::<3>(v, d, keys, p, o),
+            4 => value_rows::<4>(v, d, keys, p, o),
+            _ => value_rows::<5>(v, d, keys, p, o),
         }
     }
 }
