@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -96,7 +97,6 @@ impl candle_core::InplaceOp1 for InPlaceUpdate<'_> {
         storage: &mut candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        let [clip, b1, b2, bias1, bias2, eps, shrink, lr, decay] = self.coefficients;
         let (m, v, ema) = &mut *self.state.borrow_mut();
         let w = match (storage, layout.contiguous_offsets()) {
             (candle_core::CpuStorage::F32(data), Some((start, end))) => &mut data[start..end],
@@ -109,15 +109,78 @@ impl candle_core::InplaceOp1 for InPlaceUpdate<'_> {
                 w.len()
             );
         }
-        for i in 0..w.len() {
-            let gi = self.g[i] * clip;
-            m[i] = b1 * m[i] + (1.0 - b1) * gi;
-            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-            let update = (m[i] / bias1) / ((v[i] / bias2).sqrt() + eps);
-            w[i] = w[i] * shrink - update * lr;
-            ema[i] = ema[i] * decay + w[i] * (1.0 - decay);
+        let coefficients = self.coefficients;
+        let (g, m, v, ema) = (self.g, &mut m[..], &mut v[..], &mut ema[..]);
+        if w.len() < PARALLEL_MIN {
+            update_values(w, g, m, v, ema, coefficients);
+        } else {
+            // Each value's update is independent, so the chunks run in any order with the
+            // same results as one loop.
+            w.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(ema.par_chunks_mut(CHUNK))
+                .for_each(|((((w, g), m), v), ema)| update_values(w, g, m, v, ema, coefficients));
         }
         Ok(())
+    }
+}
+
+/// Values per piece of parallel work in the optimizer's loops; a fixed size (not one per
+/// thread) so that the gradient norm's partial sums, and so the run, do not depend on the
+/// thread count.
+const CHUNK: usize = 1 << 15;
+
+/// Parameters smaller than this are updated on the calling thread (most biases and norms).
+const PARALLEL_MIN: usize = 4 * CHUNK;
+
+/// The AdamW and EMA update of a run of values, written as one pass over zipped slices so
+/// that it compiles to vector code (the division and square root included, which are exact).
+fn update_values(
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    ema: &mut [f32],
+    [clip, b1, b2, bias1, bias2, eps, shrink, lr, decay]: [f32; 9],
+) {
+    let values = w
+        .iter_mut()
+        .zip(g)
+        .zip(m.iter_mut())
+        .zip(v.iter_mut())
+        .zip(ema.iter_mut());
+    for ((((w, &g), m), v), ema) in values {
+        let gi = g * clip;
+        *m = b1 * *m + (1.0 - b1) * gi;
+        *v = b2 * *v + (1.0 - b2) * gi * gi;
+        let update = (*m / bias1) / ((*v / bias2).sqrt() + eps);
+        *w = *w * shrink - update * lr;
+        *ema = *ema * decay + *w * (1.0 - decay);
+    }
+}
+
+/// The sum of squares of `g` in f64, over fixed chunks in parallel, the partial sums added in
+/// order (the same result for any thread count).
+fn sum_of_squares(g: &[f32]) -> f64 {
+    let square_sum = |c: &[f32]| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+    if g.len() < PARALLEL_MIN {
+        return g.chunks(CHUNK).map(square_sum).sum();
+    }
+    let partial: Vec<f64> = g.par_chunks(CHUNK).map(square_sum).collect();
+    partial.iter().sum()
+}
+
+/// `sum += part`, in parallel for large gradients.
+fn add_into(sum: &mut [f32], part: &[f32]) {
+    let add = |(s, p): (&mut [f32], &[f32])| s.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    if sum.len() < PARALLEL_MIN {
+        add((sum, part));
+    } else {
+        sum.par_chunks_mut(CHUNK)
+            .zip(part.par_chunks(CHUNK))
+            .for_each(add);
     }
 }
 
@@ -183,11 +246,11 @@ impl AdamW {
                 let part = flat(part)?;
                 match &mut g {
                     None => g = Some(part),
-                    Some(sum) => sum.iter_mut().zip(&part).for_each(|(a, b)| *a += b),
+                    Some(sum) => add_into(sum, &part),
                 }
             }
             if let Some(g) = &g {
-                sq += g.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+                sq += sum_of_squares(g);
             }
             gradients.push(g);
         }
