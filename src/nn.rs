@@ -248,8 +248,7 @@ pub fn attention(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let inference = !q.track_op() && !k.track_op() && !v.track_op();
-    if inference && mask.is_none() && [q, k, v].iter().all(|t| crate::kernels::supports(t)) {
+    if mask.is_none() && [q, k, v].iter().all(|t| crate::kernels::supports(t)) {
         return Ok(crate::kernels::attention::attention(q, k, v, heads)?);
     }
     let budget = crate::kernels::parallel::share_of(ATTENTION_SCORE_BUDGET);

@@ -5,12 +5,14 @@
 //! written to memory, and the heads are read in place from the (batch, tokens, heads * dim)
 //! projections, without the transposed copies. Narrow heads (up to 160 values: the U-Nets')
 //! run in `attention_lanes`, 16 queries per block with transposed scores; wide ones (the VAE's)
-//! as two matrix products per block of rows. Unmasked, no backward pass: training and masked
-//! attention (the text encoder's causal mask) take the composed path in `nn`.
+//! as two matrix products per block of rows. Unmasked (masked attention, the text encoder's
+//! causal one, takes the composed path in `nn`); the backward pass for training is in
+//! `attention_backward`.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
+use super::attention_backward::AttentionBackward;
 use super::attention_lanes::{self, LANES, MAX_HEAD_DIM};
 use super::f32_slice;
 use super::matmul::{product, Strided};
@@ -47,8 +49,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     if inner == 0 {
         return q.zeros_like();
     }
-    q.contiguous()?
-        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &Attention { heads })
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let op = Attention { heads };
+    if q.track_op() || k.track_op() || v.track_op() {
+        q.apply_op3(&k, &v, op)
+    } else {
+        q.apply_op3_no_bwd(&k, &v, &op)
+    }
 }
 
 struct Attention {
@@ -109,6 +116,28 @@ impl CustomOp3 for Attention {
             attend_in_blocks(q, k, v, &sizes)
         };
         Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = AttentionBackward {
+            heads: self.heads,
+            dout: grad.contiguous()?,
+        };
+        let flat = q.apply_op3_no_bwd(k, v, &op)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let dq = flat.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = flat.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = flat
+            .narrow(0, nq + nk, v.elem_count())?
+            .reshape(v.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 

@@ -39,6 +39,7 @@ macro_rules! dispatch {
 
 pub mod activation;
 pub mod attention;
+mod attention_backward;
 mod attention_lanes;
 pub mod bias;
 pub mod conv2d;
