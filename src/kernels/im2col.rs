@@ -121,12 +121,25 @@ pub(super) fn scatter_channel(
         let (y0, y1) = (y0.max(r0), y1.min(r1));
         for kx in 0..k {
             let (x0, x1) = valid_range(ow, g.stride, kx, g.padding, g.w);
+            if x0 >= x1 {
+                continue; // this tap never lands inside the input
+            }
             let row = &cols[((ci * k + ky) * k + kx) * n..][..n];
             for oy in y0..y1 {
                 let y = oy * g.stride + ky - g.padding;
                 let dst_row = &mut plane[y / up * sw..][..sw];
                 let src_row = &row[(oy - r0) * ow..][..ow];
-                if up == 1 {
+                if up == 1 && g.stride == 1 {
+                    // Contiguous on both sides: one vectorised run.
+                    let xs = x0 + kx - g.padding;
+                    let dst = &mut dst_row[xs..xs + (x1 - x0)];
+                    dst.iter_mut()
+                        .zip(&src_row[x0..x1])
+                        .for_each(|(d, s)| *d += s);
+                } else if up == 2 && g.stride == 1 {
+                    // A 2x upsampler's conv: each input pixel gathers two neighbouring taps.
+                    scatter_pairs(src_row, x0, x1, x0 + kx - g.padding, dst_row);
+                } else if up == 1 {
                     for ox in x0..x1 {
                         dst_row[ox * g.stride + kx - g.padding] += src_row[ox];
                     }
@@ -137,5 +150,24 @@ pub(super) fn scatter_channel(
                 }
             }
         }
+    }
+}
+
+/// `dst[u / 2] += src[x]` for x in [x0, x1), u = ux0 + (x - x0): the adjoint of reading a
+/// row upsampled 2x, with the pairs of taps that share a pixel summed as vectors.
+fn scatter_pairs(src: &[f32], x0: usize, x1: usize, ux0: usize, dst: &mut [f32]) {
+    let (mut x, mut u) = (x0, ux0);
+    if x < x1 && u % 2 == 1 {
+        dst[u / 2] += src[x];
+        (x, u) = (x + 1, u + 1);
+    }
+    let pairs = (x1 - x) / 2;
+    let out = &mut dst[u / 2..u / 2 + pairs];
+    for (d, s) in out.iter_mut().zip(src[x..x + 2 * pairs].chunks_exact(2)) {
+        *d += s[0] + s[1];
+    }
+    (x, u) = (x + 2 * pairs, u + 2 * pairs);
+    if x < x1 {
+        dst[u / 2] += src[x];
     }
 }

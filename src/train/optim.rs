@@ -56,6 +56,9 @@ struct Slot {
     /// PyTorch's per-parameter `step` does, so a parameter that first gets a gradient late
     /// (a frozen part unfrozen, a branch first used at step n) is not under-corrected.
     updates: u32,
+    /// The gradient summed over a batch's shards (kept: reallocating it every step costs
+    /// fresh pages).
+    summed: Vec<f32>,
 }
 
 pub struct AdamW {
@@ -172,6 +175,24 @@ fn sum_of_squares(g: &[f32]) -> f64 {
     partial.iter().sum()
 }
 
+/// Calls `f` on a gradient's values where they lie (a contiguous f32 tensor on the CPU), or
+/// on a copy otherwise.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&data[a..b]));
+        }
+    }
+    let values = t
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
+    Ok(f(&values))
+}
+
 /// `sum += part`, in parallel for large gradients.
 fn add_into(sum: &mut [f32], part: &[f32]) {
     let add = |(s, p): (&mut [f32], &[f32])| s.iter_mut().zip(p).for_each(|(a, b)| *a += b);
@@ -195,6 +216,7 @@ impl AdamW {
                     v: vec![0.0; weights.len()],
                     ema: weights,
                     updates: 0,
+                    summed: Vec::new(),
                     name,
                     var,
                 })
@@ -234,25 +256,29 @@ impl AdamW {
     /// As `step`, with each parameter's gradient the sum over `shards` (the backward passes
     /// of a batch split into parts, summed in order).
     pub fn step_summed(&mut self, shards: &[GradStore]) -> Result<StepStats> {
-        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
-        let mut gradients: Vec<Option<Vec<f32>>> = Vec::with_capacity(self.slots.len());
+        // Pass 1: the global norm. A gradient from one shard is read where it lies; several
+        // are summed into the slot's buffer, which pass 2 reads again.
         let mut sq = 0f64;
-        for slot in &self.slots {
-            let mut g: Option<Vec<f32>> = None;
-            for grads in shards {
-                let Some(part) = grads.get(slot.var.as_tensor()) else {
-                    continue;
-                };
-                let part = flat(part)?;
-                match &mut g {
-                    None => g = Some(part),
-                    Some(sum) => add_into(sum, &part),
+        let mut present = Vec::with_capacity(self.slots.len());
+        for slot in &mut self.slots {
+            let parts: Vec<&Tensor> = shards
+                .iter()
+                .filter_map(|g| g.get(slot.var.as_tensor()))
+                .collect();
+            present.push(!parts.is_empty());
+            match parts.as_slice() {
+                [] => {}
+                [one] => sq += with_values(one, sum_of_squares)?,
+                [first, rest @ ..] => {
+                    let sum = &mut slot.summed;
+                    sum.clear();
+                    with_values(first, |g| sum.extend_from_slice(g))?;
+                    for part in rest {
+                        with_values(part, |g| add_into(sum, g))?;
+                    }
+                    sq += sum_of_squares(sum);
                 }
             }
-            if let Some(g) = &g {
-                sq += sum_of_squares(g);
-            }
-            gradients.push(g);
         }
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
@@ -275,20 +301,41 @@ impl AdamW {
             .min((1.0 + self.step as f64) / (10.0 + self.step as f64)) as f32;
         let (b1, b2, eps, clip) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32, clip as f32);
         let (lr32, shrink) = (lr as f32, (1.0 - lr * c.weight_decay) as f32);
-        for (slot, g) in self.slots.iter_mut().zip(gradients) {
-            let Some(g) = g else {
+        for (slot, present) in self.slots.iter_mut().zip(present) {
+            if !present {
                 continue;
-            };
+            }
             slot.updates += 1;
             let t = slot.updates as i32;
             let bias1 = (1.0 - c.beta1.powi(t)) as f32;
             let bias2 = (1.0 - c.beta2.powi(t)) as f32;
-            let update = InPlaceUpdate {
-                state: std::cell::RefCell::new((&mut slot.m, &mut slot.v, &mut slot.ema)),
-                g: &g,
-                coefficients: [clip, b1, b2, bias1, bias2, eps, shrink, lr32, decay],
+            let coefficients = [clip, b1, b2, bias1, bias2, eps, shrink, lr32, decay];
+            // One shard's gradient is read in place; several were summed in pass 1.
+            let mut parts = shards.iter().filter_map(|g| g.get(slot.var.as_tensor()));
+            let single = match (parts.next(), parts.next()) {
+                (Some(one), None) => Some(one.clone()),
+                _ => None,
             };
-            slot.var.as_tensor().inplace_op1(&update)?;
+            let Slot {
+                var,
+                m,
+                v,
+                ema,
+                summed,
+                ..
+            } = slot;
+            let mut run = |g: &[f32]| -> Result<()> {
+                let update = InPlaceUpdate {
+                    state: std::cell::RefCell::new((m, v, ema)),
+                    g,
+                    coefficients,
+                };
+                Ok(var.as_tensor().inplace_op1(&update)?)
+            };
+            match single {
+                Some(g) => with_values(&g, |g| run(g))??,
+                None => run(summed)?,
+            }
         }
         Ok(StepStats { grad_norm, lr })
     }
