@@ -109,8 +109,12 @@ impl CustomOp3 for Attention {
         };
         // Short sequences (SD 1.5's 16x16 level: 256 queries) pack little per head, and there
         // the matrix product's inner kernel is the faster one.
-        let lanes = sizes.d <= MAX_HEAD_DIM && sizes.n >= MIN_QUERIES_FOR_LANES;
-        let out = if lanes && !blocked_requested() {
+        let lanes = match requested_path() {
+            Some(Path::Blocked) => false,
+            Some(Path::Lanes) => sizes.d <= MAX_HEAD_DIM,
+            None => sizes.d <= MAX_HEAD_DIM && sizes.n >= MIN_QUERIES_FOR_LANES,
+        };
+        let out = if lanes {
             attend_in_lanes(q, k, v, &sizes, attention_lanes::fast_available())
         } else {
             attend_in_blocks(q, k, v, &sizes)
@@ -150,11 +154,21 @@ struct Sizes {
     d: usize,
 }
 
-/// `TEXT2IMG_ATTENTION=blocked` sends every head through the blocked matrix-product path
-/// (for comparisons).
-fn blocked_requested() -> bool {
-    static BLOCKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *BLOCKED.get_or_init(|| std::env::var("TEXT2IMG_ATTENTION").is_ok_and(|v| v == "blocked"))
+#[derive(Clone, Copy)]
+enum Path {
+    Lanes,
+    Blocked,
+}
+
+/// `TEXT2IMG_ATTENTION=blocked` sends every head through the blocked matrix-product path,
+/// `lanes` every head narrow enough through the lane kernel (for comparisons).
+fn requested_path() -> Option<Path> {
+    static PATH: std::sync::OnceLock<Option<Path>> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| match std::env::var("TEXT2IMG_ATTENTION").as_deref() {
+        Ok("blocked") => Some(Path::Blocked),
+        Ok("lanes") => Some(Path::Lanes),
+        _ => None,
+    })
 }
 
 /// Where one task of the split reads and writes: `rows` query rows from element `q0` of q
