@@ -119,7 +119,18 @@ fn geglu_backward_generic(x: &[f32], g: &[f32], dx: &mut [f32]) {
     }
 }
 
+/// The gradient through SiLU: `zs` holds its inputs z and gets g * silu'(z), with
+/// silu'(z) = s (1 + z (1 - s)) and s = sigmoid(z).
+#[inline(always)]
+fn silu_backward_generic(zs: &mut [f32], g: &[f32]) {
+    for (z, &gi) in zs.iter_mut().zip(g) {
+        let s = 1.0 / (1.0 + exp1(-*z));
+        *z = gi * s * (1.0 + *z * (1.0 - s));
+    }
+}
+
 dispatch!(exp_in_place, exp_generic, (xs: &mut [f32]));
+dispatch!(silu_backward_in_place, silu_backward_generic, (zs: &mut [f32], g: &[f32]));
 dispatch!(exp_shifted_sum, exp_shifted_sum_generic, (xs: &mut [f32], shift: f32, scale: f32) -> f32);
 dispatch!(exp_lanes, exp_lanes_generic, (xs: &mut [f32], shift: &[f32; 16], sums: &mut [f32; 16]));
 dispatch!(silu_in_place, silu_generic, (xs: &mut [f32]));
