@@ -17,7 +17,8 @@ use super::f32_slice;
 use super::matmul::{product, Strided};
 use super::parallel::{for_each_index_with, SharedMut};
 
-/// Query rows per block: the block's probabilities and their gradients (rows x keys each)
+/// Query rows per block, from the bytes of one of the block's two buffers (its
+/// probabilities and their gradients, rows x keys each): together 512 KB per thread, which
 /// should stay in the L2 cache.
 const SCORE_BLOCK_BYTES: usize = 256 << 10;
 
@@ -195,6 +196,19 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// The largest difference, NaN when either side has one (f32::max would skip it).
+    fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
+        assert_eq!(got.len(), want.len());
+        got.iter().zip(want).fold(0f32, |a, (x, y)| {
+            let d = (x - y).abs();
+            if d.is_nan() || a.is_nan() {
+                f32::NAN
+            } else {
+                a.max(d)
+            }
+        })
+    }
+
     /// Gradients of sum(attention(q, k, v) * w) through candle's composed ops.
     fn reference(q: &Var, k: &Var, v: &Var, w: &Tensor, heads: usize) -> [Vec<f32>; 3] {
         let (b, n, inner) = q.dims3().unwrap();
@@ -264,10 +278,7 @@ mod tests {
                 ("dk", dk, &want[1]),
                 ("dv", dv, &want[2]),
             ] {
-                let diff = got
-                    .iter()
-                    .zip(want)
-                    .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                let diff = max_abs_diff(got, want);
                 assert!(
                     diff < 1e-4,
                     "{name} {:?}: {diff}",
@@ -290,10 +301,7 @@ mod tests {
         for (x, want) in [(&q, &want[0]), (&k, &want[1]), (&v, &want[2])] {
             let got = grads.get(x.as_tensor()).unwrap();
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let diff = got
-                .iter()
-                .zip(want)
-                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            let diff = max_abs_diff(&got, want);
             assert!(diff < 1e-4, "{diff}");
         }
     }

@@ -28,8 +28,9 @@ fn dims(shape: &Shape, groups: usize) -> Result<(usize, usize, usize)> {
     Ok((b, c, d[2..].iter().product()))
 }
 
-/// (sum(gz), sum(gz * xhat)) over one channel, xhat = (x - mean) * rstd: eight f32 partial
-/// sums per quantity (so the loop vectorises), added in f64.
+/// (sum(gz), sum(gz * xhat)) over one channel, xhat = (x - mean) * rstd, accumulated in
+/// eight f32 lanes per quantity (so the loop vectorises; each lane sums an eighth of the
+/// channel) whose totals are then added in f64.
 #[inline(always)]
 fn channel_sums_generic(gz: &[f32], x: &[f32], mean: f32, rstd: f32) -> (f64, f64) {
     let (mut a, mut b) = ([0f32; 8], [0f32; 8]);

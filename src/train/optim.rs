@@ -56,8 +56,9 @@ struct Slot {
     /// PyTorch's per-parameter `step` does, so a parameter that first gets a gradient late
     /// (a frozen part unfrozen, a branch first used at step n) is not under-corrected.
     updates: u32,
-    /// The gradient summed over a batch's shards (kept: reallocating it every step costs
-    /// fresh pages).
+    /// The gradient summed over a batch's shards, kept from step to step (one more copy of
+    /// the parameter for the whole run: reallocating it every step cost fresh pages, 3 % of
+    /// a training step).
     summed: Vec<f32>,
 }
 
@@ -176,7 +177,10 @@ fn sum_of_squares(g: &[f32]) -> f64 {
 }
 
 /// Calls `f` on a gradient's values where they lie (a contiguous f32 tensor on the CPU), or
-/// on a copy otherwise.
+/// on a copy otherwise. The update runs inside `f` with the gradient's storage read-locked
+/// while it write-locks its weight's: candle's backward pass builds every gradient in new
+/// storage (zeros plus the contributions), never in its weight's, so the two locks are on
+/// different storages.
 fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     {
         let (storage, layout) = t.storage_and_layout();
