@@ -146,12 +146,12 @@ impl CustomOp3 for Attention {
 }
 
 /// The problem's sizes: images, queries, keys, heads and values per head.
-struct Sizes {
-    b: usize,
-    n: usize,
-    m: usize,
-    heads: usize,
-    d: usize,
+pub(super) struct Sizes {
+    pub b: usize,
+    pub n: usize,
+    pub m: usize,
+    pub heads: usize,
+    pub d: usize,
 }
 
 #[derive(Clone, Copy)]

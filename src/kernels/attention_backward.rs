@@ -13,6 +13,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use gemm::Parallelism;
 
+use super::attention::{row_max, Sizes};
 use super::f32_slice;
 use super::matmul::{product, Strided};
 use super::parallel::{for_each_index_with, SharedMut};
@@ -79,14 +80,6 @@ impl CustomOp3 for AttentionBackward {
     }
 }
 
-pub(super) struct Sizes {
-    pub b: usize,
-    pub n: usize,
-    pub m: usize,
-    pub heads: usize,
-    pub d: usize,
-}
-
 /// dq (b x n x inner), dk and dv (b x m x inner each), concatenated; query blocks of `rows`.
 pub(super) fn backward(
     q: &[f32],
@@ -135,7 +128,7 @@ pub(super) fn backward(
                     Parallelism::None,
                 );
                 for row in p[..len * m].chunks_exact_mut(m) {
-                    let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                    let max = row_max(row);
                     let inv = 1.0 / super::fast_math::exp_shifted_sum(row, max, scale);
                     row.iter_mut().for_each(|x| *x *= inv);
                 }
