@@ -176,6 +176,16 @@ fn sum_of_squares(g: &[f32]) -> f64 {
     partial.iter().sum()
 }
 
+/// Where a parameter's gradient is for this step's update.
+enum Gradient {
+    /// No shard's backward pass reached the parameter.
+    Absent,
+    /// One shard's gradient, read where it lies.
+    InPlace(Tensor),
+    /// Several shards' gradients, summed into the slot's `summed` buffer.
+    Summed,
+}
+
 /// Calls `f` on a gradient's values where they lie (a contiguous f32 tensor on the CPU), or
 /// on a copy otherwise. The update runs inside `f` with the gradient's storage read-locked
 /// while it write-locks its weight's: candle's backward pass builds every gradient in new
@@ -260,19 +270,20 @@ impl AdamW {
     /// As `step`, with each parameter's gradient the sum over `shards` (the backward passes
     /// of a batch split into parts, summed in order).
     pub fn step_summed(&mut self, shards: &[GradStore]) -> Result<StepStats> {
-        // Pass 1: the global norm. A gradient from one shard is read where it lies; several
-        // are summed into the slot's buffer, which pass 2 reads again.
+        // Pass 1: the global norm, and where each parameter's gradient is for pass 2.
         let mut sq = 0f64;
-        let mut present = Vec::with_capacity(self.slots.len());
+        let mut gradients = Vec::with_capacity(self.slots.len());
         for slot in &mut self.slots {
             let parts: Vec<&Tensor> = shards
                 .iter()
                 .filter_map(|g| g.get(slot.var.as_tensor()))
                 .collect();
-            present.push(!parts.is_empty());
-            match parts.as_slice() {
-                [] => {}
-                [one] => sq += with_values(one, sum_of_squares)?,
+            gradients.push(match parts.as_slice() {
+                [] => Gradient::Absent,
+                [one] => {
+                    sq += with_values(one, sum_of_squares)?;
+                    Gradient::InPlace((*one).clone())
+                }
                 [first, rest @ ..] => {
                     let sum = &mut slot.summed;
                     sum.clear();
@@ -281,8 +292,9 @@ impl AdamW {
                         with_values(part, |g| add_into(sum, g))?;
                     }
                     sq += sum_of_squares(sum);
+                    Gradient::Summed
                 }
-            }
+            });
         }
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
@@ -305,8 +317,8 @@ impl AdamW {
             .min((1.0 + self.step as f64) / (10.0 + self.step as f64)) as f32;
         let (b1, b2, eps, clip) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32, clip as f32);
         let (lr32, shrink) = (lr as f32, (1.0 - lr * c.weight_decay) as f32);
-        for (slot, present) in self.slots.iter_mut().zip(present) {
-            if !present {
+        for (slot, gradient) in self.slots.iter_mut().zip(gradients) {
+            if let Gradient::Absent = gradient {
                 continue;
             }
             slot.updates += 1;
@@ -314,12 +326,6 @@ impl AdamW {
             let bias1 = (1.0 - c.beta1.powi(t)) as f32;
             let bias2 = (1.0 - c.beta2.powi(t)) as f32;
             let coefficients = [clip, b1, b2, bias1, bias2, eps, shrink, lr32, decay];
-            // One shard's gradient is read in place; several were summed in pass 1.
-            let mut parts = shards.iter().filter_map(|g| g.get(slot.var.as_tensor()));
-            let single = match (parts.next(), parts.next()) {
-                (Some(one), None) => Some(one.clone()),
-                _ => None,
-            };
             let Slot {
                 var,
                 m,
@@ -336,9 +342,10 @@ impl AdamW {
                 };
                 Ok(var.as_tensor().inplace_op1(&update)?)
             };
-            match single {
-                Some(g) => with_values(&g, |g| run(g))??,
-                None => run(summed)?,
+            match gradient {
+                Gradient::InPlace(g) => with_values(&g, |g| run(g))??,
+                Gradient::Summed => run(summed)?,
+                Gradient::Absent => {}
             }
         }
         Ok(StepStats { grad_norm, lr })
