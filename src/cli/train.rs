@@ -177,6 +177,11 @@ pub struct TrainArgs {
     /// (1 + P) / 2 of them. 0 = uniform. May be set when resuming.
     #[arg(long)]
     pub late_timesteps: Option<f64>,
+    /// The first timestep of the late share's range (default 500): e.g. 850 trains the
+    /// steps where the input is almost pure noise, so where shapes go must come from the
+    /// caption. May be set when resuming.
+    #[arg(long)]
+    pub late_from: Option<usize>,
     #[arg(long, default_value = "64,128,128")]
     pub unet_channels: String,
     #[arg(long, default_value_t = 1)]
@@ -258,6 +263,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         zero_terminal_snr: a.zero_terminal_snr || source.zero_terminal_snr,
         snr_gamma: a.snr_gamma,
         late_timesteps: a.late_timesteps,
+        late_from: a.late_from,
         init_from: a.init_from,
         unet_channels: parse_list(&a.unet_channels)?,
         unet_layers: a.unet_layers,

@@ -69,6 +69,12 @@ pub struct TrainOptions {
     /// (and the random stream of runs made before the option). Can be set at `--resume`.
     #[serde(default)]
     pub late_timesteps: Option<f64>,
+    /// Where the late share's range starts: t in [late_from, 1000). `None`: 500, the noisier
+    /// half. A high start (850) trains only the steps where the input holds almost nothing
+    /// of the image, so layout (where a shape goes) must come from the caption. Can be set
+    /// at `--resume`.
+    #[serde(default)]
+    pub late_from: Option<usize>,
     /// Start from this model folder's U-Net (and, for a joint text encoder, its text encoder
     /// and tokenizer) instead of fresh weights: fine-tuning. The architecture comes from the
     /// folder's configs; the optimizer starts afresh.
@@ -114,12 +120,14 @@ pub fn min_snr_weight(acp: f64, gamma: f64, v_prediction: bool) -> f64 {
 }
 
 /// A training timestep in [0, 1000): uniform, or with probability `late` from the noisier
-/// half [500, 1000) (so that half gets (1 + late) / 2 of the samples). Draws one number when
-/// `late` is `None` or 0 (as runs before the option did), two otherwise.
-fn sample_timestep(rng: &mut crate::rng::TorchGenerator, late: Option<f64>) -> usize {
+/// range [from, 1000) (from = 500 by default: that half then gets (1 + late) / 2 of the
+/// samples). Draws one number when `late` is `None` or 0 (as runs before the option did),
+/// two otherwise.
+fn sample_timestep(rng: &mut crate::rng::TorchGenerator, late: Option<f64>, from: usize) -> usize {
     let t = (rng.uniform() * 1000.0) as usize;
     match late {
-        Some(p) if p > 0.0 && rng.uniform() < p => 500 + t / 2,
+        // For from = 500 this is 500 + t / 2, the stream of runs made before `late_from`.
+        Some(p) if p > 0.0 && rng.uniform() < p => from + t * (1000 - from) / 1000,
         _ => t,
     }
 }
@@ -395,8 +403,9 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         start = ck.state.step;
         let (steps, quiet, sample_every) = (o.steps, o.quiet, o.sample_every);
         let (zero_terminal_snr, snr_gamma) = (o.zero_terminal_snr, o.snr_gamma);
-        let late_timesteps = o.late_timesteps;
+        let (late_timesteps, late_from) = (o.late_timesteps, o.late_from);
         o = ck.state.options.clone();
+        o.late_from = late_from.or(o.late_from);
         o.snr_gamma = snr_gamma.or(o.snr_gamma);
         o.late_timesteps = late_timesteps.or(o.late_timesteps);
         // A run may switch to the zero-SNR schedule when resumed (fine-tuning), not back.
@@ -416,6 +425,11 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
     if o.late_timesteps.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
         return Err(Error::InvalidRequest(
             "--late-timesteps must be a share between 0 and 1".into(),
+        ));
+    }
+    if o.late_from.is_some_and(|t| t >= 1000) {
+        return Err(Error::InvalidRequest(
+            "--late-from must be a timestep below 1000".into(),
         ));
     }
     if o.zero_terminal_snr && !o.v_prediction {
@@ -570,7 +584,7 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         let z0 = ((mean + ((logvar * 0.5)?.exp()? * eps)?)? * scaling)?.detach();
         let b = o.batch;
         let timesteps: Vec<usize> = (0..b)
-            .map(|_| sample_timestep(&mut rng, o.late_timesteps))
+            .map(|_| sample_timestep(&mut rng, o.late_timesteps, o.late_from.unwrap_or(500)))
             .collect();
         let ids: Vec<Vec<u32>> = batch
             .captions
@@ -720,7 +734,7 @@ mod tests {
             let mut b = super::super::step_rng(5, 0);
             for _ in 0..100 {
                 assert_eq!(
-                    sample_timestep(&mut a, off),
+                    sample_timestep(&mut a, off, 500),
                     (b.uniform() * 1000.0) as usize
                 );
             }
@@ -729,7 +743,7 @@ mod tests {
             let mut rng = super::super::step_rng(6, 0);
             let n = 20_000;
             let ts: Vec<usize> = (0..n)
-                .map(|_| sample_timestep(&mut rng, Some(late)))
+                .map(|_| sample_timestep(&mut rng, Some(late), 500))
                 .collect();
             assert!(ts.iter().all(|&t| t < 1000));
             ts.iter().filter(|&&t| t >= 500).count() as f64 / n as f64
@@ -738,6 +752,15 @@ mod tests {
         assert!((share(0.0) - 0.5).abs() < 0.02, "{}", share(0.0));
         assert!((share(0.2) - 0.6).abs() < 0.02, "{}", share(0.2));
         assert!((share(0.5) - 0.75).abs() < 0.02, "{}", share(0.5));
+        // A later start: every late draw lands in [850, 1000), spread over all of it.
+        let mut rng = super::super::step_rng(7, 0);
+        let ts: Vec<usize> = (0..20_000)
+            .map(|_| sample_timestep(&mut rng, Some(1.0), 850))
+            .collect();
+        assert!(ts.iter().all(|&t| (850..1000).contains(&t)));
+        assert!(ts.contains(&850) && ts.contains(&999));
+        let high = ts.iter().filter(|&&t| t >= 925).count() as f64 / ts.len() as f64;
+        assert!((high - 0.5).abs() < 0.02, "{high}");
     }
 
     /// Min-SNR-5 weights on SD's schedule and the zero-terminal one: noisy timesteps (SNR
