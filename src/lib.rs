@@ -5,7 +5,8 @@
 //! - [`vae`]: Dec, the autoencoder;
 //! - [`pipeline`]: the composition, with classifier-free guidance and torch-exact seeds.
 //!
-//! Load a model once, then serve many requests:
+//! A program should call [`process::configure`] first thing in `main` (the allocator and
+//! thread settings the `text2img` binary uses). Load a model once, then serve many requests:
 //!
 //! ```
 //! use text2img::pipeline::{GenerateRequest, LoadOptions, Pipeline};
@@ -39,6 +40,7 @@ pub mod latent;
 pub mod nn;
 pub mod pipeline;
 pub mod png_out;
+pub mod process;
 pub mod rng;
 pub mod serve;
 pub mod text;

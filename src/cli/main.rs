@@ -105,19 +105,6 @@ struct GenerateArgs {
     output: PathBuf,
 }
 
-/// Keeps freed tensor buffers in the heap instead of returning them to the OS: diffusion
-/// allocates and frees the same large buffers every step, and glibc's default of mapping and
-/// unmapping each one costs a page fault per 4 KiB (measured: training 1.7 -> 2.5 images/s).
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; it is called before any threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-    }
-}
-
 /// `WxH` to (height, width), the order diffusers' size arguments use.
 fn parse_size(text: &str) -> Result<(usize, usize), String> {
     let (w, h) = text2img::pipeline::size::parse_wxh(text)
@@ -138,28 +125,9 @@ fn parse_pair(text: &str) -> Result<(usize, usize), String> {
     Ok((parse(a)?, parse(b)?))
 }
 
-/// Fixes the thread count once. Without RAYON_NUM_THREADS, candle works out the default
-/// (physical cores, read from /proc/cpuinfo) again on every matrix product: 1,820 reads of
-/// /proc/cpuinfo in a 5-step 64x64 generation.
-fn pin_thread_count() {
-    // Called first thing in main, before any other thread exists.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let threads = candle_core::utils::get_num_threads();
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
-    // Training batches and guidance pairs run in shards, one per thread. candle's element-wise
-    // ops share one pool whose lock the shards would queue on (and whose worker spins between
-    // ops): with CANDLE_NUM_THREADS=1 each shard runs them on its own thread. Two threads:
-    // default-model training step 8.3 -> 12.4 images/s; its 20 generation steps
-    // 0.87-0.92 -> 0.59-0.62 s.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-}
-
 fn main() -> ExitCode {
-    tune_allocator();
-    pin_thread_count();
+    // First thing, before any other thread exists.
+    text2img::process::configure();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
