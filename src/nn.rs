@@ -34,6 +34,13 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if bf16_products(&self.weight_t, x) {
+            let y = crate::kernels::matmul_bf16::linear(x, &self.weight_t)?;
+            return Ok(match &self.bias {
+                Some(b) => add_bias_last(&y, b)?,
+                None => y,
+            });
+        }
         let weight = widen(&self.weight_t, x)?;
         let y = match x.dims() {
             [b, n, k] => x
@@ -47,6 +54,14 @@ impl Linear {
             None => y,
         })
     }
+}
+
+/// Whether a layer's products run in bf16: its weight is stored in bf16, the activations are
+/// f32 on the CPU, and the CPU has bf16 dot products (elsewhere the weight is widened).
+fn bf16_products(weight: &Tensor, x: &Tensor) -> bool {
+    weight.dtype() == candle_core::DType::BF16
+        && crate::kernels::supports(x)
+        && crate::kernels::matmul_bf16::available()
 }
 
 /// A weight kept in a narrower storage dtype, widened to the activations' dtype for one use.
@@ -117,6 +132,7 @@ impl Conv2d {
     /// the kernels take the input, candle's otherwise (another dtype or device, or a kernel
     /// that does not fit the input: candle then says what is wrong).
     fn convolve(&self, x: &Tensor, up: usize) -> Result<Tensor> {
+        let bf16 = bf16_products(&self.weight, x);
         let weight = widen(&self.weight, x)?;
         let (_, _, h, w) = x.dims4()?;
         let k = weight.dim(2)?;
@@ -130,6 +146,7 @@ impl Conv2d {
                 self.padding,
                 up,
                 COLUMN_BUDGET,
+                bf16,
             )?);
         }
         let x = if up > 1 {
@@ -156,7 +173,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(vb: &Vb, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(crate::Error::InvalidRequest(format!(
                 "{}: {channels} channels cannot be split into {groups} norm groups",
                 vb.name("weight")

@@ -177,7 +177,7 @@ impl TorchGenerator {
         for start in (0..=n - 16).step_by(16) {
             box_muller_16(&mut data[start..start + 16], kernel);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();

@@ -43,7 +43,7 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
     let load_s = started.elapsed().as_secs_f64();
     let device = candle_core::Device::Cpu;
     let f = pipeline.vae_scale_factor();
-    if a.size == 0 || a.size % f != 0 {
+    if a.size == 0 || !a.size.is_multiple_of(f) {
         anyhow::bail!("--size {} is not a positive multiple of {f}", a.size);
     }
     let request = GenerateRequest::new("a photograph of an astronaut riding a horse");
@@ -89,6 +89,17 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
         .squeeze(0)?;
     let sgemm_s = best(a.repeat.max(3), || Ok(x.matmul(&x)?))?;
     let gflops = 2.0 * (n as f64).powi(3) / sgemm_s / 1e9;
+    // The bf16 product a `--dtype bf16` layer runs, where the CPU has it (f32 activations
+    // times a bf16 weight), on the same matrices.
+    let bf16_gflops = if text2img::kernels::matmul_bf16::available() {
+        let w = x.to_dtype(candle_core::DType::BF16)?;
+        let s = best(a.repeat.max(3), || {
+            Ok(text2img::kernels::matmul_bf16::linear(&x, &w)?)
+        })?;
+        Some(2.0 * (n as f64).powi(3) / s / 1e9)
+    } else {
+        None
+    };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     if a.json {
         println!(
@@ -96,7 +107,8 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
             json!({
                 "model": source, "size": a.size, "threads": threads, "load_s": load_s,
                 "text_s": text_s, "unet_step_cfg_s": unet_s, "vae_decode_s": decode_s,
-                "sgemm_2048_gflops": gflops,
+                "sgemm_2048_gflops": gflops, "bf16_gemm_2048_gflops": bf16_gflops,
+                "dtype": format!("{:?}", a.model.dtype.dtype()).to_lowercase(),
             })
         );
     } else {
@@ -107,6 +119,9 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
         println!("  U-Net step, CFG batch 2   {unet_s:8.3} s");
         println!("  VAE decode (1 image)      {decode_s:8.3} s");
         println!("  sgemm 2048^3              {gflops:8.1} GFLOP/s");
+        if let Some(g) = bf16_gflops {
+            println!("  bf16 GEMM 2048^3          {g:8.1} GFLOP/s");
+        }
     }
     Ok(())
 }

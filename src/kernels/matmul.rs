@@ -7,9 +7,9 @@ use gemm::Parallelism;
 /// A matrix in memory: its first element and the distance between rows (`rows`: row-major)
 /// or between columns (`columns`: the transpose of a row-major matrix).
 pub(super) struct Strided<P> {
-    ptr: P,
-    row_stride: isize,
-    col_stride: isize,
+    pub(super) ptr: P,
+    pub(super) row_stride: isize,
+    pub(super) col_stride: isize,
 }
 
 impl<P> Strided<P> {

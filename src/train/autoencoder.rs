@@ -129,7 +129,7 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
         None => None,
     };
     let factor = 1 << o.channels.len().saturating_sub(1);
-    if o.channels.is_empty() || o.size == 0 || o.size % factor != 0 {
+    if o.channels.is_empty() || o.size == 0 || !o.size.is_multiple_of(factor) {
         return Err(Error::InvalidRequest(format!(
             "--size {} must be a positive multiple of the autoencoder's downsampling factor {factor} \
              (one halving per --channels entry after the first)",

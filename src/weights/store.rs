@@ -201,7 +201,7 @@ impl Weights {
     /// An f32 tensor's values (safetensors stores little-endian; callers check the host is).
     fn read_f32(&self, entry: &Entry) -> Result<Vec<f32>> {
         let len = entry.end - entry.start;
-        if len % 4 != 0 {
+        if !len.is_multiple_of(4) {
             return Err(Error::Safetensors {
                 path: self.shards[entry.shard].0.clone(),
                 reason: format!("an f32 tensor of {len} bytes"),

@@ -345,7 +345,7 @@ impl UNetConfig {
         let Some(norm_num_groups) = raw.norm_num_groups else {
             return Err(refuse("norm_num_groups", "null"));
         };
-        if raw.conv_in_kernel % 2 == 0 || raw.conv_out_kernel % 2 == 0 {
+        if raw.conv_in_kernel.is_multiple_of(2) || raw.conv_out_kernel.is_multiple_of(2) {
             return Err(err("conv_in_kernel and conv_out_kernel must be odd".into()));
         }
         let n = raw.block_out_channels.len();

@@ -1,0 +1,605 @@
+//! Matrix products in bf16 with f32 sums, on AVX-512 BF16's dot-product instruction
+//! (VDPBF16PS: each of 16 f32 lanes adds the products of two bf16 pairs): twice the
+//! multiply-adds of an f32 FMA per instruction, on operands half the bytes. Taken by the
+//! layers whose weights are stored in bf16 (`--dtype bf16`) on CPUs that have it.
+//!
+//! Blocked as GotoBLAS does: for each block of `NC` columns and `KC` of depth, the right
+//! operand is packed once into panels of `NR` columns with the depth in pairs
+//! (`[k/2][NR][2]` bf16: one pair per lane), and each block of `MC` rows of the left operand
+//! into panels of `MR` rows (`[k/2][MR]` pairs, broadcast one at a time); an `MR` x `NR`
+//! micro-kernel keeps its 24 accumulators in registers. Both operands are rounded to bf16 (to
+//! nearest, ties to even) as they are packed, so f32 activations and bf16 weights mix.
+//!
+//! The same packed layout has a portable micro-kernel, used where the CPU lacks the
+//! instruction only by the tests (callers check [`available`] first).
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::matmul::Strided;
+use super::parallel::threads_for;
+
+/// Micro-kernel rows (broadcast values) and columns (two 16-lane registers).
+const MR: usize = 12;
+const NR: usize = 32;
+/// Depth per packed block (even: whole pairs), rows per packed left block (a multiple of
+/// `MR`), columns per packed right block (a multiple of `NR`). A right block is
+/// KC x NC x 2 bytes = 384 KiB, within a core's L2; a left block 90 KiB.
+const KC: usize = 384;
+const MC: usize = 120;
+const NC: usize = 512;
+
+/// An operand of [`product`]: f32 values (rounded as they are packed) or bf16 bits.
+#[derive(Clone, Copy)]
+pub(super) enum Operand {
+    F32(*const f32, isize, isize),
+    Bf16(*const u16, isize, isize),
+}
+
+impl Operand {
+    pub(super) fn f32(m: Strided<*const f32>) -> Self {
+        Self::F32(m.ptr, m.row_stride, m.col_stride)
+    }
+
+    pub(super) fn bf16(m: Strided<*const u16>) -> Self {
+        Self::Bf16(m.ptr, m.row_stride, m.col_stride)
+    }
+
+    /// The element at (r, c) as bf16 bits.
+    ///
+    /// # Safety
+    /// (r, c) must address an element inside the operand's buffer.
+    #[inline(always)]
+    unsafe fn at(self, r: usize, c: usize) -> u16 {
+        match self {
+            Self::F32(p, rs, cs) => to_bf16(*p.offset(r as isize * rs + c as isize * cs)),
+            Self::Bf16(p, rs, cs) => *p.offset(r as isize * rs + c as isize * cs),
+        }
+    }
+
+    /// The operand starting `r` rows and `c` columns further on.
+    unsafe fn offset(self, r: usize, c: usize) -> Self {
+        match self {
+            Self::F32(p, rs, cs) => Self::F32(p.offset(r as isize * rs + c as isize * cs), rs, cs),
+            Self::Bf16(p, rs, cs) => {
+                Self::Bf16(p.offset(r as isize * rs + c as isize * cs), rs, cs)
+            }
+        }
+    }
+}
+
+/// f32 to bf16 bits, rounded to nearest with ties to even (quiet NaNs stay NaN).
+#[inline(always)]
+pub(super) fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+#[inline(always)]
+fn from_bf16(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Whether this CPU runs the bf16 products natively. `TEXT2IMG_BF16_PRODUCTS=0` turns them
+/// off (bf16 weights are then widened to f32, as on CPUs without the instruction).
+pub fn available() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        native() && std::env::var("TEXT2IMG_BF16_PRODUCTS").map_or(true, |v| v != "0")
+    })
+}
+
+fn native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `x (.., k) . w_t` for f32 activations and a bf16 (k, n) weight, in bf16 products with f32
+/// sums: a linear layer's product without widening its weight. Inference only (no gradient).
+pub fn linear(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
+    super::require_supported(x, "bf16 linear")?;
+    let x = x.contiguous()?;
+    let w_t = w_t.contiguous()?;
+    x.apply_op2_no_bwd(&w_t, &LinearBf16)
+}
+
+struct LinearBf16;
+
+impl CustomOp2 for LinearBf16 {
+    fn name(&self) -> &'static str {
+        "bf16 linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = super::f32_slice(xs, xl, "bf16 linear", "input")?;
+        let (CpuStorage::BF16(w), Some((w0, w1))) = (ws, wl.contiguous_offsets()) else {
+            candle_core::bail!("bf16 linear: the weight must be a contiguous bf16 matrix");
+        };
+        let (k, n) = wl.shape().dims2()?;
+        let dims = xl.shape().dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("bf16 linear: a {dims:?} input does not fit a ({k}, {n}) weight");
+        }
+        let m = x.len() / k.max(1);
+        let w = &w[w0..w1];
+        let mut y = vec![0f32; m * n];
+        // SAFETY: x is m x k, w k x n and y m x n, all row-major and contiguous.
+        unsafe {
+            product(
+                (m, n, k),
+                Strided::rows(y.as_mut_ptr(), n),
+                false,
+                Operand::f32(Strided::rows(x.as_ptr(), k)),
+                Operand::bf16(Strided::rows(w.as_ptr() as *const u16, n)),
+                threads_for(usize::MAX),
+            );
+        }
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap() = n;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+}
+
+/// Which micro-kernel runs: the native one where the CPU has it, else (tests) the portable.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kernel {
+    Native,
+    Portable,
+}
+
+/// dst (m x n, rows contiguous) = lhs (m x k) . rhs (k x n) in bf16 with f32 sums, added to
+/// dst when `accumulate`; split over `threads` threads by columns or rows, whichever is
+/// longer. Callers check [`available`].
+///
+/// # Safety
+/// Every element the views address for these sizes must be in bounds; dst (row stride
+/// `dst.row_stride`, column stride 1) must not overlap lhs or rhs.
+pub(super) unsafe fn product(
+    sizes: (usize, usize, usize),
+    dst: Strided<*mut f32>,
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    threads: usize,
+) {
+    let kernel = if native() {
+        Kernel::Native
+    } else {
+        Kernel::Portable
+    };
+    product_with(kernel, sizes, dst, accumulate, lhs, rhs, threads)
+}
+
+/// A raw destination shared by the threads, each writing its own rows or columns.
+#[derive(Clone, Copy)]
+struct Dst(*mut f32, isize);
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+#[derive(Clone, Copy)]
+struct Operands(Operand, Operand);
+unsafe impl Send for Operands {}
+unsafe impl Sync for Operands {}
+
+unsafe fn product_with(
+    kernel: Kernel,
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<*mut f32>,
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    threads: usize,
+) {
+    assert_eq!(
+        dst.col_stride, 1,
+        "bf16 product: rows of dst must be contiguous"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (out, ops) = (Dst(dst.ptr, dst.row_stride), Operands(lhs, rhs));
+    // Split the longer side into runs of whole panels, one per thread.
+    let by_columns = n >= m;
+    let (len, unit) = if by_columns { (n, NR) } else { (m, MR) };
+    let parts = threads.min(len.div_ceil(unit)).max(1);
+    let per = len.div_ceil(unit).div_ceil(parts) * unit;
+    let run = move |start: usize| {
+        let (out, ops) = (out, ops);
+        let part = per.min(len - start);
+        // SAFETY: the part's rows or columns lie inside the caller's views.
+        unsafe {
+            if by_columns {
+                single(
+                    kernel,
+                    (m, part, k),
+                    Dst(out.0.add(start), out.1),
+                    accumulate,
+                    ops.0,
+                    ops.1.offset(0, start),
+                );
+            } else {
+                single(
+                    kernel,
+                    (part, n, k),
+                    Dst(out.0.offset(start as isize * out.1), out.1),
+                    accumulate,
+                    ops.0.offset(start, 0),
+                    ops.1,
+                );
+            }
+        }
+    };
+    if parts == 1 || threads_for(parts) == 1 {
+        (0..len).step_by(per).for_each(run);
+    } else {
+        rayon::scope(|scope| {
+            for start in (0..len).step_by(per) {
+                scope.spawn(move |_| run(start));
+            }
+        });
+    }
+}
+
+/// One thread's product, blocked and packed.
+unsafe fn single(
+    kernel: Kernel,
+    (m, n, k): (usize, usize, usize),
+    dst: Dst,
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+) {
+    let mut bp = vec![0u16; KC * NC];
+    let mut ap = vec![0u32; MC * KC / 2];
+    let mut tile = [[0f32; NR]; MR];
+    for j0 in (0..n).step_by(NC) {
+        let nc = NC.min(n - j0);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let pairs = kc.div_ceil(2);
+            pack_right(kernel, rhs.offset(k0, j0), kc, nc, &mut bp);
+            let add = accumulate || k0 > 0;
+            for i0 in (0..m).step_by(MC) {
+                let mc = MC.min(m - i0);
+                pack_left(lhs.offset(i0, k0), mc, kc, &mut ap);
+                for jp in 0..nc.div_ceil(NR) {
+                    let b = bp.as_ptr().add(jp * pairs * 2 * NR);
+                    let cols = NR.min(nc - jp * NR);
+                    for ip in 0..mc.div_ceil(MR) {
+                        let a = ap.as_ptr().add(ip * pairs * MR);
+                        let rows = MR.min(mc - ip * MR);
+                        match kernel {
+                            #[cfg(target_arch = "x86_64")]
+                            Kernel::Native => tile_native(pairs, a, b, &mut tile),
+                            _ => tile_portable(pairs, a, b, &mut tile),
+                        }
+                        let origin = dst
+                            .0
+                            .offset((i0 + ip * MR) as isize * dst.1 + (j0 + jp * NR) as isize);
+                        for (r, vals) in tile.iter().enumerate().take(rows) {
+                            let row = std::slice::from_raw_parts_mut(
+                                origin.offset(r as isize * dst.1),
+                                cols,
+                            );
+                            if add {
+                                row.iter_mut().zip(vals).for_each(|(d, v)| *d += v);
+                            } else {
+                                row.copy_from_slice(&vals[..cols]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs rows 0..kc and columns 0..nc of `rhs` into panels of NR columns, `[pair][NR][2]`
+/// each; a missing last row of an odd depth and the columns past nc are zeros.
+unsafe fn pack_right(kernel: Kernel, rhs: Operand, kc: usize, nc: usize, bp: &mut [u16]) {
+    let pairs = kc.div_ceil(2);
+    #[cfg(target_arch = "x86_64")]
+    if let (Kernel::Native, Operand::F32(p, rs, 1)) = (kernel, rhs) {
+        return pack_right_f32_native(p, rs, kc, nc, bp);
+    }
+    let _ = kernel;
+    for jp in 0..nc.div_ceil(NR) {
+        let panel = &mut bp[jp * pairs * 2 * NR..][..pairs * 2 * NR];
+        let cols = NR.min(nc - jp * NR);
+        for p in 0..pairs {
+            let out = &mut panel[p * 2 * NR..][..2 * NR];
+            for c in 0..NR {
+                let col = jp * NR + c;
+                let (lo, hi) = if c < cols {
+                    let hi = if 2 * p + 1 < kc {
+                        rhs.at(2 * p + 1, col)
+                    } else {
+                        0
+                    };
+                    (rhs.at(2 * p, col), hi)
+                } else {
+                    (0, 0)
+                };
+                out[2 * c] = lo;
+                out[2 * c + 1] = hi;
+            }
+        }
+    }
+}
+
+/// Packs rows 0..mc and columns 0..kc of `lhs` into panels of MR rows, `[pair][MR]` each,
+/// a pair's first value in the low half; missing rows and an odd depth's last value are
+/// zeros.
+unsafe fn pack_left(lhs: Operand, mc: usize, kc: usize, ap: &mut [u32]) {
+    let pairs = kc.div_ceil(2);
+    for ip in 0..mc.div_ceil(MR) {
+        let panel = &mut ap[ip * pairs * MR..][..pairs * MR];
+        let rows = MR.min(mc - ip * MR);
+        for r in 0..MR {
+            if r >= rows {
+                for p in 0..pairs {
+                    panel[p * MR + r] = 0;
+                }
+                continue;
+            }
+            let row = ip * MR + r;
+            for p in 0..pairs {
+                let lo = lhs.at(row, 2 * p) as u32;
+                let hi = if 2 * p + 1 < kc {
+                    lhs.at(row, 2 * p + 1) as u32
+                } else {
+                    0
+                };
+                panel[p * MR + r] = lo | hi << 16;
+            }
+        }
+    }
+}
+
+/// The portable micro-kernel: what VDPBF16PS computes, one lane at a time (each bf16
+/// product is exact in f32; the sums round as the instruction's do, up to their order).
+unsafe fn tile_portable(pairs: usize, a: *const u32, b: *const u16, out: &mut [[f32; NR]; MR]) {
+    *out = [[0.0; NR]; MR];
+    for p in 0..pairs {
+        let bs = std::slice::from_raw_parts(b.add(p * 2 * NR), 2 * NR);
+        for (r, row) in out.iter_mut().enumerate() {
+            let pair = *a.add(p * MR + r);
+            let (lo, hi) = (from_bf16(pair as u16), from_bf16((pair >> 16) as u16));
+            for (c, acc) in row.iter_mut().enumerate() {
+                *acc += hi * from_bf16(bs[2 * c + 1]);
+                *acc += lo * from_bf16(bs[2 * c]);
+            }
+        }
+    }
+}
+
+/// The AVX-512 BF16 micro-kernel: per pair of depth, two 32-value loads of the right panel
+/// and one broadcast per row, 24 accumulating dot products.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_native(pairs: usize, a: *const u32, b: *const u16, out: &mut [[f32; NR]; MR]) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for p in 0..pairs {
+        let bb = b.add(p * 2 * NR) as *const __m512i;
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bb));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bb.add(1)));
+        let ar = a.add(p * MR);
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(r) as i32));
+            acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+            acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+        }
+    }
+    for (row, acc) in out.iter_mut().zip(acc) {
+        _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+        _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
+    }
+}
+
+/// [`pack_right`] for f32 rows with contiguous columns: per pair of rows and 16 columns, one
+/// conversion of both rows (rounded to nearest even) and one interleaving permutation.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_right_f32_native(p: *const f32, rs: isize, kc: usize, nc: usize, bp: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let pairs = kc.div_ceil(2);
+    // Lane 2c takes the first row's column c (element c), lane 2c + 1 the second's (16 + c).
+    let idx: [u16; 32] = std::array::from_fn(|i| (i / 2 + (i % 2) * 16) as u16);
+    let idx = _mm512_loadu_si512(idx.as_ptr() as *const __m512i);
+    for jp in 0..nc.div_ceil(NR) {
+        let panel = bp.as_mut_ptr().add(jp * pairs * 2 * NR);
+        for half in 0..2 {
+            let c0 = jp * NR + half * 16;
+            let cols = nc.saturating_sub(c0).min(16);
+            let mask: __mmask16 = if cols == 16 {
+                0xffff
+            } else {
+                (1u16 << cols) - 1
+            };
+            for pr in 0..pairs {
+                let lo_row = p.offset((2 * pr) as isize * rs).add(c0);
+                let lo = _mm512_maskz_loadu_ps(mask, lo_row);
+                let hi = if 2 * pr + 1 < kc {
+                    _mm512_maskz_loadu_ps(mask, lo_row.offset(rs))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                let pairs_v = _mm512_permutexvar_epi16(idx, both);
+                _mm512_storeu_si512(panel.add(pr * 2 * NR + half * 32) as *mut __m512i, pairs_v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::TorchGenerator;
+
+    fn random(rng: &mut TorchGenerator, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.uniform() as f32 * 2.0 - 1.0).collect()
+    }
+
+    /// The product of the operands rounded to bf16, summed in f64: what the kernel computes
+    /// up to the order of its f32 sums.
+    fn reference(a: &[f32], b: &[f32], (m, n, k): (usize, usize, usize)) -> Vec<f64> {
+        let r = |x: f32| from_bf16(to_bf16(x)) as f64;
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|p| r(a[i * k + p]) * r(b[p * n + j])).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rounding_to_bf16_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even 1.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // Just above halfway rounds up.
+        assert_eq!(to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+        // 1 + 3 * 2^-8 is halfway between odd 0x3f81 and even 0x3f82.
+        assert_eq!(to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(to_bf16(-2.5), 0xc020);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
+    }
+
+    fn check(kernel: Kernel, sizes: (usize, usize, usize), threads: usize, accumulate: bool) {
+        let (m, n, k) = sizes;
+        let mut rng = TorchGenerator::new((m * 1000 + n * 10 + k) as u64);
+        let (a, b) = (random(&mut rng, m * k), random(&mut rng, k * n));
+        let start = random(&mut rng, m * n);
+        // The destination sits inside a wider buffer (row stride n + 3) whose margins must
+        // stay untouched.
+        let stride = n + 3;
+        let mut dst = vec![7.0f32; m * stride];
+        for i in 0..m {
+            dst[i * stride..][..n].copy_from_slice(&start[i * n..][..n]);
+        }
+        // Half the cases give the right operand as bf16 bits, the left transposed (column
+        // stride m), as a convolution's and an attention's views are.
+        let b16: Vec<u16> = b.iter().map(|&x| to_bf16(x)).collect();
+        let mut a_t = vec![0f32; m * k];
+        for i in 0..m {
+            for p in 0..k {
+                a_t[p * m + i] = a[i * k + p];
+            }
+        }
+        let bf16_rhs = (m + n + k) % 2 == 0;
+        unsafe {
+            let lhs = if bf16_rhs {
+                Operand::F32(a_t.as_ptr(), 1, m as isize)
+            } else {
+                Operand::f32(Strided::rows(a.as_ptr(), k))
+            };
+            let rhs = if bf16_rhs {
+                Operand::bf16(Strided::rows(b16.as_ptr(), n))
+            } else {
+                Operand::f32(Strided::rows(b.as_ptr(), n))
+            };
+            product_with(
+                kernel,
+                sizes,
+                Strided::rows(dst.as_mut_ptr(), stride),
+                accumulate,
+                lhs,
+                rhs,
+                threads,
+            );
+        }
+        let want = reference(&a, &b, sizes);
+        for i in 0..m {
+            for j in 0..n {
+                let base = if accumulate {
+                    start[i * n + j] as f64
+                } else {
+                    0.0
+                };
+                let (got, want) = (dst[i * stride + j] as f64, base + want[i * n + j]);
+                // f32 sums of k products of magnitude <= 1.
+                let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-6;
+                assert!(
+                    (got - want).abs() <= tol,
+                    "{kernel:?} {sizes:?} threads {threads}: ({i}, {j}) {got} vs {want}"
+                );
+            }
+            assert!(dst[i * stride + n..][..3].iter().all(|&v| v == 7.0));
+        }
+    }
+
+    #[test]
+    fn linear_multiplies_by_a_bf16_weight() {
+        use candle_core::{DType, Device};
+        let mut rng = TorchGenerator::new(3);
+        let (k, n) = (40, 33);
+        let x = random(&mut rng, 2 * 5 * k);
+        let w = random(&mut rng, k * n);
+        let xt = Tensor::from_vec(x.clone(), (2, 5, k), &Device::Cpu).unwrap();
+        let wt = Tensor::from_vec(w.clone(), (k, n), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let y = linear(&xt, &wt).unwrap();
+        assert_eq!(y.dims(), &[2, 5, n]);
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = reference(&x, &w, (10, n, k));
+        for (got, want) in y.iter().zip(&want) {
+            assert!((*got as f64 - want).abs() < 1e-4, "{got} vs {want}");
+        }
+        // A weight that does not fit the input is an error, not a panic.
+        let narrow = wt.narrow(0, 0, k - 1).unwrap();
+        assert!(linear(&xt, &narrow).is_err());
+    }
+
+    /// Sizes around every block edge: panels of 12 rows and 32 columns, blocks of 120 rows,
+    /// 512 columns and 384 of depth, odd depths (a half-empty last pair).
+    const SIZES: [(usize, usize, usize); 9] = [
+        (1, 1, 1),
+        (5, 7, 3),
+        (12, 32, 2),
+        (13, 33, 17),
+        (25, 65, 384),
+        (121, 40, 385),
+        (30, 513, 770),
+        (130, 20, 9),
+        (7, 600, 1),
+    ];
+
+    #[test]
+    fn portable_kernel_matches_the_rounded_operands_product() {
+        for (i, &sizes) in SIZES.iter().enumerate() {
+            check(Kernel::Portable, sizes, 1 + i % 3, i % 2 == 0);
+        }
+    }
+
+    /// The instruction itself, on CPUs that have it (the tests pass elsewhere without it).
+    #[test]
+    fn native_kernel_matches_the_rounded_operands_product() {
+        if !native() {
+            eprintln!("no AVX-512 BF16 on this CPU: the native bf16 kernel is not tested");
+            return;
+        }
+        for (i, &sizes) in SIZES.iter().enumerate() {
+            check(Kernel::Native, sizes, 1 + i % 3, i % 2 == 1);
+        }
+    }
+}
