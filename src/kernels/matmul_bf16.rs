@@ -185,16 +185,35 @@ pub(super) unsafe fn product(
     product_with(kernel, sizes, dst, accumulate, lhs, rhs, threads)
 }
 
-/// A raw destination shared by the threads, each writing its own rows or columns.
+/// Raw views shared by the threads of one product: each writes its own rows of dst and its
+/// own panels of the packed right block.
 #[derive(Clone, Copy)]
-struct Dst(*mut f32, isize);
-unsafe impl Send for Dst {}
-unsafe impl Sync for Dst {}
-#[derive(Clone, Copy)]
-struct Operands(Operand, Operand);
-unsafe impl Send for Operands {}
-unsafe impl Sync for Operands {}
+struct Shared {
+    dst: *mut f32,
+    ld: isize,
+    lhs: Operand,
+    rhs: Operand,
+    bp: *mut u16,
+}
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
 
+/// Runs `f(0..parts)`, side by side on the thread pool when there are several.
+fn fan_out(parts: usize, f: impl Fn(usize) + Sync) {
+    if parts <= 1 {
+        return f(0);
+    }
+    rayon::scope(|scope| {
+        for t in 0..parts {
+            let f = &f;
+            scope.spawn(move |_| f(t));
+        }
+    });
+}
+
+/// The blocked product. Per block of the right operand, the threads first pack its panels
+/// (each a share, into the one buffer they all read), then multiply their own runs of rows,
+/// each packing its own rows of the left operand.
 unsafe fn product_with(
     kernel: Kernel,
     (m, n, k): (usize, usize, usize),
@@ -211,99 +230,83 @@ unsafe fn product_with(
     if m == 0 || n == 0 {
         return;
     }
-    let (out, ops) = (Dst(dst.ptr, dst.row_stride), Operands(lhs, rhs));
-    // Split the longer side into runs of whole panels, one per thread.
-    let by_columns = n >= m;
-    let (len, unit) = if by_columns { (n, NR) } else { (m, MR) };
-    let parts = threads.min(len.div_ceil(unit)).max(1);
-    let per = len.div_ceil(unit).div_ceil(parts) * unit;
-    let run = move |start: usize| {
-        let (out, ops) = (out, ops);
-        let part = per.min(len - start);
-        // SAFETY: the part's rows or columns lie inside the caller's views.
-        unsafe {
-            if by_columns {
-                single(
-                    kernel,
-                    (m, part, k),
-                    Dst(out.0.add(start), out.1),
-                    accumulate,
-                    ops.0,
-                    ops.1.offset(0, start),
-                );
-            } else {
-                single(
-                    kernel,
-                    (part, n, k),
-                    Dst(out.0.offset(start as isize * out.1), out.1),
-                    accumulate,
-                    ops.0.offset(start, 0),
-                    ops.1,
-                );
-            }
-        }
-    };
-    if parts == 1 || threads_for(parts) == 1 {
-        (0..len).step_by(per).for_each(run);
-    } else {
-        rayon::scope(|scope| {
-            for start in (0..len).step_by(per) {
-                scope.spawn(move |_| run(start));
-            }
-        });
-    }
-}
-
-/// One thread's product, blocked and packed.
-unsafe fn single(
-    kernel: Kernel,
-    (m, n, k): (usize, usize, usize),
-    dst: Dst,
-    accumulate: bool,
-    lhs: Operand,
-    rhs: Operand,
-) {
     let mut bp = vec![0u16; KC * NC];
-    let mut ap = vec![0u32; MC * KC / 2];
-    let mut tile = [[0f32; NR]; MR];
+    let shared = Shared {
+        dst: dst.ptr,
+        ld: dst.row_stride,
+        lhs,
+        rhs,
+        bp: bp.as_mut_ptr(),
+    };
+    let row_parts = threads.min(m.div_ceil(MR)).max(1);
+    let rows_per = m.div_ceil(MR).div_ceil(row_parts) * MR;
     for j0 in (0..n).step_by(NC) {
         let nc = NC.min(n - j0);
+        let panels = nc.div_ceil(NR);
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             let pairs = kc.div_ceil(2);
-            pack_right(kernel, rhs.offset(k0, j0), kc, nc, &mut bp);
+            let pack_parts = threads.min(panels).max(1);
+            let per = panels.div_ceil(pack_parts);
+            fan_out(pack_parts, |t| {
+                let s = shared;
+                let (p0, p1) = (t * per, ((t + 1) * per).min(panels));
+                if p0 >= p1 {
+                    return;
+                }
+                // SAFETY: panels p0..p1 of the block lie inside bp (KC x NC values) and no
+                // other part writes them; the operand's rows k0.. and columns j0.. are in bounds.
+                unsafe {
+                    let out = std::slice::from_raw_parts_mut(
+                        s.bp.add(p0 * pairs * 2 * NR),
+                        (p1 - p0) * pairs * 2 * NR,
+                    );
+                    let cols = (nc - p0 * NR).min((p1 - p0) * NR);
+                    pack_right(kernel, s.rhs.offset(k0, j0 + p0 * NR), kc, cols, out);
+                }
+            });
             let add = accumulate || k0 > 0;
-            for i0 in (0..m).step_by(MC) {
-                let mc = MC.min(m - i0);
-                pack_left(lhs.offset(i0, k0), mc, kc, &mut ap);
-                for jp in 0..nc.div_ceil(NR) {
-                    let b = bp.as_ptr().add(jp * pairs * 2 * NR);
-                    let cols = NR.min(nc - jp * NR);
-                    for ip in 0..mc.div_ceil(MR) {
-                        let a = ap.as_ptr().add(ip * pairs * MR);
-                        let rows = MR.min(mc - ip * MR);
-                        match kernel {
-                            #[cfg(target_arch = "x86_64")]
-                            Kernel::Native => tile_native(pairs, a, b, &mut tile),
-                            _ => tile_portable(pairs, a, b, &mut tile),
-                        }
-                        let origin = dst
-                            .0
-                            .offset((i0 + ip * MR) as isize * dst.1 + (j0 + jp * NR) as isize);
-                        for (r, vals) in tile.iter().enumerate().take(rows) {
-                            let row = std::slice::from_raw_parts_mut(
-                                origin.offset(r as isize * dst.1),
-                                cols,
-                            );
-                            if add {
-                                row.iter_mut().zip(vals).for_each(|(d, v)| *d += v);
-                            } else {
-                                row.copy_from_slice(&vals[..cols]);
+            fan_out(row_parts, |t| {
+                let s = shared;
+                let (r0, r1) = (t * rows_per, ((t + 1) * rows_per).min(m));
+                let mut ap = vec![0u32; MC * KC / 2];
+                let mut tile = [[0f32; NR]; MR];
+                for i0 in (r0..r1).step_by(MC) {
+                    let mc = MC.min(r1 - i0);
+                    // SAFETY: rows i0..i0 + mc belong to this part alone; every view stays
+                    // inside the caller's (the packed buffers hold whole panels).
+                    unsafe {
+                        pack_left(kernel, s.lhs.offset(i0, k0), mc, kc, &mut ap);
+                        for jp in 0..panels {
+                            let b = s.bp.add(jp * pairs * 2 * NR);
+                            let cols = NR.min(nc - jp * NR);
+                            for ip in 0..mc.div_ceil(MR) {
+                                let a = ap.as_ptr().add(ip * pairs * MR);
+                                match kernel {
+                                    #[cfg(target_arch = "x86_64")]
+                                    Kernel::Native => tile_native(pairs, a, b, &mut tile),
+                                    _ => tile_portable(pairs, a, b, &mut tile),
+                                }
+                                let row0 = i0 + ip * MR;
+                                let rows = MR.min(i0 + mc - row0);
+                                let origin =
+                                    s.dst.offset(row0 as isize * s.ld + (j0 + jp * NR) as isize);
+                                for (r, vals) in tile.iter().enumerate().take(rows) {
+                                    let row = std::slice::from_raw_parts_mut(
+                                        origin.offset(r as isize * s.ld),
+                                        cols,
+                                    );
+                                    if add {
+                                        row.iter_mut().zip(vals).for_each(|(d, v)| *d += v);
+                                    } else {
+                                        row.copy_from_slice(&vals[..cols]);
+                                    }
+                                }
                             }
                         }
                     }
                 }
-            }
+            });
         }
     }
 }
@@ -313,8 +316,12 @@ unsafe fn single(
 unsafe fn pack_right(kernel: Kernel, rhs: Operand, kc: usize, nc: usize, bp: &mut [u16]) {
     let pairs = kc.div_ceil(2);
     #[cfg(target_arch = "x86_64")]
-    if let (Kernel::Native, Operand::F32(p, rs, 1)) = (kernel, rhs) {
-        return pack_right_f32_native(p, rs, kc, nc, bp);
+    if kernel == Kernel::Native {
+        match rhs {
+            Operand::F32(p, rs, 1) => return pack_right_native(Rows::F32(p), rs, kc, nc, bp),
+            Operand::Bf16(p, rs, 1) => return pack_right_native(Rows::Bf16(p), rs, kc, nc, bp),
+            _ => {}
+        }
     }
     let _ = kernel;
     for jp in 0..nc.div_ceil(NR) {
@@ -344,8 +351,13 @@ unsafe fn pack_right(kernel: Kernel, rhs: Operand, kc: usize, nc: usize, bp: &mu
 /// Packs rows 0..mc and columns 0..kc of `lhs` into panels of MR rows, `[pair][MR]` each,
 /// a pair's first value in the low half; missing rows and an odd depth's last value are
 /// zeros.
-unsafe fn pack_left(lhs: Operand, mc: usize, kc: usize, ap: &mut [u32]) {
+unsafe fn pack_left(kernel: Kernel, lhs: Operand, mc: usize, kc: usize, ap: &mut [u32]) {
     let pairs = kc.div_ceil(2);
+    #[cfg(target_arch = "x86_64")]
+    if let (Kernel::Native, Operand::F32(p, rs, 1)) = (kernel, lhs) {
+        return pack_left_f32_native(p, rs, mc, kc, ap);
+    }
+    let _ = kernel;
     for ip in 0..mc.div_ceil(MR) {
         let panel = &mut ap[ip * pairs * MR..][..pairs * MR];
         let rows = MR.min(mc - ip * MR);
@@ -411,37 +423,112 @@ unsafe fn tile_native(pairs: usize, a: *const u32, b: *const u16, out: &mut [[f3
     }
 }
 
-/// [`pack_right`] for f32 rows with contiguous columns: per pair of rows and 16 columns, one
-/// conversion of both rows (rounded to nearest even) and one interleaving permutation.
+/// The rows a native packer reads: f32 (rounded as packed) or bf16 bits.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Rows {
+    F32(*const f32),
+    Bf16(*const u16),
+}
+
+/// Mask of the first `n` (at most 16) lanes.
+#[cfg(target_arch = "x86_64")]
+fn lanes(n: usize) -> u16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// [`pack_right`] for rows with contiguous columns: per pair of rows and 16 columns, one
+/// conversion of both rows (f32: rounded to nearest even) and one interleaving permutation.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_right_f32_native(p: *const f32, rs: isize, kc: usize, nc: usize, bp: &mut [u16]) {
+unsafe fn pack_right_native(src: Rows, rs: isize, kc: usize, nc: usize, bp: &mut [u16]) {
     use std::arch::x86_64::*;
     let pairs = kc.div_ceil(2);
     // Lane 2c takes the first row's column c (element c), lane 2c + 1 the second's (16 + c).
     let idx: [u16; 32] = std::array::from_fn(|i| (i / 2 + (i % 2) * 16) as u16);
     let idx = _mm512_loadu_si512(idx.as_ptr() as *const __m512i);
+    // Rows 2p and 2p + 1 at columns c0.. (addresses past the end are masked off, never read), as 32 bf16 values: the first row's 16, then the
+    // second's (zeros past kc or nc).
+    let both = |pr: usize, c0: usize, mask: __mmask16| -> __m512i {
+        let second = 2 * pr + 1 < kc;
+        let (r0, r1) = ((2 * pr) as isize * rs, (2 * pr + 1) as isize * rs);
+        match src {
+            Rows::F32(p) => {
+                let lo = _mm512_maskz_loadu_ps(mask, p.wrapping_offset(r0).wrapping_add(c0));
+                let hi = if second {
+                    _mm512_maskz_loadu_ps(mask, p.wrapping_offset(r1).wrapping_add(c0))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+            }
+            Rows::Bf16(p) => {
+                let lo = _mm256_maskz_loadu_epi16(
+                    mask,
+                    p.wrapping_offset(r0).wrapping_add(c0) as *const i16,
+                );
+                let hi = if second {
+                    _mm256_maskz_loadu_epi16(
+                        mask,
+                        p.wrapping_offset(r1).wrapping_add(c0) as *const i16,
+                    )
+                } else {
+                    _mm256_setzero_si256()
+                };
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+            }
+        }
+    };
     for jp in 0..nc.div_ceil(NR) {
         let panel = bp.as_mut_ptr().add(jp * pairs * 2 * NR);
         for half in 0..2 {
             let c0 = jp * NR + half * 16;
-            let cols = nc.saturating_sub(c0).min(16);
-            let mask: __mmask16 = if cols == 16 {
-                0xffff
-            } else {
-                (1u16 << cols) - 1
-            };
+            let mask: __mmask16 = lanes(nc.saturating_sub(c0));
             for pr in 0..pairs {
-                let lo_row = p.offset((2 * pr) as isize * rs).add(c0);
-                let lo = _mm512_maskz_loadu_ps(mask, lo_row);
-                let hi = if 2 * pr + 1 < kc {
-                    _mm512_maskz_loadu_ps(mask, lo_row.offset(rs))
-                } else {
-                    _mm512_setzero_ps()
-                };
-                let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-                let pairs_v = _mm512_permutexvar_epi16(idx, both);
-                _mm512_storeu_si512(panel.add(pr * 2 * NR + half * 32) as *mut __m512i, pairs_v);
+                let interleaved = _mm512_permutexvar_epi16(idx, both(pr, c0, mask));
+                _mm512_storeu_si512(
+                    panel.add(pr * 2 * NR + half * 32) as *mut __m512i,
+                    interleaved,
+                );
+            }
+        }
+    }
+}
+
+/// [`pack_left`] for f32 rows with contiguous columns: 32 values of a row converted at once
+/// (16 pairs, rounded to nearest even), scattered to their pairs' places in the panel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_left_f32_native(p: *const f32, rs: isize, mc: usize, kc: usize, ap: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let pairs = kc.div_ceil(2);
+    let offsets: [i32; 16] = std::array::from_fn(|j| (j * MR) as i32);
+    let offsets = _mm512_loadu_si512(offsets.as_ptr() as *const __m512i);
+    for ip in 0..mc.div_ceil(MR) {
+        let panel = ap.as_mut_ptr().add(ip * pairs * MR);
+        let rows = MR.min(mc - ip * MR);
+        for r in 0..MR {
+            if r >= rows {
+                for pr in 0..pairs {
+                    *panel.add(pr * MR + r) = 0;
+                }
+                continue;
+            }
+            let row = p.offset((ip * MR + r) as isize * rs);
+            for k0 in (0..kc).step_by(32) {
+                let left = kc - k0;
+                let lo = _mm512_maskz_loadu_ps(lanes(left), row.wrapping_add(k0));
+                let hi = _mm512_maskz_loadu_ps(
+                    lanes(left.saturating_sub(16)),
+                    row.wrapping_add(k0 + 16),
+                );
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                let base = panel.add(k0 / 2 * MR + r) as *mut i32;
+                _mm512_mask_i32scatter_epi32::<4>(base, lanes(left.div_ceil(2)), offsets, v);
             }
         }
     }

@@ -4,13 +4,11 @@
 //! call, and concurrent callers (the server's requests) share the cores instead of
 //! oversubscribing them.
 
-/// Threads to use for `items` independent pieces of work. candle's thread count is looked up
-/// once: without RAYON_NUM_THREADS it is recomputed from /proc/cpuinfo on every call.
+/// Threads to use for `items` independent pieces of work: at most this thread's share of the
+/// cores (all of them, or a shard's part inside [`in_shards`]). candle's thread count is looked
+/// up once: without RAYON_NUM_THREADS it is recomputed from /proc/cpuinfo on every call.
 pub fn threads_for(items: usize) -> usize {
-    if SERIAL.with(|s| s.get()) {
-        return 1;
-    }
-    threads_total().min(items).max(1)
+    threads_here().min(items).max(1)
 }
 
 fn threads_total() -> usize {
@@ -18,50 +16,66 @@ fn threads_total() -> usize {
     *THREADS.get_or_init(candle_core::utils::get_num_threads)
 }
 
-thread_local! {
-    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// The threads the kernels called on this thread may use.
+fn threads_here() -> usize {
+    match SHARE.with(|s| s.get()) {
+        0 => threads_total(),
+        n => n,
+    }
 }
 
-/// Runs `f` with the kernels single-threaded on this thread: for work that is itself split
-/// over the threads at a coarser grain (a training batch in shards, one per thread).
-pub fn serially<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
+thread_local! {
+    /// This thread's share of the cores while it runs a shard (0: no limit, all of them).
+    static SHARE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` with the kernels called on this thread limited to `threads` threads.
+fn with_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(usize);
     impl Drop for Restore {
         fn drop(&mut self) {
-            SERIAL.with(|s| s.set(self.0));
+            SHARE.with(|s| s.set(self.0));
         }
     }
-    let _restore = Restore(SERIAL.with(|s| s.replace(true)));
+    let _restore = Restore(SHARE.with(|s| s.replace(threads.max(1))));
     f()
 }
 
-/// This thread's share of a memory budget meant for the whole process: all of it, or, inside a
-/// shard of [`in_shards`] (which run side by side), one thread's part.
-pub fn share_of(budget: usize) -> usize {
-    if SERIAL.with(|s| s.get()) {
-        budget / threads_total()
-    } else {
-        budget
-    }
+/// Runs `f` with the kernels single-threaded on this thread: for work that is itself split
+/// over the threads at a coarser grain (a convolution's images, one run per thread).
+pub fn serially<R>(f: impl FnOnce() -> R) -> R {
+    with_threads(1, f)
 }
 
-/// Runs `f(start, len)` over `batch` rows split into one contiguous shard per thread, each
-/// shard on its own thread with the kernels inside it single-threaded (see [`serially`]), and
-/// returns the shards' results in order; one call on this thread when there is one thread or
-/// one row. A forward or backward pass is thousands of small ops that parallelise poorly one
-/// at a time; whole shards in parallel keep the cores busy.
+/// This thread's share of a memory budget meant for the whole process: all of it, or, inside a
+/// shard of [`in_shards`] (which run side by side), the shard's part.
+pub fn share_of(budget: usize) -> usize {
+    budget / threads_total() * threads_here().min(threads_total())
+}
+
+/// Runs `f(start, len)` over `batch` rows split into one contiguous shard per thread (at most),
+/// side by side, each with its share of the threads for the kernels inside it (one when there
+/// are as many shards as threads), and returns the shards' results in order; one call on this
+/// thread when there is one thread or one row. A forward or backward pass is thousands of
+/// small ops that parallelise poorly one at a time; whole shards in parallel keep the cores
+/// busy. With more threads than rows (classifier-free guidance's pair on 16 cores), each
+/// shard's kernels still spread over its share: single-threaded shards used 2 of 16 cores.
 pub fn in_shards<R: Send>(batch: usize, f: &(dyn Fn(usize, usize) -> R + Sync)) -> Vec<R> {
-    let n = threads_for(batch);
+    let available = threads_here();
+    let n = available.min(batch).max(1);
     if n <= 1 {
         return vec![f(0, batch)];
     }
     let per = batch.div_ceil(n);
+    let shards = batch.div_ceil(per);
     use rayon::prelude::*;
-    (0..batch.div_ceil(per))
+    (0..shards)
         .into_par_iter()
         .map(|i| {
             let start = i * per;
-            serially(|| f(start, per.min(batch - start)))
+            // The threads split as evenly as they go: 16 over 3 shards as 6, 5, 5.
+            let threads = available / shards + usize::from(i < available % shards);
+            with_threads(threads, || f(start, per.min(batch - start)))
         })
         .collect()
 }
@@ -159,7 +173,21 @@ impl SharedMut {
 
 #[cfg(test)]
 mod tests {
-    use super::{for_each_chunk, for_each_index_with};
+    use super::{for_each_chunk, for_each_index_with, in_shards, threads_for, with_threads};
+
+    #[test]
+    fn shards_split_the_threads_they_are_given() {
+        // Inside an 8-thread share: two shards of 4, three of 3 + 3 + 2; more shards than
+        // threads run single-threaded, one per thread.
+        let shares =
+            |batch: usize| with_threads(8, || in_shards(batch, &|_, _| threads_for(usize::MAX)));
+        assert_eq!(shares(2), vec![4, 4]);
+        assert_eq!(shares(3), vec![3, 3, 2]);
+        assert_eq!(shares(16), vec![1; 8]);
+        assert_eq!(with_threads(8, || threads_for(usize::MAX)), 8);
+        // Outside any share the limit is lifted again.
+        assert_eq!(threads_for(usize::MAX), super::threads_total());
+    }
 
     #[test]
     fn every_chunk_is_visited_once_with_its_index() {
