@@ -144,6 +144,46 @@ fn without_a_seed_one_is_drawn_and_printed() {
     assert!(texts[0].1.contains(&format!("Seed: {seed},")));
 }
 
+/// `--dtype bf16 --compute bf16` makes the same picture as f32 up to bf16 rounding: with bf16
+/// products where the CPU has them, else widened to f32 after a warning that says so.
+#[test]
+fn bf16_compute_makes_the_picture_or_says_it_computes_in_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bf16.png");
+    let model = model();
+    let result = text2img(
+        &[
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "a red circle on a blue background",
+            "--negative-prompt",
+            "a green square",
+            "--seed",
+            "42",
+            "--steps",
+            "8",
+            "--scheduler",
+            "euler",
+            "--dtype",
+            "bf16",
+            "--compute",
+            "bf16",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(result.status.success(), "{}", stderr(&result));
+    let warned = stderr(&result).contains("no bf16 products");
+    assert_eq!(warned, !text2img::kernels::matmul_bf16::supported());
+    let (rgb, ..) = read_png(&out);
+    let (reference, ..) = read_png(&fixtures().join("reference/sd1-negative-0.png"));
+    let db = psnr(&rgb, &reference);
+    assert!(db >= 30.0, "{db:.1} dB against f32");
+}
+
 /// Runs a command that must fail: non-zero exit, an error naming `needle`, no output file.
 fn fails_with(args: &[&str], envs: &[(&str, &Path)], needle: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -194,6 +234,19 @@ fn bad_requests_fail_clearly() {
         &["generate", "--model", "/no/such/folder", "--prompt", "x"],
         &[],
         "/no/such/folder",
+    );
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "x",
+            "--compute",
+            "bf16",
+        ],
+        &[],
+        "--compute bf16 multiplies weights kept in bf16: add --dtype bf16",
     );
 }
 

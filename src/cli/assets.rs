@@ -156,11 +156,33 @@ pub struct ModelArgs {
     /// Keep weight matrices and kernels as f32, or f16/bf16 for half the memory.
     #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
     pub dtype: WeightDtype,
+    /// Multiply the layers kept in bf16 (`--dtype bf16`) in bf16, on AMX tiles or AVX-512
+    /// BF16 where the CPU has them (elsewhere they are widened to f32, as by default).
+    #[arg(long, value_enum, default_value_t = ComputeDtype::F32)]
+    pub compute: ComputeDtype,
+}
+
+/// `--compute`: the dtype of the products of layers kept in bf16.
+#[derive(Clone, Copy, Debug, Default, PartialEq, clap::ValueEnum)]
+pub enum ComputeDtype {
+    #[default]
+    F32,
+    Bf16,
 }
 
 impl ModelArgs {
     /// The pipeline and where it came from.
     pub fn load(&self) -> Result<(text2img::Pipeline, String)> {
+        if self.compute == ComputeDtype::Bf16 {
+            if !matches!(self.dtype, WeightDtype::Bf16) {
+                anyhow::bail!("--compute bf16 multiplies weights kept in bf16: add --dtype bf16");
+            }
+            if !text2img::kernels::matmul_bf16::enable(true) {
+                eprintln!(
+                    "warning: this CPU has no bf16 products (AVX-512 BF16); computing in f32"
+                );
+            }
+        }
         load_model(self.model.as_deref(), self.variant.clone(), self.dtype)
     }
 }
@@ -196,7 +218,7 @@ pub enum WeightDtype {
     F32,
     /// Half the memory; computation stays f32.
     F16,
-    /// Half the memory, f32's range; computation stays f32.
+    /// Half the memory, f32's range; computation stays f32 (see `--compute`).
     Bf16,
 }
 

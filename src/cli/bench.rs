@@ -89,9 +89,9 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
         .squeeze(0)?;
     let sgemm_s = best(a.repeat.max(3), || Ok(x.matmul(&x)?))?;
     let gflops = 2.0 * (n as f64).powi(3) / sgemm_s / 1e9;
-    // The bf16 product a `--dtype bf16` layer runs, where the CPU has it (f32 activations
-    // times a bf16 weight), on the same matrices.
-    let bf16_gflops = if text2img::kernels::matmul_bf16::available() {
+    // The bf16 product a `--dtype bf16 --compute bf16` layer runs, where the CPU has it (f32
+    // activations times a bf16 weight), on the same matrices.
+    let bf16_gflops = if text2img::kernels::matmul_bf16::supported() {
         let w = x.to_dtype(candle_core::DType::BF16)?;
         let s = best(a.repeat.max(3), || {
             Ok(text2img::kernels::matmul_bf16::linear(&x, &w)?)
@@ -109,6 +109,7 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
                 "text_s": text_s, "unet_step_cfg_s": unet_s, "vae_decode_s": decode_s,
                 "sgemm_2048_gflops": gflops, "bf16_gemm_2048_gflops": bf16_gflops,
                 "dtype": format!("{:?}", a.model.dtype.dtype()).to_lowercase(),
+                "bf16_products": text2img::kernels::matmul_bf16::available(),
             })
         );
     } else {

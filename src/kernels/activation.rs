@@ -28,7 +28,7 @@ impl CustomOp1 for Activation {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(storage, layout, self.name(), "input")?;
-        let mut out = vec![0f32; x.len()];
+        let mut out = super::parallel::zeroed(x.len());
         // The last chunk may be shorter: for_each_chunk takes whole chunks, so split by hand.
         let whole = x.len() / CHUNK * CHUNK;
         let (head, tail) = out.split_at_mut(whole);

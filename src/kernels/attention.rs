@@ -192,7 +192,7 @@ fn for_each_block<S>(
     let inner = heads * d;
     let blocks = n.div_ceil(rows.max(1));
     let tasks = b * heads * blocks;
-    let mut out = vec![0f32; b * n * inner];
+    let mut out = super::parallel::zeroed(b * n * inner);
     if tasks == 0 || m == 0 {
         return out;
     }

@@ -97,7 +97,7 @@ impl CustomOp1 for SumToBias {
         } else {
             g.channels
         };
-        let mut out = vec![0f32; len];
+        let mut out = super::parallel::zeroed(len);
         for o in 0..g.outer {
             let start = g.bias_index(o, 0);
             let acc = &mut out[start..][..g.channels];

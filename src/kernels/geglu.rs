@@ -29,7 +29,7 @@ impl CustomOp1 for Geglu {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(storage, layout, "geglu", "input")?;
         let f = half_width(layout)?;
-        let mut out = vec![0f32; x.len() / 2];
+        let mut out = super::parallel::zeroed(x.len() / 2);
         for_each_chunk(&mut out, f, |row, dst| {
             super::fast_math::geglu_row(&x[row * 2 * f..][..2 * f], dst)
         });
@@ -73,7 +73,7 @@ impl CustomOp2 for GegluBackward {
                 xl.shape()
             );
         }
-        let mut out = vec![0f32; x.len()];
+        let mut out = super::parallel::zeroed(x.len());
         for_each_chunk(&mut out, 2 * f, |row, dst| {
             super::fast_math::geglu_backward_row(
                 &x[row * 2 * f..][..2 * f],

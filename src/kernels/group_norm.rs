@@ -81,7 +81,7 @@ impl CustomOp3 for GroupNormOp {
         }
         let cg = c / self.groups;
         let group_len = cg * s;
-        let mut out = vec![0f32; b * c * s];
+        let mut out = super::parallel::zeroed(b * c * s);
         for_each_chunk(&mut out, group_len, |i, dst| {
             let src = &x[i * group_len..][..group_len];
             let (mean, rstd) = moments(src, self.eps);

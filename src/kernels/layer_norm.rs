@@ -38,7 +38,7 @@ impl CustomOp3 for LayerNormOp {
                 xl.shape()
             );
         }
-        let mut out = vec![0f32; x.len()];
+        let mut out = super::parallel::zeroed(x.len());
         for_each_chunk(&mut out, n, |row, dst| {
             let src = &x[row * n..][..n];
             let (mean, rstd) = moments(src, self.eps);

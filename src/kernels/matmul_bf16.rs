@@ -1,7 +1,8 @@
 //! Matrix products in bf16 with f32 sums, on AVX-512 BF16's dot-product instruction
 //! (VDPBF16PS: each of 16 f32 lanes adds the products of two bf16 pairs): twice the
-//! multiply-adds of an f32 FMA per instruction, on operands half the bytes. Taken by the
-//! layers whose weights are stored in bf16 (`--dtype bf16`) on CPUs that have it.
+//! multiply-adds of an f32 FMA per instruction, on operands half the bytes; on AMX tiles
+//! ([`super::matmul_amx`]) where the CPU has those. Taken, once [`enable`]d, by the layers whose
+//! weights are stored in bf16 (`--dtype bf16 --compute bf16`) on CPUs that have it.
 //!
 //! Blocked as GotoBLAS does: for each block of `NC` columns and `KC` of depth, the right
 //! operand is packed once into panels of `NR` columns with the depth in pairs
@@ -49,7 +50,7 @@ impl Operand {
     /// # Safety
     /// (r, c) must address an element inside the operand's buffer.
     #[inline(always)]
-    unsafe fn at(self, r: usize, c: usize) -> u16 {
+    pub(super) unsafe fn at(self, r: usize, c: usize) -> u16 {
         match self {
             Self::F32(p, rs, cs) => to_bf16(*p.offset(r as isize * rs + c as isize * cs)),
             Self::Bf16(p, rs, cs) => *p.offset(r as isize * rs + c as isize * cs),
@@ -57,7 +58,7 @@ impl Operand {
     }
 
     /// The operand starting `r` rows and `c` columns further on.
-    unsafe fn offset(self, r: usize, c: usize) -> Self {
+    pub(super) unsafe fn offset(self, r: usize, c: usize) -> Self {
         match self {
             Self::F32(p, rs, cs) => Self::F32(p.offset(r as isize * rs + c as isize * cs), rs, cs),
             Self::Bf16(p, rs, cs) => {
@@ -82,13 +83,27 @@ fn from_bf16(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
-/// Whether this CPU runs the bf16 products natively. `TEXT2IMG_BF16_PRODUCTS=0` turns them
-/// off (bf16 weights are then widened to f32, as on CPUs without the instruction).
+/// Whether layers stored in bf16 multiply in bf16: asked for with [`enable`] (off by default)
+/// and [`supported`] by this CPU.
 pub fn available() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        native() && std::env::var("TEXT2IMG_BF16_PRODUCTS").map_or(true, |v| v != "0")
-    })
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed) && supported()
+}
+
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns the bf16 products of layers stored in bf16 on or off for the process; returns
+/// whether they run (the CPU supports them). Off by default: on the one CPU measured so far (a
+/// 16-core Xeon with AMX), the SD 1.5 U-Net step was no faster than with f32 products; see
+/// the README's figures.
+pub fn enable(on: bool) -> bool {
+    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+    available()
+}
+
+/// Whether this CPU has bf16 products: AVX-512 BF16's dot product (VDPBF16PS), with AMX tiles
+/// where it has those too.
+pub fn supported() -> bool {
+    native()
 }
 
 fn native() -> bool {
@@ -137,7 +152,7 @@ impl CustomOp2 for LinearBf16 {
         }
         let m = x.len() / k.max(1);
         let w = &w[w0..w1];
-        let mut y = vec![0f32; m * n];
+        let mut y = super::parallel::zeroed(m * n);
         // SAFETY: x is m x k, w k x n and y m x n, all row-major and contiguous.
         unsafe {
             product(
@@ -155,9 +170,11 @@ impl CustomOp2 for LinearBf16 {
     }
 }
 
-/// Which micro-kernel runs: the native one where the CPU has it, else (tests) the portable.
+/// Which micro-kernel runs: AMX tiles or VDPBF16PS where the CPU has them, else (tests) the
+/// portable one.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Kernel {
+    Amx,
     Native,
     Portable,
 }
@@ -177,7 +194,9 @@ pub(super) unsafe fn product(
     rhs: Operand,
     threads: usize,
 ) {
-    let kernel = if native() {
+    let kernel = if native() && super::matmul_amx::available() {
+        Kernel::Amx
+    } else if native() {
         Kernel::Native
     } else {
         Kernel::Portable
@@ -245,7 +264,12 @@ unsafe fn product_with(
         let panels = nc.div_ceil(NR);
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
-            let pairs = kc.div_ceil(2);
+            // AMX reads the depth in whole tiles of 32: the panels get zero pairs up to one.
+            let depth = match kernel {
+                Kernel::Amx => kc.next_multiple_of(super::matmul_amx::DEPTH),
+                _ => kc,
+            };
+            let pairs = depth.div_ceil(2);
             let pack_parts = threads.min(panels).max(1);
             let per = panels.div_ceil(pack_parts);
             fan_out(pack_parts, |t| {
@@ -262,10 +286,22 @@ unsafe fn product_with(
                         (p1 - p0) * pairs * 2 * NR,
                     );
                     let cols = (nc - p0 * NR).min((p1 - p0) * NR);
-                    pack_right(kernel, s.rhs.offset(k0, j0 + p0 * NR), kc, cols, out);
+                    pack_right(kernel, s.rhs.offset(k0, j0 + p0 * NR), kc, cols, pairs, out);
                 }
             });
             let add = accumulate || k0 > 0;
+            #[cfg(target_arch = "x86_64")]
+            if kernel == Kernel::Amx {
+                let parts = threads.min(m.div_ceil(super::matmul_amx::ROWS)).max(1);
+                let per =
+                    m.div_ceil(super::matmul_amx::ROWS).div_ceil(parts) * super::matmul_amx::ROWS;
+                fan_out(parts, |t| {
+                    let (r0, r1) = (t * per, ((t + 1) * per).min(m));
+                    // SAFETY: rows r0..r1 belong to this part alone.
+                    unsafe { amx_rows(shared, (r0, r1), (j0, nc), (k0, kc, depth), add) };
+                });
+                continue;
+            }
             fan_out(row_parts, |t| {
                 let s = shared;
                 let (r0, r1) = (t * rows_per, ((t + 1) * rows_per).min(m));
@@ -311,21 +347,84 @@ unsafe fn product_with(
     }
 }
 
+/// One thread's rows r0..r1 of a block (columns j0..j0 + nc, depth k0..k0 + kc padded to
+/// `depth`) on AMX tiles: its rows packed in blocks of MC, then 32 x 32 tiles against every
+/// panel of the packed right block.
+#[cfg(target_arch = "x86_64")]
+unsafe fn amx_rows(
+    s: Shared,
+    (r0, r1): (usize, usize),
+    (j0, nc): (usize, usize),
+    (k0, kc, depth): (usize, usize, usize),
+    add: bool,
+) {
+    use super::matmul_amx::{configure, pack_rows, release, tile, ROWS};
+    const MC_AMX: usize = 128;
+    let mut ap = vec![0u16; MC_AMX * depth];
+    let mut out = [[0f32; NR]; ROWS];
+    configure();
+    for i0 in (r0..r1).step_by(MC_AMX) {
+        let mc = MC_AMX.min(r1 - i0);
+        pack_rows(s.lhs.offset(i0, k0), mc, kc, depth, &mut ap);
+        for jp in 0..nc.div_ceil(NR) {
+            let b = s.bp.add(jp * depth / 2 * 2 * NR);
+            let cols = NR.min(nc - jp * NR);
+            for ip in 0..mc.div_ceil(ROWS) {
+                tile(
+                    depth,
+                    ap.as_ptr().add(ip * ROWS * depth),
+                    b,
+                    out.as_mut_ptr() as *mut f32,
+                );
+                let row0 = i0 + ip * ROWS;
+                let rows = ROWS.min(i0 + mc - row0);
+                let origin = s.dst.offset(row0 as isize * s.ld + (j0 + jp * NR) as isize);
+                for (r, vals) in out.iter().enumerate().take(rows) {
+                    let row =
+                        std::slice::from_raw_parts_mut(origin.offset(r as isize * s.ld), cols);
+                    if add {
+                        row.iter_mut().zip(vals).for_each(|(d, v)| *d += v);
+                    } else {
+                        row.copy_from_slice(&vals[..cols]);
+                    }
+                }
+            }
+        }
+    }
+    release();
+}
+
 /// Packs rows 0..kc and columns 0..nc of `rhs` into panels of NR columns, `[pair][NR][2]`
-/// each; a missing last row of an odd depth and the columns past nc are zeros.
-unsafe fn pack_right(kernel: Kernel, rhs: Operand, kc: usize, nc: usize, bp: &mut [u16]) {
+/// each, `panel_pairs` pairs to a panel; a missing last row of an odd depth, the pairs past
+/// kc and the columns past nc are zeros.
+unsafe fn pack_right(
+    kernel: Kernel,
+    rhs: Operand,
+    kc: usize,
+    nc: usize,
+    panel_pairs: usize,
+    bp: &mut [u16],
+) {
     let pairs = kc.div_ceil(2);
+    if panel_pairs > pairs {
+        for panel in bp.chunks_mut(panel_pairs * 2 * NR).take(nc.div_ceil(NR)) {
+            panel[pairs * 2 * NR..].fill(0);
+        }
+    }
     #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Native {
+    if kernel != Kernel::Portable {
+        let (kcp, stride) = ((kc, nc), panel_pairs);
         match rhs {
-            Operand::F32(p, rs, 1) => return pack_right_native(Rows::F32(p), rs, kc, nc, bp),
-            Operand::Bf16(p, rs, 1) => return pack_right_native(Rows::Bf16(p), rs, kc, nc, bp),
+            Operand::F32(p, rs, 1) => return pack_right_native(Rows::F32(p), rs, kcp, stride, bp),
+            Operand::Bf16(p, rs, 1) => {
+                return pack_right_native(Rows::Bf16(p), rs, kcp, stride, bp)
+            }
             _ => {}
         }
     }
     let _ = kernel;
     for jp in 0..nc.div_ceil(NR) {
-        let panel = &mut bp[jp * pairs * 2 * NR..][..pairs * 2 * NR];
+        let panel = &mut bp[jp * panel_pairs * 2 * NR..][..pairs * 2 * NR];
         let cols = NR.min(nc - jp * NR);
         for p in 0..pairs {
             let out = &mut panel[p * 2 * NR..][..2 * NR];
@@ -445,7 +544,13 @@ fn lanes(n: usize) -> u16 {
 /// conversion of both rows (f32: rounded to nearest even) and one interleaving permutation.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_right_native(src: Rows, rs: isize, kc: usize, nc: usize, bp: &mut [u16]) {
+unsafe fn pack_right_native(
+    src: Rows,
+    rs: isize,
+    (kc, nc): (usize, usize),
+    panel_pairs: usize,
+    bp: &mut [u16],
+) {
     use std::arch::x86_64::*;
     let pairs = kc.div_ceil(2);
     // Lane 2c takes the first row's column c (element c), lane 2c + 1 the second's (16 + c).
@@ -484,7 +589,7 @@ unsafe fn pack_right_native(src: Rows, rs: isize, kc: usize, nc: usize, bp: &mut
         }
     };
     for jp in 0..nc.div_ceil(NR) {
-        let panel = bp.as_mut_ptr().add(jp * pairs * 2 * NR);
+        let panel = bp.as_mut_ptr().add(jp * panel_pairs * 2 * NR);
         for half in 0..2 {
             let c0 = jp * NR + half * 16;
             let mask: __mmask16 = lanes(nc.saturating_sub(c0));
@@ -675,6 +780,18 @@ mod tests {
     fn portable_kernel_matches_the_rounded_operands_product() {
         for (i, &sizes) in SIZES.iter().enumerate() {
             check(Kernel::Portable, sizes, 1 + i % 3, i % 2 == 0);
+        }
+    }
+
+    /// AMX tiles, on CPUs that have them (the tests pass elsewhere without them).
+    #[test]
+    fn amx_tiles_match_the_rounded_operands_product() {
+        if !super::super::matmul_amx::available() {
+            eprintln!("no AMX on this CPU: the tile kernel is not tested");
+            return;
+        }
+        for (i, &sizes) in SIZES.iter().enumerate() {
+            check(Kernel::Amx, sizes, 1 + i % 3, i % 2 == 1);
         }
     }
 

@@ -49,6 +49,7 @@ pub mod group_norm;
 pub mod im2col;
 pub mod layer_norm;
 mod matmul;
+mod matmul_amx;
 pub mod matmul_bf16;
 pub mod parallel;
 pub mod softmax;
