@@ -57,9 +57,11 @@ impl Linear {
 }
 
 /// Whether a layer's products run in bf16: its weight is stored in bf16, the activations are
-/// f32 on the CPU, and the CPU has bf16 dot products (elsewhere the weight is widened).
+/// f32 on the CPU and need no gradient (the bf16 product has none), and bf16 products are
+/// enabled and supported (elsewhere the weight is widened).
 fn bf16_products(weight: &Tensor, x: &Tensor) -> bool {
     weight.dtype() == candle_core::DType::BF16
+        && !x.track_op()
         && crate::kernels::supports(x)
         && crate::kernels::matmul_bf16::available()
 }

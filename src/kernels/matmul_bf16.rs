@@ -111,6 +111,7 @@ fn native() -> bool {
     {
         std::arch::is_x86_feature_detected!("avx512bf16")
             && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -150,7 +151,7 @@ impl CustomOp2 for LinearBf16 {
         if dims.last() != Some(&k) {
             candle_core::bail!("bf16 linear: a {dims:?} input does not fit a ({k}, {n}) weight");
         }
-        let m = x.len() / k.max(1);
+        let m: usize = dims[..dims.len() - 1].iter().product();
         let w = &w[w0..w1];
         let mut y = super::parallel::zeroed(m * n);
         // SAFETY: x is m x k, w k x n and y m x n, all row-major and contiguous.
@@ -180,8 +181,8 @@ enum Kernel {
 }
 
 /// dst (m x n, rows contiguous) = lhs (m x k) . rhs (k x n) in bf16 with f32 sums, added to
-/// dst when `accumulate`; split over `threads` threads by columns or rows, whichever is
-/// longer. Callers check [`available`].
+/// dst when `accumulate`; its rows split over up to `threads` threads (a product of fewer
+/// rows than two micro-tiles per thread uses fewer). Callers check [`available`].
 ///
 /// # Safety
 /// Every element the views address for these sizes must be in bounds; dst (row stride
@@ -543,7 +544,7 @@ fn lanes(n: usize) -> u16 {
 /// [`pack_right`] for rows with contiguous columns: per pair of rows and 16 columns, one
 /// conversion of both rows (f32: rounded to nearest even) and one interleaving permutation.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn pack_right_native(
     src: Rows,
     rs: isize,
@@ -786,7 +787,7 @@ mod tests {
     /// AMX tiles, on CPUs that have them (the tests pass elsewhere without them).
     #[test]
     fn amx_tiles_match_the_rounded_operands_product() {
-        if !super::super::matmul_amx::available() {
+        if !(native() && super::super::matmul_amx::available()) {
             eprintln!("no AMX on this CPU: the tile kernel is not tested");
             return;
         }

@@ -50,7 +50,10 @@ pub fn serially<R>(f: impl FnOnce() -> R) -> R {
 /// This thread's share of a memory budget meant for the whole process: all of it, or, inside a
 /// shard of [`in_shards`] (which run side by side), the shard's part.
 pub fn share_of(budget: usize) -> usize {
-    budget / threads_total() * threads_here().min(threads_total())
+    match SHARE.with(|s| s.get()) {
+        0 => budget,
+        n => budget / threads_total() * n.min(threads_total()),
+    }
 }
 
 /// Runs `f(start, len)` over `batch` rows split into one contiguous shard per thread (at most),
