@@ -227,6 +227,10 @@ mod tests {
         assert_eq!(with_threads(8, || threads_for(usize::MAX)), 8);
         // Outside any share the limit is lifted again.
         assert_eq!(threads_for(usize::MAX), super::threads_total());
+        // Memory budgets: all of it outside a shard, a shard's part inside one.
+        let total = super::threads_total();
+        assert_eq!(super::share_of(1000), 1000);
+        assert_eq!(with_threads(1, || super::share_of(total * 64)), 64);
     }
 
     #[test]
