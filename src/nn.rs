@@ -34,20 +34,17 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if bf16_products(&self.weight_t, x) {
-            let y = crate::kernels::matmul_bf16::linear(x, &self.weight_t)?;
-            return Ok(match &self.bias {
-                Some(b) => add_bias_last(&y, b)?,
-                None => y,
-            });
-        }
-        let weight = widen(&self.weight_t, x)?;
-        let y = match x.dims() {
-            [b, n, k] => x
-                .reshape((b * n, *k))?
-                .matmul(&weight)?
-                .reshape((*b, *n, ()))?,
-            _ => x.matmul(&weight)?,
+        let y = if bf16_products(&self.weight_t, x) {
+            crate::kernels::matmul_bf16::linear(x, &self.weight_t)?
+        } else {
+            let weight = widen(&self.weight_t, x)?;
+            match x.dims() {
+                [b, n, k] => x
+                    .reshape((b * n, *k))?
+                    .matmul(&weight)?
+                    .reshape((*b, *n, ()))?,
+                _ => x.matmul(&weight)?,
+            }
         };
         Ok(match &self.bias {
             Some(b) => add_bias_last(&y, b)?,

@@ -25,31 +25,36 @@ fn model() -> String {
     model_dir("sd1-tiny").display().to_string()
 }
 
+/// The generation whose diffusers image is `reference/sd1-negative-0.png`, into `out`, with
+/// `extra` flags.
+fn generate_reference(out: &Path, extra: &[&str]) -> Output {
+    let model = model();
+    let mut args = vec![
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "a red circle on a blue background",
+        "--negative-prompt",
+        "a green square",
+        "--seed",
+        "42",
+        "--steps",
+        "8",
+        "--scheduler",
+        "euler",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    text2img(&args, &[])
+}
+
 #[test]
 fn generate_writes_the_diffusers_image_with_a1111_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("cat.png");
-    let model = model();
-    let result = text2img(
-        &[
-            "generate",
-            "--model",
-            &model,
-            "--prompt",
-            "a red circle on a blue background",
-            "--negative-prompt",
-            "a green square",
-            "--seed",
-            "42",
-            "--steps",
-            "8",
-            "--scheduler",
-            "euler",
-            "--output",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let result = generate_reference(&out, &[]);
     assert!(result.status.success(), "{}", stderr(&result));
     let (rgb, w, h, texts) = read_png(&out);
     let (reference, ..) = read_png(&fixtures().join("reference/sd1-negative-0.png"));
@@ -150,31 +155,7 @@ fn without_a_seed_one_is_drawn_and_printed() {
 fn bf16_compute_makes_the_picture_or_says_it_computes_in_f32() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bf16.png");
-    let model = model();
-    let result = text2img(
-        &[
-            "generate",
-            "--model",
-            &model,
-            "--prompt",
-            "a red circle on a blue background",
-            "--negative-prompt",
-            "a green square",
-            "--seed",
-            "42",
-            "--steps",
-            "8",
-            "--scheduler",
-            "euler",
-            "--dtype",
-            "bf16",
-            "--compute",
-            "bf16",
-            "--output",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let result = generate_reference(&out, &["--dtype", "bf16", "--compute", "bf16"]);
     assert!(result.status.success(), "{}", stderr(&result));
     let warned = stderr(&result).contains("no bf16 products");
     assert_eq!(warned, !text2img::kernels::matmul_bf16::supported());

@@ -103,10 +103,6 @@ pub fn enable(on: bool) -> bool {
 /// Whether this CPU has bf16 products: AVX-512 BF16's dot product (VDPBF16PS), with AMX tiles
 /// where it has those too.
 pub fn supported() -> bool {
-    native()
-}
-
-fn native() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512bf16")
@@ -195,9 +191,9 @@ pub(super) unsafe fn product(
     rhs: Operand,
     threads: usize,
 ) {
-    let kernel = if native() && super::matmul_amx::available() {
+    let kernel = if supported() && super::matmul_amx::available() {
         Kernel::Amx
-    } else if native() {
+    } else if supported() {
         Kernel::Native
     } else {
         Kernel::Portable
@@ -258,8 +254,7 @@ unsafe fn product_with(
         rhs,
         bp: bp.as_mut_ptr(),
     };
-    let row_parts = threads.min(m.div_ceil(MR)).max(1);
-    let rows_per = m.div_ceil(MR).div_ceil(row_parts) * MR;
+    let (row_parts, rows_per) = row_runs(m, MR, threads);
     for j0 in (0..n).step_by(NC) {
         let nc = NC.min(n - j0);
         let panels = nc.div_ceil(NR);
@@ -293,9 +288,7 @@ unsafe fn product_with(
             let add = accumulate || k0 > 0;
             #[cfg(target_arch = "x86_64")]
             if kernel == Kernel::Amx {
-                let parts = threads.min(m.div_ceil(super::matmul_amx::ROWS)).max(1);
-                let per =
-                    m.div_ceil(super::matmul_amx::ROWS).div_ceil(parts) * super::matmul_amx::ROWS;
+                let (parts, per) = row_runs(m, super::matmul_amx::ROWS, threads);
                 fan_out(parts, |t| {
                     let (r0, r1) = (t * per, ((t + 1) * per).min(m));
                     // SAFETY: rows r0..r1 belong to this part alone.
@@ -326,24 +319,37 @@ unsafe fn product_with(
                                 }
                                 let row0 = i0 + ip * MR;
                                 let rows = MR.min(i0 + mc - row0);
-                                let origin =
-                                    s.dst.offset(row0 as isize * s.ld + (j0 + jp * NR) as isize);
-                                for (r, vals) in tile.iter().enumerate().take(rows) {
-                                    let row = std::slice::from_raw_parts_mut(
-                                        origin.offset(r as isize * s.ld),
-                                        cols,
-                                    );
-                                    if add {
-                                        row.iter_mut().zip(vals).for_each(|(d, v)| *d += v);
-                                    } else {
-                                        row.copy_from_slice(&vals[..cols]);
-                                    }
-                                }
+                                let at = (row0, j0 + jp * NR);
+                                store_tile(s, at, &tile[..rows], cols, add);
                             }
                         }
                     }
                 }
             });
+        }
+    }
+}
+
+/// How `m` rows split into runs of whole `unit`-row micro-tiles over at most `threads`
+/// threads: the number of runs and the rows per run (the last may be shorter or empty).
+fn row_runs(m: usize, unit: usize, threads: usize) -> (usize, usize) {
+    let parts = threads.min(m.div_ceil(unit)).max(1);
+    (parts, m.div_ceil(unit).div_ceil(parts) * unit)
+}
+
+/// Writes (or, with `add`, adds) a micro-tile's first `cols` columns of each of its rows into
+/// dst at (row, column) `at`.
+///
+/// # Safety
+/// Those rows and columns of dst are in bounds and written by this thread alone.
+unsafe fn store_tile(s: Shared, at: (usize, usize), tile: &[[f32; NR]], cols: usize, add: bool) {
+    let origin = s.dst.offset(at.0 as isize * s.ld + at.1 as isize);
+    for (r, vals) in tile.iter().enumerate() {
+        let row = std::slice::from_raw_parts_mut(origin.offset(r as isize * s.ld), cols);
+        if add {
+            row.iter_mut().zip(vals).for_each(|(d, v)| *d += v);
+        } else {
+            row.copy_from_slice(&vals[..cols]);
         }
     }
 }
@@ -379,16 +385,7 @@ unsafe fn amx_rows(
                 );
                 let row0 = i0 + ip * ROWS;
                 let rows = ROWS.min(i0 + mc - row0);
-                let origin = s.dst.offset(row0 as isize * s.ld + (j0 + jp * NR) as isize);
-                for (r, vals) in out.iter().enumerate().take(rows) {
-                    let row =
-                        std::slice::from_raw_parts_mut(origin.offset(r as isize * s.ld), cols);
-                    if add {
-                        row.iter_mut().zip(vals).for_each(|(d, v)| *d += v);
-                    } else {
-                        row.copy_from_slice(&vals[..cols]);
-                    }
-                }
+                store_tile(s, (row0, j0 + jp * NR), &out[..rows], cols, add);
             }
         }
     }
@@ -787,7 +784,7 @@ mod tests {
     /// AMX tiles, on CPUs that have them (the tests pass elsewhere without them).
     #[test]
     fn amx_tiles_match_the_rounded_operands_product() {
-        if !(native() && super::super::matmul_amx::available()) {
+        if !(supported() && super::super::matmul_amx::available()) {
             eprintln!("no AMX on this CPU: the tile kernel is not tested");
             return;
         }
@@ -799,7 +796,7 @@ mod tests {
     /// The instruction itself, on CPUs that have it (the tests pass elsewhere without it).
     #[test]
     fn native_kernel_matches_the_rounded_operands_product() {
-        if !native() {
+        if !supported() {
             eprintln!("no AVX-512 BF16 on this CPU: the native bf16 kernel is not tested");
             return;
         }
