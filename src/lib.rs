@@ -41,6 +41,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod png_out;
 pub mod process;
+pub mod profile;
 pub mod rng;
 pub mod serve;
 pub mod text;

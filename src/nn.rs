@@ -34,7 +34,9 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if bf16_products(&self.weight_t, x) {
+        let bf16 = bf16_products(&self.weight_t, x);
+        let _span = crate::profile::span(if bf16 { "linear (bf16)" } else { "linear" });
+        let y = if bf16 {
             crate::kernels::matmul_bf16::linear(x, &self.weight_t)?
         } else {
             let weight = widen(&self.weight_t, x)?;
@@ -133,10 +135,15 @@ impl Conv2d {
     fn convolve(&self, x: &Tensor, up: usize) -> Result<Tensor> {
         let bf16 = bf16_products(&self.weight, x);
         let weight = widen(&self.weight, x)?;
-        let (_, _, h, w) = x.dims4()?;
+        let (b, c, h, w) = x.dims4()?;
         let k = weight.dim(2)?;
-        let fits = ConvGeometry::new(k, self.stride, self.padding, h * up, w * up).is_some();
-        if crate::kernels::supports(x) && fits {
+        let geometry = ConvGeometry::new(k, self.stride, self.padding, h * up, w * up);
+        let _span = crate::profile::span(conv_label(k, self.stride, up, bf16, || {
+            geometry.is_some_and(|g| {
+                crate::kernels::winograd::applies(g, b, c, weight.dim(0).unwrap_or(0))
+            })
+        }));
+        if crate::kernels::supports(x) && geometry.is_some() {
             return Ok(crate::kernels::conv2d::conv2d(
                 x,
                 &weight,
@@ -155,6 +162,32 @@ impl Conv2d {
         };
         let y = x.conv2d(&weight, self.padding, self.stride, 1, 1)?;
         add_bias(&y, &self.bias, 1)
+    }
+}
+
+/// The profile's name for a convolution: its kernel and stride, an upsampling folded in, and
+/// the product that runs (Winograd, which stays f32, or im2col with bf16 products).
+fn conv_label(
+    kernel: usize,
+    stride: usize,
+    up: usize,
+    bf16: bool,
+    winograd: impl FnOnce() -> bool,
+) -> &'static str {
+    if !crate::profile::enabled() {
+        return "";
+    }
+    let winograd = kernel == 3 && stride == 1 && winograd();
+    match (kernel, stride, up > 1) {
+        (3, 1, false) if winograd => "conv 3x3, Winograd",
+        (3, 1, true) if winograd => "conv 3x3 upsampling, Winograd",
+        (3, 1, false) if bf16 => "conv 3x3, im2col (bf16)",
+        (3, 1, false) => "conv 3x3, im2col",
+        (3, 1, true) => "conv 3x3 upsampling, im2col",
+        (3, _, _) => "conv 3x3, strided",
+        (1, _, _) if bf16 => "conv 1x1 (bf16)",
+        (1, _, _) => "conv 1x1",
+        _ => "conv, other",
     }
 }
 
@@ -196,6 +229,7 @@ impl GroupNorm {
     }
 
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let _span = crate::profile::span("group norm");
         let (w, b, g, eps) = (&self.weight, &self.bias, self.groups, self.eps);
         if crate::kernels::supports(x) {
             return Ok(crate::kernels::group_norm::group_norm(
@@ -225,6 +259,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _span = crate::profile::span("layer norm");
         // candle's fused kernel has no backward pass; training takes ours, which has one.
         let training = x.track_op() || self.weight.track_op();
         if training && crate::kernels::supports(x) {
@@ -264,6 +299,12 @@ pub fn attention(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let cross = k.dim(1)? != q.dim(1)?;
+    let _span = crate::profile::span(if cross {
+        "attention, cross"
+    } else {
+        "attention, self"
+    });
     if mask.is_none() && [q, k, v].iter().all(|t| crate::kernels::supports(t)) {
         return Ok(crate::kernels::attention::attention(q, k, v, heads)?);
     }
@@ -362,6 +403,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 /// GEGLU: the last axis's first half times the exact GELU of its second half. f32 CPU tensors
 /// take our fused kernel (with its own backward pass), others candle's ops.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    let _span = crate::profile::span("geglu");
     if crate::kernels::supports(x) {
         return Ok(crate::kernels::geglu::geglu(x)?);
     }

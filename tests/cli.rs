@@ -383,3 +383,63 @@ fn sdxl_from_the_command_line_with_two_prompts_and_turbo_settings() {
         "unknown timestep spacing `sideways`",
     );
 }
+
+#[test]
+fn bench_profile_splits_the_unet_step_and_the_decode_by_layer() {
+    let model = model();
+    let out = text2img(
+        &[
+            "bench",
+            "--model",
+            &model,
+            "--size",
+            "64",
+            "--repeat",
+            "1",
+            "--json",
+            "--profile",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for (part, expected) in [
+        (
+            "profile_unet_step",
+            &[
+                "conv 3x3, im2col",
+                "attention, self",
+                "attention, cross",
+                "linear",
+                "group norm",
+            ][..],
+        ),
+        (
+            "profile_vae_decode",
+            &["group norm", "conv 3x3, Winograd"][..],
+        ),
+    ] {
+        let p = &report[part];
+        let layers = p["layers"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{part}: {p}"));
+        for name in expected {
+            let layer = &layers[*name];
+            assert!(
+                layer["calls"].as_u64().unwrap() > 0,
+                "{part} {name}: {layer}"
+            );
+            assert!(layer["s"].as_f64().unwrap() > 0.0, "{part} {name}: {layer}");
+        }
+        let shares: f64 = layers.values().map(|l| l["share"].as_f64().unwrap()).sum();
+        assert!(
+            (shares - 1.0).abs() < 1e-9,
+            "{part}: shares sum to {shares}"
+        );
+        assert!(p["layers_s"].as_f64().unwrap() > 0.0);
+        assert!(p["wall_s"].as_f64().unwrap() > 0.0);
+    }
+    // The decode is not sharded: its layers fit inside its wall time.
+    let d = &report["profile_vae_decode"];
+    assert!(d["layers_s"].as_f64().unwrap() <= d["wall_s"].as_f64().unwrap());
+}

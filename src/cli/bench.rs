@@ -25,6 +25,63 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also time each kind of layer (convolutions, linear layers, attention, norms) in the
+    /// U-Net step and the decode, and print their shares.
+    #[arg(long)]
+    profile: bool,
+}
+
+/// The layers' shares of one timed part, recorded over `repeat` runs of it: the step's wall
+/// time `seconds`, and per kind of layer its seconds per run and share of the layers' sum.
+struct LayerProfile {
+    seconds: f64,
+    rows: Vec<(&'static str, f64, u64)>,
+}
+
+impl LayerProfile {
+    fn take(seconds: f64, repeat: usize) -> Self {
+        let runs = repeat.max(1) as f64;
+        let mut rows: Vec<_> = text2img::profile::totals()
+            .into_iter()
+            .map(|(name, t)| (name, t.seconds / runs, t.calls / runs as u64))
+            .collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        text2img::profile::reset();
+        Self { seconds, rows }
+    }
+
+    fn layer_sum(&self) -> f64 {
+        self.rows.iter().map(|r| r.1).sum()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let sum = self.layer_sum();
+        let layers: serde_json::Map<_, _> = self
+            .rows
+            .iter()
+            .map(|&(name, s, calls)| {
+                (
+                    name.to_string(),
+                    json!({"s": s, "share": s / sum, "calls": calls}),
+                )
+            })
+            .collect();
+        json!({"wall_s": self.seconds, "layers_s": sum, "layers": layers})
+    }
+
+    fn print(&self, title: &str) {
+        let sum = self.layer_sum();
+        println!(
+            "  {title}: {:.3} s; its layers, summed over shards, {sum:.3} s",
+            self.seconds
+        );
+        for &(name, s, calls) in &self.rows {
+            println!(
+                "    {name:<30} {s:8.3} s {:5.1} %  {calls:5} calls",
+                100.0 * s / sum
+            );
+        }
+    }
 }
 
 fn best<T>(repeat: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
@@ -75,14 +132,20 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
         text_time: batch.text_embeds.as_ref().map(|t| (t, &time_ids)),
         timestep_cond: guidance.as_ref(),
     };
-    // The pipeline's own call: the guidance pair split over the threads.
+    // The pipeline's own call: the guidance pair split over the threads. The profile, when
+    // asked, records the timed runs only (the text encoder's layers ran before it).
+    text2img::profile::enable(a.profile);
+    text2img::profile::reset();
     let unet_s = best(a.repeat, || {
         Ok(pipeline
             .unet
             .forward_sharded(&sample, &[500.0, 500.0], &batch.context, &extra)?)
     })?;
+    let unet_profile = LayerProfile::take(unet_s, a.repeat);
     let z = sample.narrow(0, 0, 1)?;
     let decode_s = best(a.repeat, || Ok(pipeline.vae.decode(&z)?))?;
+    let decode_profile = LayerProfile::take(decode_s, a.repeat);
+    text2img::profile::enable(false);
     let n = 2048;
     let x = BatchGenerator::consecutive(1, 1)
         .randn(&[1, n, n], &device)?
@@ -102,16 +165,18 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     if a.json {
-        println!(
-            "{}",
-            json!({
+        let mut out = json!({
                 "model": source, "size": a.size, "threads": threads, "load_s": load_s,
                 "text_s": text_s, "unet_step_cfg_s": unet_s, "vae_decode_s": decode_s,
                 "sgemm_2048_gflops": gflops, "bf16_gemm_2048_gflops": bf16_gflops,
                 "dtype": format!("{:?}", a.model.dtype.dtype()).to_lowercase(),
                 "bf16_products": text2img::kernels::matmul_bf16::available(),
-            })
-        );
+        });
+        if a.profile {
+            out["profile_unet_step"] = unet_profile.json();
+            out["profile_vae_decode"] = decode_profile.json();
+        }
+        println!("{out}");
     } else {
         println!("model {} ({source})", pipeline.name);
         println!("  size {}x{}, {threads} threads", a.size, a.size);
@@ -122,6 +187,10 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
         println!("  sgemm 2048^3              {gflops:8.1} GFLOP/s");
         if let Some(g) = bf16_gflops {
             println!("  bf16 GEMM 2048^3          {g:8.1} GFLOP/s");
+        }
+        if a.profile {
+            unet_profile.print("U-Net step by layer");
+            decode_profile.print("VAE decode by layer");
         }
     }
     Ok(())
