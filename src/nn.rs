@@ -38,6 +38,8 @@ impl Linear {
         let _span = crate::profile::span(if bf16 { "linear (bf16)" } else { "linear" });
         let y = if bf16 {
             crate::kernels::matmul_bf16::linear(x, &self.weight_t)?
+        } else if f32_row_split(&self.weight_t, x) {
+            crate::kernels::linear::linear(x, &self.weight_t)?
         } else {
             let weight = widen(&self.weight_t, x)?;
             match x.dims() {
@@ -63,6 +65,16 @@ fn bf16_products(weight: &Tensor, x: &Tensor) -> bool {
         && !x.track_op()
         && crate::kernels::supports(x)
         && crate::kernels::matmul_bf16::available()
+}
+
+/// Whether a layer's f32 product splits its rows over the threads (`kernels::linear`): at
+/// inference, for f32 activations and weights on the CPU.
+fn f32_row_split(weight: &Tensor, x: &Tensor) -> bool {
+    weight.dtype() == candle_core::DType::F32
+        && !x.track_op()
+        && !weight.track_op()
+        && crate::kernels::supports(x)
+        && crate::kernels::linear::enabled()
 }
 
 /// A weight kept in a narrower storage dtype, widened to the activations' dtype for one use.

@@ -48,6 +48,7 @@ pub mod geglu;
 pub mod group_norm;
 pub mod im2col;
 pub mod layer_norm;
+pub mod linear;
 mod matmul;
 mod matmul_amx;
 pub mod matmul_bf16;

@@ -30,7 +30,7 @@ thread_local! {
 }
 
 /// Runs `f` with the kernels called on this thread limited to `threads` threads.
-fn with_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
+pub(crate) fn with_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
     struct Restore(usize);
     impl Drop for Restore {
         fn drop(&mut self) {
