@@ -67,14 +67,13 @@ fn bf16_products(weight: &Tensor, x: &Tensor) -> bool {
         && crate::kernels::matmul_bf16::available()
 }
 
-/// Whether a layer's f32 product splits its rows over the threads (`kernels::linear`): at
-/// inference, for f32 activations and weights on the CPU.
+/// Whether a layer's f32 product takes `kernels::linear` (split over the threads without
+/// `gemm`'s waits): at inference, for f32 activations and weights on the CPU.
 fn f32_row_split(weight: &Tensor, x: &Tensor) -> bool {
     weight.dtype() == candle_core::DType::F32
         && !x.track_op()
         && !weight.track_op()
         && crate::kernels::supports(x)
-        && crate::kernels::linear::enabled()
 }
 
 /// A weight kept in a narrower storage dtype, widened to the activations' dtype for one use.

@@ -13,7 +13,6 @@
 //! and the column rows of one image at a time.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::f32_slice;
@@ -178,12 +177,7 @@ unsafe fn product(
         let (lhs, rhs) = (Operand::f32(lhs), Operand::f32(rhs));
         return product(sizes, dst, accumulate, lhs, rhs, threads);
     }
-    let parallelism = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
-    super::matmul::product(sizes, dst, accumulate, lhs, rhs, parallelism);
+    super::matmul::product_split(sizes, dst, accumulate, lhs, rhs, threads);
 }
 
 /// Runs `f(first image, that run's slice of out)` over `workers` contiguous runs of images

@@ -1,26 +1,11 @@
-//! The f32 product of a linear layer at inference, x (m x k) . w (k x n), with its rows split
-//! over the threads: each thread multiplies its own run of rows in one single-threaded
-//! product. `gemm`'s own threading splits every block of the product over the threads and
-//! waits for all of them before the next, once per block; a U-Net's linear layers are many
-//! medium-sized products (4096 x 320 x 320 and the like), where those waits are a large part
-//! of the work. Here the threads never wait for one another and each packs its own copy of
-//! the weight's blocks (k x n values, small next to its rows' m / threads x k x n products).
+//! The f32 product of a linear layer at inference, x (m x k) . w (k x n), split over the
+//! threads by [`product_split`] (one run of rows or columns per thread, no waits between
+//! them) rather than by `gemm`'s threading: a U-Net's linear layers are many medium-sized
+//! products (4096 x 320 x 320 and the like), where `gemm`'s per-block waits cost much.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
 
-use super::matmul::{product, Strided};
-
-/// Fewest rows a thread takes: below this the micro-kernels' row tiles run mostly empty and
-/// the weight packing is no longer small beside the products.
-const MIN_ROWS_PER_THREAD: usize = 64;
-
-/// Whether linear layers take the row split (`TEXT2IMG_LINEAR=gemm` keeps `gemm`'s own
-/// threading, for comparisons). Read once.
-pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("TEXT2IMG_LINEAR").map_or(true, |v| v != "gemm"))
-}
+use super::matmul::{product_split, Strided};
 
 /// `x . w` for f32 `x` (.., k) and a row-major f32 `w` (k, n); the result is (.., n).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -59,33 +44,17 @@ impl CustomOp2 for LinearRows {
         if m * n == 0 {
             return Ok((CpuStorage::F32(y), Shape::from(shape)));
         }
-        let threads = super::parallel::threads_for(m / MIN_ROWS_PER_THREAD);
-        let rows = m.div_ceil(threads);
-        // One run of rows per thread; with one run, gemm's own threading over this thread's
-        // share of the cores (a product too short to split by rows, e.g. a middle block's).
-        let parallelism = if threads == 1 {
-            match super::parallel::threads_for(usize::MAX) {
-                1 => Parallelism::None,
-                t => Parallelism::Rayon(t),
-            }
-        } else {
-            Parallelism::None
-        };
-        super::parallel::for_each_chunk(&mut y, rows * n, |i, out| {
-            let len = out.len() / n;
-            // SAFETY: out is rows i*rows .. i*rows + len of y (row-major, n columns); those
-            // rows of x lie within its m x k values, and w is k x n.
-            unsafe {
-                product(
-                    (len, n, k),
-                    Strided::rows(out.as_mut_ptr(), n),
-                    false,
-                    Strided::rows(x.as_ptr().add(i * rows * k), k),
-                    Strided::rows(w.as_ptr(), n),
-                    parallelism,
-                );
-            }
-        });
+        // SAFETY: x is m x k, w k x n and y m x n, all row-major and contiguous.
+        unsafe {
+            product_split(
+                (m, n, k),
+                Strided::rows(y.as_mut_ptr(), n),
+                false,
+                Strided::rows(x.as_ptr(), k),
+                Strided::rows(w.as_ptr(), n),
+                super::parallel::threads_for(usize::MAX),
+            );
+        }
         Ok((CpuStorage::F32(y), Shape::from(shape)))
     }
 }

@@ -68,3 +68,156 @@ pub(super) unsafe fn product(
         parallelism,
     );
 }
+
+/// Fewest rows (or columns) of dst one thread of [`product_split`] takes: below this the
+/// micro-kernels' tiles run mostly empty and packing the other operand is no longer small
+/// beside the thread's share of the products.
+const MIN_SPLIT: usize = 64;
+
+/// [`product`] on `threads` threads without `gemm`'s threading, which splits every block of
+/// the product over the threads and waits for all of them before the next, once per block:
+/// for the medium-sized products of a U-Net's layers those waits are a large part of the work.
+/// Here the longer side of dst is split into one run per thread, each a single-threaded
+/// product; the threads never wait for one another, and each packs its own copy of the other
+/// operand's blocks (small beside its share of the products). Too short to split, the product
+/// takes `gemm`'s threading, as every product does with `TEXT2IMG_SPLIT=gemm` (for
+/// comparisons).
+///
+/// # Safety
+/// As [`product`].
+pub(super) unsafe fn product_split(
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<*mut f32>,
+    accumulate: bool,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    threads: usize,
+) {
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    let parts = if split_enabled() {
+        threads.min(len / MIN_SPLIT).max(1)
+    } else {
+        1
+    };
+    if parts == 1 {
+        let parallelism = match threads {
+            0 | 1 => Parallelism::None,
+            t => Parallelism::Rayon(t),
+        };
+        return product((m, n, k), dst, accumulate, lhs, rhs, parallelism);
+    }
+    let per = len.div_ceil(parts);
+    // Addresses and strides as plain numbers, so the tasks can carry them.
+    let (d, l, r) = (dst.ptr as usize, lhs.ptr as usize, rhs.ptr as usize);
+    let (d_rs, d_cs, l_rs, l_cs, r_rs, r_cs) = (
+        dst.row_stride,
+        dst.col_stride,
+        lhs.row_stride,
+        lhs.col_stride,
+        rhs.row_stride,
+        rhs.col_stride,
+    );
+    rayon::scope(|scope| {
+        for start in (0..len).step_by(per) {
+            scope.spawn(move |_| {
+                let count = per.min(len - start);
+                let s = start as isize;
+                // SAFETY: each task's run of dst's rows (or columns) is its own, and the
+                // views address sub-matrices of the caller's (in bounds by its contract).
+                unsafe {
+                    let (d, l, r) = (d as *mut f32, l as *const f32, r as *const f32);
+                    let view = |p: *const f32, rs, cs| Strided {
+                        ptr: p,
+                        row_stride: rs,
+                        col_stride: cs,
+                    };
+                    let dview = |p: *mut f32| Strided {
+                        ptr: p,
+                        row_stride: d_rs,
+                        col_stride: d_cs,
+                    };
+                    if by_rows {
+                        product(
+                            (count, n, k),
+                            dview(d.offset(s * d_rs)),
+                            accumulate,
+                            view(l.offset(s * l_rs), l_rs, l_cs),
+                            view(r, r_rs, r_cs),
+                            Parallelism::None,
+                        );
+                    } else {
+                        product(
+                            (m, count, k),
+                            dview(d.offset(s * d_cs)),
+                            accumulate,
+                            view(l, l_rs, l_cs),
+                            view(r.offset(s * r_cs), r_rs, r_cs),
+                            Parallelism::None,
+                        );
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// False with `TEXT2IMG_SPLIT=gemm`. Read once.
+fn split_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TEXT2IMG_SPLIT").map_or(true, |v| v != "gemm"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// dst = lhs . rhs by the definition, for row-major operands.
+    fn reference(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn split_products_match_the_definition() {
+        let values = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i * 7919 + seed * 104729) % 1000) as f32 / 500.0) - 1.0)
+                .collect()
+        };
+        // Split by rows, by columns (a short last run each), too short to split; 1-5 threads;
+        // overwriting and accumulating.
+        for &(m, n, k) in &[(300, 40, 17), (30, 259, 9), (20, 30, 5), (128, 128, 64)] {
+            let (a, b) = (values(m * k, 1), values(k * n, 2));
+            let want = reference(m, n, k, &a, &b);
+            for threads in 1..=5 {
+                for accumulate in [false, true] {
+                    let mut dst = vec![if accumulate { 1.0 } else { f32::NAN }; m * n];
+                    unsafe {
+                        product_split(
+                            (m, n, k),
+                            Strided::rows(dst.as_mut_ptr(), n),
+                            accumulate,
+                            Strided::rows(a.as_ptr(), k),
+                            Strided::rows(b.as_ptr(), n),
+                            threads,
+                        );
+                    }
+                    let offset = if accumulate { 1.0 } else { 0.0 };
+                    for (i, (g, w)) in dst.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w - offset).abs() < 1e-4,
+                            "{:?} threads {threads} accumulate {accumulate} at {i}: {g} vs {w}",
+                            (m, n, k)
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
