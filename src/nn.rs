@@ -38,16 +38,19 @@ impl Linear {
         let _span = crate::profile::span(if bf16 { "linear (bf16)" } else { "linear" });
         let y = if bf16 {
             crate::kernels::matmul_bf16::linear(x, &self.weight_t)?
-        } else if f32_row_split(&self.weight_t, x) {
-            crate::kernels::linear::linear(x, &self.weight_t)?
         } else {
+            // A weight stored in f16/bf16 is widened first, so it takes the same product.
             let weight = widen(&self.weight_t, x)?;
-            match x.dims() {
-                [b, n, k] => x
-                    .reshape((b * n, *k))?
-                    .matmul(&weight)?
-                    .reshape((*b, *n, ()))?,
-                _ => x.matmul(&weight)?,
+            if f32_row_split(&weight, x) {
+                crate::kernels::linear::linear(x, &weight)?
+            } else {
+                match x.dims() {
+                    [b, n, k] => x
+                        .reshape((b * n, *k))?
+                        .matmul(&weight)?
+                        .reshape((*b, *n, ()))?,
+                    _ => x.matmul(&weight)?,
+                }
             }
         };
         Ok(match &self.bias {
@@ -68,7 +71,7 @@ fn bf16_products(weight: &Tensor, x: &Tensor) -> bool {
 }
 
 /// Whether a layer's f32 product takes `kernels::linear` (split over the threads without
-/// `gemm`'s waits): at inference, for f32 activations and weights on the CPU.
+/// `gemm`'s waits): at inference, for f32 activations and (widened) weights on the CPU.
 fn f32_row_split(weight: &Tensor, x: &Tensor) -> bool {
     weight.dtype() == candle_core::DType::F32
         && !x.track_op()
