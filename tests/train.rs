@@ -241,6 +241,9 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
     let mut onto_itself = unet_args(vae_s, a.to_str().unwrap(), "2");
     onto_itself.extend(["--init-from", a.to_str().unwrap()]);
     fails_with(&onto_itself, "is the output folder");
+    let mut bad_scale = unet_args(vae_s, d.to_str().unwrap(), "2");
+    bad_scale.push("--text-lr-scale=-0.5");
+    fails_with(&bad_scale, "--text-lr-scale must be a share");
     assert!(a.join("unet/diffusion_pytorch_model.safetensors").is_file());
 
     // Without --prediction a fine-tuning run keeps its source's targets and schedule (an

@@ -182,6 +182,11 @@ pub struct TrainArgs {
     /// caption. May be set when resuming.
     #[arg(long)]
     pub late_from: Option<usize>,
+    /// A joint text encoder's learning rate as a share of the U-Net's (e.g. 0.1): trained at
+    /// the full rate, it learns to drop words the U-Net cannot read yet (see
+    /// docs/default-model.md). May be set when resuming.
+    #[arg(long)]
+    pub text_lr_scale: Option<f64>,
     #[arg(long, default_value = "64,128,128")]
     pub unet_channels: String,
     #[arg(long, default_value_t = 1)]
@@ -227,6 +232,14 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         ),
         other => bail!("--text-encoder must be `joint` or `frozen`, not `{other}`"),
     };
+    if let Some(scale) = a.text_lr_scale {
+        if frozen.is_some() {
+            bail!("--text-lr-scale is for a joint text encoder; a frozen one is not trained");
+        }
+        if !(scale.is_finite() && scale >= 0.0) {
+            bail!("--text-lr-scale must be a share of the learning rate (0 or more), not {scale}");
+        }
+    }
     // A fine-tuning run keeps what its source was trained to predict unless told otherwise:
     // an SD 2.x v-prediction U-Net trained on noise targets would be ruined.
     let source = match &a.init_from {
@@ -264,6 +277,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         snr_gamma: a.snr_gamma,
         late_timesteps: a.late_timesteps,
         late_from: a.late_from,
+        text_lr_scale: a.text_lr_scale,
         init_from: a.init_from,
         unet_channels: parse_list(&a.unet_channels)?,
         unet_layers: a.unet_layers,

@@ -75,6 +75,10 @@ pub struct TrainOptions {
     /// at `--resume`.
     #[serde(default)]
     pub late_from: Option<usize>,
+    /// The jointly trained text encoder's learning rate as a share of the U-Net's. `None`:
+    /// the same rate. Can be set at `--resume`.
+    #[serde(default)]
+    pub text_lr_scale: Option<f64>,
     /// Start from this model folder's U-Net (and, for a joint text encoder, its text encoder
     /// and tokenizer) instead of fresh weights: fine-tuning. The architecture comes from the
     /// folder's configs; the optimizer starts afresh.
@@ -404,8 +408,10 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         let (steps, quiet, sample_every) = (o.steps, o.quiet, o.sample_every);
         let (zero_terminal_snr, snr_gamma) = (o.zero_terminal_snr, o.snr_gamma);
         let (late_timesteps, late_from) = (o.late_timesteps, o.late_from);
+        let text_lr_scale = o.text_lr_scale;
         o = ck.state.options.clone();
         o.late_from = late_from.or(o.late_from);
+        o.text_lr_scale = text_lr_scale.or(o.text_lr_scale);
         o.snr_gamma = snr_gamma.or(o.snr_gamma);
         o.late_timesteps = late_timesteps.or(o.late_timesteps);
         // A run may switch to the zero-SNR schedule when resumed (fine-tuning), not back.
@@ -547,6 +553,9 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
             ..Default::default()
         },
     )?;
+    if let Some(scale) = o.text_lr_scale {
+        opt.scale_lr("text_encoder.", scale);
+    }
     if let Some(ck) = &resumed {
         let split = |prefix: &str| {
             ck.params
