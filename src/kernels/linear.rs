@@ -32,17 +32,10 @@ impl CustomOp2 for LinearRows {
     ) -> Result<(CpuStorage, Shape)> {
         let x = super::f32_slice(xs, xl, "linear", "input")?;
         let w = super::f32_slice(ws, wl, "linear", "weight")?;
-        let (k, n) = wl.shape().dims2()?;
-        let dims = xl.shape().dims();
-        if dims.last() != Some(&k) {
-            candle_core::bail!("linear: a {dims:?} input does not fit a ({k}, {n}) weight");
-        }
-        let m: usize = dims[..dims.len() - 1].iter().product();
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("the input has a last dimension") = n;
+        let ((m, n, k), shape) = product_shape("linear", xl, wl)?;
         let mut y = super::parallel::zeroed(m * n);
         if m * n == 0 {
-            return Ok((CpuStorage::F32(y), Shape::from(shape)));
+            return Ok((CpuStorage::F32(y), shape));
         }
         // SAFETY: x is m x k, w k x n and y m x n, all row-major and contiguous.
         unsafe {
@@ -55,12 +48,33 @@ impl CustomOp2 for LinearRows {
                 super::parallel::threads_for(usize::MAX),
             );
         }
-        Ok((CpuStorage::F32(y), Shape::from(shape)))
+        Ok((CpuStorage::F32(y), shape))
     }
+}
+
+/// The sizes of a linear layer's product for an input laid out as `xl` (.., k) and a (k, n)
+/// weight `wl`: (m, n, k), m the input's rows, and the output's shape (.., n). `op` names
+/// the kernel in the error for a weight that does not fit.
+pub(super) fn product_shape(
+    op: &str,
+    xl: &Layout,
+    wl: &Layout,
+) -> Result<((usize, usize, usize), Shape)> {
+    let (k, n) = wl.shape().dims2()?;
+    let dims = xl.shape().dims();
+    let lead = match dims.split_last() {
+        Some((&last, lead)) if last == k => lead,
+        _ => candle_core::bail!("{op}: a {dims:?} input does not fit a ({k}, {n}) weight"),
+    };
+    let m: usize = lead.iter().product();
+    let mut shape = lead.to_vec();
+    shape.push(n);
+    Ok(((m, n, k), Shape::from(shape)))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::max_diff;
     use super::*;
     use candle_core::Device;
 
@@ -87,14 +101,7 @@ mod tests {
             for threads in [1, 2, 3, 8] {
                 let got = super::super::parallel::with_threads(threads, || linear(&x, &w).unwrap());
                 assert_eq!(got.dims(), &[lead, m, n]);
-                let diff = (got - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = max_diff(&got, &want);
                 assert!(
                     diff < 1e-4,
                     "{:?} threads {threads}: {diff}",
@@ -104,14 +111,7 @@ mod tests {
         }
         let flat = Tensor::randn(0f32, 1.0, (70, 9), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (9, 4), &dev).unwrap();
-        let diff = (linear(&flat, &w).unwrap() - flat.matmul(&w).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&linear(&flat, &w).unwrap(), &flat.matmul(&w).unwrap());
         assert!(diff < 1e-4);
     }
 

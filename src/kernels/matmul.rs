@@ -6,6 +6,7 @@ use gemm::Parallelism;
 
 /// A matrix in memory: its first element and the distance between rows (`rows`: row-major)
 /// or between columns (`columns`: the transpose of a row-major matrix).
+#[derive(Clone, Copy)]
 pub(super) struct Strided<P> {
     pub(super) ptr: P,
     pub(super) row_stride: isize,
@@ -29,6 +30,59 @@ impl<P> Strided<P> {
             row_stride: 1,
             col_stride: stride as isize,
         }
+    }
+}
+
+/// A raw pointer that a view can be moved along (read-only or writable).
+pub(super) trait Pointer: Copy {
+    /// # Safety
+    /// As `pointer::offset`.
+    unsafe fn offset_by(self, count: isize) -> Self;
+}
+
+impl Pointer for *const f32 {
+    unsafe fn offset_by(self, count: isize) -> Self {
+        self.offset(count)
+    }
+}
+
+impl Pointer for *mut f32 {
+    unsafe fn offset_by(self, count: isize) -> Self {
+        self.offset(count)
+    }
+}
+
+impl<P: Pointer> Strided<P> {
+    /// The sub-matrix starting `rows` rows and `cols` columns further in.
+    ///
+    /// # Safety
+    /// That element must lie within the matrix's buffer.
+    unsafe fn shifted(self, rows: usize, cols: usize) -> Self {
+        let at = rows as isize * self.row_stride + cols as isize * self.col_stride;
+        Self {
+            ptr: self.ptr.offset_by(at),
+            ..self
+        }
+    }
+}
+
+/// A product's three views, moved into the tasks of [`product_split`].
+#[derive(Clone, Copy)]
+struct Views {
+    dst: Strided<*mut f32>,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+}
+
+// SAFETY: the views only carry addresses between threads; each task of `product_split`
+// writes its own rows (or columns) of dst and only reads lhs and rhs.
+unsafe impl Send for Views {}
+unsafe impl Sync for Views {}
+
+impl Views {
+    /// Through a method, so closures capture the whole (Send) wrapper, not its raw fields.
+    fn get(self) -> (Strided<*mut f32>, Strided<*const f32>, Strided<*const f32>) {
+        (self.dst, self.lhs, self.rhs)
     }
 }
 
@@ -108,53 +162,21 @@ pub(super) unsafe fn product_split(
         return product((m, n, k), dst, accumulate, lhs, rhs, parallelism);
     }
     let per = len.div_ceil(parts);
-    // Addresses and strides as plain numbers, so the tasks can carry them.
-    let (d, l, r) = (dst.ptr as usize, lhs.ptr as usize, rhs.ptr as usize);
-    let (d_rs, d_cs, l_rs, l_cs, r_rs, r_cs) = (
-        dst.row_stride,
-        dst.col_stride,
-        lhs.row_stride,
-        lhs.col_stride,
-        rhs.row_stride,
-        rhs.col_stride,
-    );
+    let views = Views { dst, lhs, rhs };
     rayon::scope(|scope| {
         for start in (0..len).step_by(per) {
             scope.spawn(move |_| {
+                let (dst, lhs, rhs) = views.get();
                 let count = per.min(len - start);
-                let s = start as isize;
                 // SAFETY: each task's run of dst's rows (or columns) is its own, and the
                 // views address sub-matrices of the caller's (in bounds by its contract).
                 unsafe {
-                    let (d, l, r) = (d as *mut f32, l as *const f32, r as *const f32);
-                    let view = |p: *const f32, rs, cs| Strided {
-                        ptr: p,
-                        row_stride: rs,
-                        col_stride: cs,
-                    };
-                    let dview = |p: *mut f32| Strided {
-                        ptr: p,
-                        row_stride: d_rs,
-                        col_stride: d_cs,
-                    };
                     if by_rows {
-                        product(
-                            (count, n, k),
-                            dview(d.offset(s * d_rs)),
-                            accumulate,
-                            view(l.offset(s * l_rs), l_rs, l_cs),
-                            view(r, r_rs, r_cs),
-                            Parallelism::None,
-                        );
+                        let (dst, lhs) = (dst.shifted(start, 0), lhs.shifted(start, 0));
+                        product((count, n, k), dst, accumulate, lhs, rhs, Parallelism::None);
                     } else {
-                        product(
-                            (m, count, k),
-                            dview(d.offset(s * d_cs)),
-                            accumulate,
-                            view(l, l_rs, l_cs),
-                            view(r.offset(s * r_cs), r_rs, r_cs),
-                            Parallelism::None,
-                        );
+                        let (dst, rhs) = (dst.shifted(0, start), rhs.shifted(0, start));
+                        product((m, count, k), dst, accumulate, lhs, rhs, Parallelism::None);
                     }
                 }
             });

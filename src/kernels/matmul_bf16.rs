@@ -142,12 +142,7 @@ impl CustomOp2 for LinearBf16 {
         let (CpuStorage::BF16(w), Some((w0, w1))) = (ws, wl.contiguous_offsets()) else {
             candle_core::bail!("bf16 linear: the weight must be a contiguous bf16 matrix");
         };
-        let (k, n) = wl.shape().dims2()?;
-        let dims = xl.shape().dims();
-        if dims.last() != Some(&k) {
-            candle_core::bail!("bf16 linear: a {dims:?} input does not fit a ({k}, {n}) weight");
-        }
-        let m: usize = dims[..dims.len() - 1].iter().product();
+        let ((m, n, k), shape) = super::linear::product_shape("bf16 linear", xl, wl)?;
         let w = &w[w0..w1];
         let mut y = super::parallel::zeroed(m * n);
         // SAFETY: x is m x k, w k x n and y m x n, all row-major and contiguous.
@@ -161,9 +156,7 @@ impl CustomOp2 for LinearBf16 {
                 threads_for(usize::MAX),
             );
         }
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap() = n;
-        Ok((CpuStorage::F32(y), Shape::from(shape)))
+        Ok((CpuStorage::F32(y), shape))
     }
 }
 
