@@ -171,6 +171,32 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
             i + 1
         );
     }
+    // The same run stopped at step 12 by --stop-at (in stages, as the default model's
+    // recipe runs), then resumed to its end: the same curve again.
+    let d = tmp.path().join("d");
+    let d_s = d.to_str().unwrap().to_string();
+    let mut staged = unet_args(vae_s, &d_s, "30");
+    staged.extend(["--stop-at", "12"]);
+    run(&staged);
+    assert_eq!(losses(&d).len(), 12, "stopped at step 12");
+    let state = std::fs::read_to_string(d.join("checkpoint/state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(
+        state["step"], 12,
+        "a checkpoint at the stop, off the save-every grid"
+    );
+    let mut resume = unet_args(vae_s, &d_s, "30");
+    resume.push("--resume");
+    run(&resume);
+    let staged = losses(&d);
+    assert_eq!(staged.len(), full.len());
+    for (i, (x, y)) in full.iter().zip(&staged).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+            "step {}: {x} vs {y}",
+            i + 1
+        );
+    }
     // The output is a loadable diffusers folder.
     let pipe = text2img::pipeline::load_local(&b, &Default::default()).unwrap();
     let gen = pipe

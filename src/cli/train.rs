@@ -215,6 +215,12 @@ pub struct TrainArgs {
     /// OUT/samples/step-N.png (0: never).
     #[arg(long, default_value_t = 500)]
     pub sample_every: usize,
+    /// Stop after step N (its checkpoint and export are written) while the learning-rate
+    /// schedule still spans --steps, so that a later --resume carries on the same run: for
+    /// runs in stages (e.g. a text encoder held still, then released with --text-lr-scale)
+    /// or split over sessions.
+    #[arg(long)]
+    pub stop_at: Option<usize>,
     #[arg(long)]
     pub resume: bool,
     #[arg(long)]
@@ -290,6 +296,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         seed: a.seed,
         save_every: a.save_every.max(1),
         sample_every: a.sample_every,
+        stop_at: a.stop_at,
         quiet: a.quiet,
     };
     let report = train(options, a.resume)?;

@@ -98,6 +98,10 @@ pub struct TrainOptions {
     pub seed: u64,
     pub save_every: usize,
     pub sample_every: usize,
+    /// Stop after this step although the schedule spans `steps` (taken from the command
+    /// line at `--resume`, never from the checkpoint).
+    #[serde(default)]
+    pub stop_at: Option<usize>,
     pub quiet: bool,
 }
 
@@ -405,7 +409,7 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
     let resumed = if resume {
         let ck: Checkpoint<RunState> = checkpoint::load(&o.out)?;
         start = ck.state.step;
-        let (steps, quiet, sample_every) = (o.steps, o.quiet, o.sample_every);
+        let (steps, quiet, sample_every, stop_at) = (o.steps, o.quiet, o.sample_every, o.stop_at);
         let (zero_terminal_snr, snr_gamma) = (o.zero_terminal_snr, o.snr_gamma);
         let (late_timesteps, late_from) = (o.late_timesteps, o.late_from);
         let text_lr_scale = o.text_lr_scale;
@@ -419,6 +423,7 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         o.steps = steps.max(start);
         o.quiet = quiet;
         o.sample_every = sample_every;
+        o.stop_at = stop_at;
         Some(ck)
     } else {
         None
@@ -576,7 +581,9 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         Vec::new()
     };
     let acp = alphas_cumprod(1000, o.zero_terminal_snr);
-    let mut log = TrainLog::open(&o.out, "step,loss,lr,grad_norm", start, o.steps, o.quiet)?;
+    // The last step of this invocation: --stop-at ends a stage before the schedule does.
+    let end = o.stop_at.map_or(o.steps, |n| n.min(o.steps));
+    let mut log = TrainLog::open(&o.out, "step,loss,lr,grad_norm", start, end, o.quiet)?;
     let parameters = unet_params.num_parameters() + params.num_parameters();
     log.println(format!(
         "U-Net {} parameters, text encoder {} trainable parameters",
@@ -584,7 +591,7 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         params.num_parameters()
     ));
     let mut last_loss = f64::NAN;
-    for step in start..o.steps {
+    for step in start..end {
         let batch = data.batch((step * o.batch) as u64, o.batch, &device)?;
         let mut rng = step_rng(o.seed, step as u64);
         // The autoencoder is frozen: its latents carry no gradient.
@@ -633,7 +640,7 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         let stats = opt.step_summed(&grads)?;
         last_loss = losses.iter().sum();
         log.step(step + 1, last_loss, b, &[stats.lr, stats.grad_norm])?;
-        let done = step + 1 == o.steps;
+        let done = step + 1 == end;
         let saving = (step + 1) % o.save_every == 0 || done;
         if saving {
             save(&o, &unet_params, &params, &opt, step + 1)?;
