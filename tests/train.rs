@@ -77,6 +77,19 @@ fn unet_args<'a>(vae: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     ]
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
@@ -172,7 +185,7 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
         );
     }
     // The same run stopped at step 12 by --stop-at (in stages, as the default model's
-    // recipe runs), then resumed to its end: the same curve again.
+    // recipe runs), then resumed to its end from a copy of its folder: the same curve again.
     let d = tmp.path().join("d");
     let d_s = d.to_str().unwrap().to_string();
     let mut staged = unet_args(vae_s, &d_s, "30");
@@ -185,10 +198,19 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
         state["step"], 12,
         "a checkpoint at the stop, off the save-every grid"
     );
-    let mut resume = unet_args(vae_s, &d_s, "30");
+    // Resumed from a copy of its folder (a fork): the copy carries on, the original stays.
+    let e = tmp.path().join("e");
+    copy_dir(&d, &e);
+    let e_s = e.to_str().unwrap().to_string();
+    let mut resume = unet_args(vae_s, &e_s, "30");
     resume.push("--resume");
     run(&resume);
-    let staged = losses(&d);
+    assert_eq!(
+        losses(&d).len(),
+        12,
+        "the original folder is left as it was"
+    );
+    let staged = losses(&e);
     assert_eq!(staged.len(), full.len());
     for (i, (x, y)) in full.iter().zip(&staged).enumerate() {
         assert!(

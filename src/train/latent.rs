@@ -409,21 +409,24 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
     let resumed = if resume {
         let ck: Checkpoint<RunState> = checkpoint::load(&o.out)?;
         start = ck.state.step;
-        let (steps, quiet, sample_every, stop_at) = (o.steps, o.quiet, o.sample_every, o.stop_at);
-        let (zero_terminal_snr, snr_gamma) = (o.zero_terminal_snr, o.snr_gamma);
-        let (late_timesteps, late_from) = (o.late_timesteps, o.late_from);
-        let text_lr_scale = o.text_lr_scale;
-        o = ck.state.options.clone();
-        o.late_from = late_from.or(o.late_from);
-        o.text_lr_scale = text_lr_scale.or(o.text_lr_scale);
-        o.snr_gamma = snr_gamma.or(o.snr_gamma);
-        o.late_timesteps = late_timesteps.or(o.late_timesteps);
+        // The checkpoint keeps the run's architecture, data and seed; the command line gives
+        // where the run lives now (a run folder copied or moved, to fork a run or carry it
+        // to another machine, writes to its new place), the stage options, and the length.
+        let cli = std::mem::replace(&mut o, ck.state.options.clone());
+        o.out = cli.out;
+        o.vae = cli.vae;
+        o.tokenizer = cli.tokenizer;
+        o.frozen_text_encoder = cli.frozen_text_encoder.or(o.frozen_text_encoder);
+        o.late_from = cli.late_from.or(o.late_from);
+        o.text_lr_scale = cli.text_lr_scale.or(o.text_lr_scale);
+        o.snr_gamma = cli.snr_gamma.or(o.snr_gamma);
+        o.late_timesteps = cli.late_timesteps.or(o.late_timesteps);
         // A run may switch to the zero-SNR schedule when resumed (fine-tuning), not back.
-        o.zero_terminal_snr |= zero_terminal_snr;
-        o.steps = steps.max(start);
-        o.quiet = quiet;
-        o.sample_every = sample_every;
-        o.stop_at = stop_at;
+        o.zero_terminal_snr |= cli.zero_terminal_snr;
+        o.steps = cli.steps.max(start);
+        o.quiet = cli.quiet;
+        o.sample_every = cli.sample_every;
+        o.stop_at = cli.stop_at;
         Some(ck)
     } else {
         None
