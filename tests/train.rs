@@ -77,16 +77,15 @@ fn unet_args<'a>(vae: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     ]
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
+/// Asserts a run's loss curve is `full`'s, step for step, up to float noise.
+fn assert_same_curve(full: &[f64], other: &[f64]) {
+    assert_eq!(other.len(), full.len());
+    for (i, (x, y)) in full.iter().zip(other).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+            "step {}: {x} vs {y}",
+            i + 1
+        );
     }
 }
 
@@ -175,15 +174,7 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
     let mut resume = unet_args(vae_s, &b_s, "30");
     resume.push("--resume");
     run(&resume);
-    let resumed = losses(&b);
-    assert_eq!(resumed.len(), full.len());
-    for (i, (x, y)) in full.iter().zip(&resumed).enumerate() {
-        assert!(
-            (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
-            "step {}: {x} vs {y}",
-            i + 1
-        );
-    }
+    assert_same_curve(&full, &losses(&b));
     // The same run stopped at step 12 by --stop-at (in stages, as the default model's
     // recipe runs), then resumed to its end from a copy of its folder: the same curve again.
     let d = tmp.path().join("d");
@@ -200,7 +191,7 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
     );
     // Resumed from a copy of its folder (a fork): the copy carries on, the original stays.
     let e = tmp.path().join("e");
-    copy_dir(&d, &e);
+    parity::copy_dir(&d, &e);
     let e_s = e.to_str().unwrap().to_string();
     let mut resume = unet_args(vae_s, &e_s, "30");
     resume.push("--resume");
@@ -210,15 +201,7 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
         12,
         "the original folder is left as it was"
     );
-    let staged = losses(&e);
-    assert_eq!(staged.len(), full.len());
-    for (i, (x, y)) in full.iter().zip(&staged).enumerate() {
-        assert!(
-            (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
-            "step {}: {x} vs {y}",
-            i + 1
-        );
-    }
+    assert_same_curve(&full, &losses(&e));
     // The output is a loadable diffusers folder.
     let pipe = text2img::pipeline::load_local(&b, &Default::default()).unwrap();
     let gen = pipe
