@@ -302,6 +302,34 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
     let mut unknown = unet_args(vae_s, f.to_str().unwrap(), "1");
     unknown.extend(["--init-from", a.to_str().unwrap()]);
     fails_with(&unknown, "scheduler predicts `sample`");
+
+    // A wider first convolution (diffusers' `conv_in_kernel`) is written to the config, its
+    // weight has that size, and the folder generates; an even size is refused by name.
+    let g = tmp.path().join("g");
+    let mut wide = unet_args(vae_s, g.to_str().unwrap(), "1");
+    wide.extend(["--unet-conv-in-kernel", "5"]);
+    run(&wide);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(g.join("unet/config.json")).unwrap()).unwrap();
+    assert_eq!(config["conv_in_kernel"], 5);
+    let unet = candle_core::safetensors::load(
+        g.join("unet/diffusion_pytorch_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(unet["conv_in.weight"].dims(), &[32, 4, 5, 5]);
+    let pipe = text2img::pipeline::load_local(&g, &Default::default()).unwrap();
+    let request = text2img::GenerateRequest {
+        prompts: vec!["a red circle".into()],
+        seed: Some(3),
+        steps: Some(2),
+        ..Default::default()
+    };
+    let gen = pipe.generate(&request, &mut |_| true).unwrap();
+    assert_eq!((gen.images[0].width, gen.images[0].height), (64, 64));
+    let mut even = unet_args(vae_s, f.to_str().unwrap(), "1");
+    even.extend(["--unet-conv-in-kernel", "4"]);
+    fails_with(&even, "--unet-conv-in-kernel must be odd");
 }
 
 /// `train-vae --finetune-decoder`: the source's encoder comes through bit for bit, its decoder

@@ -198,6 +198,12 @@ pub struct TrainArgs {
     /// so it can switch features off where the input holds no image yet.
     #[arg(long)]
     pub unet_scale_shift: bool,
+    /// The size of the U-Net's first convolution (odd; diffusers' `conv_in_kernel`). At least
+    /// the latent size + 1 (17 for 64x64 images and a factor-4 autoencoder) lets every latent
+    /// pixel tell how far it is from each border even on pure noise: a position the U-Net can
+    /// use at the noisiest steps, where the layout is decided.
+    #[arg(long, default_value_t = 3)]
+    pub unet_conv_in_kernel: usize,
     #[arg(long, default_value_t = 128)]
     pub text_hidden: usize,
     #[arg(long, default_value_t = 4)]
@@ -238,6 +244,12 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         ),
         other => bail!("--text-encoder must be `joint` or `frozen`, not `{other}`"),
     };
+    if a.unet_conv_in_kernel.is_multiple_of(2) {
+        bail!(
+            "--unet-conv-in-kernel must be odd (the convolution keeps the latent's size), not {}",
+            a.unet_conv_in_kernel
+        );
+    }
     if let Some(scale) = a.text_lr_scale {
         if frozen.is_some() {
             bail!("--text-lr-scale is for a joint text encoder; a frozen one is not trained");
@@ -289,6 +301,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         unet_layers: a.unet_layers,
         unet_heads: a.unet_heads,
         unet_scale_shift: a.unet_scale_shift,
+        unet_conv_in_kernel: a.unet_conv_in_kernel,
         text_hidden: a.text_hidden,
         text_layers: a.text_layers,
         text_heads: a.text_heads,

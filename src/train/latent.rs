@@ -91,6 +91,13 @@ pub struct TrainOptions {
     /// (`resnet_time_scale_shift: "scale_shift"`) instead of an added bias.
     #[serde(default)]
     pub unet_scale_shift: bool,
+    /// The size of the U-Net's first convolution (diffusers' `conv_in_kernel`, odd). At
+    /// least the latent size + 1 wide, its taps reach past a border for every latent pixel,
+    /// so on pure noise the variance of each output channel can follow where the pixel is:
+    /// a position the later layers can read where the input holds no image yet (see
+    /// docs/default-model.md).
+    #[serde(default = "default_conv_in_kernel")]
+    pub unet_conv_in_kernel: usize,
     pub text_hidden: usize,
     pub text_layers: usize,
     pub text_heads: usize,
@@ -162,6 +169,10 @@ pub fn alphas_cumprod(steps: usize, zero_terminal_snr: bool) -> Vec<f64> {
         .collect()
 }
 
+fn default_conv_in_kernel() -> usize {
+    3
+}
+
 fn unet_config_json(o: &TrainOptions, cross_dim: usize) -> serde_json::Value {
     let n = o.unet_channels.len();
     let mut down = vec!["CrossAttnDownBlock2D"; n];
@@ -188,6 +199,8 @@ fn unet_config_json(o: &TrainOptions, cross_dim: usize) -> serde_json::Value {
         "flip_sin_to_cos": true,
         "freq_shift": 0,
         "resnet_time_scale_shift": if o.unet_scale_shift { "scale_shift" } else { "default" },
+        "conv_in_kernel": o.unet_conv_in_kernel,
+        "conv_out_kernel": 3,
     })
 }
 
@@ -513,6 +526,7 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         // The record of the run names the architecture it really trains.
         o.unet_channels = unet_config.block_out_channels.clone();
         o.unet_scale_shift = unet_config.time_scale_shift;
+        o.unet_conv_in_kernel = unet_config.conv_in_kernel;
         if let Some(first) = unet_config.down_blocks.first() {
             (o.unet_layers, o.unet_heads) = (first.layers, first.heads);
         }
