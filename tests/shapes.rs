@@ -5,8 +5,8 @@ use std::collections::HashSet;
 
 use text2img::train::checker::{check, Attribute, Judgement};
 use text2img::train::shapes::{
-    caption_for, write_dataset, Cell, Color, Kind, PromptSpec, Relation, Sample, ShapeSpec,
-    ShapesStream, Size, HELD_OUT,
+    caption_for, write_dataset, write_selection, Cell, Color, Kind, PromptSpec, Relation, Sample,
+    Selection, ShapeSpec, ShapesStream, Size, HELD_OUT,
 };
 
 fn samples(seed: u64, count: usize) -> impl Iterator<Item = Sample> {
@@ -254,6 +254,44 @@ fn write_dataset_writes_decodable_pairs() {
         );
         assert_eq!(&buf[..info.buffer_size()], &sample.image[..]);
     }
+}
+
+#[test]
+fn a_selection_keeps_one_shape_images_in_its_cells_with_full_captions() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("corners");
+    let cells = Selection::parse_cells("top left, bottom right").unwrap();
+    let selection = Selection {
+        cells: Some(cells.clone()),
+        full_captions: true,
+    };
+    let written = write_selection(300, 7, &selection, &out).unwrap();
+    let mut kept = 0;
+    for (i, sample) in samples(7, 300).enumerate() {
+        let caption = out.join(format!("{i:05}.txt"));
+        let wanted =
+            sample.scene.relation.is_none() && cells.contains(&sample.scene.shapes[0].cell);
+        assert_eq!(caption.exists(), wanted, "sample {i}: {}", sample.caption);
+        if !wanted {
+            continue;
+        }
+        kept += 1;
+        // Every attribute is stated (size, color, kind, row, column, background), and the
+        // checker finds all of them right.
+        let caption = std::fs::read_to_string(caption).unwrap();
+        let judgement = judge(&caption, &sample);
+        assert_eq!(judgement.stated(), 6, "{caption}: {judgement:?}");
+        assert_eq!(judgement.right(), 6, "{caption}: {judgement:?}");
+    }
+    assert_eq!(written, kept);
+    // Two cells of nine, two-thirds of the images with one shape: about 44 of 300.
+    assert!((25..70).contains(&kept), "kept {kept}");
+
+    let unknown = Selection::parse_cells("top left,middle")
+        .unwrap_err()
+        .to_string();
+    assert!(unknown.contains("unknown cell `middle`"), "{unknown}");
+    assert_eq!(Selection::parse_cells("all").unwrap(), Cell::ALL.to_vec());
 }
 
 /// The first sample (from seed 1) that `pick` accepts.

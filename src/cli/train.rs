@@ -7,7 +7,7 @@ use clap::Args;
 
 use text2img::train::autoencoder::{train_vae, TrainVaeOptions};
 use text2img::train::latent::{train, TrainOptions};
-use text2img::train::shapes::write_dataset;
+use text2img::train::shapes::{write_selection, Selection};
 
 #[derive(Args)]
 pub struct DatasetArgs {
@@ -19,17 +19,33 @@ pub struct DatasetArgs {
     pub seed: u64,
     #[arg(long)]
     pub out: PathBuf,
+    /// Keep only one-shape images in these cells (comma-separated: `top left,bottom right`,
+    /// or `all`); files keep their index in the stream. For curricula.
+    #[arg(long)]
+    pub cells: Option<String>,
+    /// Captions that state every attribute (size, position, background) instead of the
+    /// grammar's random half of them. For curricula.
+    #[arg(long)]
+    pub full_captions: bool,
 }
 
 pub fn dataset(a: DatasetArgs) -> Result<()> {
     if a.kind != "shapes" {
         bail!("unknown data set `{}`; known: shapes", a.kind);
     }
-    write_dataset(a.count, a.seed, &a.out)?;
+    let selection = Selection {
+        cells: a.cells.as_deref().map(Selection::parse_cells).transpose()?,
+        full_captions: a.full_captions,
+    };
+    let written = write_selection(a.count, a.seed, &selection, &a.out)?;
     println!(
-        "wrote {} images with captions to {}",
-        a.count,
-        a.out.display()
+        "wrote {written} images with captions to {}{}",
+        a.out.display(),
+        if written < a.count {
+            format!(" (of the stream's first {})", a.count)
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

@@ -13,7 +13,7 @@ pub mod prng;
 pub mod scene;
 
 pub use caption::{caption_for, parse_caption, PromptSpec, ShapeSpec};
-pub use dataset::write_dataset;
+pub use dataset::{write_dataset, write_selection, Selection};
 pub use draw::{render, BBox, IMAGE_SIZE};
 pub use palette::{is_held_out, Cell, Color, Kind, Relation, Size, HELD_OUT};
 pub use scene::{Scene, Shape};
