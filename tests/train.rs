@@ -203,19 +203,7 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
     );
     assert_same_curve(&full, &losses(&e));
     // The output is a loadable diffusers folder.
-    let pipe = text2img::pipeline::load_local(&b, &Default::default()).unwrap();
-    let gen = pipe
-        .generate(
-            &text2img::GenerateRequest {
-                prompts: vec!["a red circle".into()],
-                seed: Some(3),
-                steps: Some(2),
-                ..Default::default()
-            },
-            &mut |_| true,
-        )
-        .unwrap();
-    assert_eq!((gen.images[0].width, gen.images[0].height), (64, 64));
+    assert_generates_64x64(&b);
 
     // Fine-tuning starts from the source's weights and architecture: at learning rate 0 the
     // exported U-Net and text encoder are the source's, bit for bit, though the size options
@@ -318,7 +306,15 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
     )
     .unwrap();
     assert_eq!(unet["conv_in.weight"].dims(), &[32, 4, 5, 5]);
-    let pipe = text2img::pipeline::load_local(&g, &Default::default()).unwrap();
+    assert_generates_64x64(&g);
+    let mut even = unet_args(vae_s, f.to_str().unwrap(), "1");
+    even.extend(["--unet-conv-in-kernel", "4"]);
+    fails_with(&even, "--unet-conv-in-kernel must be odd");
+}
+
+/// The model folder `dir` loads and makes a 64x64 image of a short prompt in two steps.
+fn assert_generates_64x64(dir: &std::path::Path) {
+    let pipe = text2img::pipeline::load_local(dir, &Default::default()).unwrap();
     let request = text2img::GenerateRequest {
         prompts: vec!["a red circle".into()],
         seed: Some(3),
@@ -327,9 +323,6 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
     };
     let gen = pipe.generate(&request, &mut |_| true).unwrap();
     assert_eq!((gen.images[0].width, gen.images[0].height), (64, 64));
-    let mut even = unet_args(vae_s, f.to_str().unwrap(), "1");
-    even.extend(["--unet-conv-in-kernel", "4"]);
-    fails_with(&even, "--unet-conv-in-kernel must be odd");
 }
 
 /// `train-vae --finetune-decoder`: the source's encoder comes through bit for bit, its decoder

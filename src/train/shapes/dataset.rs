@@ -39,10 +39,13 @@ impl Selection {
                     .into_iter()
                     .find(|c| c.name() == name)
                     .ok_or_else(|| {
+                        let known: Vec<String> = Cell::ALL
+                            .iter()
+                            .map(|c| format!("`{}`", c.name()))
+                            .collect();
                         Error::InvalidRequest(format!(
-                            "unknown cell `{name}`; cells are `top left`, `top`, `top right`, \
-                             `left`, `center`, `right`, `bottom left`, `bottom`, `bottom right` \
-                             (comma-separated), or `all`"
+                            "unknown cell `{name}`; cells are {} (comma-separated), or `all`",
+                            known.join(", ")
                         ))
                     })
             })
