@@ -263,6 +263,7 @@ fn a_selection_keeps_one_shape_images_in_its_cells_with_full_captions() {
     let cells = Selection::parse_cells("top left, bottom right").unwrap();
     let selection = Selection {
         cells: Some(cells.clone()),
+        two_shapes: false,
         full_captions: true,
     };
     let written = write_selection(300, 7, &selection, &out).unwrap();
@@ -292,6 +293,31 @@ fn a_selection_keeps_one_shape_images_in_its_cells_with_full_captions() {
         .to_string();
     assert!(unknown.contains("unknown cell `middle`"), "{unknown}");
     assert_eq!(Selection::parse_cells("all").unwrap(), Cell::ALL.to_vec());
+}
+
+#[test]
+fn a_two_shape_selection_keeps_exactly_the_two_shape_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("two");
+    let selection = Selection {
+        two_shapes: true,
+        ..Selection::default()
+    };
+    let written = write_selection(120, 9, &selection, &out).unwrap();
+    let mut kept = 0;
+    for (i, sample) in samples(9, 120).enumerate() {
+        let caption = out.join(format!("{i:05}.txt"));
+        let wanted = sample.scene.relation.is_some();
+        assert_eq!(caption.exists(), wanted, "sample {i}: {}", sample.caption);
+        if wanted {
+            kept += 1;
+            // The stream's own caption, which names both shapes.
+            assert_eq!(std::fs::read_to_string(caption).unwrap(), sample.caption);
+        }
+    }
+    assert_eq!(written, kept);
+    // One image in three has two shapes: about 40 of 120.
+    assert!((20..60).contains(&kept), "kept {kept}");
 }
 
 /// The first sample (from seed 1) that `pick` accepts.

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use text2img::train::autoencoder::{train_vae, TrainVaeOptions};
-use text2img::train::latent::{train, TrainOptions};
+use text2img::train::latent::{train, DataMix, TrainOptions};
 use text2img::train::shapes::{write_selection, Selection};
 
 #[derive(Args)]
@@ -23,6 +23,9 @@ pub struct DatasetArgs {
     /// or `all`); files keep their index in the stream. For curricula.
     #[arg(long)]
     pub cells: Option<String>,
+    /// Keep only two-shape images; files keep their index in the stream. For curricula.
+    #[arg(long, conflicts_with = "cells")]
+    pub two_shapes: bool,
     /// Captions that state every attribute (size, position, background) instead of the
     /// grammar's random half of them. For curricula.
     #[arg(long)]
@@ -35,6 +38,7 @@ pub fn dataset(a: DatasetArgs) -> Result<()> {
     }
     let selection = Selection {
         cells: a.cells.as_deref().map(Selection::parse_cells).transpose()?,
+        two_shapes: a.two_shapes,
         full_captions: a.full_captions,
     };
     let written = write_selection(a.count, a.seed, &selection, &a.out)?;
@@ -198,6 +202,15 @@ pub struct TrainArgs {
     /// caption. May be set when resuming.
     #[arg(long)]
     pub late_from: Option<usize>,
+    /// A second data source (`shapes` or a folder) mixed into --data: each item of the
+    /// stream comes from it with probability --mix-fraction, decided by the item's position,
+    /// so a resumed run sees the same mix. For curricula (e.g. a folder of two-shape images
+    /// written by `dataset shapes --two-shapes`). May be set when resuming.
+    #[arg(long)]
+    pub mix: Option<String>,
+    /// The share of items drawn from --mix.
+    #[arg(long, default_value_t = 0.5, requires = "mix")]
+    pub mix_fraction: f64,
     /// A joint text encoder's learning rate as a share of the U-Net's (e.g. 0.1): trained at
     /// the full rate, it learns to drop words the U-Net cannot read yet (see
     /// docs/default-model.md). May be set when resuming.
@@ -311,6 +324,10 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         snr_gamma: a.snr_gamma,
         late_timesteps: a.late_timesteps,
         late_from: a.late_from,
+        mix: a.mix.map(|data| DataMix {
+            data,
+            fraction: a.mix_fraction,
+        }),
         text_lr_scale: a.text_lr_scale,
         init_from: a.init_from,
         unet_channels: parse_list(&a.unet_channels)?,

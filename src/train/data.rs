@@ -6,12 +6,23 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
+use super::shapes::prng::mix64;
 use super::shapes::{Sample, IMAGE_SIZE};
 use crate::error::{Error, Result};
 
 pub enum DataSource {
-    Shapes { seed: u64 },
+    Shapes {
+        seed: u64,
+    },
     Folder(FolderDataset),
+    /// Item k comes from `extra` with probability `fraction` (a hash of `seed` and k), else
+    /// from `main`; both are read at position k, so each keeps its own order.
+    Mix {
+        main: Box<DataSource>,
+        extra: Box<DataSource>,
+        fraction: f64,
+        seed: u64,
+    },
 }
 
 /// A batch: images in [-1, 1] as (batch, 3, size, size) and their captions.
@@ -37,27 +48,68 @@ impl DataSource {
         )?))
     }
 
+    /// `main` with a `fraction` of its items replaced by `extra`'s (a curriculum mixed into
+    /// the stream). Both must have the same image size.
+    pub fn mixed(main: DataSource, extra: DataSource, fraction: f64, seed: u64) -> Result<Self> {
+        if main.size() != extra.size() {
+            return Err(Error::InvalidRequest(format!(
+                "the mixed-in data has {0}x{0} images, the main data {1}x{1}",
+                extra.size(),
+                main.size()
+            )));
+        }
+        Ok(DataSource::Mix {
+            main: Box::new(main),
+            extra: Box::new(extra),
+            fraction,
+            seed,
+        })
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            DataSource::Shapes { .. } => IMAGE_SIZE as usize,
+            DataSource::Folder(f) => f.size,
+            DataSource::Mix { main, .. } => main.size(),
+        }
+    }
+
+    /// Item `k` of the stream: 8-bit RGB pixels (HWC) and its caption.
+    fn item(&self, k: u64) -> Result<(Vec<u8>, String)> {
+        match self {
+            DataSource::Shapes { seed } => {
+                let s = Sample::at(*seed, k);
+                Ok((s.image, s.caption))
+            }
+            DataSource::Folder(f) => f.item(k as usize),
+            DataSource::Mix {
+                main,
+                extra,
+                fraction,
+                seed,
+            } => {
+                // The top 53 bits of a hash of (seed, k) as a uniform number in [0, 1).
+                let u = (mix64(seed ^ mix64(k)) >> 11) as f64 / (1u64 << 53) as f64;
+                if u < *fraction {
+                    extra.item(k)
+                } else {
+                    main.item(k)
+                }
+            }
+        }
+    }
+
     /// The batch of `n` items starting at item `position` of the stream.
     pub fn batch(&self, position: u64, n: usize, device: &Device) -> Result<Batch> {
         let mut pixels = Vec::new();
         let mut captions = Vec::with_capacity(n);
-        let size = match self {
-            DataSource::Shapes { .. } => IMAGE_SIZE as usize,
-            DataSource::Folder(f) => f.size,
-        };
         for i in 0..n as u64 {
-            let (rgb, caption) = match self {
-                DataSource::Shapes { seed } => {
-                    let s = Sample::at(*seed, position + i);
-                    (s.image, s.caption)
-                }
-                DataSource::Folder(f) => f.item((position + i) as usize)?,
-            };
+            let (rgb, caption) = self.item(position + i)?;
             pixels.push(rgb);
             captions.push(caption);
         }
         Ok(Batch {
-            images: images_to_tensor(&pixels, size, device)?,
+            images: images_to_tensor(&pixels, self.size(), device)?,
             captions,
         })
     }
@@ -140,5 +192,46 @@ impl FolderDataset {
             image::imageops::crop_imm(&resized, x0, y0, self.size as u32, self.size as u32)
                 .to_image();
         Ok((cropped.into_raw(), caption.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shapes(seed: u64) -> DataSource {
+        DataSource::Shapes { seed }
+    }
+
+    /// Which source each of the first `n` items came from (true: the mixed-in one).
+    fn origins(mix: &DataSource, n: u64) -> Vec<bool> {
+        (0..n)
+            .map(|k| {
+                let (image, caption) = mix.item(k).unwrap();
+                let main = Sample::at(1, k);
+                let extra = Sample::at(2, k);
+                let from_extra = image == extra.image && caption == extra.caption;
+                assert!(
+                    from_extra || (image == main.image && caption == main.caption),
+                    "item {k} is from neither source"
+                );
+                from_extra
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_mix_takes_its_share_of_items_by_position() {
+        let mix = DataSource::mixed(shapes(1), shapes(2), 0.25, 7).unwrap();
+        let first = origins(&mix, 400);
+        let extra = first.iter().filter(|&&e| e).count();
+        // 100 expected; a binomial(400, 0.25) stays within 70..130 but for 1e-5 of seeds.
+        assert!((70..130).contains(&extra), "{extra} of 400 from the mix");
+        // The same positions give the same items (a resumed run sees the same stream).
+        let again = DataSource::mixed(shapes(1), shapes(2), 0.25, 7).unwrap();
+        assert_eq!(origins(&again, 400), first);
+        // The whole share: every item from the mixed-in source.
+        let all = DataSource::mixed(shapes(1), shapes(2), 1.0, 7).unwrap();
+        assert!(origins(&all, 50).into_iter().all(|e| e));
     }
 }

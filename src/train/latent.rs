@@ -25,6 +25,14 @@ use crate::vae::AutoencoderKl;
 use crate::weights::store::find_weight_files;
 use crate::weights::{ParamStore, Vb, Weights};
 
+/// A second data source (`shapes` or a folder) whose items replace a `fraction` of the main
+/// source's, chosen by position (so a resumed run sees the same stream).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DataMix {
+    pub data: String,
+    pub fraction: f64,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainOptions {
     pub data: String,
@@ -75,6 +83,9 @@ pub struct TrainOptions {
     /// at `--resume`.
     #[serde(default)]
     pub late_from: Option<usize>,
+    /// A second data source mixed into `data` (see [`DataMix`]). Can be set at `--resume`.
+    #[serde(default)]
+    pub mix: Option<DataMix>,
     /// The jointly trained text encoder's learning rate as a share of the U-Net's. `None`:
     /// the same rate. Can be set at `--resume`.
     #[serde(default)]
@@ -415,6 +426,9 @@ pub struct TrainReport {
     pub parameters: usize,
 }
 
+/// Mixed into the run's seed for the --mix source and the choice between the two sources.
+const MIX_SEED: u64 = 0x6d69_7865_6420_6d78;
+
 pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
     let device = Device::Cpu;
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
@@ -434,6 +448,7 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         o.text_lr_scale = cli.text_lr_scale.or(o.text_lr_scale);
         o.snr_gamma = cli.snr_gamma.or(o.snr_gamma);
         o.late_timesteps = cli.late_timesteps.or(o.late_timesteps);
+        o.mix = cli.mix.or(o.mix);
         // A run may switch to the zero-SNR schedule when resumed (fine-tuning), not back.
         o.zero_terminal_snr |= cli.zero_terminal_snr;
         o.steps = cli.steps.max(start);
@@ -452,6 +467,14 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
     if o.late_timesteps.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
         return Err(Error::InvalidRequest(
             "--late-timesteps must be a share between 0 and 1".into(),
+        ));
+    }
+    if o.mix
+        .as_ref()
+        .is_some_and(|m| !(m.fraction > 0.0 && m.fraction <= 1.0))
+    {
+        return Err(Error::InvalidRequest(
+            "--mix-fraction must be a share above 0 and at most 1".into(),
         ));
     }
     if o.late_from.is_some_and(|t| t >= 1000) {
@@ -589,7 +612,12 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         params.load_values(&split("text_encoder."))?;
         opt.load_state(&ck.optimizer, start)?;
     }
-    let data = DataSource::open(&o.data, o.seed, o.size)?;
+    let mut data = DataSource::open(&o.data, o.seed, o.size)?;
+    if let Some(mix) = &o.mix {
+        // Its own seed: a `shapes` mix must not repeat the main stream's items.
+        let extra = DataSource::open(&mix.data, o.seed ^ MIX_SEED, o.size)?;
+        data = DataSource::mixed(data, extra, mix.fraction, o.seed)?;
+    }
     // Sample prompts: four captions from a part of the stream far from what training reads
     // first (for a folder, the positions wrap around to its first captions).
     let sample_prompts = if o.sample_every > 0 {

@@ -20,6 +20,8 @@ pub struct Selection {
     /// Keep only one-shape images whose shape lies in one of these cells (two-shape images
     /// are dropped); `None` keeps every sample.
     pub cells: Option<Vec<Cell>>,
+    /// Keep only two-shape images (a curriculum for captions that name two shapes).
+    pub two_shapes: bool,
     /// Caption each image with everything the grammar can state about it (size, position and
     /// background of one shape; the background of two) instead of the stream's caption,
     /// which leaves each optional part out half the time.
@@ -74,6 +76,9 @@ pub fn write_selection(
     let mut written = 0;
     for index in 0..count {
         let sample = stream.next_sample();
+        if selection.two_shapes && sample.scene.relation.is_none() {
+            continue;
+        }
         if let Some(cells) = &selection.cells {
             let one_in_cells =
                 sample.scene.relation.is_none() && cells.contains(&sample.scene.shapes[0].cell);
