@@ -426,7 +426,8 @@ pub struct TrainReport {
     pub parameters: usize,
 }
 
-/// Mixed into the run's seed for the --mix source and the choice between the two sources.
+/// Mixed into the run's seed for the --mix source's own stream (the choice of source per item
+/// hashes the run's seed itself).
 const MIX_SEED: u64 = 0x6d69_7865_6420_6d78;
 
 pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
