@@ -13,28 +13,30 @@ fn text2img(cache: &std::path::Path) -> Command {
     cmd
 }
 
-#[test]
-fn generate_works_with_no_model_and_no_files_around() {
-    let cache = tempfile::tempdir().unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let out = text2img(cache.path())
-        .current_dir(work.path())
-        .args([
-            "generate",
-            "--prompt",
-            "a red circle on a blue background",
-            "--seed",
-            "3",
-            "--output",
-            "out.png",
-        ])
-        .output()
-        .unwrap();
+/// Runs `cmd` and asserts that it exits successfully (showing its stderr if not).
+fn succeeds(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+#[test]
+fn generate_works_with_no_model_and_no_files_around() {
+    let cache = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    succeeds(text2img(cache.path()).current_dir(work.path()).args([
+        "generate",
+        "--prompt",
+        "a red circle on a blue background",
+        "--seed",
+        "3",
+        "--output",
+        "out.png",
+    ]));
     let decoder = png::Decoder::new(std::io::BufReader::new(
         std::fs::File::open(work.path().join("out.png")).unwrap(),
     ));
@@ -67,24 +69,16 @@ fn adherence(report: &str) -> Vec<(String, f64)> {
 #[test]
 fn evaluate_on_the_shipped_model() {
     let cache = tempfile::tempdir().unwrap();
-    let out = text2img(cache.path())
-        .args([
-            "evaluate",
-            "--stride",
-            "7",
-            "--seeds",
-            "2",
-            "--ground-truth",
-            "200",
-        ])
-        .output()
-        .unwrap();
+    let out = succeeds(text2img(cache.path()).args([
+        "evaluate",
+        "--stride",
+        "7",
+        "--seeds",
+        "2",
+        "--ground-truth",
+        "200",
+    ]));
     let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(
         report.contains("data set's own images: 100.0 %"),
         "{report}"
@@ -162,26 +156,17 @@ fn place_words_move_the_shape() {
     let cache = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     let mean_centroid = |place: &str, name: &str| {
-        let out = text2img(cache.path())
-            .current_dir(work.path())
-            .args([
-                "generate",
-                "--prompt",
-                &format!("a red circle {place} on a blue background"),
-                "--seed",
-                "0",
-                "--num-images",
-                "4",
-                "--output",
-                &format!("{name}.png"),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeds(text2img(cache.path()).current_dir(work.path()).args([
+            "generate",
+            "--prompt",
+            &format!("a red circle {place} on a blue background"),
+            "--seed",
+            "0",
+            "--num-images",
+            "4",
+            "--output",
+            &format!("{name}.png"),
+        ]));
         let centroids: Vec<(f64, f64)> = (1..=4)
             .map(|i| shape_centroid(&work.path().join(format!("{name}-{i}.png"))))
             .collect();
