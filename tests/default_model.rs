@@ -96,6 +96,20 @@ fn evaluate_on_the_shipped_model() {
     );
     let groups = adherence(&report);
     assert_eq!(groups.len(), 3, "{report}");
+    // Every two-shape image is counted once by how many shapes it showed.
+    let two_shape_prompts = text2img::train::evaluate::prompt_set()
+        .into_iter()
+        .step_by(7)
+        .filter(|(g, _)| *g == text2img::train::evaluate::Group::TwoShapes)
+        .count();
+    let found: usize = report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("shapes found per image: "))
+        .unwrap_or_else(|| panic!("no shapes-found line in\n{report}"))
+        .split(", ")
+        .map(|part| part.rsplit(": ").next().unwrap().parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(found, 2 * two_shape_prompts, "{report}");
     // Measured on this sample when the model was exported (U-Net step 35,850: step 22,650
     // grafted with the place-word curriculum, fine-tuned on the whole grammar, then with
     // two-shape images mixed in; 12 steps, guidance 3): seen 85.3 % (29/34), held-out 77.8 %

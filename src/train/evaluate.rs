@@ -124,6 +124,10 @@ impl Tally {
 pub struct Report {
     pub per_group: BTreeMap<Group, Tally>,
     pub per_attribute: BTreeMap<(Group, Attribute), Tally>,
+    /// Two-shape prompts: how many images had 0, 1, 2 and 3 or more shapes (components).
+    /// The checker needs exactly two, so this separates shapes merged or lost from shapes
+    /// drawn but with the wrong colors, kinds or order.
+    pub two_shape_counts: [usize; 4],
     /// Open prompts: (prompt, distinct cells, distinct backgrounds) over the seeds.
     pub diversity: Vec<(String, usize, usize)>,
     /// The checker on the data set's own images (must be 100 %).
@@ -224,6 +228,9 @@ pub fn evaluate(
                     .or_default()
                     .count(v.right);
             }
+            if *group == Group::TwoShapes {
+                report.two_shape_counts[judgement.analysis.components.len().min(3)] += 1;
+            }
             backgrounds.insert(judgement.analysis.background);
             if let Some(c) = judgement.analysis.components.first() {
                 cells.insert(c.cell);
@@ -281,6 +288,12 @@ impl Report {
                         a.stated
                     ));
                 }
+            }
+            if *group == Group::TwoShapes {
+                let [none, one, two, more] = self.two_shape_counts;
+                out.push_str(&format!(
+                    "      shapes found per image: 0: {none}, 1: {one}, 2: {two}, 3 or more: {more}\n"
+                ));
             }
         }
         out.push_str(
