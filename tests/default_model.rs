@@ -130,6 +130,32 @@ fn evaluate_on_the_shipped_model() {
     }
 }
 
+#[test]
+fn evaluate_runs_only_the_named_group() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = succeeds(text2img(cache.path()).args([
+        "evaluate",
+        "--group",
+        "open",
+        "--seeds",
+        "1",
+        "--ground-truth",
+        "0",
+    ]));
+    let report = String::from_utf8_lossy(&out.stdout);
+    let groups: Vec<String> = adherence(&report).into_iter().map(|(g, _)| g).collect();
+    assert_eq!(groups, ["open"], "{report}");
+    // The four open prompts, one image each.
+    assert!(report.contains("adherence over 4 images"), "{report}");
+    let out = text2img(cache.path())
+        .args(["evaluate", "--group", "unseen", "--ground-truth", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown prompt group `unseen`"), "{err}");
+}
+
 /// The pixels of a generated image that differ from its most common color (the flat
 /// background): their centroid, in pixels from the top left.
 fn shape_centroid(path: &std::path::Path) -> (f64, f64) {

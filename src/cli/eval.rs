@@ -19,6 +19,10 @@ pub struct EvaluateArgs {
     /// Evaluate every k-th prompt of the fixed set only (quick runs).
     #[arg(long, default_value_t = 1)]
     pub stride: usize,
+    /// Evaluate only this group of prompts: seen, held-out, two-shape or open (repeat the
+    /// flag for several; default: all).
+    #[arg(long = "group")]
+    pub groups: Vec<text2img::train::evaluate::Group>,
     #[arg(long)]
     pub steps: Option<usize>,
     #[arg(long)]
@@ -37,6 +41,7 @@ pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
     let options = EvaluateOptions {
         seeds: a.seeds,
         stride: a.stride,
+        groups: a.groups,
         steps: a.steps,
         guidance_scale: a.guidance_scale,
         ground_truth_images: a.ground_truth,

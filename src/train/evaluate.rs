@@ -29,6 +29,25 @@ impl Group {
             Group::Open => "open",
         }
     }
+
+    pub const ALL: [Group; 4] = [Group::Seen, Group::HeldOut, Group::TwoShapes, Group::Open];
+}
+
+impl std::str::FromStr for Group {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Group::ALL
+            .into_iter()
+            .find(|g| g.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Group::ALL.iter().map(|g| g.name()).collect();
+                format!(
+                    "unknown prompt group `{s}` (expected one of: {})",
+                    names.join(", ")
+                )
+            })
+    }
 }
 
 /// The fixed prompt set: every held-out combination with and without position and
@@ -144,6 +163,8 @@ pub struct EvaluateOptions {
     pub seeds: usize,
     /// Evaluate only every k-th prompt of the set (1 = all), for quick runs.
     pub stride: usize,
+    /// Evaluate only these groups of the set (empty: all), for quick runs on one weakness.
+    pub groups: Vec<Group>,
     pub steps: Option<usize>,
     pub guidance_scale: Option<f64>,
     pub ground_truth_images: usize,
@@ -204,6 +225,7 @@ pub fn evaluate(
         score_autoencoded(pipeline, options.ground_truth_images)?;
     let prompts: Vec<(Group, String)> = prompt_set()
         .into_iter()
+        .filter(|(g, _)| options.groups.is_empty() || options.groups.contains(g))
         .step_by(options.stride.max(1))
         .collect();
     for (i, (group, prompt)) in prompts.iter().enumerate() {
