@@ -115,7 +115,7 @@ fn evaluate_on_the_shipped_model() {
     // two-shape images mixed in; 12 steps, guidance 3): seen 85.3 % (29/34), held-out 77.8 %
     // (14/18), two-shape 25.0 % (5/20); the floors allow three, two and one attributes less
     // (another CPU's float rounding can flip an attribute or two). This small sample moves
-    // more than the full set: there, two-shape went from 42.8 to 50.2 % with this model
+    // more than the full set: there, two-shape went from 42.8 to 45.8 % with this model
     // (here 35.0 -> 25.0 %).
     for (group, floor) in [("seen", 76.0), ("held-out", 66.0), ("two-shape", 20.0)] {
         let percent = groups
