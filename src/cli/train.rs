@@ -109,10 +109,6 @@ pub struct TrainVaeArgs {
     /// options and the scaling factor come from the folder.
     #[arg(long)]
     pub finetune_decoder: Option<PathBuf>,
-    /// Extra weight of the reconstruction error beside sharp edges of the image (0: plain
-    /// MSE; 4 weighs an outline's pixels 5 times): keeps small shapes' corners crisp.
-    #[arg(long, default_value_t = 0.0)]
-    pub edge_weight: f64,
 }
 
 pub fn train_vae_cmd(a: TrainVaeArgs) -> Result<()> {
@@ -133,7 +129,6 @@ pub fn train_vae_cmd(a: TrainVaeArgs) -> Result<()> {
         save_every: a.save_every.max(1),
         quiet: a.quiet,
         finetune_decoder: a.finetune_decoder,
-        edge_weight: a.edge_weight,
     };
     let report = train_vae(options, a.resume)?;
     println!(

@@ -42,12 +42,6 @@ pub struct TrainVaeOptions {
     /// and scaling factor are kept. `None`: train a new autoencoder from scratch.
     #[serde(default)]
     pub finetune_decoder: Option<PathBuf>,
-    /// Extra weight of the reconstruction error at the pixels beside a sharp edge of the
-    /// target (0: plain MSE). Small shapes' corners are few pixels, so plain MSE lets them
-    /// blur, and a blurred small square reads as a circle; this puts the error where the
-    /// outlines are.
-    #[serde(default)]
-    pub edge_weight: f64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -81,27 +75,6 @@ pub struct VaeReport {
     pub psnr_db: f64,
     pub scaling_factor: f64,
     pub images_per_second: f64,
-}
-
-/// A step in any color channel larger than this (images in [-1, 1]; about 38 of 255) marks
-/// an edge: the flat backgrounds and shapes have none inside, their outlines do.
-const EDGE_STEP: f64 = 0.3;
-
-/// 1 at the pixels of `images` ([n, c, h, w]) that differ from a 4-neighbour by more than
-/// `EDGE_STEP` in some channel (both sides of an outline), else 0; shape [n, 1, h, w].
-pub fn edge_map(images: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = images.dims4()?;
-    let step = |dim: usize, len: usize| -> Result<Tensor> {
-        let d = (images.narrow(dim, 1, len - 1)? - images.narrow(dim, 0, len - 1)?)?
-            .abs()?
-            .max_keepdim(1)?
-            .ge(EDGE_STEP)?
-            .to_dtype(candle_core::DType::F32)?;
-        // The step between pixels i and i+1 marks both.
-        Ok(d.pad_with_zeros(dim, 1, 0)?
-            .maximum(&d.pad_with_zeros(dim, 0, 1)?)?)
-    };
-    Ok(step(3, w)?.maximum(&step(2, h)?)?)
 }
 
 /// Whether a parameter belongs to the decoder side (what `finetune_decoder` trains).
@@ -155,12 +128,6 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
         }
         None => None,
     };
-    if !(o.edge_weight.is_finite() && o.edge_weight >= 0.0) {
-        return Err(Error::InvalidRequest(format!(
-            "--edge-weight {} must be a number >= 0",
-            o.edge_weight
-        )));
-    }
     let factor = 1 << o.channels.len().saturating_sub(1);
     if o.channels.is_empty() || o.size == 0 || !o.size.is_multiple_of(factor) {
         return Err(Error::InvalidRequest(format!(
@@ -234,21 +201,14 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
             };
             let z = (&mean + ((&logvar * 0.5)?.exp()? * eps.narrow(0, start, len)?)?)?;
             let recon = vae.decode(&z)?;
-            let error = (recon - &images)?.sqr()?;
-            let mse = (error.sum_all()? / pixels)?;
-            let reconstruction = if o.edge_weight > 0.0 {
-                let weights = ((edge_map(&images)? * o.edge_weight)? + 1.0)?;
-                (error.broadcast_mul(&weights)?.sum_all()? / pixels)?
-            } else {
-                mse.clone()
-            };
+            let mse = ((recon - &images)?.sqr()?.sum_all()? / pixels)?;
             let kl = (((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?
                 .sum_all()?
                 .affine(0.5 / latents, 0.0)?;
             let loss = if decoder_only {
-                reconstruction
+                mse.clone()
             } else {
-                (&reconstruction + (&kl * o.kl_weight)?)?
+                (&mse + (&kl * o.kl_weight)?)?
             };
             let grads = loss.backward()?;
             let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
@@ -341,58 +301,4 @@ fn evaluate(vae: &AutoencoderKl, o: &TrainVaeOptions, device: &Device) -> Result
     let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10();
     let std = mean.flatten_all()?.var(0)?.sqrt()?.to_scalar::<f32>()? as f64;
     Ok((psnr, 1.0 / std.max(1e-6)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_edge_map_marks_both_sides_of_an_outline_and_nothing_else() {
-        // A 2 x 2 white square at rows and columns 2-3 of a black 6 x 6 image.
-        let mut pixels = vec![-1f32; 3 * 36];
-        for c in 0..3 {
-            for (y, x) in [(2, 2), (2, 3), (3, 2), (3, 3)] {
-                pixels[c * 36 + y * 6 + x] = 1.0;
-            }
-        }
-        let image = Tensor::from_vec(pixels, (1, 3, 6, 6), &Device::Cpu).unwrap();
-        let map = edge_map(&image).unwrap();
-        assert_eq!(map.dims(), [1, 1, 6, 6]);
-        let map: Vec<Vec<f32>> = map
-            .squeeze(0)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
-        for (y, row) in map.iter().enumerate() {
-            for (x, &v) in row.iter().enumerate() {
-                let inside = (2..4).contains(&y) && (2..4).contains(&x);
-                // A 4-neighbour of the square, outside it.
-                let beside = !inside
-                    && ((2..4).contains(&y) && (1..5).contains(&x)
-                        || (2..4).contains(&x) && (1..5).contains(&y));
-                assert_eq!(v, f32::from(u8::from(inside || beside)), "({y}, {x})");
-            }
-        }
-        // A step below the threshold is no edge.
-        let faint = Tensor::from_vec(
-            (0..36)
-                .map(|i| if i % 6 < 3 { 0.0 } else { 0.2 })
-                .collect::<Vec<f32>>(),
-            (1, 1, 6, 6),
-            &Device::Cpu,
-        )
-        .unwrap();
-        assert_eq!(
-            edge_map(&faint)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-            0.0
-        );
-    }
 }
