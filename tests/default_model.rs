@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-/// The shipped autoencoder's ceiling measured on the test's 200 images: 94.6 %.
+/// The shipped autoencoder's ceiling measured on the test's 200 images: 94.9 %.
 const CEILING_FLOOR: f64 = 92.0;
 
 fn text2img(cache: &std::path::Path) -> Command {
@@ -110,14 +110,14 @@ fn evaluate_on_the_shipped_model() {
         .map(|part| part.rsplit(": ").next().unwrap().parse::<usize>().unwrap())
         .sum();
     assert_eq!(found, 2 * two_shape_prompts, "{report}");
-    // Measured on this sample when the model was exported (U-Net step 35,850: step 22,650
+    // Measured on this sample when the model was exported (U-Net step 38,350: step 22,650
     // grafted with the place-word curriculum, fine-tuned on the whole grammar, then with
-    // two-shape images mixed in; 12 steps, guidance 3): seen 85.3 % (29/34), held-out 77.8 %
-    // (14/18), two-shape 25.0 % (5/20); the floors allow three, two and one attributes less
-    // (another CPU's float rounding can flip an attribute or two). This small sample moves
-    // more than the full set: there, two-shape went from 42.8 to 45.8 % with this model
-    // (here 35.0 -> 25.0 %).
-    for (group, floor) in [("seen", 76.0), ("held-out", 66.0), ("two-shape", 20.0)] {
+    // two-shape images mixed in, and a second decoder fine-tune; 12 steps, guidance 3): seen
+    // 94.1 % (32/34), held-out 72.2 % (13/18), two-shape 45.0 % (9/20); the floors allow
+    // three, two and one attributes less (another CPU's float rounding can flip an attribute
+    // or two). This small sample moves more than the full set: there, held-out went from
+    // 80.5 to 80.2 % with this model (here 77.8 -> 72.2 %).
+    for (group, floor) in [("seen", 85.0), ("held-out", 61.0), ("two-shape", 40.0)] {
         let percent = groups
             .iter()
             .find(|(g, _)| g == group)
