@@ -16,7 +16,7 @@ pub struct EvaluateArgs {
     pub model: Option<String>,
     #[arg(long, default_value_t = 8)]
     pub seeds: usize,
-    /// Evaluate every k-th prompt of the fixed set only (quick runs).
+    /// Evaluate every k-th prompt of the fixed set only (of the --group ones; quick runs).
     #[arg(long, default_value_t = 1)]
     pub stride: usize,
     /// Evaluate only this group of prompts: seen, held-out, two-shape or open (repeat the

@@ -161,7 +161,7 @@ pub struct Report {
 
 pub struct EvaluateOptions {
     pub seeds: usize,
-    /// Evaluate only every k-th prompt of the set (1 = all), for quick runs.
+    /// Evaluate only every k-th prompt of the set, after `groups` (1 = all), for quick runs.
     pub stride: usize,
     /// Evaluate only these groups of the set (empty: all), for quick runs on one weakness.
     pub groups: Vec<Group>,
