@@ -66,19 +66,20 @@ fn adherence(report: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// `text2img evaluate ARGS` on the built-in model, asserted to succeed: its report.
+fn evaluate_report(args: &[&str]) -> String {
+    let cache = tempfile::tempdir().unwrap();
+    let out = succeeds(text2img(cache.path()).arg("evaluate").args(args));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The small sample the shipped model is checked on: every STRIDE-th prompt of the set.
+const STRIDE: usize = 7;
+
 #[test]
 fn evaluate_on_the_shipped_model() {
-    let cache = tempfile::tempdir().unwrap();
-    let out = succeeds(text2img(cache.path()).args([
-        "evaluate",
-        "--stride",
-        "7",
-        "--seeds",
-        "2",
-        "--ground-truth",
-        "200",
-    ]));
-    let report = String::from_utf8_lossy(&out.stdout);
+    let stride = STRIDE.to_string();
+    let report = evaluate_report(&["--stride", &stride, "--seeds", "2", "--ground-truth", "200"]);
     assert!(
         report.contains("data set's own images: 100.0 %"),
         "{report}"
@@ -99,7 +100,7 @@ fn evaluate_on_the_shipped_model() {
     // Every two-shape image is counted once by how many shapes it showed.
     let two_shape_prompts = text2img::train::evaluate::prompt_set()
         .into_iter()
-        .step_by(7)
+        .step_by(STRIDE)
         .filter(|(g, _)| *g == text2img::train::evaluate::Group::TwoShapes)
         .count();
     let found: usize = report
@@ -132,21 +133,12 @@ fn evaluate_on_the_shipped_model() {
 
 #[test]
 fn evaluate_runs_only_the_named_group() {
-    let cache = tempfile::tempdir().unwrap();
-    let out = succeeds(text2img(cache.path()).args([
-        "evaluate",
-        "--group",
-        "open",
-        "--seeds",
-        "1",
-        "--ground-truth",
-        "0",
-    ]));
-    let report = String::from_utf8_lossy(&out.stdout);
+    let report = evaluate_report(&["--group", "open", "--seeds", "1", "--ground-truth", "0"]);
     let groups: Vec<String> = adherence(&report).into_iter().map(|(g, _)| g).collect();
     assert_eq!(groups, ["open"], "{report}");
     // The four open prompts, one image each.
     assert!(report.contains("adherence over 4 images"), "{report}");
+    let cache = tempfile::tempdir().unwrap();
     let out = text2img(cache.path())
         .args(["evaluate", "--group", "unseen", "--ground-truth", "0"])
         .output()
