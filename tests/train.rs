@@ -391,6 +391,80 @@ fn decoder_fine_tuning_keeps_the_encoder_and_the_latent_scale() {
     );
 }
 
+/// `train-vae --finetune-decoder --widen 2`: the exported autoencoder has twice the channels
+/// and gives the source's latents; the fine-tune starts from the source's images.
+#[test]
+fn widened_decoder_fine_tune_keeps_the_latents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, wide) = (tmp.path().join("src"), tmp.path().join("wide"));
+    let mut args = vec!["train-vae", "--out", src.to_str().unwrap(), "--steps", "30"];
+    args.extend(VAE);
+    run(&args);
+    let source = src.join("vae");
+    run(&[
+        "train-vae",
+        "--out",
+        wide.to_str().unwrap(),
+        "--finetune-decoder",
+        source.to_str().unwrap(),
+        "--widen",
+        "2",
+        "--latent-noise",
+        "0.05",
+        "--steps",
+        "3",
+        "--batch",
+        "4",
+        "--quiet",
+    ]);
+    let device = candle_core::Device::Cpu;
+    let small = text2img::vae::AutoencoderKl::load(&source, None, &device).unwrap();
+    let widened = text2img::vae::AutoencoderKl::load(&wide.join("vae"), None, &device).unwrap();
+    assert_eq!(widened.config.block_out_channels, [16, 32, 32]);
+    assert_eq!(widened.config.norm_num_groups, 8);
+    let images: Vec<Vec<u8>> = (0..2)
+        .map(|i| text2img::train::shapes::Sample::at(9, i).image)
+        .collect();
+    let x = text2img::train::data::images_to_tensor(&images, 64, &device).unwrap();
+    let (a, _) = small.encode(&x).unwrap();
+    let (b, _) = widened.encode(&x).unwrap();
+    let diff: f32 = (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let norm: f32 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    // fp16-exact is not promised by the export, so a relative bound.
+    assert!(
+        diff <= 1e-3 * norm.max(1.0),
+        "latents differ by {diff} (max {norm})"
+    );
+    let (trained, tuned) = (losses(&src), losses(&wide));
+    assert!(
+        tuned[0] < 0.5 * trained[0],
+        "the widened decoder did not start from the source's images: {tuned:?} vs {trained:?}"
+    );
+    // Latent noise and widening only make sense for a decoder fine-tune.
+    let out = text2img()
+        .args(["train-vae", "--out", tmp.path().join("x").to_str().unwrap()])
+        .args(["--latent-noise", "0.1", "--steps", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--latent-noise") && err.contains("--finetune-decoder"),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("x").exists(),
+        "a refused run left a folder behind"
+    );
+}
+
 #[test]
 fn the_checker_scores_the_data_set_itself_at_100_percent() {
     let tally = text2img::train::evaluate::score_ground_truth(500).unwrap();

@@ -109,6 +109,17 @@ pub struct TrainVaeArgs {
     /// options and the scaling factor come from the folder.
     #[arg(long)]
     pub finetune_decoder: Option<PathBuf>,
+    /// With --finetune-decoder: Gaussian noise of this standard deviation, in the U-Net's
+    /// units (scaled latents), added to the latents the decoder learns from, so that it draws
+    /// crisp shapes from a U-Net's slightly-off latents too.
+    #[arg(long, default_value_t = 0.0)]
+    pub latent_noise: f64,
+    /// With --finetune-decoder: multiply the autoencoder's channel counts (and GroupNorm
+    /// groups) by this factor first, keeping what it computes: a larger decoder for the same
+    /// latents. The encoder widens too (one channel list for both in the diffusers layout)
+    /// and still gives the same latents.
+    #[arg(long, default_value_t = 1)]
+    pub widen: usize,
 }
 
 pub fn train_vae_cmd(a: TrainVaeArgs) -> Result<()> {
@@ -129,6 +140,8 @@ pub fn train_vae_cmd(a: TrainVaeArgs) -> Result<()> {
         save_every: a.save_every.max(1),
         quiet: a.quiet,
         finetune_decoder: a.finetune_decoder,
+        latent_noise: a.latent_noise,
+        widen: a.widen,
     };
     let report = train_vae(options, a.resume)?;
     println!(

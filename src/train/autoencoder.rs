@@ -42,6 +42,21 @@ pub struct TrainVaeOptions {
     /// and scaling factor are kept. `None`: train a new autoencoder from scratch.
     #[serde(default)]
     pub finetune_decoder: Option<PathBuf>,
+    /// Decoder fine-tunes: the standard deviation of Gaussian noise added to each latent the
+    /// decoder learns from, in the U-Net's units (latents times the scaling factor, about unit
+    /// variance). A U-Net's sampled latents are near, not on, the encoder's: trained on noisy
+    /// latents, the decoder still draws crisp shapes from them. 0: none.
+    #[serde(default)]
+    pub latent_noise: f64,
+    /// Decoder fine-tunes: multiply the source's channel counts by this factor first, without
+    /// changing what it computes (see `widen`), so the decoder has more capacity while the
+    /// latents keep their meaning. 1: the source's size.
+    #[serde(default = "one")]
+    pub widen: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Serialize, Deserialize)]
@@ -104,6 +119,22 @@ fn read_source_vae(dir: &Path) -> Result<SourceVae> {
 
 pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
     let device = Device::Cpu;
+    if o.widen == 0 || (o.widen > 1 && o.finetune_decoder.is_none()) {
+        return Err(Error::InvalidRequest(format!(
+            "--widen {} must be at least 1, and more than 1 needs --finetune-decoder",
+            o.widen
+        )));
+    }
+    if o.latent_noise < 0.0
+        || !o.latent_noise.is_finite()
+        || (o.latent_noise > 0.0 && o.finetune_decoder.is_none())
+    {
+        return Err(Error::InvalidRequest(format!(
+            "--latent-noise {} must be a finite number >= 0, and it needs --finetune-decoder \
+             (a new autoencoder's latents have no scale yet)",
+            o.latent_noise
+        )));
+    }
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
     let mut start = 0;
     let resumed = if resume {
@@ -119,7 +150,14 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
     // Fine-tuning takes the architecture from the source folder, not the options.
     let source = match &o.finetune_decoder {
         Some(dir) => {
-            let (json, config, weights) = read_source_vae(dir)?;
+            let (mut json, mut config, mut weights) = read_source_vae(dir)?;
+            if o.widen > 1 {
+                json = super::widen::widen_config(&json, o.widen)?;
+                config = serde_json::from_value(json.clone()).map_err(|e| {
+                    Error::InvalidRequest(format!("--widen: the widened config: {e}"))
+                })?;
+                weights = super::widen::widen_weights(&weights, o.widen, o.seed)?;
+            }
             o.channels = config.block_out_channels.clone();
             o.latent_channels = config.latent_channels;
             o.layers_per_block = config.layers_per_block;
@@ -153,6 +191,13 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
         params.load_values(&values)?;
     }
     let decoder_only = source.is_some();
+    // In the decoder's own (unscaled) latent units.
+    let latent_noise = match &source {
+        Some((json, _)) if o.latent_noise > 0.0 => {
+            o.latent_noise / json["scaling_factor"].as_f64().unwrap_or(1.0)
+        }
+        _ => 0.0,
+    };
     // Fine-tuning the decoder: the latents come from the source's encoder loaded as plain
     // tensors, so its forward pass records no graph (the trainable copy's encoder is never
     // updated and holds the same values).
@@ -191,6 +236,11 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
         let mut rng = step_rng(o.seed, step as u64);
         let latent = [o.batch, o.latent_channels, o.size / factor, o.size / factor];
         let eps = rng.randn(&latent, &device)?;
+        let noise = if latent_noise > 0.0 {
+            Some((rng.randn(&latent, &device)? * latent_noise)?)
+        } else {
+            None
+        };
         // Means over the whole batch, as sums over its shards.
         let (pixels, latents) = (batch.images.elem_count() as f64, eps.elem_count() as f64);
         let shard = |start: usize, len: usize| -> Result<([f64; 3], GradStore)> {
@@ -199,7 +249,10 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
                 Some(frozen) => frozen.encode(&images)?,
                 None => vae.encode(&images)?,
             };
-            let z = (&mean + ((&logvar * 0.5)?.exp()? * eps.narrow(0, start, len)?)?)?;
+            let mut z = (&mean + ((&logvar * 0.5)?.exp()? * eps.narrow(0, start, len)?)?)?;
+            if let Some(noise) = &noise {
+                z = (z + noise.narrow(0, start, len)?)?;
+            }
             let recon = vae.decode(&z)?;
             let mse = ((recon - &images)?.sqr()?.sum_all()? / pixels)?;
             let kl = (((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?

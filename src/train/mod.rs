@@ -9,6 +9,7 @@ pub mod latent;
 pub mod log;
 pub mod optim;
 pub mod shapes;
+pub mod widen;
 
 /// The random stream of one training step: a function of (seed, step) alone, so a resumed
 /// run draws exactly the noise and timesteps an uninterrupted one would.
