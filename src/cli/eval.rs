@@ -7,7 +7,7 @@ use clap::Args;
 
 use text2img::pipeline::{GenerateRequest, Pipeline};
 use text2img::png_out::{encode_rgb_png, grid, write_atomic};
-use text2img::train::evaluate::{evaluate, EvaluateOptions};
+use text2img::train::evaluate::{evaluate, EvaluateOptions, ImageVerdict};
 
 #[derive(Args)]
 pub struct EvaluateArgs {
@@ -30,6 +30,9 @@ pub struct EvaluateArgs {
     /// How many of the data set's own images the checker scores (must be 100 %).
     #[arg(long, default_value_t = 500)]
     pub ground_truth: usize,
+    /// Also write every verdict (prompt, seed, attribute, stated, seen, right) to this CSV.
+    #[arg(long)]
+    pub details: Option<PathBuf>,
 }
 
 pub fn load(model: Option<&str>) -> Result<Pipeline> {
@@ -37,6 +40,12 @@ pub fn load(model: Option<&str>) -> Result<Pipeline> {
 }
 
 pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
+    // Fail before minutes of generation, not after, when the details file cannot be written.
+    if let Some(dir) = a.details.as_deref().and_then(|p| p.parent()) {
+        if !dir.as_os_str().is_empty() && !dir.is_dir() {
+            anyhow::bail!("--details: folder {} does not exist", dir.display());
+        }
+    }
     let pipeline = load(a.model.as_deref())?;
     let options = EvaluateOptions {
         seeds: a.seeds,
@@ -45,6 +54,7 @@ pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
         steps: a.steps,
         guidance_scale: a.guidance_scale,
         ground_truth_images: a.ground_truth,
+        keep_verdicts: a.details.is_some(),
     };
     let bar = indicatif::ProgressBar::new(0);
     let report = evaluate(&pipeline, &options, &mut |i, n| {
@@ -53,6 +63,15 @@ pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     print!("{}", report.print());
+    if let Some(path) = &a.details {
+        let mut csv = String::from(ImageVerdict::CSV_HEADER);
+        csv.push('\n');
+        for v in &report.verdicts {
+            csv.push_str(&v.csv_line());
+            csv.push('\n');
+        }
+        write_atomic(path, csv.as_bytes())?;
+    }
     Ok(())
 }
 

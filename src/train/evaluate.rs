@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::checker::{check, Attribute, Judgement};
+use super::checker::{check, Attribute, Judgement, Verdict};
 use super::shapes::caption::{caption_for, PromptSpec, ShapeSpec};
 use super::shapes::prng::SplitMix64;
 use super::shapes::{Cell, Color, Sample, HELD_OUT};
@@ -157,6 +157,56 @@ pub struct Report {
     pub autoencoded: Tally,
     pub autoencoded_per_attribute: BTreeMap<Attribute, Tally>,
     pub images: usize,
+    /// Every verdict on every generated image, when `EvaluateOptions::keep_verdicts` asks
+    /// for them (what `evaluate --details` writes): where the pooled figures come from.
+    pub verdicts: Vec<ImageVerdict>,
+}
+
+/// One stated attribute of one generated image, judged.
+#[derive(Clone, Debug)]
+pub struct ImageVerdict {
+    /// The prompt group's name, or `autoencoded` for the data set's own images after the
+    /// autoencoder.
+    pub group: &'static str,
+    pub prompt: String,
+    /// The image's generation seed; for `autoencoded` rows, the data set item's index.
+    pub seed: u64,
+    /// Shapes (components) the checker found in the image.
+    pub shapes_found: usize,
+    pub verdict: Verdict,
+}
+
+impl ImageVerdict {
+    pub const CSV_HEADER: &'static str =
+        "group,prompt,seed,shapes_found,attribute,shape,stated,seen,right";
+
+    /// One CSV line (no newline); fields are quoted where they hold a comma or a quote.
+    pub fn csv_line(&self) -> String {
+        let v = &self.verdict;
+        [
+            self.group.to_string(),
+            self.prompt.clone(),
+            self.seed.to_string(),
+            self.shapes_found.to_string(),
+            v.attribute.name().to_string(),
+            v.shape.map(|s| s.to_string()).unwrap_or_default(),
+            v.stated.clone(),
+            v.seen.clone().unwrap_or_default(),
+            v.right.to_string(),
+        ]
+        .iter()
+        .map(|f| csv_field(f))
+        .collect::<Vec<_>>()
+        .join(",")
+    }
+}
+
+fn csv_field(f: &str) -> String {
+    if f.contains([',', '"', '\n']) {
+        format!("\"{}\"", f.replace('"', "\"\""))
+    } else {
+        f.to_string()
+    }
 }
 
 pub struct EvaluateOptions {
@@ -168,16 +218,20 @@ pub struct EvaluateOptions {
     pub steps: Option<usize>,
     pub guidance_scale: Option<f64>,
     pub ground_truth_images: usize,
+    /// Keep every verdict in `Report::verdicts`.
+    pub keep_verdicts: bool,
 }
 
 /// The data set's seed for the images the checker scores as they are and autoencoded.
 const GROUND_TRUTH_SEED: u64 = 0xda7a;
 
 /// Scores `count` of the data set's images after a round trip through the model's
-/// autoencoder (the latent distribution's mean, decoded), pooled and per attribute.
+/// autoencoder (the latent distribution's mean, decoded), pooled and per attribute; every
+/// verdict goes to `verdicts` when it is given.
 pub fn score_autoencoded(
     pipeline: &Pipeline,
     count: usize,
+    mut verdicts: Option<&mut Vec<ImageVerdict>>,
 ) -> Result<(Tally, BTreeMap<Attribute, Tally>)> {
     const BATCH: usize = 25;
     let (mut tally, mut per_attribute) = (Tally::default(), BTreeMap::<Attribute, Tally>::new());
@@ -196,6 +250,15 @@ pub fn score_autoencoded(
             tally.add(&judgement);
             for v in &judgement.verdicts {
                 per_attribute.entry(v.attribute).or_default().count(v.right);
+                if let Some(out) = verdicts.as_deref_mut() {
+                    out.push(ImageVerdict {
+                        group: "autoencoded",
+                        prompt: s.caption.clone(),
+                        seed: start as u64 + i as u64,
+                        shapes_found: judgement.analysis.components.len(),
+                        verdict: v.clone(),
+                    });
+                }
             }
         }
     }
@@ -221,8 +284,11 @@ pub fn evaluate(
         ground_truth: score_ground_truth(options.ground_truth_images)?,
         ..Default::default()
     };
-    (report.autoencoded, report.autoencoded_per_attribute) =
-        score_autoencoded(pipeline, options.ground_truth_images)?;
+    (report.autoencoded, report.autoencoded_per_attribute) = score_autoencoded(
+        pipeline,
+        options.ground_truth_images,
+        options.keep_verdicts.then_some(&mut report.verdicts),
+    )?;
     let prompts: Vec<(Group, String)> = prompt_set()
         .into_iter()
         .filter(|(g, _)| options.groups.is_empty() || options.groups.contains(g))
@@ -249,6 +315,15 @@ pub fn evaluate(
                     .entry((*group, v.attribute))
                     .or_default()
                     .count(v.right);
+                if options.keep_verdicts {
+                    report.verdicts.push(ImageVerdict {
+                        group: group.name(),
+                        prompt: prompt.clone(),
+                        seed: image.seed,
+                        shapes_found: judgement.analysis.components.len(),
+                        verdict: v.clone(),
+                    });
+                }
             }
             if *group == Group::TwoShapes {
                 report.two_shape_counts[judgement.analysis.components.len().min(3)] += 1;
