@@ -447,6 +447,26 @@ fn widened_decoder_fine_tune_keeps_the_latents() {
         tuned[0] < 0.5 * trained[0],
         "the widened decoder did not start from the source's images: {tuned:?} vs {trained:?}"
     );
+    // Resuming with another source (here the widened output itself, which --widen 2 would
+    // widen again) is refused before anything in the run's folder changes.
+    let config = std::fs::read(wide.join("vae/config.json")).unwrap();
+    let wide_vae = wide.join("vae");
+    let out = text2img()
+        .args([
+            "train-vae",
+            "--out",
+            wide.to_str().unwrap(),
+            "--resume",
+            "--steps",
+            "4",
+        ])
+        .args(["--finetune-decoder", wide_vae.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not the one this run started from"), "{err}");
+    assert_eq!(std::fs::read(wide.join("vae/config.json")).unwrap(), config);
     // Latent noise and widening only make sense for a decoder fine-tune.
     let out = text2img()
         .args(["train-vae", "--out", tmp.path().join("x").to_str().unwrap()])

@@ -140,9 +140,16 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
     let resumed = if resume {
         let ck: Checkpoint<VaeRunState> = checkpoint::load(&o.out)?;
         start = ck.state.step;
-        let steps = o.steps;
+        // The run's recorded options, except where it lives now and, when given, where its
+        // source decoder is: a copied run folder resumes into the copy, and a moved source can
+        // be named again.
+        let (steps, out, source) = (o.steps, o.out.clone(), o.finetune_decoder.clone());
         o = ck.state.options.clone();
         o.steps = steps.max(start);
+        o.out = out;
+        if source.is_some() {
+            o.finetune_decoder = source;
+        }
         Some(ck)
     } else {
         None
@@ -166,6 +173,32 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
         }
         None => None,
     };
+    // A resumed fine-tune needs the source it started from: its encoder makes the latents.
+    if let (Some((json, _)), Some(_)) = (&source, &resumed) {
+        let recorded: serde_json::Value =
+            crate::error::read_json(&o.out.join("vae").join("config.json"))?;
+        let shape = |j: &serde_json::Value| {
+            let keys = [
+                "block_out_channels",
+                "norm_num_groups",
+                "latent_channels",
+                "layers_per_block",
+            ];
+            keys.map(|k| j[k].clone())
+        };
+        if shape(json) != shape(&recorded) {
+            return Err(Error::InvalidRequest(format!(
+                "--resume: the source autoencoder {} is not the one this run started from (its \
+                 architecture{} differs from {}); name the original with --finetune-decoder",
+                o.finetune_decoder
+                    .as_deref()
+                    .unwrap_or(Path::new("?"))
+                    .display(),
+                if o.widen > 1 { ", widened," } else { "" },
+                o.out.join("vae").join("config.json").display()
+            )));
+        }
+    }
     let factor = 1 << o.channels.len().saturating_sub(1);
     if o.channels.is_empty() || o.size == 0 || !o.size.is_multiple_of(factor) {
         return Err(Error::InvalidRequest(format!(
