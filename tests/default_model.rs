@@ -25,6 +25,13 @@ fn succeeds(cmd: &mut Command) -> std::process::Output {
     out
 }
 
+/// Runs `cmd`, asserts that it fails, and returns its stderr.
+fn refused(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn generate_works_with_no_model_and_no_files_around() {
     let cache = tempfile::tempdir().unwrap();
@@ -140,12 +147,13 @@ fn evaluate_runs_only_the_named_group() {
     // The four open prompts, one image each.
     assert!(report.contains("adherence over 4 images"), "{report}");
     let cache = tempfile::tempdir().unwrap();
-    let out = text2img(cache.path())
-        .args(["evaluate", "--group", "unseen", "--ground-truth", "0"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(text2img(cache.path()).args([
+        "evaluate",
+        "--group",
+        "unseen",
+        "--ground-truth",
+        "0",
+    ]));
     assert!(err.contains("unknown prompt group `unseen`"), "{err}");
 }
 
@@ -193,13 +201,11 @@ fn evaluate_details_list_every_verdict() {
     // A details file that cannot be written fails before any image is made.
     let cache = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-folder").join("d.csv");
-    let out = text2img(cache.path())
-        .args(["evaluate", "--ground-truth", "0", "--details"])
-        .arg(&missing)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(
+        text2img(cache.path())
+            .args(["evaluate", "--ground-truth", "0", "--details"])
+            .arg(&missing),
+    );
     assert!(
         err.contains("no-such-folder") && err.contains("does not exist"),
         "{err}"

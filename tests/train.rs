@@ -325,28 +325,49 @@ fn assert_generates_64x64(dir: &std::path::Path) {
     assert_eq!((gen.images[0].width, gen.images[0].height), (64, 64));
 }
 
-/// `train-vae --finetune-decoder`: the source's encoder comes through bit for bit, its decoder
-/// starts from the source's weights (not random ones) and changes, the scaling factor is kept.
-#[test]
-fn decoder_fine_tuning_keeps_the_encoder_and_the_latent_scale() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, ft) = (tmp.path().join("src"), tmp.path().join("ft"));
+/// Trains a 30-step source autoencoder in `dir/src`, then fine-tunes its decoder into
+/// `dir/NAME` for `steps` steps with `extra` options: (source folder, fine-tune folder).
+fn source_and_decoder_fine_tune(
+    dir: &Path,
+    name: &str,
+    steps: &str,
+    extra: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (src, ft) = (dir.join("src"), dir.join(name));
     let mut args = vec!["train-vae", "--out", src.to_str().unwrap(), "--steps", "30"];
     args.extend(VAE);
     run(&args);
     let source = src.join("vae");
-    run(&[
+    let mut args = vec![
         "train-vae",
         "--out",
         ft.to_str().unwrap(),
         "--finetune-decoder",
         source.to_str().unwrap(),
         "--steps",
-        "6",
+        steps,
         "--batch",
         "4",
         "--quiet",
-    ]);
+    ];
+    args.extend(extra);
+    run(&args);
+    (src, ft)
+}
+
+/// Runs `cmd`, asserts that it fails, and returns its stderr.
+fn refused(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `train-vae --finetune-decoder`: the source's encoder comes through bit for bit, its decoder
+/// starts from the source's weights (not random ones) and changes, the scaling factor is kept.
+#[test]
+fn decoder_fine_tuning_keeps_the_encoder_and_the_latent_scale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, ft) = source_and_decoder_fine_tune(tmp.path(), "ft", "6", &[]);
     let load = |dir: &Path| {
         candle_core::safetensors::load(
             dir.join("vae/diffusion_pytorch_model.safetensors"),
@@ -396,27 +417,9 @@ fn decoder_fine_tuning_keeps_the_encoder_and_the_latent_scale() {
 #[test]
 fn widened_decoder_fine_tune_keeps_the_latents() {
     let tmp = tempfile::tempdir().unwrap();
-    let (src, wide) = (tmp.path().join("src"), tmp.path().join("wide"));
-    let mut args = vec!["train-vae", "--out", src.to_str().unwrap(), "--steps", "30"];
-    args.extend(VAE);
-    run(&args);
+    let extra = ["--widen", "2", "--latent-noise", "0.05"];
+    let (src, wide) = source_and_decoder_fine_tune(tmp.path(), "wide", "3", &extra);
     let source = src.join("vae");
-    run(&[
-        "train-vae",
-        "--out",
-        wide.to_str().unwrap(),
-        "--finetune-decoder",
-        source.to_str().unwrap(),
-        "--widen",
-        "2",
-        "--latent-noise",
-        "0.05",
-        "--steps",
-        "3",
-        "--batch",
-        "4",
-        "--quiet",
-    ]);
     let device = candle_core::Device::Cpu;
     let small = text2img::vae::AutoencoderKl::load(&source, None, &device).unwrap();
     let widened = text2img::vae::AutoencoderKl::load(&wide.join("vae"), None, &device).unwrap();
@@ -428,15 +431,10 @@ fn widened_decoder_fine_tune_keeps_the_latents() {
     let x = text2img::train::data::images_to_tensor(&images, 64, &device).unwrap();
     let (a, _) = small.encode(&x).unwrap();
     let (b, _) = widened.encode(&x).unwrap();
-    let diff: f32 = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let norm: f32 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let max_abs = |t: &candle_core::Tensor| -> f32 {
+        t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    };
+    let (diff, norm) = (max_abs(&(&a - &b).unwrap()), max_abs(&a));
     // fp16-exact is not promised by the export, so a relative bound.
     assert!(
         diff <= 1e-3 * norm.max(1.0),
@@ -451,30 +449,20 @@ fn widened_decoder_fine_tune_keeps_the_latents() {
     // widen again) is refused before anything in the run's folder changes.
     let config = std::fs::read(wide.join("vae/config.json")).unwrap();
     let wide_vae = wide.join("vae");
-    let out = text2img()
-        .args([
-            "train-vae",
-            "--out",
-            wide.to_str().unwrap(),
-            "--resume",
-            "--steps",
-            "4",
-        ])
-        .args(["--finetune-decoder", wide_vae.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(
+        text2img()
+            .args(["train-vae", "--out", wide.to_str().unwrap()])
+            .args(["--resume", "--steps", "4"])
+            .args(["--finetune-decoder", wide_vae.to_str().unwrap()]),
+    );
     assert!(err.contains("not the one this run started from"), "{err}");
     assert_eq!(std::fs::read(wide.join("vae/config.json")).unwrap(), config);
     // Latent noise and widening only make sense for a decoder fine-tune.
-    let out = text2img()
-        .args(["train-vae", "--out", tmp.path().join("x").to_str().unwrap()])
-        .args(["--latent-noise", "0.1", "--steps", "1"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(
+        text2img()
+            .args(["train-vae", "--out", tmp.path().join("x").to_str().unwrap()])
+            .args(["--latent-noise", "0.1", "--steps", "1"]),
+    );
     assert!(
         err.contains("--latent-noise") && err.contains("--finetune-decoder"),
         "{err}"

@@ -173,10 +173,10 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
         }
         None => None,
     };
+    let config_path = o.out.join("vae").join("config.json");
     // A resumed fine-tune needs the source it started from: its encoder makes the latents.
     if let (Some((json, _)), Some(_)) = (&source, &resumed) {
-        let recorded: serde_json::Value =
-            crate::error::read_json(&o.out.join("vae").join("config.json"))?;
+        let recorded: serde_json::Value = crate::error::read_json(&config_path)?;
         let shape = |j: &serde_json::Value| {
             let keys = [
                 "block_out_channels",
@@ -195,7 +195,7 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
                     .unwrap_or(Path::new("?"))
                     .display(),
                 if o.widen > 1 { ", widened," } else { "" },
-                o.out.join("vae").join("config.json").display()
+                config_path.display()
             )));
         }
     }
@@ -207,7 +207,6 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
             o.size
         )));
     }
-    let config_path = o.out.join("vae").join("config.json");
     let config_json = match &source {
         Some((json, _)) => json.clone(),
         None => vae_config_json(&o),

@@ -59,8 +59,7 @@ fn widen_tensor(name: &str, t: &Tensor, factor: usize, rng: &mut TorchGenerator)
     let t = t.to_dtype(DType::F32)?;
     let dims = t.dims().to_vec();
     let (wide_out, wide_in) = widened_dims(name);
-    let is_attention = name.contains(".attentions.");
-    let is_query = is_attention && name.contains(".to_q.");
+    let is_query = name.contains(".attentions.") && name.contains(".to_q.");
     match dims.len() {
         // Biases and norm parameters: new channels get 0 (bias, norm shift) or 1 (norm scale).
         1 => {
@@ -169,15 +168,12 @@ mod tests {
         vae
     }
 
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    }
+
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+        max_abs(&(a - b).unwrap())
     }
 
     #[test]
@@ -215,15 +211,7 @@ mod tests {
         let x = rng.randn(&[2, 3, 16, 16], &Device::Cpu).unwrap();
         let (mean, logvar) = small.encode(&x).unwrap();
         let (wide_mean, wide_logvar) = wide.encode(&x).unwrap();
-        assert!(
-            mean.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.01
-        );
+        assert!(max_abs(&mean) > 0.01);
         assert!(max_diff(&mean, &wide_mean) < 1e-4, "latent means differ");
         assert!(
             max_diff(&logvar, &wide_logvar) < 1e-4,
@@ -242,15 +230,6 @@ mod tests {
             .find(|(n, _)| n == "decoder.up_blocks.1.resnets.0.conv1.weight")
             .unwrap();
         let new_rows = conv.narrow(0, 8, 8).unwrap();
-        assert!(
-            new_rows
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        );
+        assert!(max_abs(&new_rows) > 0.0);
     }
 }
