@@ -417,7 +417,15 @@ fn decoder_fine_tuning_keeps_the_encoder_and_the_latent_scale() {
 #[test]
 fn widened_decoder_fine_tune_keeps_the_latents() {
     let tmp = tempfile::tempdir().unwrap();
-    let extra = ["--widen", "2", "--latent-noise", "0.05"];
+    let extra = [
+        "--widen",
+        "2",
+        "--latent-noise",
+        "0.05",
+        "--visible-error-weight",
+        "2",
+        "--decode-mean",
+    ];
     let (src, wide) = source_and_decoder_fine_tune(tmp.path(), "wide", "3", &extra);
     let source = src.join("vae");
     let device = candle_core::Device::Cpu;
@@ -440,9 +448,23 @@ fn widened_decoder_fine_tune_keeps_the_latents() {
         diff <= 1e-3 * norm.max(1.0),
         "latents differ by {diff} (max {norm})"
     );
-    let (trained, tuned) = (losses(&src), losses(&wide));
+    // With the visible-error loss the log has its column, and the decoder's loss is the
+    // mean squared error plus the weighted visible error.
+    let log = std::fs::read_to_string(wide.join("loss.csv")).unwrap();
+    assert!(log.starts_with("step,loss,mse,kl,visible\n"), "{log}");
+    let mut tuned = vec![];
+    for line in log.lines().skip(1) {
+        let v: Vec<f64> = line.split(',').map(|f| f.parse().unwrap()).collect();
+        assert!(v[4] > 0.0, "{line}");
+        assert!((v[1] - (v[2] + 2.0 * v[4])).abs() <= 1e-6 * v[1], "{line}");
+        tuned.push(v[2]);
+    }
+    // The fine-tune's first mean squared error against the source's first loss (its mean
+    // squared error plus a negligible KL term, from random weights): a decoder that started
+    // from random weights would begin where the source began.
+    let trained = losses(&src);
     assert!(
-        tuned[0] < 0.5 * trained[0],
+        tuned[0] < 0.6 * trained[0],
         "the widened decoder did not start from the source's images: {tuned:?} vs {trained:?}"
     );
     // Resuming with another source (here the widened output itself, which --widen 2 would
@@ -465,6 +487,21 @@ fn widened_decoder_fine_tune_keeps_the_latents() {
     );
     assert!(
         err.contains("--latent-noise") && err.contains("--finetune-decoder"),
+        "{err}"
+    );
+    let err = refused(
+        text2img()
+            .args(["train-vae", "--out", tmp.path().join("x").to_str().unwrap()])
+            .args(["--visible-error-weight=-1", "--steps", "1"]),
+    );
+    assert!(err.contains("--visible-error-weight -1"), "{err}");
+    let err = refused(
+        text2img()
+            .args(["train-vae", "--out", tmp.path().join("x").to_str().unwrap()])
+            .args(["--decode-mean", "--steps", "1"]),
+    );
+    assert!(
+        err.contains("--decode-mean") && err.contains("--finetune-decoder"),
         "{err}"
     );
     assert!(

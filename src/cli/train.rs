@@ -120,6 +120,19 @@ pub struct TrainVaeArgs {
     /// and still gives the same latents.
     #[arg(long, default_value_t = 1)]
     pub widen: usize,
+    /// Weight of a second reconstruction loss that sees only visible errors: per pixel, the
+    /// RGB distance (0-255 units) between reconstruction and image above
+    /// --visible-error-threshold, squared. Mean squared error spends little on a faint halo
+    /// pixel beside an edge, but such pixels change a shape's outline. 0: off.
+    #[arg(long, default_value_t = 0.0)]
+    pub visible_error_weight: f64,
+    /// The RGB distance (0-255 units) below which --visible-error-weight ignores an error.
+    #[arg(long, default_value_t = 17.5)]
+    pub visible_error_threshold: f64,
+    /// With --finetune-decoder: learn from the encoder's posterior mean, not a sample from it
+    /// (the sample's noise teaches the decoder to blur edges it could place exactly).
+    #[arg(long)]
+    pub decode_mean: bool,
 }
 
 pub fn train_vae_cmd(a: TrainVaeArgs) -> Result<()> {
@@ -142,6 +155,9 @@ pub fn train_vae_cmd(a: TrainVaeArgs) -> Result<()> {
         finetune_decoder: a.finetune_decoder,
         latent_noise: a.latent_noise,
         widen: a.widen,
+        visible_error_weight: a.visible_error_weight,
+        visible_error_threshold: a.visible_error_threshold,
+        decode_mean: a.decode_mean,
     };
     let report = train_vae(options, a.resume)?;
     println!(
@@ -215,6 +231,10 @@ pub struct TrainArgs {
     /// caption. May be set when resuming.
     #[arg(long)]
     pub late_from: Option<usize>,
+    /// Learn the autoencoder's posterior means, not samples from it: sharper latents for a
+    /// decoder fine-tuned with `train-vae --decode-mean`. May be switched on when resuming.
+    #[arg(long)]
+    pub latent_mean: bool,
     /// A second data source (`shapes` or a folder) mixed into --data: each item of the
     /// stream comes from it with probability --mix-fraction, decided by the item's position,
     /// so a resumed run sees the same mix. For curricula (e.g. a folder of two-shape images
@@ -337,6 +357,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         snr_gamma: a.snr_gamma,
         late_timesteps: a.late_timesteps,
         late_from: a.late_from,
+        latent_mean: a.latent_mean,
         mix: a.mix.map(|data| DataMix {
             data,
             fraction: a.mix_fraction,

@@ -197,6 +197,9 @@ mod tests {
             finetune_decoder: None,
             latent_noise: 0.0,
             widen: 1,
+            visible_error_weight: 0.0,
+            visible_error_threshold: 17.5,
+            decode_mean: false,
         };
         let json = vae_config_json(&options);
         let (config, weights) = random_vae(&json);
