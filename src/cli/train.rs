@@ -231,8 +231,8 @@ pub struct TrainArgs {
     /// caption. May be set when resuming.
     #[arg(long)]
     pub late_from: Option<usize>,
-    /// Learn the autoencoder's posterior means, not samples from it: sharper latents for a
-    /// decoder fine-tuned with `train-vae --decode-mean`. May be switched on when resuming.
+    /// Learn the autoencoder's posterior means, not samples from it: the latents a decoder
+    /// fine-tuned with `train-vae --decode-mean` expects. May be switched on when resuming.
     #[arg(long)]
     pub latent_mean: bool,
     /// A second data source (`shapes` or a folder) mixed into --data: each item of the

@@ -88,8 +88,8 @@ pub struct TrainOptions {
     pub mix: Option<DataMix>,
     /// Learn the autoencoder's posterior means instead of samples from the posterior. A
     /// small autoencoder's sample noise (about a tenth of the latents' spread) blurs where an
-    /// edge lies; a model of the means generates latents a decoder fine-tuned on means
-    /// (`train-vae --decode-mean`) draws crisply. Can be switched on at `--resume`.
+    /// edge lies; a model of the means generates the latents a decoder fine-tuned on means
+    /// (`train-vae --decode-mean`) expects. Can be switched on at `--resume`.
     #[serde(default)]
     pub latent_mean: bool,
     /// The jointly trained text encoder's learning rate as a share of the U-Net's. `None`:
