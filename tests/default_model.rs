@@ -2,7 +2,11 @@
 //! `evaluate` on the shipped model stays at its measured level (a small sample, thresholds a
 //! little under the figures measured when it was trained; see scripts/train-default-model).
 
+mod common;
+
 use std::process::Command;
+
+use common::refused;
 
 /// The shipped autoencoder's ceiling measured on the test's 200 images: 97.1 % (the
 /// narrower decoder before it: 94.9 %).
@@ -23,13 +27,6 @@ fn succeeds(cmd: &mut Command) -> std::process::Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// Runs `cmd`, asserts that it fails, and returns its stderr.
-fn refused(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(!out.status.success());
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]

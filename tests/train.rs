@@ -1,11 +1,14 @@
 //! Training through the real binary: a short run's loss falls, and a run killed with
 //! SIGKILL then resumed gives the same loss curve as an uninterrupted run.
 
+mod common;
 mod parity;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::refused;
 
 fn text2img() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_text2img"));
@@ -353,13 +356,6 @@ fn source_and_decoder_fine_tune(
     args.extend(extra);
     run(&args);
     (src, ft)
-}
-
-/// Runs `cmd`, asserts that it fails, and returns its stderr.
-fn refused(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(!out.status.success());
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// `train-vae --finetune-decoder`: the source's encoder comes through bit for bit, its decoder

@@ -363,11 +363,10 @@ pub fn train_vae(mut o: TrainVaeOptions, resume: bool) -> Result<VaeReport> {
             super::shards(o.batch, &shard)?.into_iter().unzip();
         opt.step_summed(&grads)?;
         let total = |i: usize| parts.iter().map(|p| p[i]).sum::<f64>();
-        if visible {
-            log.step(step + 1, total(0), o.batch, &[total(1), total(2), total(3)])?;
-        } else {
-            log.step(step + 1, total(0), o.batch, &[total(1), total(2)])?;
-        }
+        // The visible column only when its loss is on (the header above says which).
+        let columns = [total(1), total(2), total(3)];
+        let logged = if visible { 3 } else { 2 };
+        log.step(step + 1, total(0), o.batch, &columns[..logged])?;
         if (step + 1) % o.save_every == 0 || step + 1 == o.steps {
             save(&o, &params, &opt, step + 1)?;
         }

@@ -1,7 +1,15 @@
-//! Helpers shared by the integration tests that replay reference fixtures.
+//! Helpers shared by the integration tests: reference fixtures and refused commands.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::Command;
+
+/// Runs `cmd`, asserts that it fails, and returns its stderr.
+pub fn refused(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
 
 /// The path of a file under tests/fixtures.
 pub fn fixture_path(name: &str) -> PathBuf {
