@@ -31,6 +31,9 @@ pub fn a1111_parameters(
         // A1111 counts the last layer as 1.
         text.push_str(&format!(", Clip skip: {}", req.clip_skip + 1));
     }
+    if resolved.guidance_rescale > 0.0 {
+        text.push_str(&format!(", CFG rescale: {}", resolved.guidance_rescale));
+    }
     if req.eta > 0.0 {
         text.push_str(&format!(", Eta: {}", req.eta));
     }

@@ -27,6 +27,9 @@ pub struct EvaluateArgs {
     pub steps: Option<usize>,
     #[arg(long)]
     pub guidance_scale: Option<f64>,
+    /// diffusers' guidance_rescale, 0 to 1 (default: the model's, else 0).
+    #[arg(long)]
+    pub guidance_rescale: Option<f64>,
     /// How many of the data set's own images the checker scores (must be 100 %).
     #[arg(long, default_value_t = 500)]
     pub ground_truth: usize,
@@ -53,6 +56,7 @@ pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
         groups: a.groups,
         steps: a.steps,
         guidance_scale: a.guidance_scale,
+        guidance_rescale: a.guidance_rescale,
         ground_truth_images: a.ground_truth,
         keep_verdicts: a.details.is_some(),
     };
@@ -91,6 +95,9 @@ pub struct GridArgs {
     pub steps: Option<usize>,
     #[arg(long)]
     pub guidance_scale: Option<f64>,
+    /// diffusers' guidance_rescale, 0 to 1 (default: the model's, else 0).
+    #[arg(long)]
+    pub guidance_rescale: Option<f64>,
     #[arg(long)]
     pub output: PathBuf,
 }
@@ -105,6 +112,7 @@ pub fn grid_cmd(a: GridArgs) -> Result<()> {
             num_images: a.seeds,
             steps: a.steps,
             guidance_scale: a.guidance_scale,
+            guidance_rescale: a.guidance_rescale,
             ..Default::default()
         };
         rows.push(pipeline.generate(&request, &mut |_| true)?.images);

@@ -71,6 +71,11 @@ struct GenerateArgs {
     steps: Option<usize>,
     #[arg(long)]
     guidance_scale: Option<f64>,
+    /// Scale the guided prediction back toward the conditional one's spread, 0 to 1
+    /// (diffusers' guidance_rescale; 0.7 is the paper's value for zero-terminal-SNR models;
+    /// default: the model's, else 0).
+    #[arg(long)]
+    guidance_rescale: Option<f64>,
     /// pndm, ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras, lcm (default: the model's
     /// own).
     #[arg(long)]
@@ -204,6 +209,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
         steps: args.steps,
         guidance_scale: args.guidance_scale,
+        guidance_rescale: args.guidance_rescale,
         scheduler,
         width: args.width,
         height: args.height,

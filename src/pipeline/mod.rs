@@ -5,6 +5,7 @@
 
 pub mod conditioning;
 pub mod family;
+pub mod guidance;
 pub mod size;
 
 use std::path::Path;
@@ -64,6 +65,9 @@ pub struct GenerateRequest {
     pub steps: Option<usize>,
     /// `None`: the model's default (7.5 for SD, 5 for SDXL). <= 1 disables guidance.
     pub guidance_scale: Option<f64>,
+    /// diffusers' `guidance_rescale` (0 to 1; see [`guidance::guide`]). `None`: the model's
+    /// default, else 0 (off).
+    pub guidance_rescale: Option<f64>,
     /// `None`: the model folder's own scheduler.
     pub scheduler: Option<SchedulerKind>,
     /// Overrides the scheduler's `timestep_spacing` (`trailing` for SD-Turbo-style models).
@@ -92,6 +96,7 @@ impl Default for GenerateRequest {
             seed: None,
             steps: None,
             guidance_scale: None,
+            guidance_rescale: None,
             scheduler: None,
             timestep_spacing: None,
             width: None,
@@ -156,6 +161,9 @@ pub struct ModelDefaults {
     /// `None`: the family's default (diffusers': 7.5 for SD, 5 for SDXL, 8.5 for LCM).
     #[serde(default)]
     pub guidance_scale: Option<f64>,
+    /// `None`: 0 (no rescale, as diffusers).
+    #[serde(default)]
+    pub guidance_rescale: Option<f64>,
     #[serde(default)]
     pub scheduler: Option<String>,
     #[serde(default)]
@@ -222,6 +230,7 @@ pub struct Timings {
 pub struct Resolved {
     pub steps: usize,
     pub guidance_scale: f64,
+    pub guidance_rescale: f64,
     pub scheduler: SchedulerKind,
     pub width: usize,
     pub height: usize,
@@ -443,6 +452,15 @@ impl Pipeline {
                 "guidance scale must be a finite number".into(),
             ));
         }
+        let guidance_rescale = req
+            .guidance_rescale
+            .or(self.defaults.guidance_rescale)
+            .unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&guidance_rescale) {
+            return Err(Error::InvalidRequest(format!(
+                "guidance rescale must be between 0 and 1, not {guidance_rescale}"
+            )));
+        }
         if !(req.eta.is_finite() && req.eta >= 0.0) {
             return Err(Error::InvalidRequest("eta must be a number >= 0".into()));
         }
@@ -471,6 +489,7 @@ impl Pipeline {
         Ok(Resolved {
             steps,
             guidance_scale,
+            guidance_rescale,
             scheduler: req.scheduler.unwrap_or_else(|| self.default_scheduler()),
             width,
             height,
@@ -648,7 +667,12 @@ impl Pipeline {
             let pred = if cfg {
                 let uncond = pred.narrow(0, 0, n)?;
                 let text = pred.narrow(0, n, n)?;
-                (&uncond + ((text - &uncond)? * resolved.guidance_scale)?)?
+                guidance::guide(
+                    &uncond,
+                    &text,
+                    resolved.guidance_scale,
+                    resolved.guidance_rescale,
+                )?
             } else {
                 pred
             };

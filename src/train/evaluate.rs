@@ -217,6 +217,7 @@ pub struct EvaluateOptions {
     pub groups: Vec<Group>,
     pub steps: Option<usize>,
     pub guidance_scale: Option<f64>,
+    pub guidance_rescale: Option<f64>,
     pub ground_truth_images: usize,
     /// Keep every verdict in `Report::verdicts`.
     pub keep_verdicts: bool,
@@ -302,6 +303,7 @@ pub fn evaluate(
             num_images: options.seeds,
             steps: options.steps,
             guidance_scale: options.guidance_scale,
+            guidance_rescale: options.guidance_rescale,
             ..Default::default()
         };
         let generation = pipeline.generate(&request, &mut |_| true)?;
