@@ -207,7 +207,15 @@ fn bad_requests_fail_clearly() {
         "steps must be at least 1",
     );
     fails_with(
-        &["generate", "--model", m, "--prompt", "x", "--guidance-rescale", "1.5"],
+        &[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "x",
+            "--guidance-rescale",
+            "1.5",
+        ],
         &[],
         "guidance rescale must be between 0 and 1, not 1.5",
     );

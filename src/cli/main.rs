@@ -39,6 +39,8 @@ enum Command {
     TrainVae(train::TrainVaeArgs),
     /// Train the U-Net (and a joint text encoder) on the autoencoder's latents.
     Train(train::TrainArgs),
+    /// Average the U-Net and text-encoder weights of fine-tunes of one model (a model soup).
+    AverageWeights(train::AverageArgs),
     /// Score a model trained on `shapes`: prompt adherence and diversity.
     Evaluate(eval::EvaluateArgs),
     /// Render prompts x seeds as one PNG.
@@ -139,6 +141,7 @@ fn main() -> ExitCode {
         Command::Dataset(args) => train::dataset(args),
         Command::TrainVae(args) => train::train_vae_cmd(args),
         Command::Train(args) => train::train_cmd(args),
+        Command::AverageWeights(args) => train::average_cmd(args),
         Command::Evaluate(args) => eval::evaluate_cmd(args),
         Command::Grid(args) => eval::grid_cmd(args),
         Command::Serve(args) => serve::serve_cmd(args),

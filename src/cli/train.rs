@@ -424,3 +424,20 @@ fn source_schedule(dir: &std::path::Path) -> Result<SourceSchedule> {
         .unwrap_or(false);
     Ok(out)
 }
+
+#[derive(Args)]
+pub struct AverageArgs {
+    /// Where the averaged `unet/` and `text_encoder/` go (other components are not written).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The model folders (diffusers layout, one architecture), at least two.
+    #[arg(required = true, num_args = 2..)]
+    pub models: Vec<PathBuf>,
+}
+
+pub fn average_cmd(a: AverageArgs) -> Result<()> {
+    let models: Vec<&std::path::Path> = a.models.iter().map(PathBuf::as_path).collect();
+    text2img::train::average::average_models(&models, &a.out)?;
+    println!("averaged {} models into {}", models.len(), a.out.display());
+    Ok(())
+}

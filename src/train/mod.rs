@@ -1,6 +1,7 @@
 //! Training: data sets, the training loops, checkpoints.
 
 pub mod autoencoder;
+pub mod average;
 pub mod checker;
 pub mod checkpoint;
 pub mod data;
