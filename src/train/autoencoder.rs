@@ -429,9 +429,7 @@ pub fn export_weights(
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_dtype(candle_core::DType::F16)?)))
         .collect::<Result<std::collections::BTreeMap<_, _>>>()?;
-    let tmp = path.with_extension("safetensors.tmp");
-    checkpoint::save_tensors(&half, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    checkpoint::save_tensors_atomic(&half, path)
 }
 
 /// Held-out reconstruction PSNR (8-bit, peak 255) and the latent scaling factor

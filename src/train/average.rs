@@ -3,11 +3,12 @@
 //! ancestor sit in one basin of the loss, so their mean is a model too, and it averages away
 //! the noise each run's last batches left in its weights.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
+use super::checkpoint::{load_tensors, save_tensors_atomic};
 use crate::error::{Error, Result};
 
 /// The weight files averaged, by component folder.
@@ -39,27 +40,21 @@ pub fn average_models(models: &[&Path], out: &Path) -> Result<()> {
         let config = models[0].join(part).join("config.json");
         let bytes = std::fs::read(&config).map_err(|e| Error::io(&config, e))?;
         crate::png_out::write_atomic(&dir.join("config.json"), &bytes)?;
-        let target = dir.join(file);
-        let tmp = dir.join(format!(".{file}.{}.tmp", std::process::id()));
-        candle_core::safetensors::save(&tensors, &tmp)?;
-        std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
+        save_tensors_atomic(&tensors, &dir.join(file))?;
     }
     Ok(())
 }
 
 /// The mean of the same-named tensors of several safetensors files.
-fn average_files(paths: &[std::path::PathBuf]) -> Result<HashMap<String, Tensor>> {
+fn average_files(paths: &[std::path::PathBuf]) -> Result<BTreeMap<String, Tensor>> {
     let load = |p: &Path| {
         if !p.is_file() {
             return Err(Error::config(p, "no such weight file"));
         }
-        candle_core::safetensors::load(p, &Device::Cpu).map_err(|e| Error::Safetensors {
-            path: p.to_path_buf(),
-            reason: e.to_string(),
-        })
+        load_tensors(p)
     };
     let first = load(&paths[0])?;
-    let mut sums: HashMap<String, Tensor> = first
+    let mut sums: BTreeMap<String, Tensor> = first
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
@@ -107,6 +102,8 @@ fn average_files(paths: &[std::path::PathBuf]) -> Result<HashMap<String, Tensor>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
+    use std::collections::HashMap;
 
     fn model(dir: &Path, values: &[f32], dtype: DType) {
         for (part, file) in PARTS {

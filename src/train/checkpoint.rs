@@ -28,7 +28,14 @@ pub fn save_tensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<(
     candle_core::safetensors::save(&map, path).map_err(|e| Error::config(path, e.to_string()))
 }
 
-fn load_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+/// Writes tensors to `path` atomically (a temporary file beside it, then a rename).
+pub fn save_tensors_atomic(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    save_tensors(tensors, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+pub fn load_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let map =
         candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::Safetensors {
             path: path.to_path_buf(),
