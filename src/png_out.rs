@@ -34,6 +34,9 @@ pub fn a1111_parameters(
     if resolved.guidance_rescale > 0.0 {
         text.push_str(&format!(", CFG rescale: {}", resolved.guidance_rescale));
     }
+    if !resolved.guidance_interval.is_full() {
+        text.push_str(&format!(", CFG interval: {}", resolved.guidance_interval));
+    }
     if req.eta > 0.0 {
         text.push_str(&format!(", Eta: {}", req.eta));
     }

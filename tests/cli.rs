@@ -220,6 +220,19 @@ fn bad_requests_fail_clearly() {
         "guidance rescale must be between 0 and 1, not 1.5",
     );
     fails_with(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "x",
+            "--guidance-interval",
+            "0.8,0.2",
+        ],
+        &[],
+        "guidance interval must satisfy 0 <= start < end <= 1, not 0.8,0.2",
+    );
+    fails_with(
         &["generate", "--model", m, "--prompt", "x", "--scheduler", "lms"],
         &[],
         "unknown scheduler `lms`; known schedulers: pndm, ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras",

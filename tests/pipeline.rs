@@ -1,4 +1,5 @@
 //! Whole images against diffusers' own, for every scheduler, a negative prompt, guidance 1,
+//! guidance rescale, guidance over the first half of the steps only,
 //! two images per request, an SD 2-style model (linear projections, per-block heads,
 //! v-prediction) and non-square sizes including 72x56. Threshold: 50 dB PSNR.
 
@@ -10,7 +11,7 @@ use std::sync::OnceLock;
 use parity::{check_cases, fixtures, model_dir, psnr, read_png};
 use serde_json::Value;
 use text2img::latent::schedulers::SchedulerKind;
-use text2img::pipeline::{load_local, GenerateRequest, LoadOptions, Pipeline};
+use text2img::pipeline::{load_local, GenerateRequest, GuidanceInterval, LoadOptions, Pipeline};
 
 fn cases() -> Vec<Value> {
     let text = std::fs::read_to_string(fixtures().join("reference/cases.json")).unwrap();
@@ -53,6 +54,11 @@ fn request(case: &Value) -> GenerateRequest {
         num_images: case.get("num_images").and_then(Value::as_u64).unwrap_or(1) as usize,
         eta: case.get("eta").and_then(Value::as_f64).unwrap_or(0.0),
         clip_skip: case.get("clip_skip").and_then(Value::as_u64).unwrap_or(0) as usize,
+        guidance_rescale: case.get("guidance_rescale").and_then(Value::as_f64),
+        guidance_interval: case
+            .get("guidance_end")
+            .and_then(Value::as_f64)
+            .map(|end| GuidanceInterval::new(0.0, end).unwrap()),
         ..Default::default()
     }
 }
@@ -89,6 +95,18 @@ fn sd1_euler_and_euler_ancestral() {
 fn sd1_dpm_solver() {
     check("sd1-dpm++2m");
 }
+#[test]
+fn sd1_guidance_rescale() {
+    check("sd1-guidance-rescale");
+}
+
+/// diffusers has no interval option; its reference turns guidance off from a step
+/// callback (its "dynamic classifier-free guidance" recipe), the same steps ours skips.
+#[test]
+fn sd1_guidance_interval() {
+    check("sd1-guidance-interval");
+}
+
 #[test]
 fn sd1_negative_prompt() {
     check("sd1-negative");

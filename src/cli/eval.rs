@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use text2img::pipeline::{GenerateRequest, Pipeline};
+use text2img::pipeline::{GenerateRequest, GuidanceInterval, Pipeline};
 use text2img::png_out::{encode_rgb_png, grid, write_atomic};
 use text2img::train::evaluate::{evaluate, EvaluateOptions, ImageVerdict};
 
@@ -30,6 +30,11 @@ pub struct EvaluateArgs {
     /// diffusers' guidance_rescale, 0 to 1 (default: the model's, else 0).
     #[arg(long)]
     pub guidance_rescale: Option<f64>,
+    /// Guide only this part of the steps, START,END as fractions of them (e.g. 0,0.5: the
+    /// first half); the other steps run the conditional prediction alone, at half the cost
+    /// (default: the model's, else 0,1).
+    #[arg(long, value_parser = GuidanceInterval::parse)]
+    pub guidance_interval: Option<GuidanceInterval>,
     /// How many of the data set's own images the checker scores (must be 100 %).
     #[arg(long, default_value_t = 500)]
     pub ground_truth: usize,
@@ -57,6 +62,7 @@ pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
         steps: a.steps,
         guidance_scale: a.guidance_scale,
         guidance_rescale: a.guidance_rescale,
+        guidance_interval: a.guidance_interval,
         ground_truth_images: a.ground_truth,
         keep_verdicts: a.details.is_some(),
     };
@@ -98,6 +104,11 @@ pub struct GridArgs {
     /// diffusers' guidance_rescale, 0 to 1 (default: the model's, else 0).
     #[arg(long)]
     pub guidance_rescale: Option<f64>,
+    /// Guide only this part of the steps, START,END as fractions of them (e.g. 0,0.5: the
+    /// first half); the other steps run the conditional prediction alone, at half the cost
+    /// (default: the model's, else 0,1).
+    #[arg(long, value_parser = GuidanceInterval::parse)]
+    pub guidance_interval: Option<GuidanceInterval>,
     #[arg(long)]
     pub output: PathBuf,
 }
@@ -113,6 +124,7 @@ pub fn grid_cmd(a: GridArgs) -> Result<()> {
             steps: a.steps,
             guidance_scale: a.guidance_scale,
             guidance_rescale: a.guidance_rescale,
+            guidance_interval: a.guidance_interval,
             ..Default::default()
         };
         rows.push(pipeline.generate(&request, &mut |_| true)?.images);

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use text2img::latent::schedulers::{SchedulerKind, TimestepSpacing};
-use text2img::pipeline::GenerateRequest;
+use text2img::pipeline::{GenerateRequest, GuidanceInterval};
 use text2img::png_out::{a1111_parameters, encode_png, numbered_path, write_atomic};
 
 mod assets;
@@ -78,6 +78,11 @@ struct GenerateArgs {
     /// default: the model's, else 0).
     #[arg(long)]
     guidance_rescale: Option<f64>,
+    /// Guide only this part of the steps, START,END as fractions of them (e.g. 0,0.5: the
+    /// first half); the other steps run the conditional prediction alone, at half the cost
+    /// (default: the model's, else 0,1).
+    #[arg(long, value_parser = GuidanceInterval::parse)]
+    guidance_interval: Option<GuidanceInterval>,
     /// pndm, ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras, lcm (default: the model's
     /// own).
     #[arg(long)]
@@ -213,6 +218,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         steps: args.steps,
         guidance_scale: args.guidance_scale,
         guidance_rescale: args.guidance_rescale,
+        guidance_interval: args.guidance_interval,
         scheduler,
         width: args.width,
         height: args.height,

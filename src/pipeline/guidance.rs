@@ -8,7 +8,70 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+/// The part of the denoising steps where guidance applies, as fractions of the step count
+/// (diffusers' `control_guidance_start` / `control_guidance_end` convention). Outside it the
+/// U-Net runs on the conditional half only: guidance is what fixes an image's content in the
+/// noisy early steps, while in the last steps it mostly sharpens and over-saturates (Kynkäänniemi
+/// et al. 2024, "Applying Guidance in a Limited Interval"), and skipping it there halves
+/// those steps' cost.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GuidanceInterval {
+    pub start: f64,
+    pub end: f64,
+}
+
+impl Default for GuidanceInterval {
+    fn default() -> Self {
+        Self {
+            start: 0.0,
+            end: 1.0,
+        }
+    }
+}
+
+impl GuidanceInterval {
+    /// Checks `0 <= start < end <= 1`.
+    pub fn new(start: f64, end: f64) -> Result<Self> {
+        if !(start.is_finite() && end.is_finite() && 0.0 <= start && start < end && end <= 1.0) {
+            return Err(Error::InvalidRequest(format!(
+                "guidance interval must satisfy 0 <= start < end <= 1, not {start},{end}"
+            )));
+        }
+        Ok(Self { start, end })
+    }
+
+    /// Parses `START,END`, e.g. `0,0.5`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = || {
+            Error::InvalidRequest(format!(
+                "guidance interval `{text}` is not START,END (two numbers from 0 to 1, e.g. 0,0.5)"
+            ))
+        };
+        let (start, end) = text.split_once(',').ok_or_else(bad)?;
+        let start: f64 = start.trim().parse().map_err(|_| bad())?;
+        let end: f64 = end.trim().parse().map_err(|_| bad())?;
+        Self::new(start, end)
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.start <= 0.0 && self.end >= 1.0
+    }
+
+    /// Whether step `i` (0-based) of `steps` is guided: the step's span [i/steps, (i+1)/steps]
+    /// must lie inside the interval, diffusers' rule for its control-guidance window.
+    pub fn guides_step(&self, i: usize, steps: usize) -> bool {
+        let steps = steps.max(1) as f64;
+        !((i as f64) / steps < self.start || (i as f64 + 1.0) / steps > self.end)
+    }
+}
+
+impl std::fmt::Display for GuidanceInterval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{},{}", self.start, self.end)
+    }
+}
 
 /// `uncond + scale * (text - uncond)`, then, when `rescale > 0`, blended by `rescale` with
 /// that result rescaled per image (dimension 0) to the standard deviation of `text`.
@@ -44,6 +107,34 @@ mod tests {
 
     fn tensor(values: &[f32], shape: (usize, usize, usize, usize)) -> Tensor {
         Tensor::from_slice(values, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn interval_guides_the_steps_inside_it() {
+        let full = GuidanceInterval::default();
+        assert!((0..12).all(|i| full.guides_step(i, 12)));
+        assert!(full.is_full());
+        // The first half of 12 steps: steps 0-5.
+        let early = GuidanceInterval::parse("0,0.5").unwrap();
+        let guided: Vec<usize> = (0..12).filter(|&i| early.guides_step(i, 12)).collect();
+        assert_eq!(guided, vec![0, 1, 2, 3, 4, 5]);
+        // A step that straddles an end is not guided: of 10 steps over 0.25-0.65, step 2
+        // (0.2-0.3) and step 6 (0.6-0.7) straddle, so steps 3-5 are guided.
+        let middle = GuidanceInterval::parse(" 0.25 , 0.65").unwrap();
+        let guided: Vec<usize> = (0..10).filter(|&i| middle.guides_step(i, 10)).collect();
+        assert_eq!(guided, vec![3, 4, 5]);
+        assert!(!middle.is_full());
+        assert_eq!(middle.to_string(), "0.25,0.65");
+    }
+
+    #[test]
+    fn bad_intervals_are_refused_with_the_reason() {
+        for bad in [
+            "0.5", "a,b", "0.6,0.4", "0,1.5", "-0.1,0.5", "0.3,0.3", "nan,1",
+        ] {
+            let err = GuidanceInterval::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("guidance interval"), "{bad}: {err}");
+        }
     }
 
     #[test]

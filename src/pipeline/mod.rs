@@ -26,6 +26,7 @@ use crate::vae::AutoencoderKl;
 use crate::weights::folder::{self, ModelFolder};
 use conditioning::{Conditioning, TextEncoder};
 pub use family::Family;
+pub use guidance::GuidanceInterval;
 
 /// How to load a model.
 #[derive(Clone, Debug)]
@@ -68,6 +69,9 @@ pub struct GenerateRequest {
     /// diffusers' `guidance_rescale` (0 to 1; see [`guidance::guide`]). `None`: the model's
     /// default, else 0 (off).
     pub guidance_rescale: Option<f64>,
+    /// The fraction of the steps where guidance applies (see [`GuidanceInterval`]). `None`:
+    /// the model's default, else all of them.
+    pub guidance_interval: Option<GuidanceInterval>,
     /// `None`: the model folder's own scheduler.
     pub scheduler: Option<SchedulerKind>,
     /// Overrides the scheduler's `timestep_spacing` (`trailing` for SD-Turbo-style models).
@@ -97,6 +101,7 @@ impl Default for GenerateRequest {
             steps: None,
             guidance_scale: None,
             guidance_rescale: None,
+            guidance_interval: None,
             scheduler: None,
             timestep_spacing: None,
             width: None,
@@ -164,6 +169,9 @@ pub struct ModelDefaults {
     /// `None`: 0 (no rescale, as diffusers).
     #[serde(default)]
     pub guidance_rescale: Option<f64>,
+    /// `[start, end]`, fractions of the steps; `None`: every step.
+    #[serde(default)]
+    pub guidance_interval: Option<[f64; 2]>,
     #[serde(default)]
     pub scheduler: Option<String>,
     #[serde(default)]
@@ -231,6 +239,7 @@ pub struct Resolved {
     pub steps: usize,
     pub guidance_scale: f64,
     pub guidance_rescale: f64,
+    pub guidance_interval: GuidanceInterval,
     pub scheduler: SchedulerKind,
     pub width: usize,
     pub height: usize,
@@ -461,6 +470,11 @@ impl Pipeline {
                 "guidance rescale must be between 0 and 1, not {guidance_rescale}"
             )));
         }
+        let guidance_interval = match (req.guidance_interval, self.defaults.guidance_interval) {
+            (Some(interval), _) => GuidanceInterval::new(interval.start, interval.end)?,
+            (None, Some([start, end])) => GuidanceInterval::new(start, end)?,
+            (None, None) => GuidanceInterval::default(),
+        };
         if !(req.eta.is_finite() && req.eta >= 0.0) {
             return Err(Error::InvalidRequest("eta must be a number >= 0".into()));
         }
@@ -490,6 +504,7 @@ impl Pipeline {
             steps,
             guidance_scale,
             guidance_rescale,
+            guidance_interval,
             scheduler: req.scheduler.unwrap_or_else(|| self.default_scheduler()),
             width,
             height,
@@ -622,6 +637,21 @@ impl Pipeline {
             text_time: conditioning.text_embeds.as_ref().zip(time_ids.as_ref()),
             timestep_cond: guidance_embedding.as_ref(),
         };
+        // Steps outside the guidance interval run the conditional half alone (the second n
+        // rows). LCM U-Nets never get here: they have no unconditional half.
+        let unguided = if cfg && !resolved.guidance_interval.is_full() {
+            Some((
+                conditioning.context.narrow(0, n, n)?,
+                conditioning
+                    .text_embeds
+                    .as_ref()
+                    .map(|t| t.narrow(0, n, n))
+                    .transpose()?,
+                time_ids.as_ref().map(|t| t.narrow(0, n, n)).transpose()?,
+            ))
+        } else {
+            None
+        };
         timings.text = started.elapsed();
 
         let started = Instant::now();
@@ -655,16 +685,30 @@ impl Pipeline {
         let timesteps = scheduler.timesteps().to_vec();
         let mut completed_steps = 0;
         for (i, &t) in timesteps.iter().enumerate() {
-            let input = if cfg {
+            let guided = cfg && resolved.guidance_interval.guides_step(i, timesteps.len());
+            let input = if guided {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
                 latents.clone()
             };
             let input = scheduler.scale_model_input(&input, i)?;
-            let pred =
-                self.unet
-                    .forward_sharded(&input, &vec![t; rows], &conditioning.context, &extra)?;
-            let pred = if cfg {
+            let pred = match (&unguided, guided) {
+                (Some((context, text_embeds, time_ids)), false) => {
+                    let extra = ExtraConditions {
+                        text_time: text_embeds.as_ref().zip(time_ids.as_ref()),
+                        timestep_cond: None,
+                    };
+                    self.unet
+                        .forward_sharded(&input, &vec![t; n], context, &extra)?
+                }
+                _ => self.unet.forward_sharded(
+                    &input,
+                    &vec![t; rows],
+                    &conditioning.context,
+                    &extra,
+                )?,
+            };
+            let pred = if guided {
                 let uncond = pred.narrow(0, 0, n)?;
                 let text = pred.narrow(0, n, n)?;
                 guidance::guide(

@@ -218,6 +218,7 @@ pub struct EvaluateOptions {
     pub steps: Option<usize>,
     pub guidance_scale: Option<f64>,
     pub guidance_rescale: Option<f64>,
+    pub guidance_interval: Option<crate::pipeline::GuidanceInterval>,
     pub ground_truth_images: usize,
     /// Keep every verdict in `Report::verdicts`.
     pub keep_verdicts: bool,
@@ -304,6 +305,7 @@ pub fn evaluate(
             steps: options.steps,
             guidance_scale: options.guidance_scale,
             guidance_rescale: options.guidance_rescale,
+            guidance_interval: options.guidance_interval,
             ..Default::default()
         };
         let generation = pipeline.generate(&request, &mut |_| true)?;
