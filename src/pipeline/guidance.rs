@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use crate::error::{Error, Result};
 
 /// The part of the denoising steps where guidance applies, as fractions of the step count
-/// (diffusers' `control_guidance_start` / `control_guidance_end` convention). Outside it the
+/// (the `start` / `stop` of diffusers' guiders, e.g. `ClassifierFreeGuidance`). Outside it the
 /// U-Net runs on the conditional half only: guidance is what fixes an image's content in the
 /// noisy early steps, while in the last steps it mostly sharpens and over-saturates (Kynkäänniemi
 /// et al. 2024, "Applying Guidance in a Limited Interval"), and skipping it there halves
@@ -59,11 +59,12 @@ impl GuidanceInterval {
         self.start <= 0.0 && self.end >= 1.0
     }
 
-    /// Whether step `i` (0-based) of `steps` is guided: the step's span [i/steps, (i+1)/steps]
-    /// must lie inside the interval, diffusers' rule for its control-guidance window.
+    /// Whether step `i` (0-based) of `steps` is guided: diffusers' guiders' rule,
+    /// `int(start * steps) <= i < int(stop * steps)` (the same f64 product, floored).
     pub fn guides_step(&self, i: usize, steps: usize) -> bool {
-        let steps = steps.max(1) as f64;
-        !((i as f64) / steps < self.start || (i as f64 + 1.0) / steps > self.end)
+        let first = (self.start * steps as f64).floor() as usize;
+        let stop = (self.end * steps as f64).floor() as usize;
+        first <= i && i < stop
     }
 }
 
@@ -118,13 +119,21 @@ mod tests {
         let early = GuidanceInterval::parse("0,0.5").unwrap();
         let guided: Vec<usize> = (0..12).filter(|&i| early.guides_step(i, 12)).collect();
         assert_eq!(guided, vec![0, 1, 2, 3, 4, 5]);
-        // A step that straddles an end is not guided: of 10 steps over 0.25-0.65, step 2
-        // (0.2-0.3) and step 6 (0.6-0.7) straddle, so steps 3-5 are guided.
+        // Both ends are floored, as in diffusers: of 10 steps over 0.25-0.65, steps 2 to 5.
         let middle = GuidanceInterval::parse(" 0.25 , 0.65").unwrap();
         let guided: Vec<usize> = (0..10).filter(|&i| middle.guides_step(i, 10)).collect();
-        assert_eq!(guided, vec![3, 4, 5]);
+        assert_eq!(guided, vec![2, 3, 4, 5]);
         assert!(!middle.is_full());
         assert_eq!(middle.to_string(), "0.25,0.65");
+        // The shipped default, 0-0.8 of 12 steps: the last three are unguided.
+        let shipped = GuidanceInterval::new(0.0, 0.8).unwrap();
+        assert_eq!((0..12).filter(|&i| shipped.guides_step(i, 12)).count(), 9);
+        // Python's int(0.29 * 100) is 28: the product is 28.999..., and so is ours.
+        let inexact = GuidanceInterval::new(0.0, 0.29).unwrap();
+        assert_eq!(
+            (0..100).filter(|&i| inexact.guides_step(i, 100)).count(),
+            28
+        );
     }
 
     #[test]
