@@ -35,7 +35,11 @@ pub fn a1111_parameters(
         text.push_str(&format!(", CFG rescale: {}", resolved.guidance_rescale));
     }
     if !resolved.guidance_interval.is_full() {
-        text.push_str(&format!(", CFG interval: {}", resolved.guidance_interval));
+        // Quoted: A1111's parser reads an unquoted value only up to the next comma.
+        text.push_str(&format!(
+            ", CFG interval: \"{}\"",
+            resolved.guidance_interval
+        ));
     }
     if req.eta > 0.0 {
         text.push_str(&format!(", Eta: {}", req.eta));

@@ -76,6 +76,33 @@ fn generate_writes_the_diffusers_image_with_a1111_metadata() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
 
+/// A guidance interval is recorded (quoted, since A1111's parser splits on commas) only when
+/// guidance runs; one that covers no step is run but warned about.
+#[test]
+fn a_guidance_interval_is_recorded_when_it_applies_and_warned_when_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let params = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let result = generate_reference(&out, extra);
+        assert!(result.status.success(), "{}", stderr(&result));
+        let (_, _, _, texts) = read_png(&out);
+        (texts[0].1.clone(), stderr(&result))
+    };
+    let (guided, quiet) = params("a.png", &["--guidance-interval", "0,0.5"]);
+    assert!(guided.ends_with(r#", CFG interval: "0,0.5""#), "{guided}");
+    assert!(!quiet.contains("warning"), "{quiet}");
+    let (unguided, _) = params(
+        "b.png",
+        &["--guidance-interval", "0,0.5", "--guidance-scale", "1"],
+    );
+    assert!(!unguided.contains("CFG interval"), "{unguided}");
+    let (_, warned) = params("c.png", &["--guidance-interval", "0.5,0.6"]);
+    assert!(
+        warned.contains("warning: guidance interval 0.5,0.6 covers none of the 8 steps"),
+        "{warned}"
+    );
+}
+
 #[test]
 fn several_images_are_numbered_and_carry_their_own_seed() {
     let dir = tempfile::tempdir().unwrap();

@@ -100,8 +100,9 @@ fn sd1_guidance_rescale() {
     check("sd1-guidance-rescale");
 }
 
-/// diffusers has no interval option; its reference turns guidance off from a step
-/// callback (its "dynamic classifier-free guidance" recipe), the same steps ours skips.
+/// diffusers' Stable Diffusion pipeline has no interval option; its reference turns guidance
+/// off from a step callback (its "dynamic classifier-free guidance" recipe), the same steps
+/// ours skips.
 #[test]
 fn sd1_guidance_interval() {
     check("sd1-guidance-interval");

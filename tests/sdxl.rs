@@ -13,7 +13,9 @@ use serde_json::Value;
 use text2img::latent::schedulers::{SchedulerKind, TimestepSpacing};
 use text2img::latent::unet::embeddings::guidance_scale_embedding;
 use text2img::latent::unet::{ExtraConditions, UNet};
-use text2img::pipeline::{load_local, Family, GenerateRequest, Pipeline};
+use text2img::pipeline::{
+    load_local, Family, GenerateRequest, GuidanceInterval, Pipeline, StepControl,
+};
 use text2img::text::clip::ClipTextModel;
 
 use parity::{assert_close, check_cases, copy_dir, fixtures, model_dir};
@@ -242,4 +244,41 @@ fn sdxl_turbo_style_trailing_euler_a_one_and_four_steps() {
 #[test]
 fn lcm_unet_with_guidance_embedding_and_lcm_scheduler() {
     check("sdxl-lcm");
+}
+
+/// Guidance confined to the first half of the steps: the later steps run the conditional half
+/// of the batch alone, its text embeddings and time ids included. Stopped after the guided
+/// steps, such a run equals a fully guided one stopped there; run to the end, it differs.
+#[test]
+fn sdxl_guidance_interval_runs_the_conditional_half_alone_late() {
+    let pipe = pipeline("sdxl-tiny");
+    let full = GenerateRequest {
+        prompts: vec!["a red circle on a blue background".into()],
+        seed: Some(42),
+        steps: Some(4),
+        guidance_scale: Some(5.0),
+        scheduler: Some(SchedulerKind::Euler),
+        width: Some(64),
+        height: Some(64),
+        ..Default::default()
+    };
+    let early = GenerateRequest {
+        guidance_interval: Some(GuidanceInterval::new(0.0, 0.5).unwrap()),
+        ..full.clone()
+    };
+    let run = |req: &GenerateRequest, steps: usize| {
+        let generation = pipe
+            .generate_controlled(req, &mut |p| {
+                if p.step >= steps {
+                    StepControl::Finish
+                } else {
+                    StepControl::Continue
+                }
+            })
+            .unwrap();
+        assert_eq!(generation.completed_steps, steps);
+        generation.images[0].rgb.clone()
+    };
+    assert_eq!(run(&full, 2), run(&early, 2));
+    assert_ne!(run(&full, 4), run(&early, 4));
 }

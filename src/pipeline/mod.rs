@@ -470,11 +470,16 @@ impl Pipeline {
                 "guidance rescale must be between 0 and 1, not {guidance_rescale}"
             )));
         }
-        let guidance_interval = match (req.guidance_interval, self.defaults.guidance_interval) {
+        let mut guidance_interval = match (req.guidance_interval, self.defaults.guidance_interval) {
             (Some(interval), _) => GuidanceInterval::new(interval.start, interval.end)?,
-            (None, Some([start, end])) => GuidanceInterval::new(start, end)?,
+            (None, Some([start, end])) => GuidanceInterval::new(start, end)
+                .map_err(|e| Error::InvalidRequest(format!("the model's text2img.json: {e}")))?,
             (None, None) => GuidanceInterval::default(),
         };
+        // Without an unconditional pass there is nothing to confine (and nothing to record).
+        if guidance_scale <= 1.0 || self.embeds_guidance() {
+            guidance_interval = GuidanceInterval::default();
+        }
         if !(req.eta.is_finite() && req.eta >= 0.0) {
             return Err(Error::InvalidRequest("eta must be a number >= 0".into()));
         }
@@ -683,9 +688,19 @@ impl Pipeline {
         let mut generators = BatchGenerator::consecutive(seed, n);
         let mut latents = (generators.randn(&shape, &self.device)? * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
+        // Counted in requested steps, as diffusers' guiders do (PNDM runs one or more
+        // evaluations beyond them; a full interval guides those too).
+        let interval = resolved.guidance_interval;
+        let guides = |i: usize| interval.is_full() || interval.guides_step(i, resolved.steps);
+        if cfg && !(0..timesteps.len()).any(guides) {
+            warnings.push(format!(
+                "guidance interval {interval} covers none of the {} steps: no step is guided",
+                resolved.steps
+            ));
+        }
         let mut completed_steps = 0;
         for (i, &t) in timesteps.iter().enumerate() {
-            let guided = cfg && resolved.guidance_interval.guides_step(i, timesteps.len());
+            let guided = cfg && guides(i);
             let input = if guided {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
@@ -694,6 +709,8 @@ impl Pipeline {
             let input = scheduler.scale_model_input(&input, i)?;
             let pred = match (&unguided, guided) {
                 (Some((context, text_embeds, time_ids)), false) => {
+                    // `cfg` excludes U-Nets that embed the guidance scale.
+                    debug_assert!(guidance_embedding.is_none());
                     let extra = ExtraConditions {
                         text_time: text_embeds.as_ref().zip(time_ids.as_ref()),
                         timestep_cond: None,
