@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
-use text2img::pipeline::{GenerateRequest, LoadOptions, Pipeline};
+use text2img::pipeline::{GenerateRequest, GuidanceInterval, LoadOptions, Pipeline};
 
 use parity::{decode_png, model_dir};
 
@@ -231,6 +231,40 @@ fn txt2img_gives_the_pipelines_images_with_seed_plus_i() {
         "{parameters}"
     );
 
+    // The CLI's guidance options, as extension fields: the library's image, and recorded.
+    let (status, body) = server.post(
+        "/sdapi/v1/txt2img",
+        &json!({
+            "prompt": "a red circle", "seed": 42, "steps": 4, "cfg_scale": 5,
+            "sampler_name": "Euler", "guidance_rescale": 0.5, "guidance_interval": [0, 0.5]
+        }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["parameters"]["guidance_interval"], json!([0.0, 0.5]));
+    assert_eq!(body["parameters"]["guidance_rescale"], 0.5);
+    let alone = pipeline
+        .generate(
+            &GenerateRequest {
+                prompts: vec!["a red circle".into()],
+                seed: Some(42),
+                steps: Some(4),
+                guidance_scale: Some(5.0),
+                guidance_rescale: Some(0.5),
+                guidance_interval: Some(GuidanceInterval::new(0.0, 0.5).unwrap()),
+                scheduler: Some(text2img::latent::schedulers::SchedulerKind::Euler),
+                ..Default::default()
+            },
+            &mut |_| true,
+        )
+        .unwrap();
+    let (rgb, _, _, texts) = decode_png(&b64(&body["images"][0]));
+    assert_eq!(rgb, alone.images[0].rgb);
+    let parameters = &texts.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(
+        parameters.ends_with(r#", CFG rescale: 0.5, CFG interval: "0,0.5""#),
+        "{parameters}"
+    );
+
     // A random seed (-1) is drawn, reported, and used.
     let (status, body) = server.post(
         "/sdapi/v1/txt2img",
@@ -355,6 +389,27 @@ fn bad_input_is_a_4xx_that_names_the_field() {
             400,
             Some("height"),
             "limit of 256",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"guidance_interval": [0.8, 0.2]}"#,
+            400,
+            Some("guidance_interval"),
+            "0 <= start < end <= 1",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"guidance_interval": "0,0.5"}"#,
+            400,
+            Some("guidance_interval"),
+            "must be an array of two numbers",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"guidance_rescale": 2}"#,
+            400,
+            Some("guidance_rescale"),
+            "between 0 and 1",
         ),
         (
             "/sdapi/v1/txt2img",

@@ -101,6 +101,18 @@ impl Fields {
         }
     }
 
+    /// Two numbers, as a JSON array `[a, b]`.
+    pub fn number_pair(&self, name: &str) -> Result<Option<(f64, f64)>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Array(items)) => match items.as_slice() {
+                [Value::Number(a), Value::Number(b)] => Ok(a.as_f64().zip(b.as_f64())),
+                _ => Err(ApiError::field(name, "must be an array of two numbers")),
+            },
+            Some(other) => Err(wrong_type(name, "an array of two numbers", other)),
+        }
+    }
+
     pub fn number(&self, name: &str) -> Result<Option<f64>, ApiError> {
         match self.get(name) {
             None => Ok(None),

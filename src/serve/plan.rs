@@ -2,7 +2,7 @@
 //! every limit of the server checked, each failure a 400 that names its field.
 
 use crate::latent::schedulers::SchedulerKind;
-use crate::pipeline::{GenerateRequest, Pipeline, Resolved};
+use crate::pipeline::{GenerateRequest, GuidanceInterval, Pipeline, Resolved};
 
 use super::api_error::ApiError;
 
@@ -24,6 +24,10 @@ pub struct Asked {
     pub height: Option<i64>,
     pub steps: Option<i64>,
     pub cfg_scale: Option<f64>,
+    /// Extensions of the A1111 API (the CLI's `--guidance-rescale` and
+    /// `--guidance-interval`); absent: the model's defaults.
+    pub guidance_rescale: Option<f64>,
+    pub guidance_interval: Option<(f64, f64)>,
     /// -1 or absent: a random seed.
     pub seed: Option<i64>,
     pub scheduler: Option<SchedulerKind>,
@@ -77,6 +81,19 @@ pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan,
             return Err(ApiError::field("cfg_scale", "must be a number >= 0"));
         }
     }
+    if let Some(r) = asked.guidance_rescale {
+        if !(0.0..=1.0).contains(&r) {
+            return Err(ApiError::field(
+                "guidance_rescale",
+                format!("must be between 0 and 1, not {r}"),
+            ));
+        }
+    }
+    let guidance_interval = asked
+        .guidance_interval
+        .map(|(start, end)| GuidanceInterval::new(start, end))
+        .transpose()
+        .map_err(|e| ApiError::field("guidance_interval", e.to_string()))?;
     let eta = asked.eta.unwrap_or(0.0);
     if !eta.is_finite() || eta < 0.0 {
         return Err(ApiError::field("eta", "must be a number >= 0"));
@@ -121,6 +138,8 @@ pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan,
         seed: Some(seed),
         steps,
         guidance_scale: asked.cfg_scale,
+        guidance_rescale: asked.guidance_rescale,
+        guidance_interval,
         scheduler: asked.scheduler,
         width,
         height,
