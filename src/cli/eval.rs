@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use text2img::pipeline::{GenerateRequest, GuidanceInterval, Pipeline};
+use text2img::pipeline::{GenerateRequest, Pipeline};
 use text2img::png_out::{encode_rgb_png, grid, write_atomic};
 use text2img::train::evaluate::{evaluate, EvaluateOptions, ImageVerdict};
+
+use crate::guidance_args::GuidanceArgs;
 
 #[derive(Args)]
 pub struct EvaluateArgs {
@@ -25,16 +27,8 @@ pub struct EvaluateArgs {
     pub groups: Vec<text2img::train::evaluate::Group>,
     #[arg(long)]
     pub steps: Option<usize>,
-    #[arg(long)]
-    pub guidance_scale: Option<f64>,
-    /// diffusers' guidance_rescale, 0 to 1 (default: the model's, else 0).
-    #[arg(long)]
-    pub guidance_rescale: Option<f64>,
-    /// Guide only this part of the steps, START,END as fractions of them (e.g. 0,0.5: the
-    /// first half); the other steps run the conditional prediction alone, at half the cost
-    /// (default: the model's, else 0,1).
-    #[arg(long, value_parser = GuidanceInterval::parse)]
-    pub guidance_interval: Option<GuidanceInterval>,
+    #[command(flatten)]
+    pub guidance: GuidanceArgs,
     /// How many of the data set's own images the checker scores (must be 100 %).
     #[arg(long, default_value_t = 500)]
     pub ground_truth: usize,
@@ -60,9 +54,9 @@ pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
         stride: a.stride,
         groups: a.groups,
         steps: a.steps,
-        guidance_scale: a.guidance_scale,
-        guidance_rescale: a.guidance_rescale,
-        guidance_interval: a.guidance_interval,
+        guidance_scale: a.guidance.guidance_scale,
+        guidance_rescale: a.guidance.guidance_rescale,
+        guidance_interval: a.guidance.guidance_interval,
         ground_truth_images: a.ground_truth,
         keep_verdicts: a.details.is_some(),
     };
@@ -99,16 +93,8 @@ pub struct GridArgs {
     pub seed: u64,
     #[arg(long)]
     pub steps: Option<usize>,
-    #[arg(long)]
-    pub guidance_scale: Option<f64>,
-    /// diffusers' guidance_rescale, 0 to 1 (default: the model's, else 0).
-    #[arg(long)]
-    pub guidance_rescale: Option<f64>,
-    /// Guide only this part of the steps, START,END as fractions of them (e.g. 0,0.5: the
-    /// first half); the other steps run the conditional prediction alone, at half the cost
-    /// (default: the model's, else 0,1).
-    #[arg(long, value_parser = GuidanceInterval::parse)]
-    pub guidance_interval: Option<GuidanceInterval>,
+    #[command(flatten)]
+    pub guidance: GuidanceArgs,
     #[arg(long)]
     pub output: PathBuf,
 }
@@ -122,9 +108,9 @@ pub fn grid_cmd(a: GridArgs) -> Result<()> {
             seed: Some(a.seed),
             num_images: a.seeds,
             steps: a.steps,
-            guidance_scale: a.guidance_scale,
-            guidance_rescale: a.guidance_rescale,
-            guidance_interval: a.guidance_interval,
+            guidance_scale: a.guidance.guidance_scale,
+            guidance_rescale: a.guidance.guidance_rescale,
+            guidance_interval: a.guidance.guidance_interval,
             ..Default::default()
         };
         rows.push(pipeline.generate(&request, &mut |_| true)?.images);

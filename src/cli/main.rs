@@ -9,12 +9,15 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use text2img::latent::schedulers::{SchedulerKind, TimestepSpacing};
-use text2img::pipeline::{GenerateRequest, GuidanceInterval};
+use text2img::pipeline::GenerateRequest;
+
+use guidance_args::GuidanceArgs;
 use text2img::png_out::{a1111_parameters, encode_png, numbered_path, write_atomic};
 
 mod assets;
 mod bench;
 mod eval;
+mod guidance_args;
 mod serve;
 mod train;
 
@@ -71,18 +74,8 @@ struct GenerateArgs {
     seed: Option<u64>,
     #[arg(long)]
     steps: Option<usize>,
-    #[arg(long)]
-    guidance_scale: Option<f64>,
-    /// Scale the guided prediction back toward the conditional one's spread, 0 to 1
-    /// (diffusers' guidance_rescale; 0.7 is the paper's value for zero-terminal-SNR models;
-    /// default: the model's, else 0).
-    #[arg(long)]
-    guidance_rescale: Option<f64>,
-    /// Guide only this part of the steps, START,END as fractions of them (e.g. 0,0.5: the
-    /// first half); the other steps run the conditional prediction alone, at half the cost
-    /// (default: the model's, else 0,1).
-    #[arg(long, value_parser = GuidanceInterval::parse)]
-    guidance_interval: Option<GuidanceInterval>,
+    #[command(flatten)]
+    guidance: GuidanceArgs,
     /// pndm, ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras, lcm (default: the model's
     /// own).
     #[arg(long)]
@@ -216,9 +209,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         target_size: args.target_size,
         seed: args.seed,
         steps: args.steps,
-        guidance_scale: args.guidance_scale,
-        guidance_rescale: args.guidance_rescale,
-        guidance_interval: args.guidance_interval,
+        guidance_scale: args.guidance.guidance_scale,
+        guidance_rescale: args.guidance.guidance_rescale,
+        guidance_interval: args.guidance.guidance_interval,
         scheduler,
         width: args.width,
         height: args.height,
