@@ -41,6 +41,9 @@ pub fn a1111_parameters(
             resolved.guidance_interval
         ));
     }
+    if resolved.autoguidance > 1.0 {
+        text.push_str(&format!(", Autoguidance: {}", resolved.autoguidance));
+    }
     if req.eta > 0.0 {
         text.push_str(&format!(", Eta: {}", req.eta));
     }

@@ -103,6 +103,44 @@ fn a_guidance_interval_is_recorded_when_it_applies_and_warned_when_empty() {
     );
 }
 
+/// Autoguidance is recorded when it runs; a model with no guide U-Net refuses it, with no
+/// output.
+#[test]
+fn autoguidance_is_recorded_and_needs_a_guide_unet() {
+    let dir = tempfile::tempdir().unwrap();
+    let params = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let result = generate_reference(&out, extra);
+        assert!(result.status.success(), "{}", stderr(&result));
+        read_png(&out).3[0].1.clone()
+    };
+    let guided = params("a.png", &["--autoguidance", "2.5"]);
+    assert!(guided.ends_with(", Autoguidance: 2.5"), "{guided}");
+    let off = params("b.png", &["--autoguidance", "1"]);
+    assert!(!off.contains("Autoguidance"), "{off}");
+
+    let out = dir.path().join("c.png");
+    let sd2 = model_dir("sd2-tiny").display().to_string();
+    let result = text2img(
+        &[
+            "generate",
+            "--model",
+            &sd2,
+            "--prompt",
+            "a red circle",
+            "--autoguidance",
+            "2",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!result.status.success());
+    let err = stderr(&result);
+    assert!(err.contains("autoguidance 2 needs a guide U-Net"), "{err}");
+    assert!(!out.exists());
+}
+
 #[test]
 fn several_images_are_numbered_and_carry_their_own_seed() {
     let dir = tempfile::tempdir().unwrap();

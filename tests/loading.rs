@@ -223,6 +223,7 @@ fn sharded_weights_and_the_fp16_variant_load() {
     let (_tmp2, root) = scratch_model();
     for comp in [
         "unet/diffusion_pytorch_model",
+        "guide_unet/diffusion_pytorch_model",
         "vae/diffusion_pytorch_model",
         "text_encoder/model",
     ] {
@@ -239,4 +240,48 @@ fn sharded_weights_and_the_fp16_variant_load() {
         ..LoadOptions::default()
     };
     load_local(&root, &options).unwrap();
+}
+
+/// Autoguidance's guide U-Net must fit the U-Net's inputs and conditioning, and a default
+/// weight in text2img.json needs one; both are refused at load, naming the file.
+#[test]
+fn a_guide_unet_that_does_not_fit_or_is_missing_is_named() {
+    let (_tmp, root) = scratch_model();
+    let config_path = root.join("guide_unet/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["cross_attention_dim"] = 16.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    // Weights that fit the edited config, so that the load reaches the check.
+    let weights = root.join("guide_unet/diffusion_pytorch_model.safetensors");
+    let narrowed = read_tensors(&weights)
+        .into_iter()
+        .map(|(name, t)| {
+            let reads_text = name.contains("attn2.to_k.") || name.contains("attn2.to_v.");
+            let t = if reads_text {
+                t.narrow(1, 0, 16).unwrap()
+            } else {
+                t
+            };
+            (name, t)
+        })
+        .collect();
+    write_tensors(&weights, &narrowed);
+    let err = load_error(&root);
+    assert!(
+        err.contains("guide_unet/config.json") && err.contains("cross_attention_dim"),
+        "{err}"
+    );
+
+    let (_tmp, root) = scratch_model();
+    std::fs::remove_dir_all(root.join("guide_unet")).unwrap();
+    std::fs::write(root.join("text2img.json"), r#"{"autoguidance": 2.0}"#).unwrap();
+    let err = load_error(&root);
+    assert!(
+        err.contains("text2img.json") && err.contains("guide_unet"),
+        "{err}"
+    );
+    // A weight of 1 (off) needs none.
+    std::fs::write(root.join("text2img.json"), r#"{"autoguidance": 1.0}"#).unwrap();
+    load_local(&root, &LoadOptions::default()).unwrap();
 }

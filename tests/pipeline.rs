@@ -59,6 +59,7 @@ fn request(case: &Value) -> GenerateRequest {
             .get("guidance_end")
             .and_then(Value::as_f64)
             .map(|end| GuidanceInterval::new(0.0, end).unwrap()),
+        autoguidance: case.get("autoguidance").and_then(Value::as_f64),
         ..Default::default()
     }
 }
@@ -106,6 +107,14 @@ fn sd1_guidance_rescale() {
 #[test]
 fn sd1_guidance_interval() {
     check("sd1-guidance-interval");
+}
+
+/// The reference hands diffusers' pipeline a conditional prediction moved by the guide
+/// U-Net (`guide_unet/`, which diffusers' loader ignores) so that its own combination gives
+/// autoguidance's.
+#[test]
+fn sd1_autoguidance() {
+    check("sd1-autoguidance");
 }
 
 #[test]

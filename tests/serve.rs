@@ -236,12 +236,14 @@ fn txt2img_gives_the_pipelines_images_with_seed_plus_i() {
         "/sdapi/v1/txt2img",
         &json!({
             "prompt": "a red circle", "seed": 42, "steps": 4, "cfg_scale": 5,
-            "sampler_name": "Euler", "guidance_rescale": 0.5, "guidance_interval": [0, 0.5]
+            "sampler_name": "Euler", "guidance_rescale": 0.5, "guidance_interval": [0, 0.5],
+            "autoguidance": 2
         }),
     );
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["parameters"]["guidance_interval"], json!([0.0, 0.5]));
     assert_eq!(body["parameters"]["guidance_rescale"], 0.5);
+    assert_eq!(body["parameters"]["autoguidance"], 2.0);
     let alone = pipeline
         .generate(
             &GenerateRequest {
@@ -251,6 +253,7 @@ fn txt2img_gives_the_pipelines_images_with_seed_plus_i() {
                 guidance_scale: Some(5.0),
                 guidance_rescale: Some(0.5),
                 guidance_interval: Some(GuidanceInterval::new(0.0, 0.5).unwrap()),
+                autoguidance: Some(2.0),
                 scheduler: Some(text2img::latent::schedulers::SchedulerKind::Euler),
                 ..Default::default()
             },
@@ -261,7 +264,7 @@ fn txt2img_gives_the_pipelines_images_with_seed_plus_i() {
     assert_eq!(rgb, alone.images[0].rgb);
     let parameters = &texts.iter().find(|(k, _)| k == "parameters").unwrap().1;
     assert!(
-        parameters.ends_with(r#", CFG rescale: 0.5, CFG interval: "0,0.5""#),
+        parameters.ends_with(r#", CFG rescale: 0.5, CFG interval: "0,0.5", Autoguidance: 2"#),
         "{parameters}"
     );
 
@@ -403,6 +406,13 @@ fn bad_input_is_a_4xx_that_names_the_field() {
             400,
             Some("guidance_interval"),
             "must be an array of two numbers",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"autoguidance": -1}"#,
+            400,
+            Some("autoguidance"),
+            "must be a number >= 0",
         ),
         (
             "/sdapi/v1/txt2img",

@@ -57,6 +57,7 @@ pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
         guidance_scale: a.guidance.guidance_scale,
         guidance_rescale: a.guidance.guidance_rescale,
         guidance_interval: a.guidance.guidance_interval,
+        autoguidance: a.guidance.autoguidance,
         ground_truth_images: a.ground_truth,
         keep_verdicts: a.details.is_some(),
     };
@@ -111,6 +112,7 @@ pub fn grid_cmd(a: GridArgs) -> Result<()> {
             guidance_scale: a.guidance.guidance_scale,
             guidance_rescale: a.guidance.guidance_rescale,
             guidance_interval: a.guidance.guidance_interval,
+            autoguidance: a.guidance.autoguidance,
             ..Default::default()
         };
         rows.push(pipeline.generate(&request, &mut |_| true)?.images);

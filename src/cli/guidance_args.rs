@@ -19,4 +19,9 @@ pub struct GuidanceArgs {
     /// (default: the model's, else 0,1).
     #[arg(long, value_parser = GuidanceInterval::parse)]
     pub guidance_interval: Option<GuidanceInterval>,
+    /// Autoguidance's weight w: step w - 1 times further from a weaker U-Net's prediction
+    /// (the model folder's guide_unet/), on the steps of the guidance interval; <= 1 is off
+    /// (default: the model's, else off).
+    #[arg(long)]
+    pub autoguidance: Option<f64>,
 }

@@ -212,6 +212,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         guidance_scale: args.guidance.guidance_scale,
         guidance_rescale: args.guidance.guidance_rescale,
         guidance_interval: args.guidance.guidance_interval,
+        autoguidance: args.guidance.autoguidance,
         scheduler,
         width: args.width,
         height: args.height,

@@ -87,6 +87,17 @@ pub fn guide(uncond: &Tensor, text: &Tensor, scale: f64, rescale: f64) -> Result
     Ok(((rescaled * rescale)? + (guided * (1.0 - rescale))?)?)
 }
 
+/// Autoguidance (Karras et al., "Guiding a diffusion model with a bad version of itself",
+/// 2024): `guided + (weight - 1) * (text - weak)`, where `weak` is a weaker U-Net's conditional
+/// prediction for the same input. A weaker model makes the same kinds of errors, only larger;
+/// stepping away from it removes some of the strong model's own (blurred, lumpy shapes)
+/// without the loss of variety that a larger classifier-free scale brings. Added to the
+/// classifier-free result (`guided`, which is `text` itself without it); weight 1 changes
+/// nothing.
+pub fn autoguide(guided: &Tensor, text: &Tensor, weak: &Tensor, weight: f64) -> Result<Tensor> {
+    Ok((guided + ((text - weak)? * (weight - 1.0))?)?)
+}
+
 /// The unbiased standard deviation of each image of a batch, shaped (n, 1, 1, ...) to
 /// broadcast back over it. Accumulated in f32 whatever the input's dtype.
 fn per_image_std(x: &Tensor) -> Result<Tensor> {
@@ -144,6 +155,24 @@ mod tests {
             let err = GuidanceInterval::parse(bad).unwrap_err().to_string();
             assert!(err.contains("guidance interval"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn autoguidance_steps_away_from_the_weak_prediction() {
+        let guided = tensor(&[1.0, 2.0], (1, 2, 1, 1));
+        let text = tensor(&[0.5, 1.0], (1, 2, 1, 1));
+        let weak = tensor(&[0.0, 3.0], (1, 2, 1, 1));
+        let out = autoguide(&guided, &text, &weak, 2.5).unwrap();
+        // 1 + 1.5 * 0.5, 2 + 1.5 * -2
+        assert_eq!(
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [1.75, -1.0]
+        );
+        let same = autoguide(&guided, &text, &weak, 1.0).unwrap();
+        assert_eq!(
+            same.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [1.0, 2.0]
+        );
     }
 
     #[test]

@@ -28,6 +28,9 @@ use conditioning::{Conditioning, TextEncoder};
 pub use family::Family;
 pub use guidance::GuidanceInterval;
 
+/// The folder, beside `unet/`, of autoguidance's weaker U-Net.
+pub const GUIDE_UNET: &str = "guide_unet";
+
 /// How to load a model.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -72,6 +75,10 @@ pub struct GenerateRequest {
     /// The fraction of the steps where guidance applies (see [`GuidanceInterval`]). `None`:
     /// the model's default, else all of them.
     pub guidance_interval: Option<GuidanceInterval>,
+    /// Autoguidance's weight w (see [`guidance::autoguide`]): the prediction moves w - 1 times
+    /// the conditional prediction's distance from a weaker U-Net's further from it. Needs a
+    /// model folder with a `guide_unet/`. <= 1 is off; `None`: the model's default, else off.
+    pub autoguidance: Option<f64>,
     /// `None`: the model folder's own scheduler.
     pub scheduler: Option<SchedulerKind>,
     /// Overrides the scheduler's `timestep_spacing` (`trailing` for SD-Turbo-style models).
@@ -102,6 +109,7 @@ impl Default for GenerateRequest {
             guidance_scale: None,
             guidance_rescale: None,
             guidance_interval: None,
+            autoguidance: None,
             scheduler: None,
             timestep_spacing: None,
             width: None,
@@ -172,6 +180,9 @@ pub struct ModelDefaults {
     /// `[start, end]`, fractions of the steps; `None`: every step.
     #[serde(default)]
     pub guidance_interval: Option<[f64; 2]>,
+    /// Autoguidance's weight; needs the folder's `guide_unet/`. `None`: off.
+    #[serde(default)]
+    pub autoguidance: Option<f64>,
     #[serde(default)]
     pub scheduler: Option<String>,
     #[serde(default)]
@@ -240,6 +251,8 @@ pub struct Resolved {
     pub guidance_scale: f64,
     pub guidance_rescale: f64,
     pub guidance_interval: GuidanceInterval,
+    /// 1: off.
+    pub autoguidance: f64,
     pub scheduler: SchedulerKind,
     pub width: usize,
     pub height: usize,
@@ -262,6 +275,9 @@ pub struct Pipeline {
     /// TextEnc_1..m, in the order of the condition strings.
     pub text_encoders: Vec<TextEncoder>,
     pub unet: UNet,
+    /// Autoguidance's weaker U-Net (`guide_unet/`, beside `unet/`; diffusers ignores it): the
+    /// same inputs and conditioning, less capacity or training.
+    pub guide_unet: Option<UNet>,
     pub vae: AutoencoderKl,
     scheduler_config: Value,
     folder_scheduler: SchedulerKind,
@@ -327,12 +343,19 @@ impl Pipeline {
             });
         }
         let unet = UNet::load_as(&folder.component("unet"), variant, device, wd)?;
+        let guide_folder = folder.component(GUIDE_UNET);
+        let guide_unet = if guide_folder.join("config.json").is_file() {
+            Some(UNet::load_as(&guide_folder, variant, device, wd)?)
+        } else {
+            None
+        };
         let vae = AutoencoderKl::load_as(&folder.component("vae"), variant, device, wd)?;
         let pipeline = Self {
             name: folder.name.clone(),
             family,
             text_encoders,
             unet,
+            guide_unet,
             vae,
             scheduler_config,
             folder_scheduler,
@@ -345,7 +368,54 @@ impl Pipeline {
             device: device.clone(),
         };
         pipeline.check_widths(folder)?;
+        pipeline.check_guide_unet(folder)?;
         Ok(pipeline)
+    }
+
+    /// A guide U-Net must read and write what the U-Net does, and a default autoguidance
+    /// weight needs one.
+    fn check_guide_unet(&self, folder: &ModelFolder) -> Result<()> {
+        let Some(guide) = &self.guide_unet else {
+            return match self.defaults.autoguidance {
+                Some(w) if w > 1.0 => Err(Error::config(
+                    folder.root.join("text2img.json"),
+                    format!("autoguidance {w} needs a `{GUIDE_UNET}/` folder beside `unet/`"),
+                )),
+                _ => Ok(()),
+            };
+        };
+        let config = folder.component(GUIDE_UNET).join("config.json");
+        let (main, weak) = (&self.unet.config, &guide.config);
+        let cross = |c: &crate::latent::unet::UNetConfig| {
+            c.down_blocks.iter().map(|b| b.cross_attention_dim).max()
+        };
+        let mismatch = if main.in_channels != weak.in_channels {
+            Some(format!(
+                "in_channels {} (the U-Net's: {})",
+                weak.in_channels, main.in_channels
+            ))
+        } else if main.out_channels != weak.out_channels {
+            Some(format!(
+                "out_channels {} (the U-Net's: {})",
+                weak.out_channels, main.out_channels
+            ))
+        } else if cross(main) != cross(weak) {
+            Some(format!(
+                "cross_attention_dim {:?} (the U-Net's: {:?})",
+                cross(weak),
+                cross(main)
+            ))
+        } else if main.text_time.is_some() != weak.text_time.is_some() {
+            Some("a different addition_embed_type".to_string())
+        } else if main.time_cond_proj_dim.is_some() || weak.time_cond_proj_dim.is_some() {
+            Some("a guidance-scale embedding (time_cond_proj_dim), which autoguidance does not support".to_string())
+        } else {
+            None
+        };
+        match mismatch {
+            Some(what) => Err(Error::config(config, format!("the guide U-Net has {what}"))),
+            None => Ok(()),
+        }
     }
 
     /// The text encoders' widths must add up to what the U-Net's cross-attention reads, and
@@ -476,8 +546,27 @@ impl Pipeline {
                 .map_err(|e| Error::InvalidRequest(format!("the model's text2img.json: {e}")))?,
             (None, None) => GuidanceInterval::default(),
         };
-        // Without an unconditional pass there is nothing to confine (and nothing to record).
-        if guidance_scale <= 1.0 || self.embeds_guidance() {
+        let autoguidance = req
+            .autoguidance
+            .or(self.defaults.autoguidance)
+            .unwrap_or(1.0);
+        if !autoguidance.is_finite() {
+            return Err(Error::InvalidRequest(
+                "autoguidance must be a finite number".into(),
+            ));
+        }
+        let autoguidance = if autoguidance > 1.0 {
+            if self.guide_unet.is_none() {
+                return Err(Error::InvalidRequest(format!(
+                    "autoguidance {autoguidance} needs a guide U-Net (a `{GUIDE_UNET}/` folder beside `unet/`); this model has none"
+                )));
+            }
+            autoguidance
+        } else {
+            1.0
+        };
+        // With neither guidance there is nothing to confine (and nothing to record).
+        if (guidance_scale <= 1.0 || self.embeds_guidance()) && autoguidance <= 1.0 {
             guidance_interval = GuidanceInterval::default();
         }
         if !(req.eta.is_finite() && req.eta >= 0.0) {
@@ -510,6 +599,7 @@ impl Pipeline {
             guidance_scale,
             guidance_rescale,
             guidance_interval,
+            autoguidance,
             scheduler: req.scheduler.unwrap_or_else(|| self.default_scheduler()),
             width,
             height,
@@ -642,20 +732,32 @@ impl Pipeline {
             text_time: conditioning.text_embeds.as_ref().zip(time_ids.as_ref()),
             timestep_cond: guidance_embedding.as_ref(),
         };
-        // Steps outside the guidance interval run the conditional half alone (the second n
-        // rows). LCM U-Nets never get here: they have no unconditional half.
-        let unguided = if cfg && !resolved.guidance_interval.is_full() {
-            Some((
-                conditioning.context.narrow(0, n, n)?,
-                conditioning
-                    .text_embeds
-                    .as_ref()
-                    .map(|t| t.narrow(0, n, n))
-                    .transpose()?,
-                time_ids.as_ref().map(|t| t.narrow(0, n, n)).transpose()?,
-            ))
-        } else {
-            None
+        // The conditional half alone (with guidance, the second n rows): for the steps outside
+        // the guidance interval and for autoguidance's weaker U-Net. LCM U-Nets never need it:
+        // they have no unconditional half and no guide U-Net.
+        let cond_rows = |t: &Tensor| {
+            if cfg {
+                t.narrow(0, n, n)
+            } else {
+                Ok(t.clone())
+            }
+        };
+        let cond_only = (
+            cond_rows(&conditioning.context)?,
+            conditioning
+                .text_embeds
+                .as_ref()
+                .map(cond_rows)
+                .transpose()?,
+            time_ids.as_ref().map(cond_rows).transpose()?,
+        );
+        let cond_extra = ExtraConditions {
+            text_time: cond_only.1.as_ref().zip(cond_only.2.as_ref()),
+            timestep_cond: None,
+        };
+        let guide_unet = match &self.guide_unet {
+            Some(unet) if resolved.autoguidance > 1.0 => Some(unet),
+            _ => None,
         };
         timings.text = started.elapsed();
 
@@ -692,7 +794,7 @@ impl Pipeline {
         // evaluations beyond them; a full interval guides those too).
         let interval = resolved.guidance_interval;
         let guides = |i: usize| interval.is_full() || interval.guides_step(i, resolved.steps);
-        if cfg && !(0..timesteps.len()).any(guides) {
+        if (cfg || guide_unet.is_some()) && !(0..timesteps.len()).any(guides) {
             warnings.push(format!(
                 "guidance interval {interval} covers none of the {} steps: no step is guided",
                 resolved.steps
@@ -701,41 +803,45 @@ impl Pipeline {
         let mut completed_steps = 0;
         for (i, &t) in timesteps.iter().enumerate() {
             let guided = cfg && guides(i);
-            let input = if guided {
-                Tensor::cat(&[&latents, &latents], 0)?
+            let scaled = scheduler.scale_model_input(&latents, i)?;
+            let pred = if guided || !cfg {
+                let input = if guided {
+                    Tensor::cat(&[&scaled, &scaled], 0)?
+                } else {
+                    scaled.clone()
+                };
+                self.unet
+                    .forward_sharded(&input, &vec![t; rows], &conditioning.context, &extra)?
             } else {
-                latents.clone()
+                // `cfg` excludes U-Nets that embed the guidance scale.
+                debug_assert!(guidance_embedding.is_none());
+                self.unet
+                    .forward_sharded(&scaled, &vec![t; n], &cond_only.0, &cond_extra)?
             };
-            let input = scheduler.scale_model_input(&input, i)?;
-            let pred = match (&unguided, guided) {
-                (Some((context, text_embeds, time_ids)), false) => {
-                    // `cfg` excludes U-Nets that embed the guidance scale.
-                    debug_assert!(guidance_embedding.is_none());
-                    let extra = ExtraConditions {
-                        text_time: text_embeds.as_ref().zip(time_ids.as_ref()),
-                        timestep_cond: None,
-                    };
-                    self.unet
-                        .forward_sharded(&input, &vec![t; n], context, &extra)?
-                }
-                _ => self.unet.forward_sharded(
-                    &input,
-                    &vec![t; rows],
-                    &conditioning.context,
-                    &extra,
-                )?,
-            };
-            let pred = if guided {
+            let (pred, text) = if guided {
                 let uncond = pred.narrow(0, 0, n)?;
                 let text = pred.narrow(0, n, n)?;
-                guidance::guide(
+                let guided = guidance::guide(
                     &uncond,
                     &text,
                     resolved.guidance_scale,
                     resolved.guidance_rescale,
-                )?
+                )?;
+                (guided, text)
             } else {
-                pred
+                (pred.clone(), pred)
+            };
+            let pred = match guide_unet {
+                Some(weak_unet) if guides(i) => {
+                    let weak = weak_unet.forward_sharded(
+                        &scaled,
+                        &vec![t; n],
+                        &cond_only.0,
+                        &cond_extra,
+                    )?;
+                    guidance::autoguide(&pred, &text, &weak, resolved.autoguidance)?
+                }
+                _ => pred,
             };
             latents = scheduler.step(&pred, i, &latents, &mut generators)?;
             let progress = StepProgress {

@@ -24,10 +24,11 @@ pub struct Asked {
     pub height: Option<i64>,
     pub steps: Option<i64>,
     pub cfg_scale: Option<f64>,
-    /// Extensions of the A1111 API (the CLI's `--guidance-rescale` and
-    /// `--guidance-interval`); absent: the model's defaults.
+    /// Extensions of the A1111 API (the CLI's `--guidance-rescale`, `--guidance-interval`
+    /// and `--autoguidance`); absent: the model's defaults.
     pub guidance_rescale: Option<f64>,
     pub guidance_interval: Option<(f64, f64)>,
+    pub autoguidance: Option<f64>,
     /// -1 or absent: a random seed.
     pub seed: Option<i64>,
     pub scheduler: Option<SchedulerKind>,
@@ -94,6 +95,17 @@ pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan,
         .map(|(start, end)| GuidanceInterval::new(start, end))
         .transpose()
         .map_err(|e| ApiError::field("guidance_interval", e.to_string()))?;
+    if let Some(w) = asked.autoguidance {
+        if !w.is_finite() || w < 0.0 {
+            return Err(ApiError::field("autoguidance", "must be a number >= 0"));
+        }
+        if w > 1.0 && pipeline.guide_unet.is_none() {
+            return Err(ApiError::field(
+                "autoguidance",
+                format!("{w} needs a guide U-Net; this model has none (1 or less is off)"),
+            ));
+        }
+    }
     let eta = asked.eta.unwrap_or(0.0);
     if !eta.is_finite() || eta < 0.0 {
         return Err(ApiError::field("eta", "must be a number >= 0"));
@@ -140,6 +152,7 @@ pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan,
         guidance_scale: asked.cfg_scale,
         guidance_rescale: asked.guidance_rescale,
         guidance_interval,
+        autoguidance: asked.autoguidance,
         scheduler: asked.scheduler,
         width,
         height,

@@ -219,6 +219,7 @@ pub struct EvaluateOptions {
     pub guidance_scale: Option<f64>,
     pub guidance_rescale: Option<f64>,
     pub guidance_interval: Option<crate::pipeline::GuidanceInterval>,
+    pub autoguidance: Option<f64>,
     pub ground_truth_images: usize,
     /// Keep every verdict in `Report::verdicts`.
     pub keep_verdicts: bool,
@@ -306,6 +307,7 @@ pub fn evaluate(
             guidance_scale: options.guidance_scale,
             guidance_rescale: options.guidance_rescale,
             guidance_interval: options.guidance_interval,
+            autoguidance: options.autoguidance,
             ..Default::default()
         };
         let generation = pipeline.generate(&request, &mut |_| true)?;
