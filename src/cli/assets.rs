@@ -66,7 +66,7 @@ pub fn clip_tokenizer_dir() -> Result<PathBuf> {
 
 /// The default model (trained by `scripts/train-default-model`), embedded in the binary.
 /// Its tokenizer shares the CLIP vocabulary files above.
-const DEFAULT_MODEL: [(&str, &[u8]); 13] = [
+const DEFAULT_MODEL: [(&str, &[u8]); 15] = [
     (
         "model_index.json",
         include_bytes!("../../assets/default-model/model_index.json"),
@@ -110,6 +110,14 @@ const DEFAULT_MODEL: [(&str, &[u8]); 13] = [
     (
         "unet/diffusion_pytorch_model.safetensors",
         include_bytes!("../../assets/default-model/unet/diffusion_pytorch_model.safetensors"),
+    ),
+    (
+        "guide_unet/config.json",
+        include_bytes!("../../assets/default-model/guide_unet/config.json"),
+    ),
+    (
+        "guide_unet/diffusion_pytorch_model.safetensors",
+        include_bytes!("../../assets/default-model/guide_unet/diffusion_pytorch_model.safetensors"),
     ),
     (
         "vae/config.json",
