@@ -118,6 +118,12 @@ fn autoguidance_is_recorded_and_needs_a_guide_unet() {
     assert!(guided.ends_with(", Autoguidance: 2.5"), "{guided}");
     let off = params("b.png", &["--autoguidance", "1"]);
     assert!(!off.contains("Autoguidance"), "{off}");
+    let out = dir.path().join("negative.png");
+    let result = generate_reference(&out, &["--autoguidance=-2"]);
+    assert!(!result.status.success());
+    let err = stderr(&result);
+    assert!(err.contains("autoguidance must be a number >= 0"), "{err}");
+    assert!(!out.exists());
 
     let out = dir.path().join("c.png");
     let sd2 = model_dir("sd2-tiny").display().to_string();

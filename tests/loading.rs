@@ -223,7 +223,6 @@ fn sharded_weights_and_the_fp16_variant_load() {
     let (_tmp2, root) = scratch_model();
     for comp in [
         "unet/diffusion_pytorch_model",
-        "guide_unet/diffusion_pytorch_model",
         "vae/diffusion_pytorch_model",
         "text_encoder/model",
     ] {
@@ -235,11 +234,13 @@ fn sharded_weights_and_the_fp16_variant_load() {
     }
     let err = load_error(&root);
     assert!(err.contains("--variant fp16"), "{err}");
+    // The guide U-Net keeps its plain weights only: being optional, it falls back to them.
     let options = LoadOptions {
         variant: Some("fp16".into()),
         ..LoadOptions::default()
     };
-    load_local(&root, &options).unwrap();
+    let pipeline = load_local(&root, &options).unwrap();
+    assert!(pipeline.guide_unet.is_some());
 }
 
 /// Autoguidance's guide U-Net must fit the U-Net's inputs and conditioning, and a default
@@ -281,6 +282,14 @@ fn a_guide_unet_that_does_not_fit_or_is_missing_is_named() {
         err.contains("text2img.json") && err.contains("guide_unet"),
         "{err}"
     );
+    // A guide folder without its config is named, not skipped.
+    let (_tmp, root) = scratch_model();
+    std::fs::remove_file(root.join("guide_unet/config.json")).unwrap();
+    let err = load_error(&root);
+    assert!(err.contains("guide_unet/config.json"), "{err}");
+
+    let (_tmp, root) = scratch_model();
+    std::fs::remove_dir_all(root.join("guide_unet")).unwrap();
     // A weight of 1 (off) needs none.
     std::fs::write(root.join("text2img.json"), r#"{"autoguidance": 1.0}"#).unwrap();
     load_local(&root, &LoadOptions::default()).unwrap();

@@ -8,7 +8,7 @@ mod parity;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use parity::{check_cases, fixtures, model_dir, psnr, read_png};
+use parity::{check_cases, copy_dir, fixtures, model_dir, psnr, read_png};
 use serde_json::Value;
 use text2img::latent::schedulers::SchedulerKind;
 use text2img::pipeline::{load_local, GenerateRequest, GuidanceInterval, LoadOptions, Pipeline};
@@ -115,6 +115,51 @@ fn sd1_guidance_interval() {
 #[test]
 fn sd1_autoguidance() {
     check("sd1-autoguidance");
+}
+
+/// A guide U-Net identical to the U-Net has nothing to step away from: on the paths the
+/// reference case does not take (a partial interval, guidance off), autoguidance must then
+/// leave the image as it is, which holds only if the guide sees the conditional half of the
+/// batch. The fixture's real guide changes the same images.
+#[test]
+fn autoguidance_by_the_model_itself_changes_nothing_on_every_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("model");
+    copy_dir(&model_dir("sd1-tiny"), &root);
+    std::fs::remove_dir_all(root.join("guide_unet")).unwrap();
+    copy_dir(&root.join("unet"), &root.join("guide_unet"));
+    let itself = load_local(&root, &LoadOptions::default()).unwrap();
+    let real = pipeline("sd1-tiny");
+    for (guidance, interval) in [
+        (7.5, Some((0.0, 0.5))),
+        (1.0, None),
+        (7.5, Some((0.25, 1.0))),
+    ] {
+        let request = |autoguidance: f64| GenerateRequest {
+            prompts: vec!["a red circle on a blue background".into()],
+            seed: Some(42),
+            steps: Some(8),
+            guidance_scale: Some(guidance),
+            guidance_interval: interval.map(|(a, b)| GuidanceInterval::new(a, b).unwrap()),
+            autoguidance: Some(autoguidance),
+            scheduler: Some(SchedulerKind::Euler),
+            num_images: 2,
+            ..Default::default()
+        };
+        let image = |p: &Pipeline, w: f64| {
+            let images = p.generate(&request(w), &mut |_| true).unwrap().images;
+            images.into_iter().flat_map(|i| i.rgb).collect::<Vec<u8>>()
+        };
+        let plain = image(&itself, 1.0);
+        let label = format!("guidance {guidance}, interval {interval:?}");
+        let same = psnr(&image(&itself, 3.0), &plain);
+        assert!(same >= 50.0, "{label}: {same} dB");
+        let moved = psnr(&image(real, 3.0), &plain);
+        assert!(
+            moved < 40.0,
+            "{label}: the real guide left the image at {moved} dB"
+        );
+    }
 }
 
 #[test]

@@ -92,8 +92,8 @@ pub fn guide(uncond: &Tensor, text: &Tensor, scale: f64, rescale: f64) -> Result
 /// prediction for the same input. A weaker model makes the same kinds of errors, only larger;
 /// stepping away from it removes some of the strong model's own (blurred, lumpy shapes)
 /// without the loss of variety that a larger classifier-free scale brings. Added to the
-/// classifier-free result (`guided`, which is `text` itself without it); weight 1 changes
-/// nothing.
+/// classifier-free result (`guided`, which is `text` itself without it), after its
+/// `guidance_rescale`, which therefore does not damp this term; weight 1 changes nothing.
 pub fn autoguide(guided: &Tensor, text: &Tensor, weak: &Tensor, weight: f64) -> Result<Tensor> {
     Ok((guided + ((text - weak)? * (weight - 1.0))?)?)
 }

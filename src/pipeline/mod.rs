@@ -31,6 +31,16 @@ pub use guidance::GuidanceInterval;
 /// The folder, beside `unet/`, of autoguidance's weaker U-Net.
 pub const GUIDE_UNET: &str = "guide_unet";
 
+/// Whether `dir` holds weights of `variant` (`*.fp16.safetensors`, or its sharded index).
+fn has_variant_weights(dir: &Path, variant: &str) -> bool {
+    let marker = format!(".{variant}.safetensors");
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains(&marker))
+    })
+}
+
 /// How to load a model.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -344,8 +354,11 @@ impl Pipeline {
         }
         let unet = UNet::load_as(&folder.component("unet"), variant, device, wd)?;
         let guide_folder = folder.component(GUIDE_UNET);
-        let guide_unet = if guide_folder.join("config.json").is_file() {
-            Some(UNet::load_as(&guide_folder, variant, device, wd)?)
+        let guide_unet = if guide_folder.is_dir() {
+            // The guide is optional and often trained here, in one precision only: a variant
+            // it lacks falls back to its plain weights rather than failing the whole model.
+            let guide_variant = variant.filter(|v| has_variant_weights(&guide_folder, v));
+            Some(UNet::load_as(&guide_folder, guide_variant, device, wd)?)
         } else {
             None
         };
@@ -405,10 +418,21 @@ impl Pipeline {
                 cross(weak),
                 cross(main)
             ))
-        } else if main.text_time.is_some() != weak.text_time.is_some() {
-            Some("a different addition_embed_type".to_string())
-        } else if main.time_cond_proj_dim.is_some() || weak.time_cond_proj_dim.is_some() {
+        } else if main.text_time.as_ref().map(|t| t.text_embeds_dim())
+            != weak.text_time.as_ref().map(|t| t.text_embeds_dim())
+        {
+            Some(format!(
+                "text-embedding features {:?} (the U-Net's: {:?}; addition_embed_type text_time)",
+                weak.text_time.as_ref().map(|t| t.text_embeds_dim()),
+                main.text_time.as_ref().map(|t| t.text_embeds_dim())
+            ))
+        } else if weak.time_cond_proj_dim.is_some() {
             Some("a guidance-scale embedding (time_cond_proj_dim), which autoguidance does not support".to_string())
+        } else if main.time_cond_proj_dim.is_some() {
+            return Err(Error::config(
+                config,
+                "autoguidance does not support a U-Net that embeds the guidance scale (time_cond_proj_dim, as LCM's)",
+            ));
         } else {
             None
         };
@@ -550,10 +574,10 @@ impl Pipeline {
             .autoguidance
             .or(self.defaults.autoguidance)
             .unwrap_or(1.0);
-        if !autoguidance.is_finite() {
-            return Err(Error::InvalidRequest(
-                "autoguidance must be a finite number".into(),
-            ));
+        if !(autoguidance.is_finite() && autoguidance >= 0.0) {
+            return Err(Error::InvalidRequest(format!(
+                "autoguidance must be a number >= 0 (1 or less is off), not {autoguidance}"
+            )));
         }
         let autoguidance = if autoguidance > 1.0 {
             if self.guide_unet.is_none() {
@@ -676,11 +700,13 @@ impl Pipeline {
         let Pipeline {
             vae,
             unet,
+            guide_unet,
             text_encoders,
             ..
         } = self;
         drop(text_encoders);
         drop(unet);
+        drop(guide_unet);
         decode(&vae, denoised)
     }
 
