@@ -221,6 +221,8 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
         driver.type_into(&session, "#height", "48");
         driver.type_into(&session, "#steps", "3");
         driver.type_into(&session, "#seed", "7");
+        // An extension field (the fixture model has a guide U-Net).
+        driver.type_into(&session, "#autoguidance", "2");
         let button = driver.element(&session, "#generate");
         driver.ok(
             "POST",
@@ -257,9 +259,9 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
         assert_eq!((w, h), (64, 48));
         assert_eq!(rgb.len(), 64 * 48 * 3);
         assert!(
-            texts
-                .iter()
-                .any(|(k, v)| k == "parameters" && v.contains("Seed: 7")),
+            texts.iter().any(|(k, v)| k == "parameters"
+                && v.contains("Seed: 7")
+                && v.contains("Autoguidance: 2")),
             "{texts:?}"
         );
         // The key was asked once and kept in the browser; no second dialog came up.
