@@ -101,9 +101,11 @@ mod testing {
     use candle_core::Tensor;
 
     pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
+        max_abs(&(a - b).unwrap())
+    }
+
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -116,16 +118,7 @@ mod testing {
     /// The largest magnitude in `t`, at least 1: tolerances scale with it, since the inputs are
     /// random and unseeded, so an f32 rounding of a large value can exceed a fixed bound.
     fn scale(t: &Tensor) -> f32 {
-        let m: f32 = t
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        m.max(1.0)
+        max_abs(t).max(1.0)
     }
 
     /// `ours` against `reference` (both computed from `inputs`): the forward values within
