@@ -24,22 +24,13 @@ use crate::text::tokenizer::ClipTokenizer;
 use crate::vae::preview::latent_preview;
 use crate::vae::AutoencoderKl;
 use crate::weights::folder::{self, ModelFolder};
+use crate::weights::store::has_weight_files;
 use conditioning::{Conditioning, TextEncoder};
 pub use family::Family;
 pub use guidance::GuidanceInterval;
 
 /// The folder, beside `unet/`, of autoguidance's weaker U-Net.
 pub const GUIDE_UNET: &str = "guide_unet";
-
-/// Whether `dir` holds weights of `variant` (`*.fp16.safetensors`, or its sharded index).
-fn has_variant_weights(dir: &Path, variant: &str) -> bool {
-    let marker = format!(".{variant}.safetensors");
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().contains(&marker))
-    })
-}
 
 /// How to load a model.
 #[derive(Clone, Debug)]
@@ -357,7 +348,7 @@ impl Pipeline {
         let guide_unet = if guide_folder.is_dir() {
             // The guide is optional and often trained here, in one precision only: a variant
             // it lacks falls back to its plain weights rather than failing the whole model.
-            let guide_variant = variant.filter(|v| has_variant_weights(&guide_folder, v));
+            let guide_variant = variant.filter(|v| has_weight_files(&guide_folder, Some(v)));
             Some(UNet::load_as(&guide_folder, guide_variant, device, wd)?)
         } else {
             None
@@ -399,9 +390,12 @@ impl Pipeline {
         };
         let config = folder.component(GUIDE_UNET).join("config.json");
         let (main, weak) = (&self.unet.config, &guide.config);
-        let cross = |c: &crate::latent::unet::UNetConfig| {
-            c.down_blocks.iter().map(|b| b.cross_attention_dim).max()
-        };
+        if main.time_cond_proj_dim.is_some() {
+            return Err(Error::config(
+                config,
+                "autoguidance does not support a U-Net that embeds the guidance scale (time_cond_proj_dim, as LCM's)",
+            ));
+        }
         let mismatch = if main.in_channels != weak.in_channels {
             Some(format!(
                 "in_channels {} (the U-Net's: {})",
@@ -412,27 +406,20 @@ impl Pipeline {
                 "out_channels {} (the U-Net's: {})",
                 weak.out_channels, main.out_channels
             ))
-        } else if cross(main) != cross(weak) {
+        } else if main.cross_attention_dim() != weak.cross_attention_dim() {
             Some(format!(
                 "cross_attention_dim {:?} (the U-Net's: {:?})",
-                cross(weak),
-                cross(main)
+                weak.cross_attention_dim(),
+                main.cross_attention_dim()
             ))
-        } else if main.text_time.as_ref().map(|t| t.text_embeds_dim())
-            != weak.text_time.as_ref().map(|t| t.text_embeds_dim())
-        {
+        } else if main.text_embeds_dim() != weak.text_embeds_dim() {
             Some(format!(
                 "text-embedding features {:?} (the U-Net's: {:?}; addition_embed_type text_time)",
-                weak.text_time.as_ref().map(|t| t.text_embeds_dim()),
-                main.text_time.as_ref().map(|t| t.text_embeds_dim())
+                weak.text_embeds_dim(),
+                main.text_embeds_dim()
             ))
         } else if weak.time_cond_proj_dim.is_some() {
             Some("a guidance-scale embedding (time_cond_proj_dim), which autoguidance does not support".to_string())
-        } else if main.time_cond_proj_dim.is_some() {
-            return Err(Error::config(
-                config,
-                "autoguidance does not support a U-Net that embeds the guidance scale (time_cond_proj_dim, as LCM's)",
-            ));
         } else {
             None
         };
@@ -451,14 +438,7 @@ impl Pipeline {
             .iter()
             .map(|e| e.model.config.hidden_size)
             .sum();
-        let cross = self
-            .unet
-            .config
-            .down_blocks
-            .iter()
-            .map(|b| b.cross_attention_dim)
-            .max()
-            .unwrap_or(context);
+        let cross = self.unet.config.cross_attention_dim().unwrap_or(context);
         if cross != context {
             return Err(Error::config(
                 unet_config,

@@ -338,24 +338,54 @@ impl<'a> Vb<'a> {
     }
 }
 
-/// The safetensors file(s) of a component folder.
-pub fn find_weight_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
-    let suffix = match variant {
+const WEIGHT_STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
+
+fn weight_suffix(variant: Option<&str>) -> String {
+    match variant {
         Some(v) => format!(".{v}.safetensors"),
         None => ".safetensors".to_string(),
-    };
-    let stems = ["diffusion_pytorch_model", "model"];
-    for stem in stems {
-        let single = dir.join(format!("{stem}{suffix}"));
-        if single.is_file() {
-            return Ok(vec![single]);
-        }
-        let index = dir.join(format!("{stem}{suffix}.index.json"));
-        if index.is_file() {
-            return shards_from_index(&index);
-        }
     }
-    let expected: Vec<String> = stems.iter().map(|s| format!("{s}{suffix}")).collect();
+}
+
+/// Where a component folder's weights of `variant` are: a single file, or a shard index.
+enum WeightEntry {
+    Single(PathBuf),
+    Index(PathBuf),
+}
+
+fn weight_entry(dir: &Path, variant: Option<&str>) -> Option<WeightEntry> {
+    let suffix = weight_suffix(variant);
+    WEIGHT_STEMS.iter().find_map(|stem| {
+        let single = dir.join(format!("{stem}{suffix}"));
+        let index = dir.join(format!("{stem}{suffix}.index.json"));
+        if single.is_file() {
+            Some(WeightEntry::Single(single))
+        } else if index.is_file() {
+            Some(WeightEntry::Index(index))
+        } else {
+            None
+        }
+    })
+}
+
+/// Whether a component folder holds weights of `variant` (a file or a shard index by the
+/// names [`find_weight_files`] looks for).
+pub fn has_weight_files(dir: &Path, variant: Option<&str>) -> bool {
+    weight_entry(dir, variant).is_some()
+}
+
+/// The safetensors file(s) of a component folder.
+pub fn find_weight_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    match weight_entry(dir, variant) {
+        Some(WeightEntry::Single(file)) => return Ok(vec![file]),
+        Some(WeightEntry::Index(index)) => return shards_from_index(&index),
+        None => {}
+    }
+    let suffix = weight_suffix(variant);
+    let expected: Vec<String> = WEIGHT_STEMS
+        .iter()
+        .map(|s| format!("{s}{suffix}"))
+        .collect();
     if !dir.is_dir() {
         return Err(Error::config(dir, "component folder is missing"));
     }

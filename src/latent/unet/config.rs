@@ -260,6 +260,17 @@ pub struct UNetConfig {
 }
 
 impl UNetConfig {
+    /// The width of the context its cross-attention reads (the largest over the down blocks;
+    /// `None` without down blocks).
+    pub fn cross_attention_dim(&self) -> Option<usize> {
+        self.down_blocks.iter().map(|b| b.cross_attention_dim).max()
+    }
+
+    /// The pooled text-embedding width of SDXL's added conditioning; `None` without it.
+    pub fn text_embeds_dim(&self) -> Option<usize> {
+        self.text_time.as_ref().map(TextTimeConfig::text_embeds_dim)
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let raw: RawUNetConfig = read_json(path)?;
         Self::from_raw(raw, path)
