@@ -76,18 +76,22 @@ fn generate_writes_the_diffusers_image_with_a1111_metadata() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
 
+/// The reference generation into `dir/name` with `extra` flags, asserted to succeed: its PNG's
+/// parameters and its stderr.
+fn reference_parameters(dir: &Path, name: &str, extra: &[&str]) -> (String, String) {
+    let out = dir.join(name);
+    let result = generate_reference(&out, extra);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let (_, _, _, texts) = read_png(&out);
+    (texts[0].1.clone(), stderr(&result))
+}
+
 /// A guidance interval is recorded (quoted, since A1111's parser splits on commas) only when
 /// guidance runs; one that covers no step is run but warned about.
 #[test]
 fn a_guidance_interval_is_recorded_when_it_applies_and_warned_when_empty() {
     let dir = tempfile::tempdir().unwrap();
-    let params = |name: &str, extra: &[&str]| {
-        let out = dir.path().join(name);
-        let result = generate_reference(&out, extra);
-        assert!(result.status.success(), "{}", stderr(&result));
-        let (_, _, _, texts) = read_png(&out);
-        (texts[0].1.clone(), stderr(&result))
-    };
+    let params = |name: &str, extra: &[&str]| reference_parameters(dir.path(), name, extra);
     let (guided, quiet) = params("a.png", &["--guidance-interval", "0,0.5"]);
     assert!(guided.ends_with(r#", CFG interval: "0,0.5""#), "{guided}");
     assert!(!quiet.contains("warning"), "{quiet}");
@@ -108,12 +112,7 @@ fn a_guidance_interval_is_recorded_when_it_applies_and_warned_when_empty() {
 #[test]
 fn autoguidance_is_recorded_and_needs_a_guide_unet() {
     let dir = tempfile::tempdir().unwrap();
-    let params = |name: &str, extra: &[&str]| {
-        let out = dir.path().join(name);
-        let result = generate_reference(&out, extra);
-        assert!(result.status.success(), "{}", stderr(&result));
-        read_png(&out).3[0].1.clone()
-    };
+    let params = |name: &str, extra: &[&str]| reference_parameters(dir.path(), name, extra).0;
     let guided = params("a.png", &["--autoguidance", "2.5"]);
     assert!(guided.ends_with(", Autoguidance: 2.5"), "{guided}");
     let off = params("b.png", &["--autoguidance", "1"]);

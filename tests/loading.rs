@@ -29,6 +29,14 @@ fn unet_file(root: &Path) -> PathBuf {
     root.join("unet/diffusion_pytorch_model.safetensors")
 }
 
+/// Sets one field of a JSON config file.
+fn set_config(path: &Path, key: &str, value: serde_json::Value) {
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    config[key] = value;
+    std::fs::write(path, config.to_string()).unwrap();
+}
+
 fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
@@ -113,11 +121,11 @@ fn an_unknown_tensor_is_an_error() {
 #[test]
 fn a_config_that_disagrees_with_the_weights_is_caught() {
     let (_tmp, root) = scratch_model();
-    let path = root.join("unet/config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config["cross_attention_dim"] = 48.into();
-    std::fs::write(&path, config.to_string()).unwrap();
+    set_config(
+        &root.join("unet/config.json"),
+        "cross_attention_dim",
+        48.into(),
+    );
     let err = load_error(&root);
     assert!(
         err.contains("attn2.to_k.weight") && err.contains("[32, 48]") && err.contains("[32, 32]"),
@@ -248,11 +256,11 @@ fn sharded_weights_and_the_fp16_variant_load() {
 #[test]
 fn a_guide_unet_that_does_not_fit_or_is_missing_is_named() {
     let (_tmp, root) = scratch_model();
-    let config_path = root.join("guide_unet/config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["cross_attention_dim"] = 16.into();
-    std::fs::write(&config_path, config.to_string()).unwrap();
+    set_config(
+        &root.join("guide_unet/config.json"),
+        "cross_attention_dim",
+        16.into(),
+    );
     // Weights that fit the edited config, so that the load reaches the check.
     let weights = root.join("guide_unet/diffusion_pytorch_model.safetensors");
     let narrowed = read_tensors(&weights)
