@@ -145,7 +145,10 @@ fn evaluate_runs_only_the_named_group() {
     let groups: Vec<String> = adherence(&report).into_iter().map(|(g, _)| g).collect();
     assert_eq!(groups, ["open"], "{report}");
     // The four open prompts, one image each.
-    assert!(report.contains("adherence over 4 images"), "{report}");
+    assert!(
+        report.contains("adherence over 4 images (seeds 1000..=1000)"),
+        "{report}"
+    );
     let cache = tempfile::tempdir().unwrap();
     let err = refused(text2img(cache.path()).args([
         "evaluate",
@@ -155,6 +158,39 @@ fn evaluate_runs_only_the_named_group() {
         "0",
     ]));
     assert!(err.contains("unknown prompt group `unseen`"), "{err}");
+}
+
+#[test]
+fn evaluate_first_seed_moves_the_seed_range() {
+    // Settings chosen on other seeds than the ones the goals are measured on: the report and
+    // every verdict name the seeds the images were made with.
+    let dir = tempfile::tempdir().unwrap();
+    let csv_path = dir.path().join("details.csv");
+    let report = evaluate_report(&[
+        "--group",
+        "open",
+        "--seeds",
+        "2",
+        "--first-seed",
+        "2000",
+        "--ground-truth",
+        "0",
+        "--details",
+        csv_path.to_str().unwrap(),
+    ]);
+    assert!(
+        report.contains("adherence over 8 images (seeds 2000..=2001)"),
+        "{report}"
+    );
+    let csv = std::fs::read_to_string(&csv_path).unwrap();
+    let mut seeds: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(2).unwrap())
+        .collect();
+    seeds.sort();
+    seeds.dedup();
+    assert_eq!(seeds, ["2000", "2001"], "{csv}");
 }
 
 #[test]

@@ -18,6 +18,10 @@ pub struct EvaluateArgs {
     pub model: Option<String>,
     #[arg(long, default_value_t = 8)]
     pub seeds: usize,
+    /// The first seed (the goals are measured from 1000; choose settings on another range, say
+    /// 2000, so that the figures on 1000.. are not tuned to their own seeds).
+    #[arg(long, default_value_t = text2img::train::evaluate::EVALUATION_FIRST_SEED)]
+    pub first_seed: u64,
     /// Evaluate every k-th prompt of the fixed set only (of the --group ones; quick runs).
     #[arg(long, default_value_t = 1)]
     pub stride: usize,
@@ -51,6 +55,7 @@ pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
     let pipeline = load(a.model.as_deref())?;
     let options = EvaluateOptions {
         seeds: a.seeds,
+        first_seed: a.first_seed,
         stride: a.stride,
         groups: a.groups,
         steps: a.steps,

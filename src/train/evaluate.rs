@@ -157,6 +157,8 @@ pub struct Report {
     pub autoencoded: Tally,
     pub autoencoded_per_attribute: BTreeMap<Attribute, Tally>,
     pub images: usize,
+    /// The seeds each prompt was generated with: `seeds.0` and the ones after it.
+    pub seeds: (u64, usize),
     /// Every verdict on every generated image, when `EvaluateOptions::keep_verdicts` asks
     /// for them (what `evaluate --details` writes): where the pooled figures come from.
     pub verdicts: Vec<ImageVerdict>,
@@ -211,6 +213,10 @@ fn csv_field(f: &str) -> String {
 
 pub struct EvaluateOptions {
     pub seeds: usize,
+    /// The first of the `seeds` consecutive seeds each prompt is generated with. The goals are
+    /// measured from `EVALUATION_FIRST_SEED`; choosing settings on another range keeps those
+    /// figures from being tuned to their own seeds.
+    pub first_seed: u64,
     /// Evaluate only every k-th prompt of the set, after `groups` (1 = all), for quick runs.
     pub stride: usize,
     /// Evaluate only these groups of the set (empty: all), for quick runs on one weakness.
@@ -224,6 +230,9 @@ pub struct EvaluateOptions {
     /// Keep every verdict in `Report::verdicts`.
     pub keep_verdicts: bool,
 }
+
+/// The first seed of the evaluation's images, as the goals are measured.
+pub const EVALUATION_FIRST_SEED: u64 = 1000;
 
 /// The data set's seed for the images the checker scores as they are and autoencoded.
 const GROUND_TRUTH_SEED: u64 = 0xda7a;
@@ -285,6 +294,7 @@ pub fn evaluate(
 ) -> Result<Report> {
     let mut report = Report {
         ground_truth: score_ground_truth(options.ground_truth_images)?,
+        seeds: (options.first_seed, options.seeds),
         ..Default::default()
     };
     (report.autoencoded, report.autoencoded_per_attribute) = score_autoencoded(
@@ -301,7 +311,7 @@ pub fn evaluate(
         on_prompt(i, prompts.len());
         let request = GenerateRequest {
             prompts: vec![prompt.clone()],
-            seed: Some(1000),
+            seed: Some(options.first_seed),
             num_images: options.seeds,
             steps: options.steps,
             guidance_scale: options.guidance_scale,
@@ -372,7 +382,12 @@ impl Report {
             }
             out.push('\n');
         }
-        out.push_str(&format!("adherence over {} images:\n", self.images));
+        let (first, count) = self.seeds;
+        out.push_str(&format!(
+            "adherence over {} images (seeds {first}..={}):\n",
+            self.images,
+            first + count.max(1) as u64 - 1
+        ));
         for (group, t) in &self.per_group {
             out.push_str(&format!(
                 "  {:<10} {:5.1} %  ({}/{})\n",
