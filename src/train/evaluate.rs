@@ -386,7 +386,8 @@ impl Report {
         out.push_str(&format!(
             "adherence over {} images (seeds {first}..={}):\n",
             self.images,
-            first + count.max(1) as u64 - 1
+            // Consecutive seeds wrap past u64::MAX, as generation's do.
+            first.wrapping_add(count.max(1) as u64 - 1)
         ));
         for (group, t) in &self.per_group {
             out.push_str(&format!(
