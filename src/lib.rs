@@ -34,6 +34,7 @@
 //! # Ok::<(), text2img::Error>(())
 //! ```
 
+pub mod cancel;
 pub mod error;
 pub mod kernels;
 pub mod latent;

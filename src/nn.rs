@@ -34,6 +34,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::cancel::check()?;
         let bf16 = bf16_products(&self.weight_t, x);
         let _span = crate::profile::span(if bf16 { "linear (bf16)" } else { "linear" });
         let y = if bf16 {
@@ -147,6 +148,7 @@ impl Conv2d {
     /// the kernels take the input, candle's otherwise (another dtype or device, or a kernel
     /// that does not fit the input: candle then says what is wrong).
     fn convolve(&self, x: &Tensor, up: usize) -> Result<Tensor> {
+        crate::cancel::check()?;
         let bf16 = bf16_products(&self.weight, x);
         let weight = widen(&self.weight, x)?;
         let (b, c, h, w) = x.dims4()?;
@@ -313,6 +315,7 @@ pub fn attention(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    crate::cancel::check()?;
     let cross = k.dim(1)? != q.dim(1)?;
     let _span = crate::profile::span(if cross {
         "attention, cross"

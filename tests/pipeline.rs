@@ -315,3 +315,102 @@ fn half_precision_weights_stay_close_to_fp32() {
         }
     }
 }
+
+/// Another thread's stop takes effect inside a U-Net step and inside the VAE decode, not only
+/// between steps: at 1024x1024 one step of the tiny model takes seconds (about 8 s in a
+/// release build, longer here), and so does the decode.
+#[test]
+fn stop_flags_end_a_step_and_a_decode_from_another_thread() {
+    use std::time::{Duration, Instant};
+    use text2img::pipeline::StopFlags;
+    let pipe = pipeline("sd1-tiny");
+    let req = GenerateRequest {
+        prompts: vec!["large".into()],
+        seed: Some(3),
+        steps: Some(2),
+        scheduler: Some(SchedulerKind::Euler),
+        width: Some(1024),
+        height: Some(1024),
+        ..Default::default()
+    };
+    // Raises `flag` after `delay` and returns when it did.
+    let raise_after = |flag: &text2img::cancel::CancelFlag, delay: Duration| {
+        let flag = flag.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            flag.cancel();
+            Instant::now()
+        })
+    };
+    let mut steps = 0;
+    let mut count_steps = |_: &text2img::pipeline::StepProgress| {
+        steps += 1;
+        text2img::pipeline::StepControl::Continue
+    };
+
+    // Cancelled inside the first step.
+    let stop = StopFlags::default();
+    let raised = raise_after(&stop.cancel, Duration::from_millis(700));
+    let result = pipe.generate_stoppable(&req, &stop, &mut count_steps);
+    let (returned, raised) = (Instant::now(), raised.join().unwrap());
+    assert!(matches!(result, Err(text2img::Error::Cancelled)));
+    let late = returned - raised;
+    eprintln!("cancelled inside a step: returned {late:?} after the flag");
+    assert!(late < Duration::from_secs(2), "{late:?}");
+
+    // Interrupted (finish) inside the first step, then cancelled inside the decode that
+    // follows: the decode stops too.
+    let stop = StopFlags::default();
+    let finish = raise_after(&stop.finish, Duration::from_millis(700));
+    let cancel = raise_after(&stop.cancel, Duration::from_millis(1700));
+    let result = pipe.generate_stoppable(&req, &stop, &mut count_steps);
+    let returned = Instant::now();
+    let (finished, cancelled) = (finish.join().unwrap(), cancel.join().unwrap());
+    assert!(matches!(result, Err(text2img::Error::Cancelled)));
+    let late = returned - cancelled;
+    eprintln!("cancelled inside a decode: returned {late:?} after the flag");
+    assert!(late < Duration::from_secs(2), "{late:?}");
+    assert!(cancelled - finished >= Duration::from_millis(900));
+    assert_eq!(steps, 0, "no step finished in either run");
+}
+
+/// A1111's interrupt inside a step: the sampling stops there and the last finished step's
+/// latents (here the first step's) are decoded; the request does not fail.
+#[test]
+fn finish_inside_a_step_decodes_the_last_finished_step() {
+    use text2img::pipeline::{StepControl, StopFlags};
+    let pipe = pipeline("sd1-tiny");
+    let req = GenerateRequest {
+        prompts: vec!["large".into()],
+        seed: Some(4),
+        steps: Some(3),
+        scheduler: Some(SchedulerKind::Euler),
+        width: Some(512),
+        height: Some(512),
+        ..Default::default()
+    };
+    let full_first_step = pipe
+        .generate_controlled(&req, &mut |_| StepControl::Finish)
+        .unwrap();
+    assert_eq!(full_first_step.completed_steps, 1);
+    // The flag is raised by the second step's first layer, from inside the U-Net.
+    let stop = StopFlags::default();
+    let mut steps = 0;
+    let generation = pipe
+        .generate_stoppable(&req, &stop, &mut |_| {
+            steps += 1;
+            let finish = stop.finish.clone();
+            // Raised from another thread while the next step runs.
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                finish.cancel();
+            });
+            StepControl::Continue
+        })
+        .unwrap();
+    assert_eq!((steps, generation.completed_steps), (1, 1));
+    assert!(
+        generation.images[0].rgb == full_first_step.images[0].rgb,
+        "the image is the first step's"
+    );
+}

@@ -680,19 +680,144 @@ fn sigterm_lets_the_running_request_finish_and_turns_the_queue_away() {
     assert!(server.wait_exit(Duration::from_secs(30)).success());
 }
 
+/// A request whose single step takes many seconds (the tiny model at 1024x1024, two images:
+/// about 15 s a step in a release build): a stop can only be on time if it acts inside it.
+fn big_step_job() -> Value {
+    json!({"prompt": "big", "steps": 2, "width": 1024, "height": 1024, "batch_size": 2, "sampler_name": "Euler"})
+}
+
+/// The same with one image (about 8 s a step), for the interrupt that decodes it.
+fn big_step_image() -> Value {
+    json!({"prompt": "big", "steps": 2, "width": 1024, "height": 1024, "sampler_name": "Euler"})
+}
+
+/// CPU time (user + system) the process has used, in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Cores the process keeps busy on average over `window`.
+fn busy_cores(pid: u32, window: Duration) -> f64 {
+    let before = cpu_ticks(pid);
+    thread::sleep(window);
+    (cpu_ticks(pid) - before) as f64 / 100.0 / window.as_secs_f64()
+}
+
+impl Server {
+    /// Waits until the worker has been inside the first step of a job for a while (the job
+    /// runs, no step has finished, the cores are busy).
+    fn wait_inside_first_step(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.get("/health").1["running"] != true {
+            assert!(Instant::now() < deadline, "no job started");
+            thread::sleep(Duration::from_millis(20));
+        }
+        let busy = busy_cores(self.child.id(), Duration::from_millis(700));
+        let (_, p) = self.get("/sdapi/v1/progress");
+        assert_eq!(p["state"]["sampling_step"], 0, "{p}");
+        assert!(busy > 0.5, "the job is not computing: {busy} cores");
+    }
+
+    /// Seconds from `since` until the worker is idle, then checks that the cores stay idle.
+    fn seconds_until_idle(&self, since: Instant) -> f64 {
+        let deadline = since + Duration::from_secs(30);
+        while self.get("/health").1["running"] == true {
+            assert!(Instant::now() < deadline, "the job never stopped");
+            thread::sleep(Duration::from_millis(10));
+        }
+        let took = since.elapsed().as_secs_f64();
+        let busy = busy_cores(self.child.id(), Duration::from_millis(500));
+        assert!(
+            busy < 0.2,
+            "threads still busy after the job ended: {busy} cores"
+        );
+        took
+    }
+}
+
 #[test]
-fn sigterm_cancels_a_running_request_after_the_grace_period() {
+fn a_client_that_leaves_or_an_interrupt_stops_the_job_inside_its_step() {
+    let server = Server::start(&[]);
+    // The client gives up while the first step runs.
+    let url = server.url("/sdapi/v1/txt2img");
+    let client = thread::spawn(move || {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_read(Duration::from_secs(4))
+            .build();
+        let result = agent.post(&url).send_string(&big_step_job().to_string());
+        (result.is_err(), Instant::now())
+    });
+    server.wait_inside_first_step();
+    let (gave_up, left) = client.join().unwrap();
+    assert!(gave_up);
+    let took = server.seconds_until_idle(left);
+    eprintln!("client left: worker idle {took:.2} s later");
+    assert!(took < 3.0, "{took} s");
+    assert!(
+        server.log().contains("POST /sdapi/v1/txt2img 499"),
+        "{}",
+        server.log()
+    );
+
+    // An interrupt inside the first step: A1111's answer, the images of the latents so far.
+    let running = spawn_post(&server, big_step_image());
+    server.wait_inside_first_step();
+    let asked = Instant::now();
+    assert_eq!(server.post("/sdapi/v1/interrupt", &json!({})).0, 200);
+    let (status, body) = running.join().unwrap();
+    eprintln!(
+        "interrupted: answered {:.2} s later",
+        asked.elapsed().as_secs_f64()
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["images"].as_array().unwrap().len(), 1);
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["interrupted"], true);
+}
+
+#[test]
+fn sigterm_cancels_a_running_request_inside_its_step_after_the_grace_period() {
     let mut server = Server::start(&["--shutdown-grace", "0.5"]);
-    let running = spawn_post(&server, long_job());
-    server.wait_until_sampling();
+    let running = spawn_post(&server, big_step_job());
+    server.wait_inside_first_step();
     let started = Instant::now();
     server.terminate();
+    let status = server.wait_exit(Duration::from_secs(30));
+    let took = started.elapsed().as_secs_f64();
+    eprintln!("SIGTERM with a 0.5 s grace period: exited {took:.2} s later");
+    assert!(status.success(), "{status:?}: {}", server.log());
+    // 0.5 s of grace, then at most about 2 s (1 s to stop the job, 0.5 s to send answers).
+    assert!(took < 4.0, "{took} s: {}", server.log());
     let (status, body) = running.join().unwrap();
     assert_eq!(status, 503, "{body}");
-    assert!(server.wait_exit(Duration::from_secs(30)).success());
     assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        started.elapsed()
+        server.log().contains("grace period over"),
+        "{}",
+        server.log()
     );
+}
+
+#[test]
+fn a_second_sigterm_exits_at_once() {
+    let mut server = Server::start(&["--shutdown-grace", "120"]);
+    let url = server.url("/sdapi/v1/txt2img");
+    // Its answer never comes: the process is gone.
+    let running = thread::spawn(move || {
+        ureq::post(&url)
+            .send_string(&big_step_job().to_string())
+            .is_err()
+    });
+    server.wait_inside_first_step();
+    server.terminate();
+    thread::sleep(Duration::from_millis(300));
+    let second = Instant::now();
+    server.terminate();
+    let status = server.wait_exit(Duration::from_secs(10));
+    let took = second.elapsed().as_secs_f64();
+    eprintln!("second SIGTERM: exited {took:.2} s later");
+    assert!(took < 1.0, "{took} s");
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+    assert!(running.join().unwrap(), "the running request got an answer");
 }

@@ -193,10 +193,11 @@ fn run_images<R: Send>(
         return vec![f(0, out)];
     }
     let per = images.div_ceil(workers);
+    let watch = crate::cancel::Watch::current();
     // Each worker runs its images single-threaded (column gathering included).
     out.par_chunks_mut(per * image_len)
         .enumerate()
-        .map(|(i, run)| serially(|| f(i * per, run)))
+        .map(|(i, run)| watch.enter(|| serially(|| f(i * per, run))))
         .collect()
 }
 
@@ -246,6 +247,10 @@ impl CustomOp3 for Conv2dOp {
             for (j, dst) in run.chunks_mut(image_out).enumerate() {
                 let image = &x[(first + j) * image_in..][..image_in];
                 for band in self.bands(plan) {
+                    // A stopped job's output is discarded (see `crate::cancel`).
+                    if crate::cancel::requested() {
+                        return;
+                    }
                     let (start, n) = (band.0 * ow, (band.1 - band.0) * ow);
                     self.fill(image, d, band, &mut cols);
                     for (o, &bv) in bias.iter().enumerate() {

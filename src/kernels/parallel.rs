@@ -3,6 +3,11 @@
 //! runs on rayon's global pool, the one candle's matrix products use: no thread is started per
 //! call, and concurrent callers (the server's requests) share the cores instead of
 //! oversubscribing them.
+//!
+//! A job's stop request ([`crate::cancel`]) travels with the work: each piece checks it before
+//! it starts, so a stopped job's threads are free after the pieces already running.
+
+use crate::cancel::Watch;
 
 /// Threads to use for `items` independent pieces of work: at most this thread's share of the
 /// cores (all of them, or a shard's part inside [`in_shards`]). candle's thread count is looked
@@ -71,6 +76,7 @@ pub fn in_shards<R: Send>(batch: usize, f: &(dyn Fn(usize, usize) -> R + Sync)) 
     }
     let per = batch.div_ceil(n);
     let shards = batch.div_ceil(per);
+    let watch = Watch::current();
     use rayon::prelude::*;
     (0..shards)
         .into_par_iter()
@@ -78,7 +84,7 @@ pub fn in_shards<R: Send>(batch: usize, f: &(dyn Fn(usize, usize) -> R + Sync)) 
             let start = i * per;
             // The threads split as evenly as they go: 16 over 3 shards as 6, 5, 5.
             let threads = available / shards + usize::from(i < available % shards);
-            with_threads(threads, || f(start, per.min(batch - start)))
+            watch.enter(|| with_threads(threads, || f(start, per.min(batch - start))))
         })
         .collect()
 }
@@ -106,9 +112,13 @@ where
     }
     let items = out.len() / chunk_len;
     let threads = threads_for(items);
+    let watch = Watch::current();
     if threads == 1 {
         let mut state = init();
         for (i, chunk) in out.chunks_mut(chunk_len).enumerate() {
+            if watch.stopped() {
+                return;
+            }
             f(&mut state, i, chunk);
         }
         return;
@@ -116,12 +126,17 @@ where
     let per = items.div_ceil(threads);
     rayon::scope(|scope| {
         for (t, part) in out.chunks_mut(per * chunk_len).enumerate() {
-            let (f, init) = (&f, &init);
+            let (f, init, watch) = (&f, &init, &watch);
             scope.spawn(move |_| {
-                let mut state = init();
-                for (i, chunk) in part.chunks_mut(chunk_len).enumerate() {
-                    f(&mut state, t * per + i, chunk);
-                }
+                watch.enter(|| {
+                    let mut state = init();
+                    for (i, chunk) in part.chunks_mut(chunk_len).enumerate() {
+                        if watch.stopped() {
+                            return;
+                        }
+                        f(&mut state, t * per + i, chunk);
+                    }
+                })
             });
         }
     });
@@ -136,19 +151,24 @@ where
     F: Fn(&mut S, usize) + Sync,
 {
     let threads = threads_for(items);
+    let watch = Watch::current();
+    let run = |state: &mut S, range: std::ops::Range<usize>| {
+        for i in range {
+            if watch.stopped() {
+                return;
+            }
+            f(state, i);
+        }
+    };
     if threads <= 1 {
-        let mut state = init();
-        (0..items).for_each(|i| f(&mut state, i));
+        run(&mut init(), 0..items);
         return;
     }
     let per = items.div_ceil(threads);
     rayon::scope(|scope| {
         for start in (0..items).step_by(per) {
-            let (f, init) = (&f, &init);
-            scope.spawn(move |_| {
-                let mut state = init();
-                (start..(start + per).min(items)).for_each(|i| f(&mut state, i));
-            });
+            let (run, init, watch) = (&run, &init, &watch);
+            scope.spawn(move |_| watch.enter(|| run(&mut init(), start..(start + per).min(items))));
         }
     });
 }

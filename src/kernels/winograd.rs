@@ -417,6 +417,10 @@ fn run(
     let mut v = vec![0f32; TT * c * max_tiles];
     let mut m = vec![0f32; TT * block * max_tiles];
     for r0 in (0..d.tiles_h).step_by(band_rows) {
+        // A stopped job's output is discarded (see `crate::cancel`).
+        if crate::cancel::requested() {
+            return;
+        }
         let r1 = (r0 + band_rows).min(d.tiles_h);
         let tiles = b * (r1 - r0) * d.tiles_w;
         transform_inputs(

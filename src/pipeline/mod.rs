@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+use crate::cancel::{self, CancelFlag};
 use crate::error::{read_json, Error, Result};
 use crate::latent::schedulers::{self, SchedulerKind, SchedulerOptions, TimestepSpacing};
 use crate::latent::unet::embeddings::guidance_scale_embedding;
@@ -215,6 +216,18 @@ pub enum StepControl {
     Finish,
     /// Stop and return `Error::Cancelled`.
     Cancel,
+}
+
+/// How another thread stops a running generation (the server's jobs). Both flags are looked
+/// at inside each U-Net step, not only between steps (see [`crate::cancel`]), so a stop frees
+/// the cores within a fraction of a second at any image size.
+#[derive(Clone, Debug, Default)]
+pub struct StopFlags {
+    /// Stop at once, in the steps or in the decode, with [`Error::Cancelled`].
+    pub cancel: CancelFlag,
+    /// Stop sampling at once and decode the latents of the last finished step (A1111's
+    /// interrupt). The decode that follows runs to its end: it makes the images asked for.
+    pub finish: CancelFlag,
 }
 
 impl StepControl {
@@ -662,8 +675,32 @@ impl Pipeline {
         req: &GenerateRequest,
         on_step: &mut dyn FnMut(&StepProgress) -> StepControl,
     ) -> Result<Generation> {
-        let denoised = self.denoise(req, on_step)?;
-        decode(&self.vae, denoised)
+        self.generate_stoppable(req, &StopFlags::default(), on_step)
+    }
+
+    /// [`Pipeline::generate_controlled`] that another thread can also stop through `stop`,
+    /// inside a step or a decode.
+    pub fn generate_stoppable(
+        &self,
+        req: &GenerateRequest,
+        stop: &StopFlags,
+        on_step: &mut dyn FnMut(&StepProgress) -> StepControl,
+    ) -> Result<Generation> {
+        // A kernel that saw the stop may fail in any way; the stop is the cause.
+        fn cancelled<T>(result: Result<T>, stop: &StopFlags) -> Result<T> {
+            match result {
+                Err(_) if stop.cancel.is_cancelled() => Err(Error::Cancelled),
+                other => other,
+            }
+        }
+        let denoised = cancelled(
+            cancel::watching(&[&stop.cancel], || self.denoise(req, &stop.finish, on_step)),
+            stop,
+        )?;
+        cancelled(
+            cancel::watching(&[&stop.cancel], || decode(&self.vae, denoised)),
+            stop,
+        )
     }
 
     /// Runs one request and is used up by it: the text encoders and the U-Net are freed
@@ -676,7 +713,9 @@ impl Pipeline {
         req: &GenerateRequest,
         on_step: &mut dyn FnMut(&StepProgress) -> bool,
     ) -> Result<Generation> {
-        let denoised = self.denoise(req, &mut |p| StepControl::continue_if(on_step(p)))?;
+        let denoised = self.denoise(req, &CancelFlag::new(), &mut |p| {
+            StepControl::continue_if(on_step(p))
+        })?;
         let Pipeline {
             vae,
             unet,
@@ -691,9 +730,12 @@ impl Pipeline {
     }
 
     /// Encodes the prompts and runs the scheduler's steps: the latents, not yet decoded.
+    /// `finish` ends the sampling early, inside a step: the latents of the last finished step
+    /// are returned.
     fn denoise(
         &self,
         req: &GenerateRequest,
+        finish: &CancelFlag,
         on_step: &mut dyn FnMut(&StepProgress) -> StepControl,
     ) -> Result<Denoised> {
         let resolved = self.resolve(req)?;
@@ -808,46 +850,64 @@ impl Pipeline {
         }
         let mut completed_steps = 0;
         for (i, &t) in timesteps.iter().enumerate() {
+            cancel::check()?;
+            if finish.is_cancelled() {
+                break;
+            }
             let guided = cfg && guides(i);
             let scaled = scheduler.scale_model_input(&latents, i)?;
-            let pred = if guided || !cfg {
-                let input = if guided {
-                    Tensor::cat(&[&scaled, &scaled], 0)?
+            // The model evaluations of one step, which `finish` may cut short.
+            let predict = || -> Result<Tensor> {
+                let pred = if guided || !cfg {
+                    let input = if guided {
+                        Tensor::cat(&[&scaled, &scaled], 0)?
+                    } else {
+                        scaled.clone()
+                    };
+                    self.unet.forward_sharded(
+                        &input,
+                        &vec![t; rows],
+                        &conditioning.context,
+                        &extra,
+                    )?
                 } else {
-                    scaled.clone()
+                    // `cfg` excludes U-Nets that embed the guidance scale.
+                    debug_assert!(guidance_embedding.is_none());
+                    self.unet
+                        .forward_sharded(&scaled, &vec![t; n], &cond_only.0, &cond_extra)?
                 };
-                self.unet
-                    .forward_sharded(&input, &vec![t; rows], &conditioning.context, &extra)?
-            } else {
-                // `cfg` excludes U-Nets that embed the guidance scale.
-                debug_assert!(guidance_embedding.is_none());
-                self.unet
-                    .forward_sharded(&scaled, &vec![t; n], &cond_only.0, &cond_extra)?
-            };
-            let (pred, text) = if guided {
-                let uncond = pred.narrow(0, 0, n)?;
-                let text = pred.narrow(0, n, n)?;
-                let guided = guidance::guide(
-                    &uncond,
-                    &text,
-                    resolved.guidance_scale,
-                    resolved.guidance_rescale,
-                )?;
-                (guided, text)
-            } else {
-                (pred.clone(), pred)
-            };
-            let pred = match guide_unet {
-                Some(weak_unet) if guides(i) => {
-                    let weak = weak_unet.forward_sharded(
-                        &scaled,
-                        &vec![t; n],
-                        &cond_only.0,
-                        &cond_extra,
+                let (pred, text) = if guided {
+                    let uncond = pred.narrow(0, 0, n)?;
+                    let text = pred.narrow(0, n, n)?;
+                    let guided = guidance::guide(
+                        &uncond,
+                        &text,
+                        resolved.guidance_scale,
+                        resolved.guidance_rescale,
                     )?;
-                    guidance::autoguide(&pred, &text, &weak, resolved.autoguidance)?
-                }
-                _ => pred,
+                    (guided, text)
+                } else {
+                    (pred.clone(), pred)
+                };
+                let pred = match guide_unet {
+                    Some(weak_unet) if guides(i) => {
+                        let weak = weak_unet.forward_sharded(
+                            &scaled,
+                            &vec![t; n],
+                            &cond_only.0,
+                            &cond_extra,
+                        )?;
+                        guidance::autoguide(&pred, &text, &weak, resolved.autoguidance)?
+                    }
+                    _ => pred,
+                };
+                Ok(pred)
+            };
+            let pred = match cancel::watching(&[finish], predict) {
+                Ok(pred) => pred,
+                // Finished inside the step: the last finished step's latents stand.
+                Err(_) if finish.is_cancelled() && !cancel::requested() => break,
+                Err(e) => return Err(e),
             };
             latents = scheduler.step(&pred, i, &latents, &mut generators)?;
             let progress = StepProgress {

@@ -11,6 +11,7 @@ pub mod middleware;
 pub mod openai;
 pub mod page;
 pub mod plan;
+pub mod shutdown;
 pub mod worker;
 
 use std::net::{IpAddr, SocketAddr};
@@ -206,8 +207,9 @@ pub fn check_bind(options: &ServeOptions) -> Result<()> {
     Ok(())
 }
 
-/// Serves until SIGTERM or Ctrl-C, then stops as promised: no new connections, queued
-/// requests answered 503, the running one given `shutdown_grace` to finish.
+/// Serves until SIGTERM or Ctrl-C, then stops as promised ([`shutdown`]): no new connections,
+/// queued requests answered 503, the running one given `shutdown_grace` to finish, then
+/// cancelled; a second signal exits at once.
 pub fn serve(
     pipeline: Pipeline,
     model_name: String,
@@ -261,70 +263,28 @@ pub fn serve(
             .local_addr()
             .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
         println!("listening on http://{bound}");
-        let grace = options.shutdown_grace;
         let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-        let server = axum::serve(listener, router(app)).with_graceful_shutdown(async move {
-            stop_signal().await;
-            let _ = stopping_tx.send(true);
-            eprintln!("shutting down: answering queued requests 503");
-            if shutdown_queue.close() {
-                eprintln!(
-                    "letting the running request finish (at most {:.0} s)",
-                    grace.as_secs_f64()
-                );
-                let q = shutdown_queue.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(grace).await;
-                    if q.is_running() {
-                        eprintln!("grace period over: cancelling the running request");
-                        q.cancel_running();
-                    }
-                });
-            }
-        });
-        // Connections that never finish (a client trickling its body or not reading its
-        // answer) must not keep the process alive: stop waiting for them some seconds after
-        // the grace period.
-        let deadline = async move {
-            while !*stopping_rx.borrow() {
-                if stopping_rx.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-            tokio::time::sleep(grace + Duration::from_secs(10)).await;
+        let stopping = async move {
+            let _ = stopping_rx.wait_for(|&stopping| stopping).await;
         };
+        let server = axum::serve(listener, router(app)).with_graceful_shutdown(stopping);
+        // The server ends when its last connection closes; the shutdown sequence ends when
+        // the process must exit, whichever connections are still open.
+        let sequence = shutdown::sequence(shutdown_queue, options.shutdown_grace, stopping_tx);
         tokio::select! {
             result = server => result.map_err(|e| Error::io("serving HTTP", e)),
-            () = deadline => {
+            () = sequence => {
                 eprintln!("some connections did not close; exiting anyway");
                 Ok(())
             }
         }
     });
     queue.close();
-    let _ = worker.join();
-    runtime.shutdown_timeout(Duration::from_secs(1));
+    // A worker still busy here did not see its cancel flag: the process exits without it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while !worker.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    runtime.shutdown_timeout(Duration::from_millis(200));
     result
-}
-
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

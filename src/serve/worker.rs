@@ -6,7 +6,6 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
@@ -14,7 +13,9 @@ use base64::Engine;
 use tokio::sync::oneshot;
 
 use crate::error::Error;
-use crate::pipeline::{GenerateRequest, GeneratedImage, Pipeline, Resolved, StepControl};
+use crate::pipeline::{
+    GenerateRequest, GeneratedImage, Pipeline, Resolved, StepControl, StopFlags,
+};
 use crate::png_out::encode_rgb_png;
 
 /// One request: one or more generate calls (A1111's `n_iter`), each a batch.
@@ -51,13 +52,10 @@ pub enum SubmitError {
     ShuttingDown,
 }
 
-#[derive(Default)]
-struct Control {
-    /// The client left or the grace period ran out: stop and report nothing.
-    cancel: AtomicBool,
-    /// `/sdapi/v1/interrupt`: stop and return what there is.
-    interrupt: AtomicBool,
-}
+/// How a job is stopped: `cancel` when the client left or the grace period ran out (stop and
+/// report nothing), `finish` for `/sdapi/v1/interrupt` (stop sampling and return what there
+/// is). The pipeline looks at both inside each step.
+type Control = StopFlags;
 
 struct Job {
     id: u64,
@@ -129,7 +127,7 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.control.cancel.store(true, Ordering::SeqCst);
+        self.control.cancel.cancel();
         self.queue.lock().waiting.retain(|job| job.id != self.id);
         self.queue.update_job_count();
     }
@@ -206,7 +204,7 @@ impl Queue {
     pub fn interrupt(&self) -> bool {
         match &self.lock().running {
             Some(control) => {
-                control.interrupt.store(true, Ordering::SeqCst);
+                control.finish.cancel();
                 lock(&self.progress).interrupted = true;
                 true
             }
@@ -240,7 +238,7 @@ impl Queue {
     /// Cancels the running job (the shutdown grace period is over).
     pub fn cancel_running(&self) {
         if let Some(control) = &self.lock().running {
-            control.cancel.store(true, Ordering::SeqCst);
+            control.cancel.cancel();
         }
     }
 
@@ -261,7 +259,7 @@ impl Queue {
                 }
             };
             self.update_job_count();
-            let result = if job.control.cancel.load(Ordering::SeqCst) {
+            let result = if job.control.cancel.is_cancelled() {
                 Err(JobError::Cancelled)
             } else {
                 self.start_progress(&job.spec);
@@ -313,10 +311,10 @@ impl Queue {
             interrupted: false,
         };
         for (k, request) in job.spec.batches.iter().enumerate() {
-            if control.interrupt.load(Ordering::SeqCst) {
+            if control.finish.is_cancelled() {
                 break;
             }
-            let generation = pipeline.generate_controlled(request, &mut |p| {
+            let generation = pipeline.generate_stoppable(request, control, &mut |p| {
                 let preview = p.preview(0).ok().and_then(|(rgb, w, h)| {
                     let png = encode_rgb_png(&rgb, w, h, None).ok()?;
                     Some(base64::engine::general_purpose::STANDARD.encode(png))
@@ -328,13 +326,8 @@ impl Queue {
                     progress.fraction = (k * p.total + p.step) as f64 / (batches * p.total) as f64;
                     progress.current_image = preview;
                 }
-                if control.cancel.load(Ordering::SeqCst) {
-                    StepControl::Cancel
-                } else if control.interrupt.load(Ordering::SeqCst) {
-                    StepControl::Finish
-                } else {
-                    StepControl::Continue
-                }
+                // The flags themselves stop the pipeline (inside the steps too).
+                StepControl::Continue
             });
             let generation = match generation {
                 Ok(g) => g,
@@ -354,7 +347,7 @@ impl Queue {
                     .push((image, request.clone(), generation.resolved.clone()));
             }
         }
-        output.interrupted = control.interrupt.load(Ordering::SeqCst);
+        output.interrupted = control.finish.is_cancelled();
         Ok(output)
     }
 }
