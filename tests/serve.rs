@@ -821,3 +821,107 @@ fn a_second_sigterm_exits_at_once() {
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
     assert!(running.join().unwrap(), "the running request got an answer");
 }
+
+/// A raw connection to the server, for the clients that no library would make.
+fn raw_connection(server: &Server) -> std::net::TcpStream {
+    let addr = server.base.trim_start_matches("http://");
+    let stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    stream
+}
+
+/// Reads until the server closes the connection (or the read times out); what was read.
+fn read_to_close(stream: &mut std::net::TcpStream) -> String {
+    let mut text = Vec::new();
+    let _ = stream.read_to_end(&mut text);
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+#[test]
+fn slow_and_hostile_clients_are_cut_off() {
+    use std::io::Write;
+    let server = Server::start(&[
+        "--max-connections",
+        "3",
+        "--header-timeout",
+        "1",
+        "--body-timeout",
+        "1",
+        "--max-body",
+        "4KB",
+    ]);
+    // Slowloris: headers sent a piece at a time, never finished. Two of them fill two of the
+    // three places...
+    let started = Instant::now();
+    let mut slow: Vec<_> = (0..2)
+        .map(|_| {
+            let mut s = raw_connection(&server);
+            s.write_all(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(200));
+    // ...a third place is still free, and a fourth connection is turned away at once.
+    let mut held = raw_connection(&server);
+    held.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    thread::sleep(Duration::from_millis(100));
+    let mut over = raw_connection(&server);
+    let answer = read_to_close(&mut over);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("limit of 3 open connections"), "{answer}");
+    // The slow ones are closed once the header timeout passes, with nothing run.
+    for s in slow.iter_mut().chain([&mut held]) {
+        let _ = s.write_all(b"X-Slow: 1\r\n");
+        let rest = read_to_close(s);
+        assert!(!rest.contains("200 OK"), "{rest}");
+    }
+    let cut = started.elapsed();
+    eprintln!("slowloris connections closed {cut:?} after opening");
+    assert!(cut < Duration::from_secs(5), "{cut:?}");
+    // The places are free again.
+    assert_eq!(server.get("/health").0, 200);
+
+    // A body that stops arriving: 408 once the body timeout passes.
+    let mut s = raw_connection(&server);
+    s.write_all(
+        b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\":",
+    )
+    .unwrap();
+    let answer = read_to_close(&mut s);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive"), "{answer}");
+
+    // A chunked body streamed past the 4 KB limit is refused while it streams: the 413 comes
+    // back after the first few chunks of a body meant to be 1 MB.
+    let mut s = raw_connection(&server);
+    s.write_all(
+        b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let chunk = format!("400\r\n{}\r\n", " ".repeat(0x400));
+    let mut sent = 0;
+    let mut answer = Vec::new();
+    while sent < (1 << 20) {
+        if s.write_all(chunk.as_bytes()).is_err() {
+            break;
+        }
+        sent += 0x400;
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = s.read(&mut buf) {
+            answer.extend_from_slice(&buf[..n]);
+            if n > 0 {
+                break;
+            }
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    eprintln!("413 after {sent} bytes of a 1 MB body");
+    assert!(sent < 64 << 10, "{sent} bytes sent before the 413");
+    assert_eq!(server.get("/health").0, 200);
+}

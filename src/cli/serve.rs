@@ -45,6 +45,15 @@ pub struct ServeArgs {
     /// Seconds the running request may go on after SIGTERM before it is cancelled.
     #[arg(long, default_value_t = 30.0)]
     shutdown_grace: f64,
+    /// Connections open at once; one more is answered 503 and closed.
+    #[arg(long, default_value_t = 64)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers (and an idle connection stays open).
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds a client has to send a request's body, and to start reading an answer.
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout: f64,
 }
 
 /// `1MB` -> 1048576; binary units, as people mean them for request sizes.
@@ -69,14 +78,23 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
 }
 
 pub fn serve_cmd(a: ServeArgs) -> Result<()> {
-    if !(a.shutdown_grace.is_finite() && a.shutdown_grace >= 0.0) {
-        bail!("--shutdown-grace must be a number of seconds >= 0");
+    if !(a.shutdown_grace.is_finite() && (0.0..=86_400.0).contains(&a.shutdown_grace)) {
+        bail!("--shutdown-grace must be a number of seconds from 0 to 86400");
+    }
+    for (flag, v) in [
+        ("--header-timeout", a.header_timeout),
+        ("--body-timeout", a.body_timeout),
+    ] {
+        if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+            bail!("{flag} must be a number of seconds above 0 (at most a day)");
+        }
     }
     for (flag, v) in [
         ("--max-queue", a.max_queue),
         ("--max-size", a.max_size),
         ("--max-steps", a.max_steps),
         ("--max-images", a.max_images),
+        ("--max-connections", a.max_connections),
     ] {
         if v == 0 {
             bail!("{flag} must be at least 1");
@@ -94,6 +112,9 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
         cors_origin: a.cors_origin,
         insecure: a.insecure,
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
+        max_connections: a.max_connections,
+        header_timeout: Duration::from_secs_f64(a.header_timeout),
+        body_timeout: Duration::from_secs_f64(a.body_timeout),
     };
     // Refuse a bad address before the (slow) model load.
     text2img::serve::check_bind(&options)?;

@@ -22,7 +22,15 @@ pub async fn txt2img(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let fields = Fields::parse(&read_body(&headers, body, app.options.max_body).await?)?;
+    let fields = Fields::parse(
+        &read_body(
+            &headers,
+            body,
+            app.options.max_body,
+            app.options.body_timeout,
+        )
+        .await?,
+    )?;
     let sampler_name = match fields.string("sampler_name")? {
         Some(name) => Some(name),
         // Older clients name the sampler in `sampler_index`.

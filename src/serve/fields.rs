@@ -7,8 +7,15 @@ use serde_json::{Map, Value};
 
 use super::api_error::ApiError;
 
-/// Reads at most `limit` bytes of body: 413 past it.
-pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+/// Reads at most `limit` bytes of body within `deadline`: 413 as soon as the body passes the
+/// limit while it streams in (a declared length over it is refused before reading any),
+/// 408 when the client has not sent it all in time.
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    deadline: std::time::Duration,
+) -> Result<Vec<u8>, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -22,7 +29,16 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match axum::body::to_bytes(body, limit).await {
+    let Ok(read) = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {:.0} s",
+                deadline.as_secs_f64()
+            ),
+        ));
+    };
+    match read {
         Ok(bytes) => Ok(bytes.to_vec()),
         Err(e) => {
             // `to_bytes` reports the limit through its error chain.

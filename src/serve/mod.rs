@@ -7,6 +7,7 @@
 pub mod a1111;
 pub mod api_error;
 pub mod fields;
+pub mod listener;
 pub mod middleware;
 pub mod openai;
 pub mod page;
@@ -50,6 +51,13 @@ pub struct ServeOptions {
     pub insecure: bool,
     /// How long a running job may go on after SIGTERM before it is cancelled.
     pub shutdown_grace: Duration,
+    /// Connections open at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this (slow clients are cut off).
+    pub header_timeout: Duration,
+    /// A request's body must arrive within this, and an answer that the client does not read
+    /// for this long ends its connection.
+    pub body_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -66,6 +74,9 @@ impl Default for ServeOptions {
             cors_origin: None,
             insecure: false,
             shutdown_grace: Duration::from_secs(30),
+            max_connections: 64,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -267,12 +278,17 @@ pub fn serve(
         let stopping = async move {
             let _ = stopping_rx.wait_for(|&stopping| stopping).await;
         };
-        let server = axum::serve(listener, router(app)).with_graceful_shutdown(stopping);
+        let limits = listener::ConnectionLimits {
+            max_connections: options.max_connections,
+            header_timeout: options.header_timeout,
+            write_timeout: options.body_timeout,
+        };
+        let server = listener::serve(listener, router(app), limits, stopping);
         // The server ends when its last connection closes; the shutdown sequence ends when
         // the process must exit, whichever connections are still open.
         let sequence = shutdown::sequence(shutdown_queue, options.shutdown_grace, stopping_tx);
         tokio::select! {
-            result = server => result.map_err(|e| Error::io("serving HTTP", e)),
+            () = server => Ok(()),
             () = sequence => {
                 eprintln!("some connections did not close; exiting anyway");
                 Ok(())

@@ -29,7 +29,15 @@ async fn handle(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let fields = Fields::parse(&read_body(&headers, body, app.options.max_body).await?)?;
+    let fields = Fields::parse(
+        &read_body(
+            &headers,
+            body,
+            app.options.max_body,
+            app.options.body_timeout,
+        )
+        .await?,
+    )?;
     let prompt = fields
         .string("prompt")?
         .ok_or_else(|| ApiError::field("prompt", "is required"))?;
