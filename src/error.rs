@@ -61,6 +61,14 @@ impl Error {
     }
 }
 
+/// Parses JSON that stands for the file `path` (a built-in config), naming it in any error.
+pub fn parse_json<T: serde::de::DeserializeOwned>(text: &str, path: &std::path::Path) -> Result<T> {
+    serde_json::from_str(text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// Reads and parses a JSON file, naming the file in any error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

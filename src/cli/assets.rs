@@ -154,10 +154,22 @@ pub fn default_model_dir() -> Result<PathBuf> {
 /// Which model to load and how: the flags `generate`, `serve` and `bench` share.
 #[derive(clap::Args)]
 pub struct ModelArgs {
-    /// A diffusers-layout model folder, or a Hugging Face repo id (ORG/NAME); default: the
-    /// built-in model (trained on the `shapes` data set).
+    /// A diffusers-layout model folder, a single-file checkpoint (.safetensors), or a
+    /// Hugging Face repo id (ORG/NAME); default: the built-in model (trained on the `shapes`
+    /// data set).
     #[arg(long)]
     pub model: Option<String>,
+    /// For a single file: a diffusers folder whose configs describe it (for architectures
+    /// other than the released SD 1.x/2.x/XL ones).
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<std::path::PathBuf>,
+    /// For a single file: what the U-Net predicts (default: the config's; SD 2.x files are
+    /// probed, as A1111 does).
+    #[arg(long, value_parser = ["epsilon", "v_prediction"])]
+    pub prediction_type: Option<String>,
+    /// For a single file: load the U-Net's EMA weights (`model_ema.*`).
+    #[arg(long)]
+    pub ema: bool,
     /// Load `*.{variant}.safetensors` weights (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
@@ -191,7 +203,35 @@ impl ModelArgs {
                 );
             }
         }
-        load_model(self.model.as_deref(), self.variant.clone(), self.dtype)
+        let single_file = self
+            .model
+            .as_deref()
+            .map(std::path::Path::new)
+            .filter(|p| p.is_file());
+        match single_file {
+            Some(path) => {
+                let options = text2img::pipeline::SingleFileOptions {
+                    load: text2img::LoadOptions {
+                        weight_dtype: self.dtype.dtype(),
+                        ..Default::default()
+                    },
+                    config: self.config.clone(),
+                    prediction_type: self.prediction_type.clone(),
+                    ema: self.ema,
+                };
+                let pipeline = text2img::Pipeline::load_single_file(path, &options)
+                    .with_context(|| format!("loading checkpoint {}", path.display()))?;
+                Ok((pipeline, path.display().to_string()))
+            }
+            None => {
+                if self.config.is_some() || self.prediction_type.is_some() || self.ema {
+                    anyhow::bail!(
+                        "--config, --prediction-type and --ema apply to a single-file --model"
+                    );
+                }
+                load_model(self.model.as_deref(), self.variant.clone(), self.dtype)
+            }
+        }
     }
 }
 

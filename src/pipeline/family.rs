@@ -24,14 +24,7 @@ impl Family {
     pub fn detect(folder: &ModelFolder) -> Result<Self> {
         let index = folder.root.join("model_index.json");
         let class = folder.index.get("_class_name").and_then(|v| v.as_str());
-        let family = match class {
-            Some("StableDiffusionPipeline") => Family::StableDiffusion,
-            Some("LatentConsistencyModelPipeline") => Family::LatentConsistency,
-            Some("StableDiffusionXLPipeline") => Family::StableDiffusionXl,
-            Some(other) => return Err(unsupported(&index, other)),
-            None if folder.component("text_encoder_2").is_dir() => Family::StableDiffusionXl,
-            None => Family::StableDiffusion,
-        };
+        let family = Self::from_class(class, folder.component("text_encoder_2").is_dir(), &index)?;
         if family == Family::StableDiffusionXl && !folder.component("text_encoder").is_dir() {
             return Err(Error::config(
                 index,
@@ -39,6 +32,19 @@ impl Family {
             ));
         }
         Ok(family)
+    }
+
+    /// From `model_index.json`'s class name (`index` names the file in errors); without
+    /// one, a second text encoder means SDXL.
+    pub fn from_class(class: Option<&str>, has_text_encoder_2: bool, index: &Path) -> Result<Self> {
+        Ok(match class {
+            Some("StableDiffusionPipeline") => Family::StableDiffusion,
+            Some("LatentConsistencyModelPipeline") => Family::LatentConsistency,
+            Some("StableDiffusionXLPipeline") => Family::StableDiffusionXl,
+            Some(other) => return Err(unsupported(index, other)),
+            None if has_text_encoder_2 => Family::StableDiffusionXl,
+            None => Family::StableDiffusion,
+        })
     }
 
     /// The (component, class) pairs the family loads, checked against `model_index.json`.

@@ -6,6 +6,7 @@
 pub mod conditioning;
 pub mod family;
 pub mod guidance;
+pub mod single_file;
 pub mod size;
 
 use std::path::Path;
@@ -29,6 +30,7 @@ use crate::weights::store::has_weight_files;
 use conditioning::{Conditioning, TextEncoder};
 pub use family::Family;
 pub use guidance::GuidanceInterval;
+pub use single_file::SingleFileOptions;
 
 /// The folder, beside `unet/`, of autoguidance's weaker U-Net.
 pub const GUIDE_UNET: &str = "guide_unet";
@@ -384,7 +386,7 @@ impl Pipeline {
             defaults,
             device: device.clone(),
         };
-        pipeline.check_widths(folder)?;
+        pipeline.check_widths(&folder.component("unet").join("config.json"))?;
         pipeline.check_guide_unet(folder)?;
         Ok(pipeline)
     }
@@ -444,8 +446,7 @@ impl Pipeline {
 
     /// The text encoders' widths must add up to what the U-Net's cross-attention reads, and
     /// an SDXL U-Net's added embedding must fit the pooled text embedding.
-    fn check_widths(&self, folder: &ModelFolder) -> Result<()> {
-        let unet_config = folder.component("unet").join("config.json");
+    fn check_widths(&self, unet_config: &Path) -> Result<()> {
         let context: usize = self
             .text_encoders
             .iter()

@@ -69,7 +69,15 @@ fn d_eps() -> f64 {
 
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let config: Self = read_json(path)?;
+        Self::checked(read_json(path)?, path)
+    }
+
+    /// From the text of a `config.json` that `path` names (in errors).
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        Self::checked(crate::error::parse_json(text, path)?, path)
+    }
+
+    fn checked(config: Self, path: &Path) -> Result<Self> {
         if !matches!(config.hidden_act.as_str(), "quick_gelu" | "gelu") {
             return Err(Error::config(
                 path,

@@ -73,7 +73,15 @@ fn d_up() -> Vec<String> {
 
 impl VaeConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let c: Self = read_json(path)?;
+        Self::checked(read_json(path)?, path)
+    }
+
+    /// From the text of a `config.json` that `path` names (in errors).
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        Self::checked(crate::error::parse_json(text, path)?, path)
+    }
+
+    fn checked(c: Self, path: &Path) -> Result<Self> {
         let n = c.block_out_channels.len();
         if n == 0 || c.down_block_types.len() != n || c.up_block_types.len() != n {
             return Err(Error::config(

@@ -2,6 +2,7 @@
 
 pub mod folder;
 pub mod params;
+pub mod single_file;
 pub mod store;
 
 pub use params::ParamStore;

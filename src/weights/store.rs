@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
@@ -13,6 +13,7 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 use super::params::ParamStore;
 use crate::error::{Error, Result};
 
+#[derive(Clone, Debug)]
 struct Entry {
     shard: usize,
     dtype: DType,
@@ -20,6 +21,35 @@ struct Entry {
     /// Byte range inside the shard's file.
     start: usize,
     end: usize,
+    /// A 2-D tensor stored transposed (OpenCLIP's `text_projection`): transposed as it loads.
+    transposed: bool,
+}
+
+/// Where a component's tensor is in a whole checkpoint ([`Weights::component`]).
+#[derive(Clone, Debug)]
+pub enum Piece {
+    /// The stored tensor as it is.
+    Whole(String),
+    /// Rows `start..start + len` of the stored tensor's first dimension (one of q, k, v in a
+    /// fused projection): a contiguous byte range, read without the rest.
+    Rows {
+        stored: String,
+        start: usize,
+        len: usize,
+    },
+    /// The stored 2-D tensor, transposed.
+    Transposed(String),
+    /// A 1x1 convolution kernel read as the matrix it is (the original VAE's attention).
+    Matrix(String),
+}
+
+impl Piece {
+    pub fn stored(&self) -> &str {
+        match self {
+            Piece::Whole(s) | Piece::Transposed(s) | Piece::Matrix(s) => s,
+            Piece::Rows { stored, .. } => stored,
+        }
+    }
 }
 
 /// The weights of one model component (one folder such as `unet/`).
@@ -27,7 +57,7 @@ pub struct Weights {
     /// Each shard's path and open file. Tensors are read from the file, not from a mapping:
     /// pages of a mapping stay resident beside the loaded copies, so peak memory would be the
     /// file size on top of the model.
-    shards: Vec<(PathBuf, Mutex<std::fs::File>)>,
+    shards: Arc<Vec<(PathBuf, Mutex<std::fs::File>)>>,
     entries: HashMap<String, Entry>,
     /// Canonical name -> stored name, for legacy names that diffusers also accepts.
     aliases: HashMap<String, String>,
@@ -93,6 +123,7 @@ impl Weights {
                         shape: view.shape().to_vec(),
                         start,
                         end: start + data.len(),
+                        transposed: false,
                     },
                 );
             }
@@ -100,7 +131,15 @@ impl Weights {
             drop(mmap);
             shards.push((path.clone(), Mutex::new(file)));
         }
-        Ok(Self {
+        Ok(Self::from_entries(Arc::new(shards), entries, device))
+    }
+
+    fn from_entries(
+        shards: Arc<Vec<(PathBuf, Mutex<std::fs::File>)>>,
+        entries: HashMap<String, Entry>,
+        device: &Device,
+    ) -> Self {
+        Self {
             shards,
             entries,
             aliases: HashMap::new(),
@@ -109,7 +148,74 @@ impl Weights {
             device: device.clone(),
             dtype: DType::F32,
             matrix_dtype: DType::F32,
-        })
+        }
+    }
+
+    /// One component's weights out of a whole checkpoint (a single file holding U-Net, VAE
+    /// and text encoders under their own prefixes): each of the component's names with the
+    /// stored tensor, or piece of one, that holds it. The file is shared, not read again; the
+    /// stored tensors used here count as used in `self` too (see [`Weights::finish`]).
+    pub fn component(&self, layout: &[(String, Piece)]) -> Result<Weights> {
+        let mut entries = HashMap::new();
+        for (name, piece) in layout {
+            let stored = piece.stored();
+            let Some(entry) = self.entries.get(stored) else {
+                return Err(Error::MissingTensor {
+                    path: self.path_of(None).to_path_buf(),
+                    name: stored.to_string(),
+                });
+            };
+            let mut entry = entry.clone();
+            match piece {
+                Piece::Whole(_) => {}
+                Piece::Matrix(_) => {
+                    if entry.shape.len() != 4 || entry.shape[2..] != [1, 1] {
+                        return Err(self.bad_piece(stored, "is not a 1x1 convolution kernel"));
+                    }
+                    entry.shape.truncate(2);
+                }
+                Piece::Transposed(_) => {
+                    if entry.shape.len() != 2 {
+                        return Err(self.bad_piece(stored, "is not a matrix"));
+                    }
+                    entry.shape.reverse();
+                    entry.transposed = true;
+                }
+                &Piece::Rows { start, len, .. } => {
+                    let rows = entry.shape.first().copied().unwrap_or(0);
+                    if start + len > rows {
+                        return Err(self
+                            .bad_piece(stored, &format!("has {rows} rows, not {}", start + len)));
+                    }
+                    let row_bytes = (entry.end - entry.start) / rows.max(1);
+                    entry.start += start * row_bytes;
+                    entry.end = entry.start + len * row_bytes;
+                    entry.shape[0] = len;
+                }
+            }
+            entries.insert(name.clone(), entry);
+        }
+        let used: Vec<String> = layout.iter().map(|(_, p)| p.stored().to_string()).collect();
+        self.used.lock().unwrap().extend(used);
+        Ok(Self::from_entries(
+            self.shards.clone(),
+            entries,
+            &self.device,
+        ))
+    }
+
+    fn bad_piece(&self, stored: &str, what: &str) -> Error {
+        Error::Safetensors {
+            path: self.path_of(Some(stored)).to_path_buf(),
+            reason: format!("tensor `{stored}` {what}"),
+        }
+    }
+
+    /// The stored tensors' names and shapes (what a checkpoint's architecture is read from).
+    pub fn shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.entries
+            .iter()
+            .map(|(name, e)| (name.as_str(), e.shape.as_slice()))
     }
 
     /// Keeps weight matrices and convolution kernels in `dtype` (f32, f16 or bf16).
@@ -192,6 +298,12 @@ impl Weights {
         };
         let tensor = if legacy_conv {
             tensor.reshape(shape)?
+        } else if entry.transposed {
+            // Read in the stored (reversed) shape, then transposed into the asked-for one.
+            tensor
+                .reshape([entry.shape[1], entry.shape[0]].as_slice())?
+                .t()?
+                .contiguous()?
         } else {
             tensor
         };

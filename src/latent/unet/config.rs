@@ -276,6 +276,11 @@ impl UNetConfig {
         Self::from_raw(raw, path)
     }
 
+    /// From the text of a `config.json` that `path` names (in errors).
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        Self::from_raw(crate::error::parse_json(text, path)?, path)
+    }
+
     fn from_raw(raw: RawUNetConfig, path: &Path) -> Result<Self> {
         let err = |m: String| Error::config(path, m);
         let refuse = |field: &str, what: &str| {

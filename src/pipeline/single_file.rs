@@ -1,0 +1,210 @@
+//! A pipeline from one checkpoint file: the components' weights through the checkpoint's
+//! layout map ([`crate::weights::single_file`]), their configs from a diffusers folder or the
+//! released architecture's built-in ones.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use super::conditioning::TextEncoder;
+use super::{Family, LoadOptions, ModelDefaults, Pipeline};
+use crate::error::{parse_json, Error, Result};
+use crate::latent::schedulers::SchedulerKind;
+use crate::latent::unet::{ExtraConditions, UNet, UNetConfig};
+use crate::text::clip::{ClipTextConfig, ClipTextModel};
+use crate::vae::config::VaeConfig;
+use crate::vae::AutoencoderKl;
+use crate::weights::single_file::configs::ConfigFiles;
+use crate::weights::single_file::{Architecture, Checkpoint};
+
+/// How to load a single file, beyond [`LoadOptions`].
+#[derive(Clone, Debug, Default)]
+pub struct SingleFileOptions {
+    pub load: LoadOptions,
+    /// A diffusers folder whose configs (not weights) describe the checkpoint; `None`: the
+    /// released architecture's, chosen from the file.
+    pub config: Option<PathBuf>,
+    /// `epsilon` or `v_prediction`; `None`: the config's, or for SD 2.x found by running the
+    /// U-Net once (A1111's probe).
+    pub prediction_type: Option<String>,
+    /// Load the U-Net's EMA copy (`model_ema.*`) instead of its weights.
+    pub ema: bool,
+}
+
+impl Pipeline {
+    /// Loads a single-file checkpoint (`.safetensors`).
+    pub fn load_single_file(path: &Path, options: &SingleFileOptions) -> Result<Self> {
+        Self::load_single_file_as_is(path, options).map_err(|e| match (&options.config, e) {
+            // The weights do not fit the released architecture's numbers.
+            (None, e @ (Error::ShapeMismatch { .. } | Error::MissingTensor { .. })) => {
+                Error::config(
+                    path,
+                    format!("{e}; the file is not the released architecture: give its diffusers configs with --config DIR"),
+                )
+            }
+            (_, e) => e,
+        })
+    }
+
+    fn load_single_file_as_is(path: &Path, options: &SingleFileOptions) -> Result<Self> {
+        let load = &options.load;
+        let (device, wd) = (&load.device, load.weight_dtype);
+        let mut checkpoint = Checkpoint::open(path, device)?;
+        let arch = checkpoint.architecture;
+        if checkpoint.inpainting {
+            return Err(Error::config(
+                path,
+                format!(
+                    "an inpainting checkpoint ({}, 9-channel U-Net); inpainting is not supported yet",
+                    arch.description()
+                ),
+            ));
+        }
+        let configs = match &options.config {
+            Some(dir) => ConfigFiles::Folder(dir.clone()),
+            None => ConfigFiles::BuiltIn(arch),
+        };
+        let index: Value = parse_json(
+            &configs.require("model_index.json")?,
+            &configs.path("model_index.json"),
+        )?;
+        let family = Family::from_class(
+            index.get("_class_name").and_then(Value::as_str),
+            configs.has("text_encoder_2"),
+            &configs.path("model_index.json"),
+        )?;
+        let encoders = arch.text_encoders().len();
+        let wanted = if family == Family::StableDiffusionXl {
+            2
+        } else {
+            1
+        };
+        if encoders != wanted {
+            return Err(Error::config(
+                configs.path("model_index.json"),
+                format!(
+                    "describes a pipeline with {wanted} text encoder(s), but {} is {} ({encoders})",
+                    path.display(),
+                    arch.description()
+                ),
+            ));
+        }
+
+        let unet_path = configs.path("unet/config.json");
+        let unet_config = UNetConfig::from_json(&configs.require("unet/config.json")?, &unet_path)?;
+        let mut weights = checkpoint.unet(&unet_config, options.ema)?;
+        weights.store_matrices_as(wd);
+        let unet = UNet::from_weights(unet_config, &weights.root())?;
+        weights.finish()?;
+
+        let vae_config = VaeConfig::from_json(
+            &configs.require("vae/config.json")?,
+            &configs.path("vae/config.json"),
+        )?;
+        let mut weights = checkpoint.vae(vae_config.block_out_channels.len())?;
+        weights.store_matrices_as(wd);
+        let vae = AutoencoderKl::from_weights(vae_config, &weights.root())?;
+        weights.finish()?;
+
+        let mut text_encoders = Vec::new();
+        for (i, (tokenizer, encoder)) in [
+            ("tokenizer", "text_encoder"),
+            ("tokenizer_2", "text_encoder_2"),
+        ]
+        .into_iter()
+        .take(encoders)
+        .enumerate()
+        {
+            let file = format!("{encoder}/config.json");
+            let config = ClipTextConfig::from_json(&configs.require(&file)?, &configs.path(&file))?;
+            let projection = i == 1;
+            let mut weights = checkpoint.text_encoder(i, &config, projection)?;
+            weights.store_matrices_as(wd);
+            let model = ClipTextModel::from_weights(config, &weights)?;
+            weights.finish()?;
+            text_encoders.push(TextEncoder {
+                tokenizer: configs.tokenizer(tokenizer)?,
+                model,
+            });
+        }
+        checkpoint.finish()?;
+
+        let scheduler_path = configs.path("scheduler/scheduler_config.json");
+        let mut scheduler_config: Value = parse_json(
+            &configs.require("scheduler/scheduler_config.json")?,
+            &scheduler_path,
+        )?;
+        let prediction = match &options.prediction_type {
+            Some(p) => Some(p.clone()),
+            None if arch == Architecture::Sd2 && options.config.is_none() => {
+                Some(probe_prediction_type(&unet, device)?.to_string())
+            }
+            None => None,
+        };
+        if let Some(prediction) = prediction {
+            if !matches!(prediction.as_str(), "epsilon" | "v_prediction") {
+                return Err(Error::InvalidRequest(format!(
+                    "prediction type `{prediction}`: use epsilon or v_prediction"
+                )));
+            }
+            scheduler_config["prediction_type"] = Value::from(prediction);
+        }
+        let class = index
+            .pointer("/scheduler/1")
+            .or_else(|| scheduler_config.get("_class_name"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::config(&scheduler_path, "no scheduler class named"))?
+            .to_string();
+        let folder_scheduler = SchedulerKind::from_diffusers_class(&class, &scheduler_config)?;
+        let mut defaults = ModelDefaults::default();
+        if arch == Architecture::Sd2
+            && options.config.is_none()
+            && scheduler_config["prediction_type"] == "v_prediction"
+        {
+            // The v-prediction SD 2.x models were trained at 768x768.
+            defaults.width = Some(768);
+            defaults.height = Some(768);
+        }
+        let name = path
+            .file_stem()
+            .map_or_else(|| "checkpoint".into(), |s| s.to_string_lossy().into_owned());
+        let pipeline = Pipeline {
+            name,
+            family,
+            text_encoders,
+            unet,
+            guide_unet: None,
+            vae,
+            scheduler_config,
+            folder_scheduler,
+            force_zeros_for_empty_prompt: index
+                .get("force_zeros_for_empty_prompt")
+                .and_then(Value::as_bool)
+                .unwrap_or(family == Family::StableDiffusionXl),
+            defaults,
+            device: device.clone(),
+        };
+        pipeline.check_widths(&unet_path)?;
+        Ok(pipeline)
+    }
+}
+
+/// A1111's test for SD 2.x v-prediction checkpoints: at t = 999, with input and context all
+/// 0.5, an epsilon U-Net predicts about the input itself, a v U-Net far below it.
+fn probe_prediction_type(unet: &UNet, device: &Device) -> Result<&'static str> {
+    let context_width = unet.config.cross_attention_dim().unwrap_or(1024);
+    let x = (Tensor::ones(
+        (1, unet.config.in_channels, 8, 8),
+        candle_core::DType::F32,
+        device,
+    )? * 0.5)?;
+    let context = (Tensor::ones((1, 2, context_width), candle_core::DType::F32, device)? * 0.5)?;
+    let out = unet.forward_conditioned(&x, &[999.0], &context, &ExtraConditions::default())?;
+    let mean = (out - &x)?.mean_all()?.to_scalar::<f32>()?;
+    Ok(if mean < -1.0 {
+        "v_prediction"
+    } else {
+        "epsilon"
+    })
+}

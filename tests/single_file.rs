@@ -1,0 +1,167 @@
+//! Single-file checkpoints in the original layouts (made by scripts/fixtures/single_file.py
+//! from the tiny folders, and checked there with diffusers' `from_single_file`): the same
+//! images as the folders, bit for bit; the EMA copy only when asked; anything that is not such
+//! a checkpoint refused with what it looks like.
+
+mod parity;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use parity::model_dir;
+use text2img::latent::schedulers::SchedulerKind;
+use text2img::pipeline::{load_local, GenerateRequest, LoadOptions, Pipeline, SingleFileOptions};
+
+fn checkpoint(name: &str) -> PathBuf {
+    model_dir("single-file").join(format!("{name}.safetensors"))
+}
+
+fn options(config: Option<&str>) -> SingleFileOptions {
+    SingleFileOptions {
+        config: config.map(model_dir),
+        ..Default::default()
+    }
+}
+
+fn image(pipeline: &Pipeline) -> Vec<u8> {
+    let request = GenerateRequest {
+        prompts: vec!["a red circle".into()],
+        negative_prompts: Some(vec!["blurry".into()]),
+        seed: Some(7),
+        steps: Some(3),
+        scheduler: Some(SchedulerKind::Euler),
+        ..Default::default()
+    };
+    let generation = pipeline.generate(&request, &mut |_| true).unwrap();
+    generation.images[0].rgb.clone()
+}
+
+fn load_error(path: &Path, options: &SingleFileOptions) -> String {
+    match Pipeline::load_single_file(path, options) {
+        Ok(_) => panic!("{} should not load", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn each_layout_gives_the_folders_image_bit_for_bit() {
+    for (name, arch) in [
+        ("sd1-tiny", "Sd1"),
+        ("sd2-tiny", "Sd2"),
+        ("sdxl-tiny", "Sdxl"),
+    ] {
+        let single = Pipeline::load_single_file(&checkpoint(name), &options(Some(name))).unwrap();
+        let folder = load_local(&model_dir(name), &LoadOptions::default()).unwrap();
+        assert_eq!(single.family, folder.family, "{name}");
+        assert!(
+            image(&single) == image(&folder),
+            "{name}: the images differ"
+        );
+        let opened = text2img::weights::single_file::Checkpoint::open(
+            &checkpoint(name),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(format!("{:?}", opened.architecture), arch);
+        assert!(!opened.inpainting);
+    }
+}
+
+#[test]
+fn the_ema_copy_loads_only_when_asked() {
+    // The fixture's EMA copy is the U-Net's weights halved: a different image.
+    let plain = Pipeline::load_single_file(&checkpoint("sd1-tiny"), &options(Some("sd1-tiny")));
+    let ema = Pipeline::load_single_file(
+        &checkpoint("sd1-tiny"),
+        &SingleFileOptions {
+            ema: true,
+            ..options(Some("sd1-tiny"))
+        },
+    );
+    let folder = load_local(&model_dir("sd1-tiny"), &LoadOptions::default()).unwrap();
+    assert!(image(&plain.unwrap()) == image(&folder));
+    assert!(image(&ema.unwrap()) != image(&folder));
+    let no_ema = load_error(
+        &checkpoint("sd2-tiny"),
+        &SingleFileOptions {
+            ema: true,
+            ..options(Some("sd2-tiny"))
+        },
+    );
+    assert!(no_ema.contains("no EMA copy"), "{no_ema}");
+}
+
+fn read(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap()
+}
+
+fn write(dir: &Path, name: &str, tensors: &HashMap<String, Tensor>) -> PathBuf {
+    let path = dir.join(name);
+    candle_core::safetensors::save(tensors, &path).unwrap();
+    path
+}
+
+#[test]
+fn what_is_not_a_checkpoint_is_refused_with_what_it_looks_like() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = read(&checkpoint("sd1-tiny"));
+    let cases: Vec<(&str, HashMap<String, Tensor>, &str)> = vec![
+        (
+            "lora.safetensors",
+            [(
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight".to_string(),
+                Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+            )]
+            .into(),
+            "a LoRA",
+        ),
+        (
+            "unet-alone.safetensors",
+            read(&model_dir("sd1-tiny").join("unet/diffusion_pytorch_model.safetensors")),
+            "a diffusers-layout U-Net alone",
+        ),
+        (
+            "no-vae.safetensors",
+            full.iter()
+                .filter(|(k, _)| !k.starts_with("first_stage_model."))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            "has no VAE",
+        ),
+        (
+            "extra.safetensors",
+            full.iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .chain([(
+                    "model.diffusion_model.extra_head.weight".to_string(),
+                    Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+                )])
+                .collect(),
+            "model.diffusion_model.extra_head.weight",
+        ),
+        (
+            "missing.safetensors",
+            full.iter()
+                .filter(|(k, _)| !k.ends_with("middle_block.1.proj_out.weight"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            "mid_block.attentions.0.proj_out.weight",
+        ),
+    ];
+    for (file, tensors, expected) in cases {
+        let path = write(dir.path(), file, &tensors);
+        let err = load_error(&path, &options(Some("sd1-tiny")));
+        assert!(err.contains(expected), "{file}: {err}");
+    }
+    // Without --config, a file that is not the released architecture says so.
+    let err = load_error(&checkpoint("sd1-tiny"), &options(None));
+    assert!(err.contains("--config"), "{err}");
+    // Pickles are not read yet; other files are not checkpoints.
+    let pickle = dir.path().join("model.ckpt");
+    std::fs::write(&pickle, b"PK").unwrap();
+    assert!(load_error(&pickle, &options(None)).contains("pickled"));
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, b"hello").unwrap();
+    assert!(load_error(&text, &options(None)).contains("not a checkpoint"));
+}
