@@ -17,6 +17,10 @@ fn checkpoint(name: &str) -> PathBuf {
     model_dir("single-file").join(format!("{name}.safetensors"))
 }
 
+fn checkpoint_file(file: &str) -> PathBuf {
+    model_dir("single-file").join(file)
+}
+
 fn options(config: Option<&str>) -> SingleFileOptions {
     SingleFileOptions {
         config: config.map(model_dir),
@@ -157,11 +161,37 @@ fn what_is_not_a_checkpoint_is_refused_with_what_it_looks_like() {
     // Without --config, a file that is not the released architecture says so.
     let err = load_error(&checkpoint("sd1-tiny"), &options(None));
     assert!(err.contains("--config"), "{err}");
-    // Pickles are not read yet; other files are not checkpoints.
-    let pickle = dir.path().join("model.ckpt");
-    std::fs::write(&pickle, b"PK").unwrap();
-    assert!(load_error(&pickle, &options(None)).contains("pickled"));
+    // A pickle that is no zip (PyTorch's legacy format), a truncated archive; not checkpoints.
+    let legacy = dir.path().join("legacy.ckpt");
+    std::fs::write(&legacy, b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.").unwrap();
+    assert!(load_error(&legacy, &options(None)).contains("legacy"));
+    let truncated = dir.path().join("truncated.ckpt");
+    let bytes = std::fs::read(checkpoint_file("sd1-tiny.ckpt")).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(load_error(&truncated, &options(None)).contains("zip"));
     let text = dir.path().join("notes.txt");
     std::fs::write(&text, b"hello").unwrap();
     assert!(load_error(&text, &options(None)).contains("not a checkpoint"));
+}
+
+/// A PyTorch checkpoint (a zip holding a pickled `state_dict`) loads without running its
+/// pickle, to the same image; one whose pickle would run a command is refused before any
+/// tensor is read, naming the global, and the command does not run.
+#[test]
+fn pickled_checkpoints_are_read_and_never_run() {
+    let ckpt = Pipeline::load_single_file(
+        &checkpoint_file("sd1-tiny.ckpt"),
+        &options(Some("sd1-tiny")),
+    )
+    .unwrap();
+    let folder = load_local(&model_dir("sd1-tiny"), &LoadOptions::default()).unwrap();
+    assert!(
+        image(&ckpt) == image(&folder),
+        "the .ckpt gives another image"
+    );
+
+    let marker = Path::new("text2img-pickle-ran");
+    let err = load_error(&checkpoint_file("evil.ckpt"), &options(Some("sd1-tiny")));
+    assert!(err.contains("system`") && err.contains("refused"), "{err}");
+    assert!(!marker.exists(), "the pickle's command ran");
 }

@@ -2,8 +2,10 @@
 
 pub mod folder;
 pub mod params;
+pub mod pickle;
 pub mod single_file;
 pub mod store;
+pub mod torch_file;
 
 pub use params::ParamStore;
 pub use store::{Vb, Weights};

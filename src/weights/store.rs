@@ -134,6 +134,29 @@ impl Weights {
         Ok(Self::from_entries(Arc::new(shards), entries, device))
     }
 
+    /// Opens a PyTorch checkpoint (`.ckpt`/`.pt`), whose pickle is interpreted, never run
+    /// (see [`super::torch_file`]).
+    pub fn open_torch(path: &Path, device: &Device) -> Result<Self> {
+        let tensors = super::torch_file::read_tensors(path)?;
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let entries = tensors
+            .into_iter()
+            .map(|t| {
+                let entry = Entry {
+                    shard: 0,
+                    dtype: t.dtype,
+                    shape: t.shape,
+                    start: t.start,
+                    end: t.end,
+                    transposed: false,
+                };
+                (t.name, entry)
+            })
+            .collect();
+        let shards = vec![(path.to_path_buf(), Mutex::new(file))];
+        Ok(Self::from_entries(Arc::new(shards), entries, device))
+    }
+
     fn from_entries(
         shards: Arc<Vec<(PathBuf, Mutex<std::fs::File>)>>,
         entries: HashMap<String, Entry>,

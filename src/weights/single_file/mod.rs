@@ -109,23 +109,19 @@ impl Checkpoint {
             .extension()
             .and_then(|e| e.to_str())
             .map(str::to_ascii_lowercase);
-        match extension.as_deref() {
-            Some("safetensors") => {}
-            Some("ckpt" | "pt" | "pth" | "bin") => return Err(Error::config(
-                path,
-                "pickled checkpoints (.ckpt/.pt/.pth) are not read yet; convert it to .safetensors",
-            )),
-            _ => {
-                return Err(Error::config(
-                    path,
-                    "not a checkpoint file: expected .safetensors (or a diffusers folder)",
-                ))
-            }
-        }
         if !path.is_file() {
             return Err(Error::config(path, "checkpoint file does not exist"));
         }
-        let weights = Weights::open_files(&[path.to_path_buf()], device)?;
+        let weights = match extension.as_deref() {
+            Some("safetensors") => Weights::open_files(&[path.to_path_buf()], device)?,
+            Some("ckpt" | "pt" | "pth") => Weights::open_torch(path, device)?,
+            _ => {
+                return Err(Error::config(
+                    path,
+                    "not a checkpoint file: expected .safetensors, .ckpt, .pt or .pth (or a diffusers folder)",
+                ))
+            }
+        };
         let shapes: HashMap<&str, &[usize]> = weights.shapes().collect();
         let (architecture, inpainting) = detect(&shapes).map_err(|m| Error::config(path, m))?;
         let vae_prefix = ["first_stage_model.", "vae."]
