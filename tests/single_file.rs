@@ -195,3 +195,33 @@ fn pickled_checkpoints_are_read_and_never_run() {
     assert!(err.contains("system`") && err.contains("refused"), "{err}");
     assert!(!marker.exists(), "the pickle's command ran");
 }
+
+/// `convert` writes a diffusers folder that loads to the same image (scripts/check-convert
+/// checks the same folders with diffusers); a failed conversion leaves nothing behind.
+#[test]
+fn convert_writes_a_folder_with_the_same_image() {
+    use text2img::pipeline::single_file::convert_single_file;
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["sd2-tiny", "sdxl-tiny"] {
+        let out = dir.path().join(name);
+        convert_single_file(&checkpoint(name), &options(Some(name)), &out).unwrap();
+        let converted = load_local(&out, &LoadOptions::default()).unwrap();
+        let folder = load_local(&model_dir(name), &LoadOptions::default()).unwrap();
+        assert!(image(&converted) == image(&folder), "{name}");
+    }
+    let taken = dir.path().join("sd2-tiny");
+    let err = convert_single_file(&checkpoint("sd2-tiny"), &options(Some("sd2-tiny")), &taken);
+    assert!(err.unwrap_err().to_string().contains("already exists"));
+    let out = dir.path().join("evil");
+    let err = convert_single_file(
+        &checkpoint_file("evil.ckpt"),
+        &options(Some("sd1-tiny")),
+        &out,
+    );
+    assert!(err.is_err());
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+}

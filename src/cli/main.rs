@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -52,6 +52,40 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Time the parts of a generation (load, text, U-Net step, VAE decode) and sgemm.
     Bench(bench::BenchArgs),
+    /// Write a single-file checkpoint (.safetensors, .ckpt) as a diffusers folder.
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The checkpoint file.
+    file: std::path::PathBuf,
+    /// The diffusers folder to write (must not exist).
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// A diffusers folder whose configs describe the file (other than the released
+    /// architectures).
+    #[arg(long, value_name = "DIR")]
+    config: Option<std::path::PathBuf>,
+    /// What the U-Net predicts (default: the config's; SD 2.x files are probed).
+    #[arg(long, value_parser = ["epsilon", "v_prediction"])]
+    prediction_type: Option<String>,
+    /// Write the U-Net's EMA weights (`model_ema.*`) instead of its weights.
+    #[arg(long)]
+    ema: bool,
+}
+
+fn convert(a: ConvertArgs) -> Result<()> {
+    let options = text2img::pipeline::SingleFileOptions {
+        config: a.config,
+        prediction_type: a.prediction_type,
+        ema: a.ema,
+        ..Default::default()
+    };
+    text2img::pipeline::single_file::convert_single_file(&a.file, &options, &a.out)
+        .with_context(|| format!("converting {}", a.file.display()))?;
+    println!("{}", a.out.display());
+    Ok(())
 }
 
 #[derive(Args)]
@@ -144,6 +178,7 @@ fn main() -> ExitCode {
         Command::Grid(args) => eval::grid_cmd(args),
         Command::Serve(args) => serve::serve_cmd(args),
         Command::Bench(args) => bench::bench_cmd(args),
+        Command::Convert(args) => convert(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,6 +17,7 @@ use crate::vae::config::VaeConfig;
 use crate::vae::AutoencoderKl;
 use crate::weights::single_file::configs::ConfigFiles;
 use crate::weights::single_file::{Architecture, Checkpoint};
+use crate::weights::Weights;
 
 /// How to load a single file, beyond [`LoadOptions`].
 #[derive(Clone, Debug, Default)]
@@ -206,5 +207,118 @@ fn probe_prediction_type(unet: &UNet, device: &Device) -> Result<&'static str> {
         "v_prediction"
     } else {
         "epsilon"
+    })
+}
+
+/// Writes a single-file checkpoint as a diffusers folder at `out`: each component's weights
+/// under diffusers' names in their stored dtype, the configs it was loaded with (the
+/// scheduler's prediction type as resolved), and the tokenizer files. The checkpoint is
+/// loaded first, so a file that does not load is not converted; the folder is written beside
+/// `out` and renamed into place, so a failed conversion leaves nothing behind.
+pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path) -> Result<()> {
+    if out.exists() {
+        return Err(Error::config(out, "already exists; choose a new folder"));
+    }
+    let pipeline = Pipeline::load_single_file(path, options)?;
+    let scheduler_config = pipeline.scheduler_config.clone();
+    let defaults = pipeline.defaults.clone();
+    drop(pipeline);
+    let mut checkpoint = Checkpoint::open(path, &options.load.device)?;
+    let arch = checkpoint.architecture;
+    let configs = match &options.config {
+        Some(dir) => ConfigFiles::Folder(dir.clone()),
+        None => ConfigFiles::BuiltIn(arch),
+    };
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::config(out, "not a folder name"))?
+        .to_string_lossy();
+    let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let written = (|| -> Result<()> {
+        std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        let write_text = |file: &str, text: &str| -> Result<()> {
+            let target = staging.join(file);
+            if let Some(dir) = target.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            std::fs::write(&target, text).map_err(|e| Error::io(&target, e))
+        };
+        let write_weights = |component: &str, file: &str, weights: Weights| -> Result<()> {
+            let tensors: std::collections::HashMap<String, Tensor> =
+                weights.stored_tensors()?.into_iter().collect();
+            let dir = staging.join(component);
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            candle_core::safetensors::save(&tensors, dir.join(file))?;
+            Ok(())
+        };
+        let copy = |file: &str| -> Result<String> {
+            let text = configs.require(file)?;
+            write_text(file, &text)?;
+            Ok(text)
+        };
+        copy("model_index.json")?;
+        let unet_text = copy("unet/config.json")?;
+        let vae_text = copy("vae/config.json")?;
+        let unet_config = UNetConfig::from_json(&unet_text, &configs.path("unet/config.json"))?;
+        write_weights(
+            "unet",
+            "diffusion_pytorch_model.safetensors",
+            checkpoint.unet(&unet_config, options.ema)?,
+        )?;
+        let vae_config = VaeConfig::from_json(&vae_text, &configs.path("vae/config.json"))?;
+        write_weights(
+            "vae",
+            "diffusion_pytorch_model.safetensors",
+            checkpoint.vae(vae_config.block_out_channels.len())?,
+        )?;
+        let encoders = arch.text_encoders().len();
+        for (i, (tokenizer, encoder)) in [
+            ("tokenizer", "text_encoder"),
+            ("tokenizer_2", "text_encoder_2"),
+        ]
+        .into_iter()
+        .take(encoders)
+        .enumerate()
+        {
+            let file = format!("{encoder}/config.json");
+            let text = copy(&file)?;
+            let config = ClipTextConfig::from_json(&text, &configs.path(&file))?;
+            write_weights(
+                encoder,
+                "model.safetensors",
+                checkpoint.text_encoder(i, &config, i == 1)?,
+            )?;
+            for part in ["tokenizer_config.json", "special_tokens_map.json"] {
+                copy(&format!("{tokenizer}/{part}"))?;
+            }
+            let (vocab, merges) = configs.vocabulary(tokenizer)?;
+            write_text(&format!("{tokenizer}/vocab.json"), &vocab)?;
+            write_text(&format!("{tokenizer}/merges.txt"), &merges)?;
+        }
+        let scheduler = serde_json::to_string_pretty(&scheduler_config)
+            .map_err(|e| Error::config(&staging, e.to_string()))?;
+        write_text("scheduler/scheduler_config.json", &scheduler)?;
+        if defaults.width.is_some() {
+            // The size a v-prediction SD 2.x file defaults to, which diffusers reads from the
+            // U-Net's sample size.
+            let mut unet: Value = parse_json(&unet_text, &configs.path("unet/config.json"))?;
+            unet["sample_size"] = Value::from(defaults.width.unwrap_or(512) / 8);
+            let text = serde_json::to_string_pretty(&unet)
+                .map_err(|e| Error::config(&staging, e.to_string()))?;
+            write_text("unet/config.json", &text)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    std::fs::rename(&staging, out).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staging);
+        Error::io(out, e)
     })
 }

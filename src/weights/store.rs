@@ -234,6 +234,19 @@ impl Weights {
         }
     }
 
+    /// Every tensor in its stored dtype, by name (to write a component out unchanged).
+    pub fn stored_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut names: Vec<&String> = self.entries.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|name| {
+                let entry = &self.entries[name];
+                Ok((name.clone(), self.get_as(name, &entry.shape, entry.dtype)?))
+            })
+            .collect()
+    }
+
     /// The stored tensors' names and shapes (what a checkpoint's architecture is read from).
     pub fn shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
         self.entries

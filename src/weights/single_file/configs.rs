@@ -89,6 +89,20 @@ impl ConfigFiles {
         }
     }
 
+    /// A tokenizer's vocab.json and merges.txt.
+    pub fn vocabulary(&self, component: &str) -> Result<(String, String)> {
+        match self {
+            ConfigFiles::Folder(dir) => {
+                let read = |file: &str| {
+                    let path = dir.join(component).join(file);
+                    std::fs::read_to_string(&path).map_err(|e| Error::io(path, e))
+                };
+                Ok((read("vocab.json")?, read("merges.txt")?))
+            }
+            ConfigFiles::BuiltIn(_) => Ok((VOCAB.to_string(), MERGES.to_string())),
+        }
+    }
+
     /// Whether a component folder is there (a folder) or part of the architecture.
     pub fn has(&self, component: &str) -> bool {
         match self {
