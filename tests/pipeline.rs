@@ -11,7 +11,9 @@ use std::sync::OnceLock;
 use parity::{check_cases, copy_dir, fixtures, model_dir, psnr, read_png};
 use serde_json::Value;
 use text2img::latent::schedulers::SchedulerKind;
-use text2img::pipeline::{load_local, GenerateRequest, GuidanceInterval, LoadOptions, Pipeline};
+use text2img::pipeline::{
+    load_local, GenerateRequest, GuidanceInterval, LoadOptions, Pipeline, PromptSyntax,
+};
 
 fn cases() -> Vec<Value> {
     let text = std::fs::read_to_string(fixtures().join("reference/cases.json")).unwrap();
@@ -54,6 +56,8 @@ fn request(case: &Value) -> GenerateRequest {
         num_images: case.get("num_images").and_then(Value::as_u64).unwrap_or(1) as usize,
         eta: case.get("eta").and_then(Value::as_f64).unwrap_or(0.0),
         clip_skip: case.get("clip_skip").and_then(Value::as_u64).unwrap_or(0) as usize,
+        // The references are diffusers' own reading of the prompt (a long one is cut).
+        prompt_syntax: PromptSyntax::Plain,
         guidance_rescale: case.get("guidance_rescale").and_then(Value::as_f64),
         guidance_interval: case
             .get("guidance_end")

@@ -106,10 +106,10 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
     let request = GenerateRequest::new("a photograph of an astronaut riding a horse");
     let mut warnings = Vec::new();
     let text_s = best(a.repeat, || {
-        Ok(pipeline.encode_prompts(&request.prompts, 0, &mut warnings)?)
+        Ok(pipeline.encode_prompts(&request.prompts, 0, Default::default(), &mut warnings)?)
     })?;
-    let cond = pipeline.encode_prompts(&request.prompts, 0, &mut warnings)?;
-    let uncond = pipeline.encode_prompts(&[String::new()], 0, &mut warnings)?;
+    let cond = pipeline.encode_prompts(&request.prompts, 0, Default::default(), &mut warnings)?;
+    let uncond = pipeline.encode_prompts(&[String::new()], 0, Default::default(), &mut warnings)?;
     let batch = text2img::pipeline::conditioning::Conditioning::batch(&[&uncond, &cond], 1)?;
     let latent = [2, pipeline.unet.config.in_channels, a.size / f, a.size / f];
     let sample = BatchGenerator::consecutive(0, 2).randn(&latent, &device)?;

@@ -130,6 +130,10 @@ struct GenerateArgs {
     /// Use the output of the text encoder's layer N from the end (1 = penultimate).
     #[arg(long, default_value_t = 0)]
     clip_skip: usize,
+    /// How prompts are read: a1111 ((word:1.3) weights, BREAK, no 77-token limit) or plain
+    /// (as diffusers: no weights, cut at 77 tokens).
+    #[arg(long, value_parser = ["a1111", "plain"], default_value = "a1111")]
+    prompt_syntax: String,
     /// SDXL: the original image size the model is told, WxH (default: the output size).
     #[arg(long, value_parser = parse_size)]
     original_size: Option<(usize, usize)>,
@@ -254,6 +258,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
         num_images: args.num_images,
         eta: args.eta,
         clip_skip: args.clip_skip,
+        prompt_syntax: if args.prompt_syntax == "plain" {
+            text2img::pipeline::PromptSyntax::Plain
+        } else {
+            text2img::pipeline::PromptSyntax::A1111
+        },
     };
     let started = Instant::now();
     let (pipeline, _) = args.model.load()?;

@@ -11,7 +11,20 @@ use candle_core::{Device, Tensor};
 
 use crate::error::Result;
 use crate::text::clip::ClipTextModel;
+use crate::text::prompt_syntax::{self, Chunk, ChunkTokens};
 use crate::text::tokenizer::ClipTokenizer;
+
+/// How a prompt's text is read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PromptSyntax {
+    /// AUTOMATIC1111's: `(word:1.3)` weights, `BREAK`, prompts of any length in 75-token
+    /// chunks (see [`prompt_syntax`]). A prompt with none of it, under 76 tokens, reads as
+    /// `Plain` does.
+    #[default]
+    A1111,
+    /// The text as diffusers reads it: no weights, cut at 77 tokens (with a warning).
+    Plain,
+}
 
 /// One text encoder with its tokenizer.
 pub struct TextEncoder {
@@ -20,17 +33,60 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
-    /// Token ids, padded to the tokenizer's length; a truncation becomes a warning.
-    fn ids(&self, text: &str, warnings: &mut Vec<String>) -> Vec<u32> {
-        let encoded = self.tokenizer.encode_padded(text);
-        if let Some(cut) = &encoded.truncated {
-            warnings.push(format!(
-                "the prompt was truncated because CLIP can only handle sequences up to {} tokens; removed: \"{cut}\"",
-                self.tokenizer.model_max_length()
-            ));
+    /// The prompt's chunks of token ids with their weights. Plain: one chunk, padded to the
+    /// tokenizer's length (a truncation becomes a warning).
+    fn chunks(&self, text: &str, syntax: PromptSyntax, warnings: &mut Vec<String>) -> Vec<Chunk> {
+        match syntax {
+            PromptSyntax::Plain => {
+                let encoded = self.tokenizer.encode_padded(text);
+                if let Some(cut) = &encoded.truncated {
+                    warnings.push(format!(
+                        "the prompt was truncated because CLIP can only handle sequences up to {} tokens; removed: \"{cut}\"",
+                        self.tokenizer.model_max_length()
+                    ));
+                }
+                let weights = vec![1.0; encoded.ids.len()];
+                vec![Chunk {
+                    ids: encoded.ids,
+                    weights,
+                }]
+            }
+            PromptSyntax::A1111 => {
+                let t = &self.tokenizer;
+                let tokens = ChunkTokens {
+                    bos: t.bos_id(),
+                    eos: t.eos_id(),
+                    comma: t.token_to_id(",</w>"),
+                    per_chunk: t.model_max_length().saturating_sub(2),
+                };
+                let pieces = prompt_syntax::parse(text);
+                let mut chunks =
+                    prompt_syntax::chunks(&pieces, |piece| t.encode_plain(piece), &tokens);
+                // Past the first EOS, the tokenizer's own padding (SD 2.x's `!`), as A1111
+                // and diffusers both pad.
+                for chunk in &mut chunks {
+                    if let Some(end) = chunk.ids.iter().position(|&id| id == tokens.eos) {
+                        chunk.ids[end + 1..].fill(t.pad_id());
+                    }
+                }
+                chunks
+            }
         }
-        encoded.ids
     }
+}
+
+/// A1111's emphasis on one chunk's encoding (1, tokens, width): each token's vector times its
+/// weight, then the whole rescaled to its former mean. Unweighted chunks pass unchanged.
+fn emphasize(z: Tensor, chunk: &Chunk) -> Result<Tensor> {
+    if chunk.is_plain() {
+        return Ok(z);
+    }
+    let weights = Tensor::from_slice(&chunk.weights, (1, chunk.weights.len(), 1), z.device())?
+        .to_dtype(z.dtype())?;
+    let before = z.mean_all()?;
+    let weighted = z.broadcast_mul(&weights)?;
+    let after = weighted.mean_all()?;
+    Ok(weighted.broadcast_mul(&(before / after)?)?)
 }
 
 /// The conditioning of one prompt (batch 1).
@@ -52,6 +108,22 @@ impl Conditioning {
                 .as_ref()
                 .map(Tensor::zeros_like)
                 .transpose()?,
+        })
+    }
+
+    /// Pads the context with `empty`'s (one empty chunk) until it has `tokens` tokens: a
+    /// prompt and its negative of different chunk counts (A1111's padding).
+    pub fn padded_to(&self, tokens: usize, empty: &Conditioning) -> Result<Self> {
+        let mut parts = vec![self.context.clone()];
+        let mut have = self.context.dim(1)?;
+        let step = empty.context.dim(1)?;
+        while have < tokens && step > 0 {
+            parts.push(empty.context.clone());
+            have += step;
+        }
+        Ok(Self {
+            context: Tensor::cat(&parts, 1)?,
+            text_embeds: self.text_embeds.clone(),
         })
     }
 
@@ -79,46 +151,76 @@ impl Conditioning {
 
 /// Stable Diffusion's conditioning: `clip_skip` 0 is the last layer, k the k-th from the end;
 /// the final layer norm either way.
+/// Each chunk is encoded on its own; the encodings are concatenated along the tokens.
 pub fn stable_diffusion(
     encoder: &TextEncoder,
     prompt: &str,
     clip_skip: usize,
+    syntax: PromptSyntax,
     warnings: &mut Vec<String>,
 ) -> Result<Conditioning> {
-    let ids = encoder.ids(prompt, warnings);
+    let parts = encoder
+        .chunks(prompt, syntax, warnings)
+        .into_iter()
+        .map(|chunk| {
+            let z = encoder
+                .model
+                .forward(std::slice::from_ref(&chunk.ids), clip_skip)?;
+            emphasize(z, &chunk)
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(Conditioning {
-        context: encoder.model.forward(&[ids], clip_skip)?,
+        context: Tensor::cat(&parts, 1)?,
         text_embeds: None,
     })
 }
 
 /// SDXL's conditioning from one string per encoder: `hidden_states[-(clip_skip + 2)]` of each,
 /// concatenated, and the last encoder's projected pooled output.
+///
+/// Each encoder chunks its own string; where they differ in chunk count, the shorter is
+/// padded with empty chunks. The pooled embedding comes from the first chunk (as A1111).
 pub fn sdxl(
     encoders: &[TextEncoder],
     prompts: &[&str],
     clip_skip: usize,
+    syntax: PromptSyntax,
     warnings: &mut Vec<String>,
 ) -> Result<Conditioning> {
-    let mut parts = Vec::with_capacity(encoders.len());
-    let mut text_embeds = None;
-    for (encoder, prompt) in encoders.iter().zip(prompts) {
-        let ids = encoder.ids(prompt, warnings);
-        let layers = encoder.model.num_layers();
-        let mut hidden = encoder
-            .model
-            .hidden_state_list(std::slice::from_ref(&ids), layers)?;
-        let last = hidden.pop().expect("the last layer");
-        // hidden now ends with hidden_states[-2]; take -(clip_skip + 2).
-        let index = hidden.len() - 1 - clip_skip.min(hidden.len() - 1);
-        parts.push(hidden[index].clone());
-        if encoder.model.text_projection.is_some() {
-            let normed = encoder.model.final_layer_norm(&last)?;
-            text_embeds = Some(encoder.model.text_embeds(&[ids], &normed)?);
+    let mut chunk_lists: Vec<Vec<Chunk>> = encoders
+        .iter()
+        .zip(prompts)
+        .map(|(encoder, prompt)| encoder.chunks(prompt, syntax, warnings))
+        .collect();
+    let count = chunk_lists.iter().map(Vec::len).max().unwrap_or(1);
+    for (encoder, chunks) in encoders.iter().zip(&mut chunk_lists) {
+        let empty = encoder.chunks("", syntax, &mut Vec::new());
+        while chunks.len() < count {
+            chunks.extend(empty.iter().cloned());
         }
     }
+    let mut per_chunk = Vec::with_capacity(count);
+    let mut text_embeds = None;
+    for k in 0..count {
+        let mut parts = Vec::with_capacity(encoders.len());
+        for (encoder, chunks) in encoders.iter().zip(&chunk_lists) {
+            let chunk = &chunks[k];
+            let ids = std::slice::from_ref(&chunk.ids);
+            let layers = encoder.model.num_layers();
+            let mut hidden = encoder.model.hidden_state_list(ids, layers)?;
+            let last = hidden.pop().expect("the last layer");
+            // hidden now ends with hidden_states[-2]; take -(clip_skip + 2).
+            let index = hidden.len() - 1 - clip_skip.min(hidden.len() - 1);
+            parts.push(emphasize(hidden[index].clone(), chunk)?);
+            if k == 0 && encoder.model.text_projection.is_some() {
+                let normed = encoder.model.final_layer_norm(&last)?;
+                text_embeds = Some(encoder.model.text_embeds(ids, &normed)?);
+            }
+        }
+        per_chunk.push(Tensor::cat(&parts, 2)?);
+    }
     Ok(Conditioning {
-        context: Tensor::cat(&parts, 2)?,
+        context: Tensor::cat(&per_chunk, 1)?,
         text_embeds,
     })
 }

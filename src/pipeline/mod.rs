@@ -27,6 +27,7 @@ use crate::vae::preview::latent_preview;
 use crate::vae::AutoencoderKl;
 use crate::weights::folder::{self, ModelFolder};
 use crate::weights::store::has_weight_files;
+pub use conditioning::PromptSyntax;
 use conditioning::{Conditioning, TextEncoder};
 pub use family::Family;
 pub use guidance::GuidanceInterval;
@@ -95,6 +96,9 @@ pub struct GenerateRequest {
     pub eta: f64,
     /// 0: the text encoder's last layer; k: the k-th layer from the end (diffusers' meaning).
     pub clip_skip: usize,
+    /// How the prompts are read: A1111's weights, BREAK and long prompts (the default), or
+    /// plainly as diffusers does.
+    pub prompt_syntax: PromptSyntax,
     /// SDXL time ids: the (height, width) the model is told the original image had (default:
     /// the output size), the crop's (top, left) (default 0, 0) and the target (height, width)
     /// (default: the output size).
@@ -121,6 +125,7 @@ impl Default for GenerateRequest {
             num_images: 1,
             eta: 0.0,
             clip_skip: 0,
+            prompt_syntax: PromptSyntax::default(),
             original_size: None,
             crop_top_left: (0, 0),
             target_size: None,
@@ -629,17 +634,19 @@ impl Pipeline {
         &self,
         prompts: &[String],
         clip_skip: usize,
+        syntax: PromptSyntax,
         warnings: &mut Vec<String>,
     ) -> Result<Conditioning> {
         let strings = per_encoder(prompts, self.text_encoders.len());
         match self.family {
             Family::StableDiffusionXl => {
-                conditioning::sdxl(&self.text_encoders, &strings, clip_skip, warnings)
+                conditioning::sdxl(&self.text_encoders, &strings, clip_skip, syntax, warnings)
             }
             _ => conditioning::stable_diffusion(
                 &self.text_encoders[0],
                 strings[0],
                 clip_skip,
+                syntax,
                 warnings,
             ),
         }
@@ -664,8 +671,10 @@ impl Pipeline {
             }
             // diffusers encodes the negative prompt from the last layer (SDXL: the
             // penultimate) even with clip skip; so do we, so that a seed gives its image.
-            None => self.encode_prompts(&[String::new()], 0, &mut Vec::new()),
-            Some(negatives) => self.encode_prompts(negatives, 0, &mut Vec::new()),
+            None => self.encode_prompts(&[String::new()], 0, req.prompt_syntax, &mut Vec::new()),
+            Some(negatives) => {
+                self.encode_prompts(negatives, 0, req.prompt_syntax, &mut Vec::new())
+            }
         }
     }
 
@@ -748,9 +757,28 @@ impl Pipeline {
         let seed = req.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
 
         let started = Instant::now();
-        let cond = self.encode_prompts(&req.prompts, req.clip_skip, &mut warnings)?;
+        let cond = self.encode_prompts(
+            &req.prompts,
+            req.clip_skip,
+            req.prompt_syntax,
+            &mut warnings,
+        )?;
         let conditioning = if cfg {
             let uncond = self.encode_negative(req, &cond)?;
+            // A prompt and a negative prompt of different chunk counts: the shorter gets
+            // empty chunks, so that guidance stays one batch (A1111).
+            let (cond_len, uncond_len) = (cond.context.dim(1)?, uncond.context.dim(1)?);
+            let (cond, uncond) = if cond_len == uncond_len {
+                (cond, uncond)
+            } else {
+                let empty =
+                    self.encode_prompts(&[String::new()], 0, req.prompt_syntax, &mut Vec::new())?;
+                let tokens = cond_len.max(uncond_len);
+                (
+                    cond.padded_to(tokens, &empty)?,
+                    uncond.padded_to(tokens, &empty)?,
+                )
+            };
             Conditioning::batch(&[&uncond, &cond], n)?
         } else {
             Conditioning::batch(&[&cond], n)?

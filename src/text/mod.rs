@@ -1,4 +1,5 @@
 //! TextEnc: the CLIP BPE tokenizer and the CLIP text transformer.
 
 pub mod clip;
+pub mod prompt_syntax;
 pub mod tokenizer;

@@ -840,6 +840,14 @@ impl ClipTokenizer {
         ids
     }
 
+    /// BPE ids without BOS and EOS, untruncated (A1111 tokenizes each piece of a weighted
+    /// prompt this way).
+    pub fn encode_plain(&self, text: &str) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(text.len() / 3);
+        self.encode_content(text, &mut ids);
+        ids
+    }
+
     /// What diffusers feeds the text encoder: truncated to `model_max_length` (keeping eos
     /// last) and padded with the pad token.
     pub fn encode_padded(&self, text: &str) -> Encoded {
