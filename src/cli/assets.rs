@@ -170,6 +170,14 @@ pub struct ModelArgs {
     /// For a single file: load the U-Net's EMA weights (`model_ema.*`).
     #[arg(long)]
     pub ema: bool,
+    /// A textual-inversion embedding (.pt, .bin, .safetensors; repeatable): its file name,
+    /// without the extension, in a prompt stands for its vectors.
+    #[arg(long = "embedding", value_name = "FILE")]
+    pub embeddings: Vec<std::path::PathBuf>,
+    /// Every embedding in a folder (those for another model's text encoders are left out,
+    /// with a warning).
+    #[arg(long, value_name = "DIR")]
+    pub embeddings_dir: Option<std::path::PathBuf>,
     /// Load `*.{variant}.safetensors` weights (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
@@ -191,8 +199,26 @@ pub enum ComputeDtype {
 }
 
 impl ModelArgs {
-    /// The pipeline and where it came from.
+    /// The pipeline and where it came from, with the embeddings asked for.
     pub fn load(&self) -> Result<(text2img::Pipeline, String)> {
+        let (mut pipeline, source) = self.load_model()?;
+        if let Some(dir) = &self.embeddings_dir {
+            let found = text2img::text::embeddings::Embedding::load_dir(dir)
+                .with_context(|| format!("--embeddings-dir {}", dir.display()))?;
+            for warning in pipeline.add_embeddings(found, false)? {
+                eprintln!("warning: {warning}");
+            }
+        }
+        let named = self
+            .embeddings
+            .iter()
+            .map(|p| text2img::text::embeddings::Embedding::load(p))
+            .collect::<text2img::Result<Vec<_>>>()?;
+        pipeline.add_embeddings(named, true)?;
+        Ok((pipeline, source))
+    }
+
+    fn load_model(&self) -> Result<(text2img::Pipeline, String)> {
         if self.compute == ComputeDtype::Bf16 {
             if !matches!(self.dtype, WeightDtype::Bf16) {
                 anyhow::bail!("--compute bf16 multiplies weights kept in bf16: add --dtype bf16");

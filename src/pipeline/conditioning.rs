@@ -11,7 +11,8 @@ use candle_core::{Device, Tensor};
 
 use crate::error::Result;
 use crate::text::clip::ClipTextModel;
-use crate::text::prompt_syntax::{self, Chunk, ChunkTokens};
+use crate::text::embeddings::Embedding;
+use crate::text::prompt_syntax::{self, Chunk, ChunkTokens, EmbeddingName};
 use crate::text::tokenizer::ClipTokenizer;
 
 /// How a prompt's text is read.
@@ -35,7 +36,13 @@ pub struct TextEncoder {
 impl TextEncoder {
     /// The prompt's chunks of token ids with their weights. Plain: one chunk, padded to the
     /// tokenizer's length (a truncation becomes a warning).
-    fn chunks(&self, text: &str, syntax: PromptSyntax, warnings: &mut Vec<String>) -> Vec<Chunk> {
+    fn chunks(
+        &self,
+        text: &str,
+        syntax: PromptSyntax,
+        embeddings: &[Embedding],
+        warnings: &mut Vec<String>,
+    ) -> Vec<Chunk> {
         match syntax {
             PromptSyntax::Plain => {
                 let encoded = self.tokenizer.encode_padded(text);
@@ -49,6 +56,7 @@ impl TextEncoder {
                 vec![Chunk {
                     ids: encoded.ids,
                     weights,
+                    embeddings: Vec::new(),
                 }]
             }
             PromptSyntax::A1111 => {
@@ -60,8 +68,24 @@ impl TextEncoder {
                     per_chunk: t.model_max_length().saturating_sub(2),
                 };
                 let pieces = prompt_syntax::parse(text);
+                // Only embeddings with vectors of this encoder's width are found (a folder
+                // may hold embeddings for other models; the pipeline checks the ones named).
+                let width = self.model.config.hidden_size;
+                let names: Vec<EmbeddingName> = embeddings
+                    .iter()
+                    .map(|e| match e.for_width(width) {
+                        Ok(v) => EmbeddingName {
+                            ids: t.encode_plain(&e.name),
+                            vectors: v.dim(0).unwrap_or(0),
+                        },
+                        Err(_) => EmbeddingName {
+                            ids: Vec::new(),
+                            vectors: 0,
+                        },
+                    })
+                    .collect();
                 let mut chunks =
-                    prompt_syntax::chunks(&pieces, |piece| t.encode_plain(piece), &tokens);
+                    prompt_syntax::chunks(&pieces, |piece| t.encode_plain(piece), &tokens, &names);
                 // Past the first EOS, the tokenizer's own padding (SD 2.x's `!`), as A1111
                 // and diffusers both pad.
                 for chunk in &mut chunks {
@@ -73,6 +97,19 @@ impl TextEncoder {
             }
         }
     }
+}
+
+/// The embeddings' vectors a chunk inserts, with their positions.
+fn inserted<'a>(
+    chunk: &Chunk,
+    embeddings: &'a [Embedding],
+    width: usize,
+) -> Result<Vec<(usize, &'a Tensor)>> {
+    chunk
+        .embeddings
+        .iter()
+        .map(|&(at, e)| Ok((at, embeddings[e].for_width(width)?)))
+        .collect()
 }
 
 /// A1111's emphasis on one chunk's encoding (1, tokens, width): each token's vector times its
@@ -157,15 +194,17 @@ pub fn stable_diffusion(
     prompt: &str,
     clip_skip: usize,
     syntax: PromptSyntax,
+    embeddings: &[Embedding],
     warnings: &mut Vec<String>,
 ) -> Result<Conditioning> {
+    let width = encoder.model.config.hidden_size;
     let parts = encoder
-        .chunks(prompt, syntax, warnings)
+        .chunks(prompt, syntax, embeddings, warnings)
         .into_iter()
         .map(|chunk| {
-            let z = encoder
-                .model
-                .forward(std::slice::from_ref(&chunk.ids), clip_skip)?;
+            let vectors = inserted(&chunk, embeddings, width)?;
+            let ids = std::slice::from_ref(&chunk.ids);
+            let z = encoder.model.forward_inserting(ids, clip_skip, &vectors)?;
             emphasize(z, &chunk)
         })
         .collect::<Result<Vec<_>>>()?;
@@ -185,16 +224,17 @@ pub fn sdxl(
     prompts: &[&str],
     clip_skip: usize,
     syntax: PromptSyntax,
+    embeddings: &[Embedding],
     warnings: &mut Vec<String>,
 ) -> Result<Conditioning> {
     let mut chunk_lists: Vec<Vec<Chunk>> = encoders
         .iter()
         .zip(prompts)
-        .map(|(encoder, prompt)| encoder.chunks(prompt, syntax, warnings))
+        .map(|(encoder, prompt)| encoder.chunks(prompt, syntax, embeddings, warnings))
         .collect();
     let count = chunk_lists.iter().map(Vec::len).max().unwrap_or(1);
     for (encoder, chunks) in encoders.iter().zip(&mut chunk_lists) {
-        let empty = encoder.chunks("", syntax, &mut Vec::new());
+        let empty = encoder.chunks("", syntax, &[], &mut Vec::new());
         while chunks.len() < count {
             chunks.extend(empty.iter().cloned());
         }
@@ -207,7 +247,10 @@ pub fn sdxl(
             let chunk = &chunks[k];
             let ids = std::slice::from_ref(&chunk.ids);
             let layers = encoder.model.num_layers();
-            let mut hidden = encoder.model.hidden_state_list(ids, layers)?;
+            let vectors = inserted(chunk, embeddings, encoder.model.config.hidden_size)?;
+            let mut hidden = encoder
+                .model
+                .hidden_state_list_inserting(ids, layers, &vectors)?;
             let last = hidden.pop().expect("the last layer");
             // hidden now ends with hidden_states[-2]; take -(clip_skip + 2).
             let index = hidden.len() - 1 - clip_skip.min(hidden.len() - 1);

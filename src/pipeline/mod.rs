@@ -22,6 +22,7 @@ use crate::latent::unet::embeddings::guidance_scale_embedding;
 use crate::latent::unet::{ExtraConditions, UNet};
 use crate::rng::BatchGenerator;
 use crate::text::clip::ClipTextModel;
+use crate::text::embeddings::Embedding;
 use crate::text::tokenizer::ClipTokenizer;
 use crate::vae::preview::latent_preview;
 use crate::vae::AutoencoderKl;
@@ -305,6 +306,8 @@ pub struct Pipeline {
     /// SDXL: an absent negative prompt means zero embeddings.
     force_zeros_for_empty_prompt: bool,
     pub defaults: ModelDefaults,
+    /// Textual-inversion embeddings the prompts may name ([`Pipeline::add_embeddings`]).
+    pub embeddings: Vec<Embedding>,
     device: Device,
 }
 
@@ -389,6 +392,7 @@ impl Pipeline {
                 .and_then(Value::as_bool)
                 .unwrap_or(family == Family::StableDiffusionXl),
             defaults,
+            embeddings: Vec::new(),
             device: device.clone(),
         };
         pipeline.check_widths(&folder.component("unet").join("config.json"))?;
@@ -494,6 +498,33 @@ impl Pipeline {
             (None, _) => {}
         }
         Ok(())
+    }
+
+    /// Makes textual-inversion embeddings nameable in prompts. Each must have vectors for every
+    /// text encoder's width: with `strict` one that has not is an error (files the user named),
+    /// otherwise it is left out and a returned warning says so (a shared folder holds
+    /// embeddings for other models too). A later embedding of a name replaces an earlier one.
+    pub fn add_embeddings(
+        &mut self,
+        embeddings: Vec<Embedding>,
+        strict: bool,
+    ) -> Result<Vec<String>> {
+        let mut warnings = Vec::new();
+        for embedding in embeddings {
+            let fits = self
+                .text_encoders
+                .iter()
+                .try_for_each(|e| embedding.for_width(e.model.config.hidden_size).map(|_| ()));
+            match fits {
+                Ok(()) => {
+                    self.embeddings.retain(|e| e.name != embedding.name);
+                    self.embeddings.push(embedding);
+                }
+                Err(e) if strict => return Err(e),
+                Err(e) => warnings.push(format!("{e}; left out")),
+            }
+        }
+        Ok(warnings)
     }
 
     /// The pixels one latent covers (diffusers' `vae_scale_factor`).
@@ -639,14 +670,20 @@ impl Pipeline {
     ) -> Result<Conditioning> {
         let strings = per_encoder(prompts, self.text_encoders.len());
         match self.family {
-            Family::StableDiffusionXl => {
-                conditioning::sdxl(&self.text_encoders, &strings, clip_skip, syntax, warnings)
-            }
+            Family::StableDiffusionXl => conditioning::sdxl(
+                &self.text_encoders,
+                &strings,
+                clip_skip,
+                syntax,
+                &self.embeddings,
+                warnings,
+            ),
             _ => conditioning::stable_diffusion(
                 &self.text_encoders[0],
                 strings[0],
                 clip_skip,
                 syntax,
+                &self.embeddings,
                 warnings,
             ),
         }

@@ -184,6 +184,7 @@ impl Pipeline {
                 .and_then(Value::as_bool)
                 .unwrap_or(family == Family::StableDiffusionXl),
             defaults,
+            embeddings: Vec::new(),
             device: device.clone(),
         };
         pipeline.check_widths(&unet_path)?;

@@ -232,8 +232,22 @@ impl ClipTextModel {
     /// last layer; k > 0 takes the output of the layer k from the end (1 = penultimate);
     /// the final layer norm is applied either way.
     pub fn forward(&self, ids: &[Vec<u32>], clip_skip: usize) -> Result<Tensor> {
-        let hidden = self.hidden_states(ids, self.layers.len().saturating_sub(clip_skip))?;
-        self.final_layer_norm.forward(&hidden)
+        self.forward_inserting(ids, clip_skip, &[])
+    }
+
+    /// [`ClipTextModel::forward`] with learned vectors in place of some tokens' embeddings
+    /// (textual inversion): each `(position, vectors)` fills `vectors.dim(0)` positions of
+    /// every row from `position` on.
+    pub fn forward_inserting(
+        &self,
+        ids: &[Vec<u32>],
+        clip_skip: usize,
+        inserted: &[(usize, &Tensor)],
+    ) -> Result<Tensor> {
+        let layers = self.layers.len().saturating_sub(clip_skip);
+        let mut all = self.hidden_state_list_inserting(ids, layers, inserted)?;
+        self.final_layer_norm
+            .forward(&all.pop().expect("at least the embeddings"))
     }
 
     /// The hidden state after `layers` encoder layers (0 = the embeddings), without the final
@@ -246,6 +260,17 @@ impl ClipTextModel {
     /// transformers' `hidden_states[0..=layers]`: the embeddings, then each layer's output
     /// (without the final norm).
     pub fn hidden_state_list(&self, ids: &[Vec<u32>], layers: usize) -> Result<Vec<Tensor>> {
+        self.hidden_state_list_inserting(ids, layers, &[])
+    }
+
+    /// [`ClipTextModel::hidden_state_list`] with inserted vectors, as in
+    /// [`ClipTextModel::forward_inserting`].
+    pub fn hidden_state_list_inserting(
+        &self,
+        ids: &[Vec<u32>],
+        layers: usize,
+        inserted: &[(usize, &Tensor)],
+    ) -> Result<Vec<Tensor>> {
         let seq = ids.first().map_or(0, Vec::len);
         if seq == 0
             || seq > self.config.max_position_embeddings
@@ -273,6 +298,21 @@ impl ClipTextModel {
             seq,
             self.config.hidden_size,
         ))?;
+        let mut tokens = tokens;
+        for &(at, vectors) in inserted {
+            let (n, width) = vectors.dims2()?;
+            if width != self.config.hidden_size || at + n > seq {
+                return Err(Error::InvalidRequest(format!(
+                    "{n} inserted vectors of width {width} at position {at} do not fit {seq} tokens of width {}",
+                    self.config.hidden_size
+                )));
+            }
+            let rows = vectors
+                .to_dtype(tokens.dtype())?
+                .unsqueeze(0)?
+                .repeat((ids.len(), 1, 1))?;
+            tokens = tokens.slice_assign(&[0..ids.len(), at..at + n, 0..width], &rows)?;
+        }
         let positions = self.position_embedding.narrow(0, 0, seq)?;
         let mut x = tokens.broadcast_add(&positions)?;
         let mask = causal_mask(seq, &self.device)?;

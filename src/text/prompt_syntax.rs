@@ -195,6 +195,9 @@ fn push_text(res: &mut Vec<(String, f64)>, text: &str) {
 pub struct Chunk {
     pub ids: Vec<u32>,
     pub weights: Vec<f32>,
+    /// Where textual-inversion embeddings go: (position in `ids`, embedding index); the
+    /// embedding's vectors replace the placeholder ids from there on.
+    pub embeddings: Vec<(usize, usize)>,
 }
 
 impl Chunk {
@@ -213,65 +216,135 @@ pub struct ChunkTokens {
     pub per_chunk: usize,
 }
 
+/// A textual-inversion embedding as chunking sees it: the ids its name tokenizes to (where
+/// they appear in a prompt, the embedding goes), and how many vectors it puts there.
+#[derive(Clone, Debug)]
+pub struct EmbeddingName {
+    pub ids: Vec<u32>,
+    pub vectors: usize,
+}
+
+/// The chunk being filled, and the finished ones.
+struct Builder<'a> {
+    t: &'a ChunkTokens,
+    per_chunk: usize,
+    tokens: Vec<u32>,
+    weights: Vec<f32>,
+    embeddings: Vec<(usize, usize)>,
+    last_comma: Option<usize>,
+    done: Vec<Chunk>,
+}
+
+impl Builder<'_> {
+    fn finish(&mut self) {
+        let pad = self.per_chunk.saturating_sub(self.tokens.len());
+        let mut ids = Vec::with_capacity(self.per_chunk + 2);
+        ids.push(self.t.bos);
+        ids.append(&mut self.tokens);
+        ids.extend(std::iter::repeat_n(self.t.eos, pad + 1));
+        let mut weights = Vec::with_capacity(self.per_chunk + 2);
+        weights.push(1.0);
+        weights.append(&mut self.weights);
+        weights.extend(std::iter::repeat_n(1.0, pad + 1));
+        let embeddings = self
+            .embeddings
+            .drain(..)
+            .map(|(at, e)| (at + 1, e))
+            .collect();
+        self.done.push(Chunk {
+            ids,
+            weights,
+            embeddings,
+        });
+        self.last_comma = None;
+    }
+
+    /// Ends the chunk at its last comma, carrying what follows into the next.
+    fn break_at_comma(&mut self, comma: usize) {
+        let keep = comma + 1;
+        let moved = self.tokens.split_off(keep);
+        let moved_weights = self.weights.split_off(keep);
+        let (stay, go): (Vec<_>, Vec<_>) = self.embeddings.iter().partition(|(at, _)| *at < keep);
+        self.embeddings = stay;
+        self.finish();
+        self.tokens = moved;
+        self.weights = moved_weights;
+        self.embeddings = go.into_iter().map(|(at, e)| (at - keep, e)).collect();
+    }
+}
+
+/// The embedding whose name starts at `ids[at]` (the longest, if several): its index and the
+/// number of ids its name takes.
+fn embedding_at(ids: &[u32], at: usize, names: &[EmbeddingName]) -> Option<(usize, usize)> {
+    names
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| !n.ids.is_empty() && ids[at..].starts_with(&n.ids))
+        .max_by_key(|(_, n)| n.ids.len())
+        .map(|(i, n)| (i, n.ids.len()))
+}
+
 /// A1111's `tokenize_line`: the parsed pieces' tokens (`tokenize` gives a piece's ids, without
-/// BOS/EOS) laid into chunks.
+/// BOS/EOS) laid into chunks, with `embeddings` found by their names' ids.
 pub fn chunks(
     pieces: &[Piece],
     tokenize: impl Fn(&str) -> Vec<u32>,
     t: &ChunkTokens,
+    embeddings: &[EmbeddingName],
 ) -> Vec<Chunk> {
-    let mut chunks = Vec::new();
-    let mut tokens: Vec<u32> = Vec::new();
-    let mut weights: Vec<f32> = Vec::new();
-    let mut last_comma: Option<usize> = None;
     let per_chunk = t.per_chunk.max(1);
-    let finish = |tokens: &mut Vec<u32>, weights: &mut Vec<f32>, chunks: &mut Vec<Chunk>| {
-        let pad = per_chunk.saturating_sub(tokens.len());
-        let mut ids = Vec::with_capacity(per_chunk + 2);
-        ids.push(t.bos);
-        ids.append(tokens);
-        ids.extend(std::iter::repeat_n(t.eos, pad + 1));
-        let mut w = Vec::with_capacity(per_chunk + 2);
-        w.push(1.0);
-        w.append(weights);
-        w.extend(std::iter::repeat_n(1.0, pad + 1));
-        chunks.push(Chunk { ids, weights: w });
+    let mut b = Builder {
+        t,
+        per_chunk,
+        tokens: Vec::new(),
+        weights: Vec::new(),
+        embeddings: Vec::new(),
+        last_comma: None,
+        done: Vec::new(),
     };
     for piece in pieces {
         let (text, weight) = match piece {
             Piece::Break => {
-                finish(&mut tokens, &mut weights, &mut chunks);
-                last_comma = None;
+                b.finish();
                 continue;
             }
             Piece::Text(text, weight) => (text, *weight as f32),
         };
-        for id in tokenize(text) {
+        let ids = tokenize(text);
+        let mut at = 0;
+        while at < ids.len() {
+            let id = ids[at];
             if Some(id) == t.comma {
-                last_comma = Some(tokens.len());
-            } else if tokens.len() == per_chunk {
-                if let Some(comma) = last_comma.filter(|&c| tokens.len() - c <= COMMA_BACKTRACK) {
-                    // Move what follows the comma into the next chunk.
-                    let mut moved = tokens.split_off(comma + 1);
-                    let mut moved_weights = weights.split_off(comma + 1);
-                    finish(&mut tokens, &mut weights, &mut chunks);
-                    last_comma = None;
-                    tokens.append(&mut moved);
-                    weights.append(&mut moved_weights);
+                b.last_comma = Some(b.tokens.len());
+            } else if b.tokens.len() == per_chunk {
+                let len = b.tokens.len();
+                if let Some(comma) = b.last_comma.filter(|&c| len - c <= COMMA_BACKTRACK) {
+                    b.break_at_comma(comma);
                 }
             }
-            if tokens.len() == per_chunk {
-                finish(&mut tokens, &mut weights, &mut chunks);
-                last_comma = None;
+            if b.tokens.len() == per_chunk {
+                b.finish();
             }
-            tokens.push(id);
-            weights.push(weight);
+            if let Some((e, name_len)) = embedding_at(&ids, at, embeddings) {
+                let vectors = embeddings[e].vectors.min(per_chunk);
+                if b.tokens.len() + vectors > per_chunk {
+                    b.finish();
+                }
+                b.embeddings.push((b.tokens.len(), e));
+                b.tokens.extend(std::iter::repeat_n(0, vectors));
+                b.weights.extend(std::iter::repeat_n(weight, vectors));
+                at += name_len;
+                continue;
+            }
+            b.tokens.push(id);
+            b.weights.push(weight);
+            at += 1;
         }
     }
-    if !tokens.is_empty() || chunks.is_empty() {
-        finish(&mut tokens, &mut weights, &mut chunks);
+    if !b.tokens.is_empty() || b.done.is_empty() {
+        b.finish();
     }
-    chunks
+    b.done
 }
 
 #[cfg(test)]
@@ -351,22 +424,46 @@ mod tests {
                 .collect()
         };
         let words = |n: usize, id: u32| vec![id.to_string(); n].join(" ");
-        let c = chunks(&parse(&words(80, 9)), tokenize, &t);
+        let c = chunks(&parse(&words(80, 9)), tokenize, &t, &[]);
         assert_eq!(c.len(), 2);
         assert!(c.iter().all(|c| c.ids.len() == 77 && c.weights.len() == 77));
         assert_eq!((c[0].ids[0], c[0].ids[75], c[0].ids[76]), (1, 9, 2));
         assert_eq!(&c[1].ids[..7], &[1, 9, 9, 9, 9, 9, 2]);
         // A comma 10 tokens before the end: the 10 tokens after it move to the next chunk.
         let prompt = format!("{} 3 {}", words(64, 9), words(20, 8));
-        let c = chunks(&parse(&prompt), tokenize, &t);
+        let c = chunks(&parse(&prompt), tokenize, &t, &[]);
         assert_eq!(c[0].ids[65], 3, "the chunk ends at the comma");
         assert!(c[0].ids[66..].iter().all(|&id| id == 2));
         assert_eq!(&c[1].ids[1..21], &[8; 20]);
         // BREAK pads the chunk; weights follow the brackets.
-        let c = chunks(&parse("9 BREAK (8:1.5)"), tokenize, &t);
+        let c = chunks(&parse("9 BREAK (8:1.5)"), tokenize, &t, &[]);
         assert_eq!(c.len(), 2);
         assert_eq!(&c[0].ids[..3], &[1, 9, 2]);
         assert_eq!((c[1].ids[1], c[1].weights[1]), (8, 1.5));
         assert!(!c[1].is_plain() && c[0].is_plain());
+        // An embedding named by ids [7, 7] with 3 vectors: placeholders where its name was,
+        // with the piece's weight; the longest name wins.
+        let names = [
+            EmbeddingName {
+                ids: vec![7],
+                vectors: 1,
+            },
+            EmbeddingName {
+                ids: vec![7, 7],
+                vectors: 3,
+            },
+        ];
+        let c = chunks(&parse("9 (7 7:1.2) 9 7"), tokenize, &t, &names);
+        assert_eq!(&c[0].ids[..8], &[1, 9, 0, 0, 0, 9, 0, 2]);
+        assert_eq!(c[0].embeddings, vec![(2, 1), (6, 0)]);
+        assert_eq!(&c[0].weights[2..5], &[1.2, 1.2, 1.2]);
+        // One that does not fit the chunk's end starts the next chunk.
+        let c = chunks(
+            &parse(&format!("{} 7 7", words(74, 9))),
+            tokenize,
+            &t,
+            &names,
+        );
+        assert_eq!((c.len(), c[1].embeddings.clone()), (2, vec![(1, 1)]));
     }
 }
