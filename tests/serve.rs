@@ -374,6 +374,13 @@ fn bad_input_is_a_4xx_that_names_the_field() {
         ),
         (
             "/sdapi/v1/txt2img",
+            r#"{"prompt": "a cat <lora:style:0.8>"}"#,
+            400,
+            Some("prompt"),
+            "LoRAs per request",
+        ),
+        (
+            "/sdapi/v1/txt2img",
             r#"{"cfg_scale": "high"}"#,
             400,
             Some("cfg_scale"),

@@ -178,6 +178,12 @@ pub struct ModelArgs {
     /// with a warning).
     #[arg(long, value_name = "DIR")]
     pub embeddings_dir: Option<std::path::PathBuf>,
+    /// A LoRA merged into the model (repeatable): FILE, or FILE:WEIGHT (default 1).
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT]", value_parser = parse_lora)]
+    pub loras: Vec<text2img::pipeline::LoraSpec>,
+    /// Where `<lora:NAME:WEIGHT>` in a prompt finds NAME.safetensors (A1111's Lora folder).
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<std::path::PathBuf>,
     /// Load `*.{variant}.safetensors` weights (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
@@ -190,6 +196,22 @@ pub struct ModelArgs {
     pub compute: ComputeDtype,
 }
 
+/// `--lora FILE[:WEIGHT]`.
+fn parse_lora(text: &str) -> Result<text2img::pipeline::LoraSpec, String> {
+    let (path, weight) = match text.rsplit_once(':') {
+        Some((path, w)) if w.parse::<f64>().is_ok() => (path, w.parse::<f64>().unwrap_or(1.0)),
+        _ => (text, 1.0),
+    };
+    if !weight.is_finite() {
+        return Err(format!("`{text}`: the weight must be a number"));
+    }
+    Ok(text2img::pipeline::LoraSpec {
+        path: path.into(),
+        text_weight: weight,
+        unet_weight: weight,
+    })
+}
+
 /// `--compute`: the dtype of the products of layers kept in bf16.
 #[derive(Clone, Copy, Debug, Default, PartialEq, clap::ValueEnum)]
 pub enum ComputeDtype {
@@ -199,9 +221,43 @@ pub enum ComputeDtype {
 }
 
 impl ModelArgs {
-    /// The pipeline and where it came from, with the embeddings asked for.
+    /// The pipeline and where it came from, with the embeddings and LoRAs asked for.
     pub fn load(&self) -> Result<(text2img::Pipeline, String)> {
-        let (mut pipeline, source) = self.load_model()?;
+        self.load_with(&[])
+    }
+
+    /// [`ModelArgs::load`] with LoRAs that a prompt names (`<lora:NAME:W>`) besides `--lora`.
+    pub fn load_with(
+        &self,
+        tags: &[text2img::text::extra_networks::LoraTag],
+    ) -> Result<(text2img::Pipeline, String)> {
+        let mut loras = self.loras.clone();
+        for tag in tags {
+            let Some(dir) = &self.lora_dir else {
+                anyhow::bail!("the prompt names <lora:{}>: give --lora-dir DIR", tag.name);
+            };
+            let path = ["safetensors", "pt", "ckpt"]
+                .iter()
+                .map(|e| dir.join(format!("{}.{e}", tag.name)))
+                .find(|p| p.is_file())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "<lora:{}>: no {}.safetensors in {}",
+                        tag.name,
+                        tag.name,
+                        dir.display()
+                    )
+                })?;
+            loras.push(text2img::pipeline::LoraSpec {
+                path,
+                text_weight: tag.text_weight,
+                unet_weight: tag.unet_weight,
+            });
+        }
+        let (mut pipeline, source) = self.load_model(loras)?;
+        for warning in &pipeline.load_warnings {
+            eprintln!("warning: {warning}");
+        }
         if let Some(dir) = &self.embeddings_dir {
             let found = text2img::text::embeddings::Embedding::load_dir(dir)
                 .with_context(|| format!("--embeddings-dir {}", dir.display()))?;
@@ -218,7 +274,10 @@ impl ModelArgs {
         Ok((pipeline, source))
     }
 
-    fn load_model(&self) -> Result<(text2img::Pipeline, String)> {
+    fn load_model(
+        &self,
+        loras: Vec<text2img::pipeline::LoraSpec>,
+    ) -> Result<(text2img::Pipeline, String)> {
         if self.compute == ComputeDtype::Bf16 {
             if !matches!(self.dtype, WeightDtype::Bf16) {
                 anyhow::bail!("--compute bf16 multiplies weights kept in bf16: add --dtype bf16");
@@ -239,6 +298,7 @@ impl ModelArgs {
                 let options = text2img::pipeline::SingleFileOptions {
                     load: text2img::LoadOptions {
                         weight_dtype: self.dtype.dtype(),
+                        loras,
                         ..Default::default()
                     },
                     config: self.config.clone(),
@@ -255,7 +315,12 @@ impl ModelArgs {
                         "--config, --prediction-type and --ema apply to a single-file --model"
                     );
                 }
-                load_model(self.model.as_deref(), self.variant.clone(), self.dtype)
+                load_model(
+                    self.model.as_deref(),
+                    self.variant.clone(),
+                    self.dtype,
+                    loras,
+                )
             }
         }
     }
@@ -267,6 +332,7 @@ pub fn load_model(
     model: Option<&str>,
     variant: Option<String>,
     dtype: WeightDtype,
+    loras: Vec<text2img::pipeline::LoraSpec>,
 ) -> Result<(text2img::Pipeline, String)> {
     let source = match model {
         Some(m) => m.to_string(),
@@ -275,6 +341,7 @@ pub fn load_model(
     let options = text2img::LoadOptions {
         variant,
         weight_dtype: dtype.dtype(),
+        loras,
         ..Default::default()
     };
     let mut pipeline = text2img::Pipeline::load(&source, &options)

@@ -228,8 +228,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
             bail!("--output: folder {} does not exist", dir.display());
         }
     }
+    // A1111's `<lora:NAME:W>` tags ask for LoRAs and leave the text.
+    let (prompt, lora_tags) =
+        text2img::text::extra_networks::take_lora_tags(&args.prompt).map_err(anyhow::Error::msg)?;
     let request = GenerateRequest {
-        prompts: std::iter::once(args.prompt).chain(args.prompt_2).collect(),
+        prompts: std::iter::once(prompt).chain(args.prompt_2).collect(),
         negative_prompts: match (args.negative_prompt, args.negative_prompt_2) {
             (None, None) => None,
             (first, second) => Some(
@@ -265,7 +268,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         },
     };
     let started = Instant::now();
-    let (pipeline, _) = args.model.load()?;
+    let (pipeline, _) = args.model.load_with(&lora_tags)?;
     let load_time = started.elapsed();
     // Check the request before the long work, so a bad size fails at once.
     let resolved = pipeline.resolve(&request)?;

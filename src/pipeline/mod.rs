@@ -6,6 +6,7 @@
 pub mod conditioning;
 pub mod family;
 pub mod guidance;
+mod loras;
 pub mod single_file;
 pub mod size;
 
@@ -27,6 +28,7 @@ use crate::text::tokenizer::ClipTokenizer;
 use crate::vae::preview::latent_preview;
 use crate::vae::AutoencoderKl;
 use crate::weights::folder::{self, ModelFolder};
+use crate::weights::lora::Part;
 use crate::weights::store::has_weight_files;
 pub use conditioning::PromptSyntax;
 use conditioning::{Conditioning, TextEncoder};
@@ -37,6 +39,15 @@ pub use single_file::SingleFileOptions;
 /// The folder, beside `unet/`, of autoguidance's weaker U-Net.
 pub const GUIDE_UNET: &str = "guide_unet";
 
+/// A LoRA file and how strongly it changes the text encoders and the U-Net (A1111's
+/// `<lora:NAME:TE_W:UNET_W>`; usually one weight for both).
+#[derive(Clone, Debug)]
+pub struct LoraSpec {
+    pub path: std::path::PathBuf,
+    pub text_weight: f64,
+    pub unet_weight: f64,
+}
+
 /// How to load a model.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -46,6 +57,8 @@ pub struct LoadOptions {
     /// Storage dtype of the weight matrices and convolution kernels: f32, or f16/bf16 for
     /// half the memory (computation stays f32; each layer widens its weight as it runs).
     pub weight_dtype: DType,
+    /// LoRA files merged into the weights as they load.
+    pub loras: Vec<LoraSpec>,
 }
 
 impl Default for LoadOptions {
@@ -54,6 +67,7 @@ impl Default for LoadOptions {
             variant: None,
             device: Device::Cpu,
             weight_dtype: DType::F32,
+            loras: Vec::new(),
         }
     }
 }
@@ -308,6 +322,8 @@ pub struct Pipeline {
     pub defaults: ModelDefaults,
     /// Textual-inversion embeddings the prompts may name ([`Pipeline::add_embeddings`]).
     pub embeddings: Vec<Embedding>,
+    /// What the user should know about the load (LoRA modules that matched no layer).
+    pub load_warnings: Vec<String>,
     device: Device,
 }
 
@@ -359,14 +375,25 @@ impl Pipeline {
             ],
             _ => &[("tokenizer", "text_encoder")],
         };
+        let mut loras = loras::LoraLoad::open(&options.loras)?;
         let mut text_encoders = Vec::new();
-        for (tokenizer, encoder) in encoder_names {
+        for (i, (tokenizer, encoder)) in encoder_names.iter().enumerate() {
+            let model = ClipTextModel::load_patched(
+                &folder.component(encoder),
+                variant,
+                device,
+                wd,
+                &mut |w| loras.patch(w, Part::TextEncoder(i)),
+            )?;
             text_encoders.push(TextEncoder {
                 tokenizer: ClipTokenizer::from_folder(&folder.component(tokenizer))?,
-                model: ClipTextModel::load_as(&folder.component(encoder), variant, device, wd)?,
+                model,
             });
         }
-        let unet = UNet::load_as(&folder.component("unet"), variant, device, wd)?;
+        let unet = UNet::load_patched(&folder.component("unet"), variant, device, wd, &mut |w| {
+            loras.patch(w, Part::Unet)
+        })?;
+        let load_warnings = loras.finish()?;
         let guide_folder = folder.component(GUIDE_UNET);
         let guide_unet = if guide_folder.is_dir() {
             // The guide is optional and often trained here, in one precision only: a variant
@@ -393,6 +420,7 @@ impl Pipeline {
                 .unwrap_or(family == Family::StableDiffusionXl),
             defaults,
             embeddings: Vec::new(),
+            load_warnings,
             device: device.clone(),
         };
         pipeline.check_widths(&folder.component("unet").join("config.json"))?;

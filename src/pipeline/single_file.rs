@@ -15,6 +15,7 @@ use crate::latent::unet::{ExtraConditions, UNet, UNetConfig};
 use crate::text::clip::{ClipTextConfig, ClipTextModel};
 use crate::vae::config::VaeConfig;
 use crate::vae::AutoencoderKl;
+use crate::weights::lora::Part;
 use crate::weights::single_file::configs::ConfigFiles;
 use crate::weights::single_file::{Architecture, Checkpoint};
 use crate::weights::Weights;
@@ -94,8 +95,10 @@ impl Pipeline {
 
         let unet_path = configs.path("unet/config.json");
         let unet_config = UNetConfig::from_json(&configs.require("unet/config.json")?, &unet_path)?;
+        let mut loras = super::loras::LoraLoad::open(&load.loras)?;
         let mut weights = checkpoint.unet(&unet_config, options.ema)?;
         weights.store_matrices_as(wd);
+        loras.patch(&mut weights, Part::Unet)?;
         let unet = UNet::from_weights(unet_config, &weights.root())?;
         weights.finish()?;
 
@@ -122,6 +125,7 @@ impl Pipeline {
             let projection = i == 1;
             let mut weights = checkpoint.text_encoder(i, &config, projection)?;
             weights.store_matrices_as(wd);
+            loras.patch(&mut weights, Part::TextEncoder(i))?;
             let model = ClipTextModel::from_weights(config, &weights)?;
             weights.finish()?;
             text_encoders.push(TextEncoder {
@@ -130,6 +134,7 @@ impl Pipeline {
             });
         }
         checkpoint.finish()?;
+        let load_warnings = loras.finish()?;
 
         let scheduler_path = configs.path("scheduler/scheduler_config.json");
         let mut scheduler_config: Value = parse_json(
@@ -185,6 +190,7 @@ impl Pipeline {
                 .unwrap_or(family == Family::StableDiffusionXl),
             defaults,
             embeddings: Vec::new(),
+            load_warnings,
             device: device.clone(),
         };
         pipeline.check_widths(&unet_path)?;

@@ -106,6 +106,21 @@ pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan,
             ));
         }
     }
+    // A1111 clients ask for LoRAs in the prompt; reading the tag as text would quietly
+    // give another image than the one asked for.
+    match crate::text::extra_networks::take_lora_tags(&asked.prompt) {
+        Ok((_, tags)) if !tags.is_empty() => {
+            return Err(ApiError::field(
+                "prompt",
+                format!(
+                    "names <lora:{}>; the server does not apply LoRAs per request yet (start it with --lora FILE:WEIGHT)",
+                    tags[0].name
+                ),
+            ))
+        }
+        Ok(_) => {}
+        Err(e) => return Err(ApiError::field("prompt", e)),
+    }
     let eta = asked.eta.unwrap_or(0.0);
     if !eta.is_finite() || eta < 0.0 {
         return Err(ApiError::field("eta", "must be a number >= 0"));

@@ -172,9 +172,22 @@ impl ClipTextModel {
         device: &Device,
         matrix_dtype: DType,
     ) -> Result<Self> {
+        Self::load_patched(dir, variant, device, matrix_dtype, &mut |_| Ok(()))
+    }
+
+    /// [`ClipTextModel::load_as`], with `patch` given the weights before they load (to add
+    /// LoRAs).
+    pub fn load_patched(
+        dir: &Path,
+        variant: Option<&str>,
+        device: &Device,
+        matrix_dtype: DType,
+        patch: &mut dyn FnMut(&mut Weights) -> Result<()>,
+    ) -> Result<Self> {
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
         let mut weights = Weights::open_component(dir, variant, device)?;
         weights.store_matrices_as(matrix_dtype);
+        patch(&mut weights)?;
         // A buffer, not a weight; diffusers' loaders drop it too.
         weights.ignore("text_model.embeddings.position_ids");
         weights.ignore("embeddings.position_ids");

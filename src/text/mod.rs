@@ -2,5 +2,7 @@
 
 pub mod clip;
 pub mod embeddings;
+pub mod extra_networks;
+
 pub mod prompt_syntax;
 pub mod tokenizer;

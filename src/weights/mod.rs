@@ -1,6 +1,7 @@
 //! Loading: diffusers model folders, their JSON configs and their safetensors weights.
 
 pub mod folder;
+pub mod lora;
 pub mod params;
 pub mod pickle;
 pub mod single_file;

@@ -70,6 +70,8 @@ pub struct Weights {
     /// The dtype the large weight matrices and kernels are kept in (`get_matrix`); f16/bf16
     /// halve a model's memory, and layers widen one weight at a time as they run.
     matrix_dtype: DType,
+    /// Changes added to weights as they load (LoRAs), by name.
+    patches: HashMap<String, Tensor>,
 }
 
 impl Weights {
@@ -171,7 +173,24 @@ impl Weights {
             device: device.clone(),
             dtype: DType::F32,
             matrix_dtype: DType::F32,
+            patches: HashMap::new(),
         }
+    }
+
+    /// Adds `delta` to each named weight as it loads (in f32, before the storage dtype).
+    pub fn patch(&mut self, patches: HashMap<String, Tensor>) {
+        self.patches.extend(patches);
+    }
+
+    /// Every tensor's name and shape, as the model asks for it.
+    pub fn named_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut all: Vec<(String, Vec<usize>)> = self
+            .entries
+            .iter()
+            .map(|(n, e)| (n.clone(), e.shape.clone()))
+            .collect();
+        all.sort();
+        all
     }
 
     /// One component's weights out of a whole checkpoint (a single file holding U-Net, VAE
@@ -342,6 +361,10 @@ impl Weights {
                 .contiguous()?
         } else {
             tensor
+        };
+        let tensor = match self.patches.get(name) {
+            Some(delta) => (tensor.to_dtype(DType::F32)? + delta)?,
+            None => tensor,
         };
         Ok(tensor.to_dtype(dtype)?)
     }

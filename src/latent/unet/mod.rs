@@ -55,9 +55,21 @@ impl UNet {
         device: &Device,
         matrix_dtype: DType,
     ) -> Result<Self> {
+        Self::load_patched(dir, variant, device, matrix_dtype, &mut |_| Ok(()))
+    }
+
+    /// [`UNet::load_as`], with `patch` given the weights before they load (to add LoRAs).
+    pub fn load_patched(
+        dir: &Path,
+        variant: Option<&str>,
+        device: &Device,
+        matrix_dtype: DType,
+        patch: &mut dyn FnMut(&mut Weights) -> Result<()>,
+    ) -> Result<Self> {
         let config = UNetConfig::from_file(&dir.join("config.json"))?;
         let mut weights = Weights::open_component(dir, variant, device)?;
         weights.store_matrices_as(matrix_dtype);
+        patch(&mut weights)?;
         let model = Self::from_weights(config, &weights.root())?;
         weights.finish()?;
         Ok(model)

@@ -1,0 +1,266 @@
+//! LoRA files: low-rank (and LoHa/LoKr) changes to a model's weights, merged into them as
+//! they load (`W + multiplier x delta`), so generating costs nothing more.
+//!
+//! Formats, by their tensor names:
+//! - kohya (`lora_unet_*`, `lora_te_*`, SDXL `lora_te1_*` / `lora_te2_*`): a module path with
+//!   `_` for `.`, then `.lora_down.weight` / `.lora_up.weight` / `.alpha` (LoRA, and LoCon for
+//!   convolutions), `.hada_w1_a` ... (LoHa) or `.lokr_w1` ... (LoKr);
+//! - PEFT / diffusers (`unet.*`, `text_encoder.*`, `text_encoder_2.*`): `.lora_A.weight` and
+//!   `.lora_B.weight` (scale 1 unless the file has an `.alpha`).
+//!
+//! delta = up . down x alpha / rank for LoRA (convolutions: the kernels' products); LoHa:
+//! (w1_a . w1_b) * (w2_a . w2_b) x alpha / rank; LoKr: kron(w1, w2) (each factor whole or a
+//! product of two), x alpha / rank when factored.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+/// One LoRA file's adapters, by the module key they change.
+pub struct Lora {
+    pub name: String,
+    pub path: PathBuf,
+    /// Module key (`lora_unet_down_blocks_0_...` or `unet.down_blocks.0....`) -> its tensors
+    /// by suffix (`lora_down.weight`, `alpha`, ...).
+    modules: BTreeMap<String, HashMap<String, Tensor>>,
+}
+
+/// The parts of a pipeline a LoRA may change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Unet,
+    /// Text encoder 0 or 1 (SDXL's second).
+    TextEncoder(usize),
+}
+
+const SUFFIXES: &[&str] = &[
+    "lora_down.weight",
+    "lora_up.weight",
+    "lora_mid.weight",
+    "lora_A.weight",
+    "lora_B.weight",
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+    "alpha",
+    "dora_scale",
+];
+
+impl Lora {
+    pub fn load(path: &Path) -> Result<Self> {
+        let name = path
+            .file_stem()
+            .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+        let extension = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        let weights = match extension.as_deref() {
+            Some("safetensors") => Weights::open_files(&[path.to_path_buf()], &Device::Cpu)?,
+            Some("pt" | "bin" | "ckpt") => Weights::open_torch(path, &Device::Cpu)?,
+            _ => {
+                return Err(Error::config(
+                    path,
+                    "not a LoRA file: expected .safetensors (or .pt/.bin)",
+                ))
+            }
+        };
+        let mut modules: BTreeMap<String, HashMap<String, Tensor>> = BTreeMap::new();
+        let mut other = Vec::new();
+        for (stored, tensor) in weights.stored_tensors()? {
+            match SUFFIXES
+                .iter()
+                .find(|s| stored.len() > s.len() && stored.ends_with(&format!(".{s}")))
+            {
+                Some(suffix) => {
+                    let module = stored[..stored.len() - suffix.len() - 1].to_string();
+                    modules
+                        .entry(module)
+                        .or_default()
+                        .insert(suffix.to_string(), tensor.to_dtype(DType::F32)?);
+                }
+                None => other.push(stored),
+            }
+        }
+        if modules.is_empty() {
+            other.truncate(3);
+            return Err(Error::config(
+                path,
+                format!("not a LoRA: no lora_down/lora_up, lora_A/lora_B, LoHa or LoKr tensors (found {})", other.join(", ")),
+            ));
+        }
+        Ok(Self {
+            name,
+            path: path.to_path_buf(),
+            modules,
+        })
+    }
+
+    /// How many modules the file changes.
+    pub fn len(&self) -> usize {
+        self.modules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.modules.is_empty()
+    }
+
+    /// The module keys, as stored.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.modules.keys().map(String::as_str)
+    }
+
+    /// The change one module's weight (of `shape`) gets at multiplier 1.
+    fn delta(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = &self.modules[key];
+        let get = |s: &str| t.get(s);
+        let bad = |m: String| Error::config(&self.path, format!("`{key}`: {m}"));
+        let alpha = get("alpha")
+            .map(|a| {
+                a.flatten_all()
+                    .and_then(|a| a.get(0))
+                    .and_then(|a| a.to_scalar::<f32>())
+            })
+            .transpose()?;
+        let product = |up: &Tensor, down: &Tensor| -> Result<Tensor> {
+            // (out, rank[, 1, 1]) . (rank, in[, kh, kw]), as matrices.
+            let up2 = up.flatten_from(1)?;
+            let down2 = down.flatten_from(1)?;
+            Ok(up2.matmul(&down2)?)
+        };
+        let (delta, rank) = if let (Some(down), Some(up)) = (
+            get("lora_down.weight").or(get("lora_A.weight")),
+            get("lora_up.weight").or(get("lora_B.weight")),
+        ) {
+            if get("lora_mid.weight").is_some() {
+                return Err(bad(
+                    "a LoCon with a middle kernel (CP decomposition) is not supported".into(),
+                ));
+            }
+            (product(up, down)?, down.dim(0)?)
+        } else if let (Some(a1), Some(b1), Some(a2), Some(b2)) = (
+            get("hada_w1_a"),
+            get("hada_w1_b"),
+            get("hada_w2_a"),
+            get("hada_w2_b"),
+        ) {
+            let rank = b1.dim(0)?;
+            (product(a1, b1)?.mul(&product(a2, b2)?)?, rank)
+        } else {
+            let factor = |whole: &str, a: &str, b: &str| -> Result<(Tensor, Option<usize>)> {
+                match (get(whole), get(a), get(b)) {
+                    (Some(w), _, _) => Ok((w.clone(), None)),
+                    (None, Some(a), Some(b)) => Ok((product(a, b)?, Some(b.dim(0)?))),
+                    _ => Err(bad(format!("no {whole} (or {a} and {b})"))),
+                }
+            };
+            let (w1, r1) = factor("lokr_w1", "lokr_w1_a", "lokr_w1_b")?;
+            let (w2, r2) = factor("lokr_w2", "lokr_w2_a", "lokr_w2_b")?;
+            let w2 = w2.flatten_from(1)?;
+            let delta = kron(&w1.flatten_from(1)?, &w2)?;
+            // LyCORIS scales a LoKr by alpha / rank only where a factor is a product.
+            (delta, r1.or(r2).unwrap_or(0))
+        };
+        let scale = match (alpha, rank) {
+            (Some(a), r) if r > 0 => f64::from(a) / r as f64,
+            _ => 1.0,
+        };
+        let count: usize = shape.iter().product();
+        if delta.elem_count() != count {
+            return Err(bad(format!(
+                "changes a weight of {} values, the model's has shape {shape:?} (a LoRA for another model?)",
+                delta.elem_count()
+            )));
+        }
+        Ok((delta.reshape(shape)? * scale)?)
+    }
+}
+
+/// The Kronecker product of two matrices.
+fn kron(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (ar, ac) = a.dims2()?;
+    let (br, bc) = b.dims2()?;
+    let out = a
+        .reshape((ar, 1, ac, 1))?
+        .broadcast_mul(&b.reshape((1, br, 1, bc))?)?;
+    Ok(out.reshape((ar * br, ac * bc))?)
+}
+
+/// The names a module of `part` goes by in LoRA files: kohya's (dots as underscores, after
+/// `lora_unet_` / `lora_te_` / `lora_te1_` / `lora_te2_`) and PEFT's (`unet.` ...).
+fn module_keys(part: Part, module: &str) -> Vec<String> {
+    let flat = module.replace('.', "_");
+    match part {
+        Part::Unet => vec![format!("lora_unet_{flat}"), format!("unet.{module}")],
+        Part::TextEncoder(i) => {
+            // Text encoder modules are named from `text_model.` in every format.
+            let (module, flat) = if module.starts_with("text_model.") {
+                (module.to_string(), flat)
+            } else {
+                (format!("text_model.{module}"), format!("text_model_{flat}"))
+            };
+            if i == 0 {
+                vec![
+                    format!("lora_te_{flat}"),
+                    format!("lora_te1_{flat}"),
+                    format!("text_encoder.{module}"),
+                ]
+            } else {
+                vec![
+                    format!("lora_te2_{flat}"),
+                    format!("text_encoder_2.{module}"),
+                ]
+            }
+        }
+    }
+}
+
+/// What a set of LoRAs does to one part's weights: each changed weight's total delta.
+pub struct Patches {
+    pub deltas: HashMap<String, Tensor>,
+    /// The module keys that matched, per LoRA.
+    pub matched: Vec<std::collections::HashSet<String>>,
+}
+
+/// The deltas `loras` (each with its multiplier) make to the weights named `names` of `part`
+/// (`shapes` gives each weight's shape); modules are matched by their names in LoRA files.
+pub fn patches(
+    loras: &[(&Lora, f64)],
+    part: Part,
+    weights: &[(String, Vec<usize>)],
+) -> Result<Patches> {
+    let mut deltas: HashMap<String, Tensor> = HashMap::new();
+    let mut matched = vec![std::collections::HashSet::new(); loras.len()];
+    for (name, shape) in weights {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        for (i, (lora, multiplier)) in loras.iter().enumerate() {
+            let Some(key) = module_keys(part, module)
+                .into_iter()
+                .find(|k| lora.modules.contains_key(k))
+            else {
+                continue;
+            };
+            let delta = (lora.delta(&key, shape)? * *multiplier)?;
+            matched[i].insert(key);
+            let total = match deltas.remove(name) {
+                Some(d) => (d + delta)?,
+                None => delta,
+            };
+            deltas.insert(name.clone(), total);
+        }
+    }
+    Ok(Patches { deltas, matched })
+}
