@@ -34,8 +34,10 @@
 //! # Ok::<(), text2img::Error>(())
 //! ```
 
+pub mod alloc_count;
 pub mod cancel;
 pub mod error;
+pub mod flops;
 pub mod kernels;
 pub mod latent;
 pub mod nn;

@@ -35,6 +35,11 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::cancel::check()?;
+        let (k, n) = (self.weight_t.dim(0)?, self.weight_t.dim(1)?);
+        crate::flops::add(
+            crate::flops::Kind::Dense,
+            2.0 * (x.elem_count() / k.max(1) * k * n) as f64,
+        );
         let bf16 = bf16_products(&self.weight_t, x);
         let _span = crate::profile::span(if bf16 { "linear (bf16)" } else { "linear" });
         let y = if bf16 {
@@ -154,6 +159,13 @@ impl Conv2d {
         let (b, c, h, w) = x.dims4()?;
         let k = weight.dim(2)?;
         let geometry = ConvGeometry::new(k, self.stride, self.padding, h * up, w * up);
+        if let Some(g) = geometry {
+            let outputs = b * weight.dim(0)? * g.out_h() * g.out_w();
+            crate::flops::add(
+                crate::flops::Kind::Dense,
+                2.0 * (outputs * c * k * k) as f64,
+            );
+        }
         let _span = crate::profile::span(conv_label(k, self.stride, up, bf16, || {
             geometry.is_some_and(|g| {
                 crate::kernels::winograd::applies(g, b, c, weight.dim(0).unwrap_or(0))
@@ -317,6 +329,12 @@ pub fn attention(
 ) -> Result<Tensor> {
     crate::cancel::check()?;
     let cross = k.dim(1)? != q.dim(1)?;
+    // Scores and their products with the values: 2 x 2 x batch x n x m x inner.
+    let (b, n, inner) = q.dims3()?;
+    crate::flops::add(
+        crate::flops::Kind::Attention,
+        4.0 * (b * n * k.dim(1)? * inner) as f64,
+    );
     let _span = crate::profile::span(if cross {
         "attention, cross"
     } else {

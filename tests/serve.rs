@@ -932,3 +932,73 @@ fn slow_and_hostile_clients_are_cut_off() {
     assert!(sent < 64 << 10, "{sent} bytes sent before the 413");
     assert_eq!(server.get("/health").0, 200);
 }
+
+#[test]
+fn a_request_over_the_time_limit_is_refused_with_its_estimate() {
+    let server = Server::start(&["--max-job-seconds", "2"]);
+    let (status, body) = server.post(
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "big", "steps": 150, "width": 1024, "height": 1024, "batch_size": 4}),
+    );
+    assert_eq!(status, 413, "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("would take about") && detail.contains("limit of 2 s"),
+        "{detail}"
+    );
+    // A small one still runs.
+    let (status, body) = server.post("/sdapi/v1/txt2img", &json!({"prompt": "small", "steps": 2}));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        server.log().contains("measured what requests cost"),
+        "{}",
+        server.log()
+    );
+}
+
+/// A job past its deadline is cancelled by the queue's watchdog and says so.
+#[test]
+fn a_job_that_overruns_its_deadline_is_cancelled() {
+    use text2img::serve::worker::{JobError, JobSpec, Queue};
+    let pipeline = Pipeline::load(
+        model_dir("sd1-tiny").to_str().unwrap(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let queue = Queue::new(4);
+    queue.start_watchdog();
+    let worker = {
+        let queue = queue.clone();
+        thread::spawn(move || queue.run_worker(&pipeline))
+    };
+    let request = GenerateRequest {
+        prompts: vec!["long".into()],
+        steps: Some(150),
+        width: Some(512),
+        height: Some(512),
+        ..Default::default()
+    };
+    let ticket = queue
+        .submit(JobSpec {
+            batches: vec![request],
+            deadline: Some(Duration::from_millis(300)),
+            estimate_seconds: 0.1,
+        })
+        .unwrap();
+    let started = Instant::now();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let result = runtime.block_on(ticket.wait());
+    let took = started.elapsed();
+    match result {
+        Err(JobError::Overrun { ran, estimate }) => {
+            assert!(ran >= 0.3 && estimate == 0.1, "{ran} {estimate}")
+        }
+        Err(e) => panic!("{e:?}"),
+        Ok(_) => panic!("the job finished"),
+    }
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    queue.close();
+    worker.join().unwrap();
+}

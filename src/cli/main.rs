@@ -134,6 +134,10 @@ struct GenerateArgs {
     /// (as diffusers: no weights, cut at 77 tokens).
     #[arg(long, value_parser = ["a1111", "plain"], default_value = "a1111")]
     prompt_syntax: String,
+    /// Print the estimated time and memory (as `serve` estimates them to admit a request)
+    /// before generating, and the measured ones after.
+    #[arg(long)]
+    estimate: bool,
     /// SDXL: the original image size the model is told, WxH (default: the output size).
     #[arg(long, value_parser = parse_size)]
     original_size: Option<(usize, usize)>,
@@ -167,6 +171,11 @@ fn parse_pair(text: &str) -> Result<(usize, usize), String> {
     };
     Ok((parse(a)?, parse(b)?))
 }
+
+/// Counts heap bytes, so the server can measure what a generation needs.
+#[global_allocator]
+static ALLOCATOR: text2img::alloc_count::CountingAllocator =
+    text2img::alloc_count::CountingAllocator;
 
 fn main() -> ExitCode {
     // First thing, before any other thread exists.
@@ -272,6 +281,28 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let load_time = started.elapsed();
     // Check the request before the long work, so a bad size fails at once.
     let resolved = pipeline.resolve(&request)?;
+    if args.estimate {
+        let probed = Instant::now();
+        let model = text2img::pipeline::cost::CostModel::measure(&pipeline)?;
+        let cfg = resolved.guidance_scale > 1.0 && !pipeline.embeds_guidance();
+        let e = model.estimate(
+            &resolved,
+            request.num_images,
+            cfg,
+            resolved.autoguidance > 1.0,
+        );
+        println!(
+            "estimate: {:.2} s, peak {} beyond the model ({:.1} GFLOP; probes took {:.2} s)",
+            e.seconds,
+            e.peak_bytes
+                .map_or("unknown".into(), |b| format!("{:.0} MB", b / 1e6)),
+            e.flops / 1e9,
+            probed.elapsed().as_secs_f64()
+        );
+        text2img::alloc_count::reset_peak();
+    }
+    let before_generation = text2img::alloc_count::live();
+    let generating = Instant::now();
 
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -288,6 +319,16 @@ fn generate(args: GenerateArgs) -> Result<()> {
         true
     })?;
     bar.finish_and_clear();
+    if args.estimate {
+        let peak = text2img::alloc_count::peak()
+            .zip(before_generation)
+            .map(|(p, b)| p.saturating_sub(b));
+        println!(
+            "measured: {:.2} s, peak {} beyond the model",
+            generating.elapsed().as_secs_f64(),
+            peak.map_or("unknown".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
+        );
+    }
     for warning in &generation.warnings {
         eprintln!("warning: {warning}");
     }

@@ -54,6 +54,9 @@ pub struct ServeArgs {
     /// Seconds a client has to send a request's body, and to start reading an answer.
     #[arg(long, default_value_t = 30.0)]
     body_timeout: f64,
+    /// Refuse (413) a request estimated to take longer on this machine; 0: no limit.
+    #[arg(long, default_value_t = 600.0)]
+    max_job_seconds: f64,
 }
 
 /// `1MB` -> 1048576; binary units, as people mean them for request sizes.
@@ -78,6 +81,9 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
 }
 
 pub fn serve_cmd(a: ServeArgs) -> Result<()> {
+    if !(a.max_job_seconds.is_finite() && a.max_job_seconds >= 0.0) {
+        bail!("--max-job-seconds must be a number of seconds >= 0 (0: no limit)");
+    }
     if !(a.shutdown_grace.is_finite() && (0.0..=86_400.0).contains(&a.shutdown_grace)) {
         bail!("--shutdown-grace must be a number of seconds from 0 to 86400");
     }
@@ -115,6 +121,7 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
         max_connections: a.max_connections,
         header_timeout: Duration::from_secs_f64(a.header_timeout),
         body_timeout: Duration::from_secs_f64(a.body_timeout),
+        max_job_seconds: (a.max_job_seconds > 0.0).then_some(a.max_job_seconds),
     };
     // Refuse a bad address before the (slow) model load.
     text2img::serve::check_bind(&options)?;

@@ -4,6 +4,7 @@
 //! SDXL ([`family`]).
 
 pub mod conditioning;
+pub mod cost;
 pub mod family;
 pub mod guidance;
 mod loras;

@@ -58,6 +58,9 @@ pub struct ServeOptions {
     /// A request's body must arrive within this, and an answer that the client does not read
     /// for this long ends its connection.
     pub body_timeout: Duration,
+    /// A request estimated to take longer (at this machine's measured speed) is refused
+    /// before it is queued; `None`: no limit.
+    pub max_job_seconds: Option<f64>,
 }
 
 impl Default for ServeOptions {
@@ -77,12 +80,15 @@ impl Default for ServeOptions {
             max_connections: 64,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            max_job_seconds: Some(600.0),
         }
     }
 }
 
 pub struct AppState {
     pub pipeline: Arc<Pipeline>,
+    /// What requests cost on this machine, measured at start.
+    pub cost: crate::pipeline::cost::CostModel,
     pub queue: Arc<Queue>,
     pub options: ServeOptions,
     pub limits: Limits,
@@ -95,8 +101,14 @@ pub struct AppState {
 
 /// Queues a plan and waits for its images, turning queue and job failures into HTTP errors.
 pub(crate) async fn run_plan(app: &AppState, plan: &Plan) -> Result<JobOutput, ApiError> {
+    let estimate = admit(app, plan)?;
     let spec = JobSpec {
         batches: plan.batches.clone(),
+        // A job that runs far past its estimate is stuck or starved: cancel it.
+        deadline: Some(Duration::from_secs_f64(
+            (estimate.seconds * OVERRUN_FACTOR).max(MIN_DEADLINE_SECONDS),
+        )),
+        estimate_seconds: estimate.seconds,
     };
     let ticket = app.queue.submit(spec).map_err(|e| match e {
         SubmitError::Full => ApiError {
@@ -114,12 +126,79 @@ pub(crate) async fn run_plan(app: &AppState, plan: &Plan) -> Result<JobOutput, A
     ticket.wait().await.map_err(|e| match e {
         JobError::ShuttingDown => shutting_down(),
         JobError::Cancelled => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
-        JobError::Invalid(m) => ApiError::bad_request(m),
+                JobError::Invalid(m) => ApiError::bad_request(m),
+        JobError::Overrun { ran, estimate } => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "cancelled after {ran:.0} s: more than {OVERRUN_FACTOR}x its estimate of {estimate:.1} s (the server may be overloaded)"
+            ),
+        ),
         JobError::Failed(m) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("generation failed: {m}"),
         ),
     })
+}
+
+/// How many times its estimate a job may run before it is cancelled.
+const OVERRUN_FACTOR: f64 = 4.0;
+/// Estimates under this are not held to the factor (small jobs vary most).
+const MIN_DEADLINE_SECONDS: f64 = 30.0;
+
+/// The plan's estimated cost, or a 413 that states it when it is over the server's time limit
+/// or the memory this machine has free.
+fn admit(app: &AppState, plan: &Plan) -> Result<crate::pipeline::cost::Estimate, ApiError> {
+    let pipeline = &app.pipeline;
+    let r = &plan.resolved;
+    let cfg = r.guidance_scale > 1.0 && !pipeline.embeds_guidance();
+    let guide = r.autoguidance > 1.0;
+    let mut total = crate::pipeline::cost::Estimate {
+        seconds: 0.0,
+        peak_bytes: None,
+        flops: 0.0,
+    };
+    for batch in &plan.batches {
+        let e = app.cost.estimate(r, batch.num_images, cfg, guide);
+        total.seconds += e.seconds;
+        total.flops += e.flops;
+        total.peak_bytes = match (total.peak_bytes, e.peak_bytes) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    let too_much = |what: String| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("{what}; ask for fewer steps, a smaller size or fewer images"),
+        )
+    };
+    if let Some(limit) = app.options.max_job_seconds {
+        if total.seconds > limit {
+            return Err(too_much(format!(
+                "this request would take about {:.0} s on this server ({:.0} GFLOP), over its limit of {limit:.0} s",
+                total.seconds,
+                total.flops / 1e9
+            )));
+        }
+    }
+    if let (Some(peak), Some(free)) = (total.peak_bytes, available_memory()) {
+        if peak > free as f64 {
+            return Err(too_much(format!(
+                "this request would need about {:.1} GB of memory; {:.1} GB is free",
+                peak / 1e9,
+                free as f64 / 1e9
+            )));
+        }
+    }
+    Ok(total)
+}
+
+/// The memory the system can still give (Linux's MemAvailable), if known.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn shutting_down() -> ApiError {
@@ -234,8 +313,15 @@ pub fn serve(
         .enable_all()
         .build()
         .map_err(|e| Error::InvalidRequest(format!("cannot start the runtime: {e}")))?;
+    let measuring = std::time::Instant::now();
+    let cost = crate::pipeline::cost::CostModel::measure(&pipeline)?;
+    eprintln!(
+        "measured what requests cost on this machine in {:.2} s",
+        measuring.elapsed().as_secs_f64()
+    );
     let pipeline = Arc::new(pipeline);
     let queue = Queue::new(options.max_queue);
+    queue.start_watchdog();
     let worker = {
         let (queue, pipeline) = (queue.clone(), pipeline.clone());
         std::thread::Builder::new()
@@ -245,6 +331,7 @@ pub fn serve(
     };
     let app = Arc::new(AppState {
         pipeline,
+        cost,
         queue: queue.clone(),
         limits: Limits {
             max_size: options.max_size,

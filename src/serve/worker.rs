@@ -21,6 +21,10 @@ use crate::png_out::encode_rgb_png;
 /// One request: one or more generate calls (A1111's `n_iter`), each a batch.
 pub struct JobSpec {
     pub batches: Vec<GenerateRequest>,
+    /// Cancel the job when it runs longer (it is stuck, or the machine is starved).
+    pub deadline: Option<std::time::Duration>,
+    /// What it was estimated to take, for the error an overrun gets.
+    pub estimate_seconds: f64,
 }
 
 /// What a finished job hands back.
@@ -40,6 +44,8 @@ pub enum JobError {
     Cancelled,
     /// The pipeline refused the request (a 400).
     Invalid(String),
+    /// It ran past its deadline and was cancelled.
+    Overrun { ran: f64, estimate: f64 },
     /// Anything else (a 500).
     Failed(String),
 }
@@ -64,10 +70,18 @@ struct Job {
     reply: oneshot::Sender<JobResult>,
 }
 
+/// The running job as the watchdog sees it.
+struct Running {
+    control: Arc<Control>,
+    started: Instant,
+    deadline: Option<std::time::Duration>,
+    overran: Arc<std::sync::atomic::AtomicBool>,
+}
+
 #[derive(Default)]
 struct QueueState {
     waiting: VecDeque<Job>,
-    running: Option<Arc<Control>>,
+    running: Option<Running>,
     closed: bool,
     next_id: u64,
 }
@@ -203,8 +217,8 @@ impl Queue {
     /// Asks the running job to stop and return what it has (A1111's interrupt).
     pub fn interrupt(&self) -> bool {
         match &self.lock().running {
-            Some(control) => {
-                control.finish.cancel();
+            Some(running) => {
+                running.control.finish.cancel();
                 lock(&self.progress).interrupted = true;
                 true
             }
@@ -237,20 +251,52 @@ impl Queue {
 
     /// Cancels the running job (the shutdown grace period is over).
     pub fn cancel_running(&self) {
-        if let Some(control) = &self.lock().running {
-            control.cancel.cancel();
+        if let Some(running) = &self.lock().running {
+            running.control.cancel.cancel();
         }
+    }
+
+    /// Starts the thread that cancels a running job once it is past its deadline.
+    pub fn start_watchdog(self: &Arc<Self>) {
+        let queue = Arc::downgrade(self);
+        let _ = std::thread::Builder::new()
+            .name("text2img-watchdog".into())
+            .spawn(move || {
+                while let Some(queue) = queue.upgrade() {
+                    if let Some(running) = &queue.lock().running {
+                        let late = running
+                            .deadline
+                            .is_some_and(|d| running.started.elapsed() > d);
+                        if late && !running.control.cancel.is_cancelled() {
+                            running
+                                .overran
+                                .store(true, std::sync::atomic::Ordering::SeqCst);
+                            running.control.cancel.cancel();
+                        }
+                    }
+                    drop(queue);
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            });
     }
 
     /// The worker loop: runs until the queue is closed and empty.
     pub fn run_worker(self: &Arc<Self>, pipeline: &Pipeline) {
         loop {
-            let job = {
+            let (job, overran) = {
                 let mut state = self.lock();
                 loop {
                     if let Some(job) = state.waiting.pop_front() {
-                        state.running = Some(job.control.clone());
-                        break job;
+                        state.running = Some(Running {
+                            control: job.control.clone(),
+                            started: Instant::now(),
+                            deadline: job.spec.deadline,
+                            overran: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                        });
+                        break (
+                            job,
+                            state.running.as_ref().expect("just set").overran.clone(),
+                        );
                     }
                     if state.closed {
                         return;
@@ -258,6 +304,7 @@ impl Queue {
                     state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
                 }
             };
+            let started = Instant::now();
             self.update_job_count();
             let result = if job.control.cancel.is_cancelled() {
                 Err(JobError::Cancelled)
@@ -285,6 +332,12 @@ impl Queue {
             }
             let result = match result {
                 Err(JobError::Cancelled) if closed => Err(JobError::ShuttingDown),
+                Err(JobError::Cancelled) if overran.load(std::sync::atomic::Ordering::SeqCst) => {
+                    Err(JobError::Overrun {
+                        ran: started.elapsed().as_secs_f64(),
+                        estimate: job.spec.estimate_seconds,
+                    })
+                }
                 other => other,
             };
             let _ = job.reply.send(result);
@@ -396,6 +449,8 @@ mod tests {
         let queue = Queue::new(2);
         let spec = || JobSpec {
             batches: vec![GenerateRequest::default()],
+            deadline: None,
+            estimate_seconds: 0.0,
         };
         let a = queue.submit(spec()).unwrap();
         let b = queue.submit(spec()).unwrap();
