@@ -216,3 +216,20 @@ fn fuzz_tokenizer_and_request_fields() {
         }
     });
 }
+
+#[test]
+fn fuzz_model_configs() {
+    use std::path::Path;
+    let seeds: Vec<Vec<u8>> = ["unet", "vae", "text_encoder"]
+        .iter()
+        .map(|c| std::fs::read(model_dir("sdxl-tiny").join(c).join("config.json")).unwrap())
+        .chain([std::fs::read(model_dir("sd1-tiny").join("unet/config.json")).unwrap()])
+        .collect();
+    let origin = Path::new("config.json");
+    fuzz("model configs", seeds, |bytes| {
+        let s = text(bytes);
+        let _ = text2img::latent::unet::UNetConfig::from_json(&s, origin);
+        let _ = text2img::vae::config::VaeConfig::from_json(&s, origin);
+        let _ = text2img::text::clip::ClipTextConfig::from_json(&s, origin);
+    });
+}
