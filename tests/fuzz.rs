@@ -223,9 +223,23 @@ fn fuzz_model_configs() {
     let seeds: Vec<Vec<u8>> = ["unet", "vae", "text_encoder"]
         .iter()
         .map(|c| std::fs::read(model_dir("sdxl-tiny").join(c).join("config.json")).unwrap())
-        .chain([std::fs::read(model_dir("sd1-tiny").join("unet/config.json")).unwrap()])
+                .chain([std::fs::read(model_dir("sd1-tiny").join("unet/config.json")).unwrap()])
+        // Found by scripts/fuzz: zero norm groups divided by zero (U-Net and VAE).
+        .chain([
+            br#"{"block_out_channels": [32], "norm_num_groups": 0, "down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"], "layers_per_block": 1, "attention_head_dim": 8, "cross_attention_dim": 32, "sample_size": 8}"#.to_vec(),
+            br#"{"block_out_channels": [16], "norm_num_groups": 0, "latent_channels": 4}"#.to_vec(),
+        ])
         .collect();
     let origin = Path::new("config.json");
+    // The regressions are errors that say why, not panics.
+    let unet = text2img::latent::unet::UNetConfig::from_json(&text(&seeds[4]), origin);
+    let vae = text2img::vae::config::VaeConfig::from_json(&text(&seeds[5]), origin);
+    for e in [
+        unet.err().unwrap().to_string(),
+        vae.err().unwrap().to_string(),
+    ] {
+        assert!(e.contains("norm_num_groups"), "{e}");
+    }
     fuzz("model configs", seeds, |bytes| {
         let s = text(bytes);
         let _ = text2img::latent::unet::UNetConfig::from_json(&s, origin);

@@ -111,6 +111,9 @@ impl VaeConfig {
                 format!("act_fn `{}` is not supported", c.act_fn),
             ));
         }
+        if c.norm_num_groups == 0 {
+            return Err(Error::config(path, "norm_num_groups must be at least 1"));
+        }
         if let Some(ch) = c
             .block_out_channels
             .iter()

@@ -361,6 +361,9 @@ impl UNetConfig {
         let Some(norm_num_groups) = raw.norm_num_groups else {
             return Err(refuse("norm_num_groups", "null"));
         };
+        if norm_num_groups == 0 {
+            return Err(err("norm_num_groups must be at least 1".into()));
+        }
         if raw.conv_in_kernel.is_multiple_of(2) || raw.conv_out_kernel.is_multiple_of(2) {
             return Err(err("conv_in_kernel and conv_out_kernel must be odd".into()));
         }
