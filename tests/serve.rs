@@ -934,6 +934,31 @@ fn slow_and_hostile_clients_are_cut_off() {
 }
 
 #[test]
+fn embeddings_are_listed_and_used_in_prompts() {
+    let dir = parity::fixtures().join("embeddings");
+    let server = Server::start(&["--embeddings-dir", dir.to_str().unwrap()]);
+    let (status, body) = server.get("/sdapi/v1/embeddings");
+    assert_eq!(status, 200, "{body}");
+    let loaded = body["loaded"].as_object().unwrap();
+    assert_eq!(loaded["shinyemb"]["vectors"], 2, "{body}");
+    assert_eq!(loaded["wideemb"]["shape"], 32, "{body}");
+    // A prompt naming an embedding gives another image than on a server without it, and the
+    // same image where the prompt does not name it.
+    let plain = Server::start(&[]);
+    let image = |server: &Server, prompt: &str| {
+        let (status, body) = server.post(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": prompt, "steps": 3, "seed": 5, "sampler_name": "Euler"}),
+        );
+        assert_eq!(status, 200, "{body}");
+        decode_png(&b64(&body["images"][0])).0
+    };
+    let named = "a photo of shinyemb";
+    assert_ne!(image(&server, named), image(&plain, named));
+    assert_eq!(image(&server, "a photo"), image(&plain, "a photo"));
+}
+
+#[test]
 fn a_request_over_the_time_limit_is_refused_with_its_estimate() {
     let server = Server::start(&["--max-job-seconds", "2"]);
     let (status, body) = server.post(

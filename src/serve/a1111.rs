@@ -172,6 +172,30 @@ pub async fn sd_models(State(app): State<Arc<AppState>>) -> Json<Value> {
     }]))
 }
 
+/// `GET /sdapi/v1/embeddings`: the textual-inversion embeddings prompts may name (the
+/// server's `--embedding` and `--embeddings-dir`), as A1111 lists them.
+pub async fn embeddings(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let loaded: serde_json::Map<String, Value> = app
+        .pipeline
+        .embeddings
+        .iter()
+        .map(|e| {
+            let first = e.vectors.first();
+            (
+                e.name.clone(),
+                json!({
+                    "step": null,
+                    "sd_checkpoint": null,
+                    "sd_checkpoint_name": null,
+                    "shape": first.and_then(|v| v.dim(1).ok()),
+                    "vectors": first.and_then(|v| v.dim(0).ok()),
+                }),
+            )
+        })
+        .collect();
+    Json(json!({ "loaded": loaded, "skipped": {} }))
+}
+
 /// `GET /sdapi/v1/options`: the few settings clients read before they generate.
 pub async fn options(State(app): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({

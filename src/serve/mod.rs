@@ -258,6 +258,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/sdapi/v1/schedulers", get(a1111::schedulers))
         .route("/sdapi/v1/sd-models", get(a1111::sd_models))
         .route("/sdapi/v1/options", get(a1111::options))
+        .route("/sdapi/v1/embeddings", get(a1111::embeddings))
         .route("/v1/images/generations", post(openai::generations))
         .fallback(not_found)
         // Layers run outside-in from the last: log, then CORS, then auth.
