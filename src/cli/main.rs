@@ -238,6 +238,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
     }
     // A1111's `<lora:NAME:W>` tags ask for LoRAs and leave the text.
+    let written_prompt = args.prompt.clone();
     let (prompt, lora_tags) =
         text2img::text::extra_networks::take_lora_tags(&args.prompt).map_err(anyhow::Error::msg)?;
     let request = GenerateRequest {
@@ -335,7 +336,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let count = generation.images.len();
     for (i, image) in generation.images.iter().enumerate() {
         let path = numbered_path(&args.output, i, count);
-        let parameters = a1111_parameters(&request, &resolved, image.seed, &model_name);
+        // The prompt as written, `<lora:...>` tags included, as A1111 records it.
+        let mut recorded = request.clone();
+        recorded.prompts[0] = written_prompt.clone();
+        let parameters = a1111_parameters(&recorded, &resolved, image.seed, &model_name);
         write_atomic(&path, &encode_png(image, &parameters)?)?;
         println!("{} (seed {})", path.display(), image.seed);
     }
