@@ -6,25 +6,11 @@ mod parity;
 
 use parity::{fixtures, model_dir, psnr, read_png};
 use serde_json::Value;
-use text2img::latent::schedulers::SchedulerKind;
-use text2img::pipeline::{load_local, GenerateRequest, LoadOptions, Pipeline};
+use text2img::pipeline::{load_local, LoadOptions, Pipeline};
 use text2img::text::embeddings::Embedding;
 
 fn render(pipeline: &Pipeline, prompt: &str) -> Vec<u8> {
-    let request = GenerateRequest {
-        prompts: vec![prompt.to_string()],
-        negative_prompts: Some(vec![String::new()]),
-        seed: Some(11),
-        steps: Some(4),
-        guidance_scale: Some(7.5),
-        scheduler: Some(SchedulerKind::Euler),
-        width: Some(64),
-        height: Some(64),
-        ..Default::default()
-    };
-    pipeline.generate(&request, &mut |_| true).unwrap().images[0]
-        .rgb
-        .clone()
+    parity::render_fixture_case(pipeline, prompt)
 }
 
 #[test]

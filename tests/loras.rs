@@ -7,24 +7,10 @@ mod parity;
 
 use parity::{fixtures, model_dir, psnr, read_png};
 use serde_json::Value;
-use text2img::latent::schedulers::SchedulerKind;
-use text2img::pipeline::{load_local, GenerateRequest, LoadOptions, LoraSpec, Pipeline};
+use text2img::pipeline::{load_local, LoadOptions, LoraSpec, Pipeline};
 
 fn render(pipeline: &Pipeline) -> Vec<u8> {
-    let request = GenerateRequest {
-        prompts: vec!["a red circle".into()],
-        negative_prompts: Some(vec![String::new()]),
-        seed: Some(11),
-        steps: Some(4),
-        guidance_scale: Some(7.5),
-        scheduler: Some(SchedulerKind::Euler),
-        width: Some(64),
-        height: Some(64),
-        ..Default::default()
-    };
-    pipeline.generate(&request, &mut |_| true).unwrap().images[0]
-        .rgb
-        .clone()
+    parity::render_fixture_case(pipeline, "a red circle")
 }
 
 fn with_loras(model: &str, loras: Vec<LoraSpec>) -> text2img::Result<Pipeline> {

@@ -17,6 +17,13 @@ pub enum Family {
     StableDiffusionXl,
 }
 
+/// Each text encoder's tokenizer and model folders, in the order of the condition strings
+/// (SDXL takes both, the others the first).
+pub const TEXT_ENCODERS: [(&str, &str); 2] = [
+    ("tokenizer", "text_encoder"),
+    ("tokenizer_2", "text_encoder_2"),
+];
+
 const SUPPORTED: &str =
     "StableDiffusionPipeline, StableDiffusionXLPipeline, LatentConsistencyModelPipeline";
 

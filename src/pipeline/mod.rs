@@ -369,16 +369,14 @@ impl Pipeline {
         } else {
             ModelDefaults::default()
         };
-        let encoder_names: &[(&str, &str)] = match family {
-            Family::StableDiffusionXl => &[
-                ("tokenizer", "text_encoder"),
-                ("tokenizer_2", "text_encoder_2"),
-            ],
-            _ => &[("tokenizer", "text_encoder")],
+        let encoders = if family == Family::StableDiffusionXl {
+            2
+        } else {
+            1
         };
         let mut loras = loras::LoraLoad::open(&options.loras)?;
         let mut text_encoders = Vec::new();
-        for (i, (tokenizer, encoder)) in encoder_names.iter().enumerate() {
+        for (i, (tokenizer, encoder)) in family::TEXT_ENCODERS.iter().take(encoders).enumerate() {
             let model = ClipTextModel::load_patched(
                 &folder.component(encoder),
                 variant,

@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 use super::conditioning::TextEncoder;
+use super::family::TEXT_ENCODERS;
 use super::{Family, LoadOptions, ModelDefaults, Pipeline};
 use crate::error::{parse_json, Error, Result};
 use crate::latent::schedulers::SchedulerKind;
@@ -112,14 +113,7 @@ impl Pipeline {
         weights.finish()?;
 
         let mut text_encoders = Vec::new();
-        for (i, (tokenizer, encoder)) in [
-            ("tokenizer", "text_encoder"),
-            ("tokenizer_2", "text_encoder_2"),
-        ]
-        .into_iter()
-        .take(encoders)
-        .enumerate()
-        {
+        for (i, (tokenizer, encoder)) in TEXT_ENCODERS.into_iter().take(encoders).enumerate() {
             let file = format!("{encoder}/config.json");
             let config = ClipTextConfig::from_json(&configs.require(&file)?, &configs.path(&file))?;
             let projection = i == 1;
@@ -283,14 +277,7 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
             checkpoint.vae(vae_config.block_out_channels.len())?,
         )?;
         let encoders = arch.text_encoders().len();
-        for (i, (tokenizer, encoder)) in [
-            ("tokenizer", "text_encoder"),
-            ("tokenizer_2", "text_encoder_2"),
-        ]
-        .into_iter()
-        .take(encoders)
-        .enumerate()
-        {
+        for (i, (tokenizer, encoder)) in TEXT_ENCODERS.into_iter().take(encoders).enumerate() {
             let file = format!("{encoder}/config.json");
             let text = copy(&file)?;
             let config = ClipTextConfig::from_json(&text, &configs.path(&file))?;

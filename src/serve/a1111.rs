@@ -12,7 +12,6 @@ use crate::latent::schedulers::SchedulerKind;
 use crate::png_out::a1111_parameters;
 
 use super::api_error::ApiError;
-use super::fields::{read_body, Fields};
 use super::plan::{a1111_aliases, a1111_sampler, plan, Asked};
 use super::{encode_images, run_plan, AppState};
 
@@ -22,15 +21,7 @@ pub async fn txt2img(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let fields = Fields::parse(
-        &read_body(
-            &headers,
-            body,
-            app.options.max_body,
-            app.options.body_timeout,
-        )
-        .await?,
-    )?;
+    let fields = super::request_fields(&app, &headers, body).await?;
     let sampler_name = match fields.string("sampler_name")? {
         Some(name) => Some(name),
         // Older clients name the sampler in `sampler_index`.

@@ -99,6 +99,22 @@ pub struct AppState {
     pub loopback: bool,
 }
 
+/// A request's JSON object, read within the server's body limits.
+pub(crate) async fn request_fields(
+    app: &AppState,
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<fields::Fields, ApiError> {
+    let bytes = fields::read_body(
+        headers,
+        body,
+        app.options.max_body,
+        app.options.body_timeout,
+    )
+    .await?;
+    fields::Fields::parse(&bytes)
+}
+
 /// Queues a plan and waits for its images, turning queue and job failures into HTTP errors.
 pub(crate) async fn run_plan(app: &AppState, plan: &Plan) -> Result<JobOutput, ApiError> {
     let estimate = admit(app, plan)?;

@@ -10,7 +10,6 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::api_error::{ApiError, Flavor};
-use super::fields::{read_body, Fields};
 use super::plan::{plan, Asked};
 use super::{encode_images, run_plan, AppState};
 
@@ -29,15 +28,7 @@ async fn handle(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let fields = Fields::parse(
-        &read_body(
-            &headers,
-            body,
-            app.options.max_body,
-            app.options.body_timeout,
-        )
-        .await?,
-    )?;
+    let fields = super::request_fields(&app, &headers, body).await?;
     let prompt = fields
         .string("prompt")?
         .ok_or_else(|| ApiError::field("prompt", "is required"))?;

@@ -30,19 +30,10 @@ impl Embedding {
             .filter(|s| !s.trim().is_empty())
             .ok_or_else(|| Error::config(path, "an embedding file needs a name"))?;
         let bad = |m: String| Error::config(path, m);
-        let extension = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase);
-        let weights = match extension.as_deref() {
-            Some("safetensors") => Weights::open_files(&[path.to_path_buf()], &Device::Cpu)?,
-            Some("pt" | "bin" | "ckpt") => Weights::open_torch(path, &Device::Cpu)?,
-            _ => {
-                return Err(bad(
-                    "not an embedding file: expected .pt, .bin or .safetensors".into(),
-                ))
-            }
-        };
+        let weights = Weights::open_single(path, &["pt", "bin", "ckpt"], &Device::Cpu)?
+            .ok_or_else(|| {
+                bad("not an embedding file: expected .pt, .bin or .safetensors".into())
+            })?;
         let tensors = weights.stored_tensors()?;
         let pick = |key: &str| {
             tensors

@@ -62,20 +62,10 @@ impl Lora {
         let name = path
             .file_stem()
             .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
-        let extension = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase);
-        let weights = match extension.as_deref() {
-            Some("safetensors") => Weights::open_files(&[path.to_path_buf()], &Device::Cpu)?,
-            Some("pt" | "bin" | "ckpt") => Weights::open_torch(path, &Device::Cpu)?,
-            _ => {
-                return Err(Error::config(
-                    path,
-                    "not a LoRA file: expected .safetensors (or .pt/.bin)",
-                ))
-            }
-        };
+        let weights = Weights::open_single(path, &["pt", "bin", "ckpt"], &Device::Cpu)?
+            .ok_or_else(|| {
+                Error::config(path, "not a LoRA file: expected .safetensors (or .pt/.bin)")
+            })?;
         let mut modules: BTreeMap<String, HashMap<String, Tensor>> = BTreeMap::new();
         let mut other = Vec::new();
         for (stored, tensor) in weights.stored_tensors()? {

@@ -136,6 +136,21 @@ impl Weights {
         Ok(Self::from_entries(Arc::new(shards), entries, device))
     }
 
+    /// Opens one weight file by its extension: `.safetensors`, or a PyTorch archive when the
+    /// extension is one of `pickles`. `None` for any other extension (the caller says what it
+    /// takes).
+    pub fn open_single(path: &Path, pickles: &[&str], device: &Device) -> Result<Option<Self>> {
+        let extension = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match extension.as_deref() {
+            Some("safetensors") => Ok(Some(Self::open_files(&[path.to_path_buf()], device)?)),
+            Some(e) if pickles.contains(&e) => Ok(Some(Self::open_torch(path, device)?)),
+            _ => Ok(None),
+        }
+    }
+
     /// Opens a PyTorch checkpoint (`.ckpt`/`.pt`), whose pickle is interpreted, never run
     /// (see [`super::torch_file`]).
     pub fn open_torch(path: &Path, device: &Device) -> Result<Self> {

@@ -135,3 +135,22 @@ pub fn check_cases(
     }
     assert!(ran > 0, "no reference case starts with {prefix}");
 }
+
+/// The image the embedding and LoRA fixture scripts render: `prompt`, an empty negative
+/// prompt, seed 11, 4 Euler steps, guidance 7.5, 64x64.
+pub fn render_fixture_case(pipeline: &text2img::Pipeline, prompt: &str) -> Vec<u8> {
+    let request = text2img::GenerateRequest {
+        prompts: vec![prompt.to_string()],
+        negative_prompts: Some(vec![String::new()]),
+        seed: Some(11),
+        steps: Some(4),
+        guidance_scale: Some(7.5),
+        scheduler: Some(text2img::latent::schedulers::SchedulerKind::Euler),
+        width: Some(64),
+        height: Some(64),
+        ..Default::default()
+    };
+    pipeline.generate(&request, &mut |_| true).unwrap().images[0]
+        .rgb
+        .clone()
+}

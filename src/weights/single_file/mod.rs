@@ -105,23 +105,15 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
-        let extension = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase);
         if !path.is_file() {
             return Err(Error::config(path, "checkpoint file does not exist"));
         }
-        let weights = match extension.as_deref() {
-            Some("safetensors") => Weights::open_files(&[path.to_path_buf()], device)?,
-            Some("ckpt" | "pt" | "pth") => Weights::open_torch(path, device)?,
-            _ => {
-                return Err(Error::config(
-                    path,
-                    "not a checkpoint file: expected .safetensors, .ckpt, .pt or .pth (or a diffusers folder)",
-                ))
-            }
-        };
+        let weights = Weights::open_single(path, &["ckpt", "pt", "pth"], device)?.ok_or_else(|| {
+            Error::config(
+                path,
+                "not a checkpoint file: expected .safetensors, .ckpt, .pt or .pth (or a diffusers folder)",
+            )
+        })?;
         let shapes: HashMap<&str, &[usize]> = weights.shapes().collect();
         let (architecture, inpainting) = detect(&shapes).map_err(|m| Error::config(path, m))?;
         let vae_prefix = ["first_stage_model.", "vae."]
