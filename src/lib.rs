@@ -38,6 +38,7 @@ pub mod alloc_count;
 pub mod cancel;
 pub mod error;
 pub mod flops;
+pub mod image_in;
 pub mod kernels;
 pub mod latent;
 pub mod nn;

@@ -47,6 +47,24 @@ pub fn a1111_parameters(
     if req.eta > 0.0 {
         text.push_str(&format!(", Eta: {}", req.eta));
     }
+    // A1111's img2img and hires fix fields.
+    if let Some(strength) = resolved.strength {
+        text.push_str(&format!(", Denoising strength: {strength}"));
+    }
+    if let Some(h) = &resolved.hires {
+        text.push_str(&format!(", Denoising strength: {}", h.strength));
+        match (
+            req.hires.as_ref().and_then(|r| r.width.or(r.height)),
+            h.scale,
+        ) {
+            (Some(_), _) => text.push_str(&format!(", Hires resize: {}x{}", h.width, h.height)),
+            (None, scale) => text.push_str(&format!(", Hires upscale: {scale}")),
+        }
+        if h.steps != resolved.steps {
+            text.push_str(&format!(", Hires steps: {}", h.steps));
+        }
+        text.push_str(&format!(", Hires upscaler: {}", h.upscaler.a1111_name()));
+    }
     text
 }
 

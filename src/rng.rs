@@ -361,6 +361,22 @@ impl BatchGenerator {
         self.generators.iter().map(|g| g.seed()).collect()
     }
 
+    /// Noise of `shape` from generator `index` alone (diffusers passing one generator of its
+    /// list, as when it samples a picture's latent distribution).
+    pub fn randn_one(
+        &mut self,
+        index: usize,
+        shape: &[usize],
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let count = self.generators.len();
+        let Some(g) = self.generators.get_mut(index) else {
+            candle_core::bail!("no generator {index} of {count}");
+        };
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(g.randn_vec(n), shape, device)
+    }
+
     /// Noise of `shape`, whose first axis is the batch: row i comes from generator i.
     pub fn randn(&mut self, shape: &[usize], device: &Device) -> candle_core::Result<Tensor> {
         if shape.first() != Some(&self.generators.len()) {

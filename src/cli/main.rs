@@ -18,6 +18,7 @@ mod assets;
 mod bench;
 mod eval;
 mod guidance_args;
+mod image_args;
 mod serve;
 mod train;
 
@@ -35,7 +36,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images from a prompt.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Write a data set to disk (images with same-named .txt captions).
     Dataset(train::DatasetArgs),
     /// Train the autoencoder (first stage of the Latent Diffusion recipe).
@@ -110,6 +111,8 @@ struct GenerateArgs {
     steps: Option<usize>,
     #[command(flatten)]
     guidance: GuidanceArgs,
+    #[command(flatten)]
+    images: image_args::ImageInputArgs,
     /// pndm, ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras, lcm (default: the model's
     /// own).
     #[arg(long)]
@@ -182,7 +185,7 @@ fn main() -> ExitCode {
     text2img::process::configure();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) => generate(*args),
         Command::Dataset(args) => train::dataset(args),
         Command::TrainVae(args) => train::train_vae_cmd(args),
         Command::Train(args) => train::train_cmd(args),
@@ -241,7 +244,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let written_prompt = args.prompt.clone();
     let (prompt, lora_tags) =
         text2img::text::extra_networks::take_lora_tags(&args.prompt).map_err(anyhow::Error::msg)?;
-    let request = GenerateRequest {
+    let mut request = GenerateRequest {
         prompts: std::iter::once(prompt).chain(args.prompt_2).collect(),
         negative_prompts: match (args.negative_prompt, args.negative_prompt_2) {
             (None, None) => None,
@@ -276,7 +279,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         } else {
             text2img::pipeline::PromptSyntax::A1111
         },
+        ..GenerateRequest::default()
     };
+    args.images.apply(&mut request)?;
     let started = Instant::now();
     let (pipeline, _) = args.model.load_with(&lora_tags)?;
     let load_time = started.elapsed();

@@ -80,6 +80,15 @@ impl Family {
         }
     }
 
+    /// img2img's strength when the request sets none (diffusers' img2img pipelines: 0.8 for
+    /// Stable Diffusion, 0.3 for SDXL).
+    pub fn default_strength(self) -> f64 {
+        match self {
+            Family::StableDiffusionXl => 0.3,
+            _ => 0.8,
+        }
+    }
+
     /// Steps when neither the request nor `text2img.json` sets them (diffusers' defaults).
     pub fn default_steps(self) -> usize {
         match self {

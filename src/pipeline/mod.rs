@@ -5,8 +5,10 @@
 
 pub mod conditioning;
 pub mod cost;
+mod denoise;
 pub mod family;
 pub mod guidance;
+pub mod image_start;
 mod loras;
 pub mod single_file;
 pub mod size;
@@ -15,13 +17,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
+use image::{GrayImage, RgbImage};
 use serde_json::Value;
 
 use crate::cancel::{self, CancelFlag};
 use crate::error::{read_json, Error, Result};
+use crate::latent::schedulers::Scheduler;
 use crate::latent::schedulers::{self, SchedulerKind, SchedulerOptions, TimestepSpacing};
-use crate::latent::unet::embeddings::guidance_scale_embedding;
-use crate::latent::unet::{ExtraConditions, UNet};
+use crate::latent::unet::UNet;
 use crate::rng::BatchGenerator;
 use crate::text::clip::ClipTextModel;
 use crate::text::embeddings::Embedding;
@@ -33,6 +36,7 @@ use crate::weights::lora::Part;
 use crate::weights::store::has_weight_files;
 pub use conditioning::PromptSyntax;
 use conditioning::{Conditioning, TextEncoder};
+use denoise::{Pass, TextConditions};
 pub use family::Family;
 pub use guidance::GuidanceInterval;
 pub use single_file::SingleFileOptions;
@@ -121,6 +125,74 @@ pub struct GenerateRequest {
     pub original_size: Option<(usize, usize)>,
     pub crop_top_left: (usize, usize),
     pub target_size: Option<(usize, usize)>,
+    /// img2img and inpainting: the picture to start from, resized to the output size (whose
+    /// default is the picture's own size rounded down to a multiple of 8).
+    pub init_image: Option<RgbImage>,
+    /// Inpainting: white is repainted, black kept (grey levels of half and more count as
+    /// white); resized to the output size. Needs `init_image`.
+    pub mask: Option<GrayImage>,
+    /// How far the picture is noised, in (0, 1]: the last int(steps x strength) steps run.
+    /// `None`: 1 for inpainting, else the family's img2img default (diffusers': 0.8, SDXL 0.3).
+    pub strength: Option<f64>,
+    /// A second pass at a larger size (A1111's hires fix).
+    pub hires: Option<HiresFix>,
+}
+
+/// A1111's hires fix: the first pass's latents upscaled and refined by img2img at the larger
+/// size, the seed's generators continuing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HiresFix {
+    /// The second pass's size as a factor of the first's (A1111's `hr_scale`), used for the
+    /// sides `width`/`height` leave open.
+    pub scale: f64,
+    /// An explicit size (A1111's `hr_resize_x`/`hr_resize_y`); rounded down to a multiple of 8.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// `None`: as many as the first pass.
+    pub steps: Option<usize>,
+    /// img2img's strength for the second pass (A1111's `denoising_strength`, default 0.7).
+    pub strength: f64,
+    pub upscaler: LatentUpscaler,
+}
+
+impl Default for HiresFix {
+    fn default() -> Self {
+        Self {
+            scale: 2.0,
+            width: None,
+            height: None,
+            steps: None,
+            strength: 0.7,
+            upscaler: LatentUpscaler::Bilinear,
+        }
+    }
+}
+
+/// How hires fix enlarges the latents (A1111's "Latent" and "Latent (nearest)").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LatentUpscaler {
+    #[default]
+    Bilinear,
+    Nearest,
+}
+
+impl LatentUpscaler {
+    /// A1111's names, and the command line's.
+    pub const NAMES: [(&'static str, &'static str, LatentUpscaler); 2] = [
+        ("Latent", "latent", LatentUpscaler::Bilinear),
+        (
+            "Latent (nearest)",
+            "latent-nearest",
+            LatentUpscaler::Nearest,
+        ),
+    ];
+
+    pub fn a1111_name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, _, u)| *u == self)
+            .map_or("Latent", |(name, _, _)| name)
+    }
 }
 
 impl Default for GenerateRequest {
@@ -145,6 +217,10 @@ impl Default for GenerateRequest {
             original_size: None,
             crop_top_left: (0, 0),
             target_size: None,
+            init_image: None,
+            mask: None,
+            strength: None,
+            hires: None,
         }
     }
 }
@@ -291,8 +367,48 @@ pub struct Resolved {
     /// 1: off.
     pub autoguidance: f64,
     pub scheduler: SchedulerKind,
+    /// The first pass's size (the output's, without hires fix).
     pub width: usize,
     pub height: usize,
+    /// img2img and inpainting: the strength the picture was noised to.
+    pub strength: Option<f64>,
+    pub hires: Option<ResolvedHires>,
+}
+
+/// Hires fix's second pass as it runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolvedHires {
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub strength: f64,
+    pub upscaler: LatentUpscaler,
+    /// The factor asked for (for metadata).
+    pub scale: f64,
+}
+
+impl Resolved {
+    /// The size of the images that come out.
+    pub fn output_size(&self) -> (usize, usize) {
+        match &self.hires {
+            Some(h) => (h.width, h.height),
+            None => (self.width, self.height),
+        }
+    }
+
+    /// The U-Net evaluations' steps of all passes (hires fix's second pass runs
+    /// int(steps x strength)).
+    pub fn steps_run(&self) -> usize {
+        let first = match self.strength {
+            Some(s) => ((self.steps as f64 * s) as usize).min(self.steps),
+            None => self.steps,
+        };
+        first
+            + self
+                .hires
+                .as_ref()
+                .map_or(0, |h| ((h.steps as f64 * h.strength) as usize).min(h.steps))
+    }
 }
 
 pub struct Generation {
@@ -578,9 +694,30 @@ impl Pipeline {
     pub fn resolve(&self, req: &GenerateRequest) -> Result<Resolved> {
         let f = self.vae_scale_factor();
         let native = self.unet.config.sample_size.map(|s| s * f);
-        let width = req.width.or(self.defaults.width).or(native).unwrap_or(512);
+        // A picture gives its own size, rounded down to the VAE's factor (diffusers).
+        let picture = match &req.init_image {
+            Some(p) => {
+                let (w, h) = (p.width() as usize / f * f, p.height() as usize / f * f);
+                if w == 0 || h == 0 {
+                    return Err(Error::InvalidRequest(format!(
+                        "the init image is {}x{}: smaller than {f} pixels a side",
+                        p.width(),
+                        p.height()
+                    )));
+                }
+                Some((w, h))
+            }
+            None => None,
+        };
+        let width = req
+            .width
+            .or(picture.map(|p| p.0))
+            .or(self.defaults.width)
+            .or(native)
+            .unwrap_or(512);
         let height = req
             .height
+            .or(picture.map(|p| p.1))
             .or(self.defaults.height)
             .or(native)
             .unwrap_or(512);
@@ -668,6 +805,11 @@ impl Pipeline {
                 layers - reserved
             )));
         }
+        let strength = self.resolve_strength(req)?;
+        let hires = match &req.hires {
+            Some(h) => Some(self.resolve_hires(h, req, width, height, steps)?),
+            None => None,
+        };
         if req.prompts.len() > self.text_encoders.len() {
             return Err(Error::InvalidRequest(format!(
                 "{} prompts for a model with {} text encoder(s)",
@@ -684,6 +826,88 @@ impl Pipeline {
             scheduler: req.scheduler.unwrap_or_else(|| self.default_scheduler()),
             width,
             height,
+            strength,
+            hires,
+        })
+    }
+
+    /// The strength of an img2img or inpainting request (`None` for txt2img), and the
+    /// checks on what the request pairs with its picture.
+    fn resolve_strength(&self, req: &GenerateRequest) -> Result<Option<f64>> {
+        let latent = self.vae.config.latent_channels;
+        let inpainting_unet = self.unet.config.in_channels != latent;
+        match (&req.init_image, &req.mask) {
+            (None, Some(_)) => {
+                return Err(Error::InvalidRequest(
+                    "a mask needs the picture it masks (an init image)".into(),
+                ))
+            }
+            (None, None) if req.strength.is_some() => {
+                return Err(Error::InvalidRequest(
+                    "strength needs an init image to start from".into(),
+                ))
+            }
+            (_, None) if inpainting_unet => {
+                return Err(Error::InvalidRequest(format!(
+                    "this is an inpainting model (its U-Net takes {} channels): give it a picture and a mask",
+                    self.unet.config.in_channels
+                )))
+            }
+            (None, None) => return Ok(None),
+            _ => {}
+        }
+        let default = if req.mask.is_some() {
+            1.0
+        } else {
+            self.family.default_strength()
+        };
+        let strength = req.strength.unwrap_or(default);
+        image_start::check_strength(strength)?;
+        Ok(Some(strength))
+    }
+
+    fn resolve_hires(
+        &self,
+        h: &HiresFix,
+        req: &GenerateRequest,
+        width: usize,
+        height: usize,
+        steps: usize,
+    ) -> Result<ResolvedHires> {
+        if req.init_image.is_some() {
+            return Err(Error::InvalidRequest(
+                "hires fix is a second pass of txt2img; an img2img request sets its size instead"
+                    .into(),
+            ));
+        }
+        if !(h.scale.is_finite() && h.scale > 0.0 && h.scale <= 8.0) {
+            return Err(Error::InvalidRequest(format!(
+                "hires scale must be a number in (0, 8], not {}",
+                h.scale
+            )));
+        }
+        let f = self.vae_scale_factor();
+        // A1111: the size the factor gives, on the latents' grid.
+        let side = |asked: Option<usize>, base: usize| -> usize {
+            asked.unwrap_or((base as f64 * h.scale) as usize) / f * f
+        };
+        let (w, hh) = (side(h.width, width), side(h.height, height));
+        if w == 0 || hh == 0 {
+            return Err(Error::InvalidRequest(format!(
+                "hires size {w}x{hh} is empty"
+            )));
+        }
+        let hires_steps = h.steps.unwrap_or(steps);
+        image_start::first_step(hires_steps, h.strength).map_err(|e| {
+            Error::InvalidRequest(format!("hires fix: {e}").replace("invalid request: ", ""))
+        })?;
+        Ok(ResolvedHires {
+            width: w,
+            height: hh,
+            steps: hires_steps,
+            strength: h.strength,
+            upscaler: h.upscaler,
+            scale: h.scale,
         })
     }
 
@@ -815,18 +1039,118 @@ impl Pipeline {
         let resolved = self.resolve(req)?;
         let mut timings = Timings::default();
         let mut warnings = Vec::new();
-        let n = req.num_images;
-        // LCM U-Nets take the guidance as an embedding: no unconditional pass.
-        let cfg = resolved.guidance_scale > 1.0 && !self.embeds_guidance();
         let seed = req.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
 
         let started = Instant::now();
-        let cond = self.encode_prompts(
-            &req.prompts,
-            req.clip_skip,
-            req.prompt_syntax,
+        let text = self.text_conditions(req, &resolved, &mut warnings)?;
+        timings.text = started.elapsed();
+
+        let started = Instant::now();
+        let mut generators = BatchGenerator::consecutive(seed, req.num_images);
+        let steps_total = resolved.steps_run();
+        let mut scheduler = self.scheduler(req, &resolved, resolved.steps)?;
+        let plan = self.start_plan(req, &resolved, scheduler.as_mut(), &mut generators)?;
+        let first = Pass {
+            scheduler,
+            plan,
+            steps: resolved.steps,
+            size: (resolved.height, resolved.width),
+            steps_before: 0,
+            steps_total,
+        };
+        let mut outcome = self.run_pass(
+            req,
+            &resolved,
+            &text,
+            first,
+            &mut generators,
+            finish,
+            on_step,
             &mut warnings,
         )?;
+        let mut completed_steps = outcome.completed;
+        if let (Some(h), false) = (&resolved.hires, outcome.finished_early) {
+            let f = self.vae_scale_factor();
+            let upscaled = image_start::upscale_latents(
+                &outcome.latents,
+                h.height / f,
+                h.width / f,
+                h.upscaler == LatentUpscaler::Nearest,
+            )?;
+            let mut scheduler = self.scheduler(req, &resolved, h.steps)?;
+            let begin = image_start::first_step(h.steps, h.strength)?;
+            let plan =
+                image_start::from_latents(&upscaled, begin, scheduler.as_mut(), &mut generators)?;
+            let second = Pass {
+                scheduler,
+                plan,
+                steps: h.steps,
+                size: (h.height, h.width),
+                steps_before: completed_steps,
+                steps_total,
+            };
+            outcome = self.run_pass(
+                req,
+                &resolved,
+                &text,
+                second,
+                &mut generators,
+                finish,
+                on_step,
+                &mut warnings,
+            )?;
+            completed_steps += outcome.completed;
+        }
+        timings.steps = started.elapsed();
+        Ok(Denoised {
+            latents: outcome.latents,
+            seeds: generators.seeds(),
+            resolved,
+            timings,
+            warnings,
+            completed_steps,
+        })
+    }
+
+    /// The scheduler of a pass of `steps` steps.
+    fn scheduler(
+        &self,
+        req: &GenerateRequest,
+        resolved: &Resolved,
+        steps: usize,
+    ) -> Result<Box<dyn Scheduler>> {
+        // diffusers' StableDiffusionPipeline rewrites some scheduler keys before the loop;
+        // so do we. The SDXL and LCM pipelines run the folder's config as it is.
+        let config = match self.family {
+            Family::StableDiffusion => schedulers::stable_diffusion_pipeline_config(
+                resolved.scheduler,
+                &self.scheduler_config,
+            )?,
+            _ => self.scheduler_config.clone(),
+        };
+        schedulers::build(
+            resolved.scheduler,
+            &config,
+            steps,
+            &SchedulerOptions {
+                eta: req.eta,
+                timestep_spacing: req.timestep_spacing,
+            },
+        )
+    }
+
+    /// TextEnc for a request: the prompts (and, with guidance, the negative prompts) encoded
+    /// into the batch the U-Net takes.
+    fn text_conditions(
+        &self,
+        req: &GenerateRequest,
+        resolved: &Resolved,
+        warnings: &mut Vec<String>,
+    ) -> Result<TextConditions> {
+        let n = req.num_images;
+        // LCM U-Nets take the guidance as an embedding: no unconditional pass.
+        let cfg = resolved.guidance_scale > 1.0 && !self.embeds_guidance();
+        let cond = self.encode_prompts(&req.prompts, req.clip_skip, req.prompt_syntax, warnings)?;
         let conditioning = if cfg {
             let uncond = self.encode_negative(req, &cond)?;
             // A prompt and a negative prompt of different chunk counts: the shorter gets
@@ -847,182 +1171,10 @@ impl Pipeline {
         } else {
             Conditioning::batch(&[&cond], n)?
         };
-        let rows = conditioning.context.dim(0)?;
-        let time_ids = match self.family {
-            Family::StableDiffusionXl => {
-                let size = (resolved.height, resolved.width);
-                Some(conditioning::time_ids(
-                    req.original_size.unwrap_or(size),
-                    req.crop_top_left,
-                    req.target_size.unwrap_or(size),
-                    rows,
-                    &self.device,
-                )?)
-            }
-            _ => None,
-        };
-        let guidance_embedding = self
-            .unet
-            .config
-            .time_cond_proj_dim
-            .map(|dim| {
-                guidance_scale_embedding(&vec![resolved.guidance_scale; rows], dim, &self.device)
-            })
-            .transpose()?;
-        let extra = ExtraConditions {
-            text_time: conditioning.text_embeds.as_ref().zip(time_ids.as_ref()),
-            timestep_cond: guidance_embedding.as_ref(),
-        };
-        // The conditional half alone (with guidance, the second n rows): for the steps outside
-        // the guidance interval and for autoguidance's weaker U-Net. LCM U-Nets never need it:
-        // they have no unconditional half and no guide U-Net.
-        let cond_rows = |t: &Tensor| {
-            if cfg {
-                t.narrow(0, n, n)
-            } else {
-                Ok(t.clone())
-            }
-        };
-        let cond_only = (
-            cond_rows(&conditioning.context)?,
-            conditioning
-                .text_embeds
-                .as_ref()
-                .map(cond_rows)
-                .transpose()?,
-            time_ids.as_ref().map(cond_rows).transpose()?,
-        );
-        let cond_extra = ExtraConditions {
-            text_time: cond_only.1.as_ref().zip(cond_only.2.as_ref()),
-            timestep_cond: None,
-        };
-        let guide_unet = match &self.guide_unet {
-            Some(unet) if resolved.autoguidance > 1.0 => Some(unet),
-            _ => None,
-        };
-        timings.text = started.elapsed();
-
-        let started = Instant::now();
-        // diffusers' StableDiffusionPipeline rewrites some scheduler keys before the loop;
-        // so do we. The SDXL and LCM pipelines run the folder's config as it is.
-        let config = match self.family {
-            Family::StableDiffusion => schedulers::stable_diffusion_pipeline_config(
-                resolved.scheduler,
-                &self.scheduler_config,
-            )?,
-            _ => self.scheduler_config.clone(),
-        };
-        let mut scheduler = schedulers::build(
-            resolved.scheduler,
-            &config,
-            resolved.steps,
-            &SchedulerOptions {
-                eta: req.eta,
-                timestep_spacing: req.timestep_spacing,
-            },
-        )?;
-        let f = self.vae_scale_factor();
-        let shape = [
+        Ok(TextConditions {
+            conditioning,
+            cfg,
             n,
-            self.unet.config.in_channels,
-            resolved.height / f,
-            resolved.width / f,
-        ];
-        let mut generators = BatchGenerator::consecutive(seed, n);
-        let mut latents = (generators.randn(&shape, &self.device)? * scheduler.init_noise_sigma())?;
-        let timesteps = scheduler.timesteps().to_vec();
-        // Counted in requested steps, as diffusers' guiders do (PNDM runs one or more
-        // evaluations beyond them; a full interval guides those too).
-        let interval = resolved.guidance_interval;
-        let guides = |i: usize| interval.is_full() || interval.guides_step(i, resolved.steps);
-        if (cfg || guide_unet.is_some()) && !(0..timesteps.len()).any(guides) {
-            warnings.push(format!(
-                "guidance interval {interval} covers none of the {} steps: no step is guided",
-                resolved.steps
-            ));
-        }
-        let mut completed_steps = 0;
-        for (i, &t) in timesteps.iter().enumerate() {
-            cancel::check()?;
-            if finish.is_cancelled() {
-                break;
-            }
-            let guided = cfg && guides(i);
-            let scaled = scheduler.scale_model_input(&latents, i)?;
-            // The model evaluations of one step, which `finish` may cut short.
-            let predict = || -> Result<Tensor> {
-                let pred = if guided || !cfg {
-                    let input = if guided {
-                        Tensor::cat(&[&scaled, &scaled], 0)?
-                    } else {
-                        scaled.clone()
-                    };
-                    self.unet.forward_sharded(
-                        &input,
-                        &vec![t; rows],
-                        &conditioning.context,
-                        &extra,
-                    )?
-                } else {
-                    // `cfg` excludes U-Nets that embed the guidance scale.
-                    debug_assert!(guidance_embedding.is_none());
-                    self.unet
-                        .forward_sharded(&scaled, &vec![t; n], &cond_only.0, &cond_extra)?
-                };
-                let (pred, text) = if guided {
-                    let uncond = pred.narrow(0, 0, n)?;
-                    let text = pred.narrow(0, n, n)?;
-                    let guided = guidance::guide(
-                        &uncond,
-                        &text,
-                        resolved.guidance_scale,
-                        resolved.guidance_rescale,
-                    )?;
-                    (guided, text)
-                } else {
-                    (pred.clone(), pred)
-                };
-                let pred = match guide_unet {
-                    Some(weak_unet) if guides(i) => {
-                        let weak = weak_unet.forward_sharded(
-                            &scaled,
-                            &vec![t; n],
-                            &cond_only.0,
-                            &cond_extra,
-                        )?;
-                        guidance::autoguide(&pred, &text, &weak, resolved.autoguidance)?
-                    }
-                    _ => pred,
-                };
-                Ok(pred)
-            };
-            let pred = match cancel::watching(&[finish], predict) {
-                Ok(pred) => pred,
-                // Finished inside the step: the last finished step's latents stand.
-                Err(_) if finish.is_cancelled() && !cancel::requested() => break,
-                Err(e) => return Err(e),
-            };
-            latents = scheduler.step(&pred, i, &latents, &mut generators)?;
-            let progress = StepProgress {
-                step: i + 1,
-                total: timesteps.len(),
-                latents: &latents,
-            };
-            completed_steps = i + 1;
-            match on_step(&progress) {
-                StepControl::Continue => {}
-                StepControl::Finish => break,
-                StepControl::Cancel => return Err(Error::Cancelled),
-            }
-        }
-        timings.steps = started.elapsed();
-        Ok(Denoised {
-            latents,
-            seeds: generators.seeds(),
-            resolved,
-            timings,
-            warnings,
-            completed_steps,
         })
     }
 }

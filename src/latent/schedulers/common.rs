@@ -574,6 +574,41 @@ pub(crate) fn add_noise(
     Ok((prev + mul(&z, scale)?)?)
 }
 
+/// diffusers' `add_noise` of the schedulers on alphas (DDIM, DDPM, PNDM, LCM): `original` at
+/// the noise level of the `index`-th timestep, `sqrt(a_t) original + sqrt(1 - a_t) noise`,
+/// in float32 as torch computes it.
+pub(crate) fn noised_by_alpha(
+    class: &str,
+    alphas_cumprod: &[f32],
+    timesteps: &[i64],
+    index: usize,
+    original: &Tensor,
+    noise: &Tensor,
+) -> Result<Tensor> {
+    let a_t = alpha_at(
+        class,
+        alphas_cumprod,
+        step_timestep(class, timesteps, index)?,
+    )?;
+    Ok((mul(original, a_t.sqrt())? + mul(noise, (1.0 - a_t).sqrt())?)?)
+}
+
+/// diffusers' `add_noise` of the Euler schedulers: `original + sigma noise`.
+pub(crate) fn noised_by_sigma(sigma: f32, original: &Tensor, noise: &Tensor) -> Result<Tensor> {
+    Ok((original + mul(noise, sigma)?)?)
+}
+
+/// A step index a schedule of `len` timesteps can begin at.
+pub(crate) fn check_begin(class: &str, index: usize, len: usize) -> Result<()> {
+    if index < len {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{class}: cannot begin at step {index} of {len}"
+        )))
+    }
+}
+
 /// The sigmas of fractional training timesteps, `np.interp(t, arange, train_sigmas)` in
 /// float64 of the float32 training sigmas.
 pub(crate) fn interp_sigmas(

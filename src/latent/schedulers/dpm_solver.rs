@@ -470,6 +470,24 @@ impl DpmSolverMultistep {
 impl Scheduler for DpmSolverMultistep {
     unscaled_input_methods!();
 
+    fn set_begin_index(&mut self, index: usize) -> Result<()> {
+        common::check_begin(CLASS, index, self.timesteps.len())?;
+        if self.steps_taken > 0 {
+            return Err(invalid(format!(
+                "{CLASS}: cannot begin at step {index} after {} steps",
+                self.steps_taken
+            )));
+        }
+        self.begin_index = 0;
+        self.steps_taken = index;
+        Ok(())
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigma(self.begin_index + index)?);
+        Ok((common::mul(original, alpha_t)? + common::mul(noise, sigma_t)?)?)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -80,6 +80,21 @@ impl Lcm {
 impl Scheduler for Lcm {
     unscaled_input_methods!();
 
+    fn set_begin_index(&mut self, index: usize) -> Result<()> {
+        common::check_begin(CLASS, index, self.timesteps_int.len())
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        common::noised_by_alpha(
+            CLASS,
+            &self.alphas_cumprod,
+            &self.timesteps_int,
+            index,
+            original,
+            noise,
+        )
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -66,4 +66,11 @@ pub trait Scheduler: Send {
         sample: &Tensor,
         noise: &mut BatchGenerator,
     ) -> Result<Tensor>;
+    /// Begins the steps at the `index`-th timestep (img2img skips the first ones), as
+    /// diffusers' pipelines call `set_begin_index`: the next `step` is `index`, and the Euler
+    /// schedulers' sigmas follow the index, not their first-timestep lookup.
+    fn set_begin_index(&mut self, index: usize) -> Result<()>;
+    /// `original` noised to the level of the `index`-th timestep (diffusers' `add_noise` with
+    /// the begin index set): img2img's start, and inpainting's known region at each step.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor>;
 }

@@ -26,6 +26,8 @@ pub struct Pndm {
     timesteps_int: Vec<i64>,
     timesteps: Vec<f64>,
     counter: usize,
+    /// The first step's index (img2img); `counter` counts from it, as diffusers' does.
+    begin: usize,
     ets: Vec<Tensor>,
     cur_model_output: Option<Tensor>,
     cur_sample: Option<Tensor>,
@@ -106,6 +108,7 @@ impl Pndm {
             timesteps: timesteps_int.iter().map(|&t| t as f64).collect(),
             timesteps_int,
             counter: 0,
+            begin: 0,
             ets: Vec::new(),
             cur_model_output: None,
             cur_sample: None,
@@ -233,6 +236,29 @@ impl Pndm {
 impl Scheduler for Pndm {
     unscaled_input_methods!();
 
+    fn set_begin_index(&mut self, index: usize) -> Result<()> {
+        common::check_begin(CLASS, index, self.timesteps_int.len())?;
+        if self.counter > 0 {
+            return Err(invalid(format!(
+                "{CLASS}: cannot begin at step {index} after {} steps",
+                self.counter
+            )));
+        }
+        self.begin = index;
+        Ok(())
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        common::noised_by_alpha(
+            CLASS,
+            &self.alphas_cumprod,
+            &self.timesteps_int,
+            index,
+            original,
+            noise,
+        )
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -241,10 +267,10 @@ impl Scheduler for Pndm {
         _noise: &mut BatchGenerator,
     ) -> Result<Tensor> {
         common::check_step_inputs(CLASS, model_output, sample)?;
-        if index != self.counter || index >= self.timesteps_int.len() {
+        if index != self.begin + self.counter || index >= self.timesteps_int.len() {
             return Err(invalid(format!(
                 "{CLASS}: step {index} asked after {} steps of {}; steps must be taken in order",
-                self.counter,
+                self.begin + self.counter,
                 self.timesteps_int.len()
             )));
         }

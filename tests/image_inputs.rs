@@ -1,0 +1,273 @@
+//! Generations that start from a picture against diffusers (scripts/fixtures/image_inputs.py):
+//! img2img with a deterministic and an ancestral scheduler, inpainting with a 4-channel and a
+//! 9-channel U-Net, hires fix with both latent upscalers, SDXL img2img. Each case must come
+//! within 50 dB of diffusers' image, and a near miss of it (another strength, no mask, the
+//! other upscaler) must fall below 45 dB, so the threshold separates right from almost right.
+
+mod parity;
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use parity::{fixtures, model_dir, psnr, read_png};
+use serde_json::Value;
+use text2img::latent::schedulers::SchedulerKind;
+use text2img::pipeline::{load_local, GenerateRequest, HiresFix, LatentUpscaler, Pipeline};
+
+fn cases() -> Vec<Value> {
+    let path = fixtures().join("reference/image_inputs/cases.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn case(name: &str) -> Value {
+    cases()
+        .into_iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
+}
+
+/// Each tiny model once for the whole file.
+fn pipeline(name: &str) -> &'static Pipeline {
+    static LOADED: OnceLock<Mutex<HashMap<String, &'static Pipeline>>> = OnceLock::new();
+    let mut map = LOADED.get_or_init(Default::default).lock().unwrap();
+    map.entry(name.to_string()).or_insert_with(|| {
+        Box::leak(Box::new(
+            load_local(&model_dir(name), &Default::default()).unwrap(),
+        ))
+    })
+}
+
+fn input(name: &str) -> image::DynamicImage {
+    image::open(fixtures().join("image_inputs").join(name)).unwrap()
+}
+
+/// The request a case describes.
+fn request(case: &Value) -> GenerateRequest {
+    let scheduler = match case["scheduler"].as_str().unwrap() {
+        "ddim" => SchedulerKind::Ddim,
+        "euler" => SchedulerKind::Euler,
+        "euler-a" => SchedulerKind::EulerAncestral,
+        other => panic!("scheduler {other}"),
+    };
+    let sdxl = case["model"].as_str().unwrap().starts_with("sdxl");
+    let mut req = GenerateRequest {
+        prompts: vec![case["prompt"].as_str().unwrap().to_string()],
+        negative_prompts: (!sdxl).then(|| vec![String::new()]),
+        seed: case["seed"].as_u64(),
+        steps: case["steps"].as_u64().map(|s| s as usize),
+        guidance_scale: case["guidance"].as_f64(),
+        scheduler: Some(scheduler),
+        num_images: case["num_images"].as_u64().unwrap_or(1) as usize,
+        ..Default::default()
+    };
+    match case["kind"].as_str().unwrap() {
+        "img2img" => {
+            req.init_image = Some(input("picture.png").to_rgb8());
+            req.strength = case["strength"].as_f64();
+        }
+        "inpaint" => {
+            req.init_image = Some(input("picture.png").to_rgb8());
+            req.mask = Some(input("mask.png").to_luma8());
+            req.strength = case["strength"].as_f64();
+        }
+        "hires" => {
+            req.width = Some(64);
+            req.height = Some(64);
+            req.hires = Some(HiresFix {
+                scale: 1.0,
+                width: case["hires_width"].as_u64().map(|v| v as usize),
+                height: case["hires_height"].as_u64().map(|v| v as usize),
+                steps: None,
+                strength: case["hires_strength"].as_f64().unwrap(),
+                upscaler: if case["upscaler"] == "latent" {
+                    LatentUpscaler::Bilinear
+                } else {
+                    LatentUpscaler::Nearest
+                },
+            });
+        }
+        other => panic!("kind {other}"),
+    }
+    req
+}
+
+/// The PSNR of each image of `req` against the case's reference images.
+fn psnrs(case: &Value, req: &GenerateRequest) -> Vec<f64> {
+    let pipeline = pipeline(case["model"].as_str().unwrap());
+    let generation = pipeline.generate(req, &mut |_| true).unwrap();
+    let files = case["images"].as_array().unwrap();
+    assert_eq!(generation.images.len(), files.len());
+    generation
+        .images
+        .iter()
+        .zip(files)
+        .map(|(image, file)| {
+            let dir = fixtures().join("reference/image_inputs");
+            let (rgb, w, h, _) = read_png(&dir.join(file.as_str().unwrap()));
+            assert_eq!((image.width, image.height), (w, h), "size");
+            psnr(&image.rgb, &rgb)
+        })
+        .collect()
+}
+
+/// The case matches diffusers (>= 50 dB) and the near miss does not (< 45 dB).
+fn check(name: &str, near_miss: impl FnOnce(&mut GenerateRequest)) {
+    let case = case(name);
+    let req = request(&case);
+    let dbs = psnrs(&case, &req);
+    eprintln!("{name}: {dbs:.1?} dB");
+    for db in &dbs {
+        assert!(*db >= 50.0, "{name}: {db:.1} dB against diffusers");
+    }
+    let mut missed = req.clone();
+    near_miss(&mut missed);
+    let dbs = psnrs(&case, &missed);
+    eprintln!("{name}, near miss: {dbs:.1?} dB");
+    assert!(
+        dbs.iter().all(|db| *db < 45.0),
+        "{name}: the near miss still reaches {dbs:.1?} dB"
+    );
+}
+
+#[test]
+fn img2img_deterministic_scheduler() {
+    check("img2img-ddim", |r| r.strength = Some(0.5));
+}
+
+#[test]
+fn img2img_ancestral_scheduler_two_images() {
+    check("img2img-euler-a-two", |r| r.strength = Some(0.65));
+}
+
+#[test]
+fn inpainting_with_a_plain_unet_blends_the_known_region() {
+    check("inpaint-4ch-euler-a", |r| r.mask = None);
+}
+
+#[test]
+fn inpainting_below_full_strength() {
+    check("inpaint-4ch-ddim-strength", |r| r.strength = Some(0.6));
+}
+
+#[test]
+fn inpainting_unet_takes_mask_and_masked_picture() {
+    // The near miss: the mask inverted (the other region repainted).
+    check("inpaint-9ch-euler-a", |r| {
+        let mut mask = r.mask.take().unwrap();
+        image::imageops::invert(&mut mask);
+        r.mask = Some(mask);
+    });
+}
+
+#[test]
+fn inpainting_unet_below_full_strength() {
+    check("inpaint-9ch-ddim-strength", |r| r.strength = Some(0.7));
+}
+
+#[test]
+fn hires_fix_bilinear_latents() {
+    check("hires-latent", |r| {
+        r.hires.as_mut().unwrap().upscaler = LatentUpscaler::Nearest;
+    });
+}
+
+#[test]
+fn hires_fix_nearest_latents() {
+    check("hires-nearest", |r| {
+        r.hires.as_mut().unwrap().strength = 0.7;
+    });
+}
+
+#[test]
+fn sdxl_img2img() {
+    // 8 x 0.6 runs 4 steps; 8 x 0.4 runs 3.
+    check("sdxl-img2img", |r| r.strength = Some(0.4));
+}
+
+#[test]
+fn bad_image_requests_are_refused_with_what_is_wrong() {
+    let tiny = pipeline("sd1-tiny");
+    let picture = input("picture.png").to_rgb8();
+    let refused = |req: GenerateRequest| -> String {
+        match tiny.generate(&req, &mut |_| true) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let base = GenerateRequest {
+        steps: Some(4),
+        init_image: Some(picture.clone()),
+        ..GenerateRequest::new("x")
+    };
+    for bad in [0.0, 1.5, -0.2] {
+        let e = refused(GenerateRequest {
+            strength: Some(bad),
+            ..base.clone()
+        });
+        assert!(e.contains("strength must be in (0, 1]"), "{e}");
+    }
+    let e = refused(GenerateRequest {
+        strength: Some(0.2),
+        ..base.clone()
+    });
+    assert!(e.contains("leaves no step to run"), "{e}");
+    let e = refused(GenerateRequest {
+        mask: Some(image::GrayImage::new(64, 64)),
+        ..base.clone()
+    });
+    assert!(e.contains("the mask is empty"), "{e}");
+    let e = refused(GenerateRequest {
+        init_image: None,
+        mask: Some(image::GrayImage::new(64, 64)),
+        ..base.clone()
+    });
+    assert!(e.contains("a mask needs the picture"), "{e}");
+    let e = refused(GenerateRequest {
+        init_image: None,
+        strength: Some(0.5),
+        ..base.clone()
+    });
+    assert!(e.contains("strength needs an init image"), "{e}");
+    let e = refused(GenerateRequest {
+        hires: Some(HiresFix::default()),
+        ..base.clone()
+    });
+    assert!(e.contains("hires fix is a second pass of txt2img"), "{e}");
+    // An inpainting model without a mask.
+    let e = match pipeline("sd1-inpaint-tiny").generate(&base, &mut |_| true) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("this is an inpainting model"), "{e}");
+}
+
+#[test]
+fn the_picture_sets_the_size_and_width_height_resize_it() {
+    let tiny = pipeline("sd1-tiny");
+    // 70x45 rounds down to 64x40, as diffusers' image processor does.
+    let picture = image::imageops::resize(
+        &input("picture.png").to_rgb8(),
+        70,
+        45,
+        image::imageops::FilterType::Triangle,
+    );
+    let req = GenerateRequest {
+        steps: Some(2),
+        init_image: Some(picture),
+        strength: Some(1.0),
+        ..GenerateRequest::new("x")
+    };
+    let out = tiny.generate(&req, &mut |_| true).unwrap();
+    assert_eq!((out.images[0].width, out.images[0].height), (64, 40));
+    let out = tiny
+        .generate(
+            &GenerateRequest {
+                width: Some(48),
+                height: Some(32),
+                ..req
+            },
+            &mut |_| true,
+        )
+        .unwrap();
+    assert_eq!((out.images[0].width, out.images[0].height), (48, 32));
+}
