@@ -539,3 +539,89 @@ fn bench_profile_splits_the_unet_step_and_the_decode_by_layer() {
     let d = &report["profile_vae_decode"];
     assert!(d["layers_s"].as_f64().unwrap() <= d["wall_s"].as_f64().unwrap());
 }
+
+/// The img2img case of scripts/fixtures/image_inputs.py from the command line: diffusers'
+/// image, and the strength in the PNG's parameters as A1111 records it.
+#[test]
+fn img2img_from_the_command_line_and_bad_pictures_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("i2i.png");
+    let picture = fixtures().join("image_inputs/picture.png");
+    let model = model();
+    let common = [
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "a red circle on a blue background",
+        "--negative-prompt",
+        "",
+        "--seed",
+        "7",
+        "--steps",
+        "10",
+        "--scheduler",
+        "ddim",
+    ];
+    let mut args = common.to_vec();
+    args.extend([
+        "--init-image",
+        picture.to_str().unwrap(),
+        "--strength",
+        "0.6",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let result = text2img(&args, &[]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let (rgb, w, h, texts) = read_png(&out);
+    let (reference, ..) = read_png(&fixtures().join("reference/image_inputs/img2img-ddim-0.png"));
+    assert_eq!((w, h), (64, 64));
+    let db = psnr(&rgb, &reference);
+    assert!(db >= 50.0, "{db:.1} dB against diffusers");
+    let parameters = &texts.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(
+        parameters.contains("Denoising strength: 0.6"),
+        "{parameters}"
+    );
+
+    // Not a picture, a truncated one, a missing one, a mask without a picture.
+    let text_file = dir.path().join("notes.png");
+    std::fs::write(&text_file, "hello").unwrap();
+    let bytes = std::fs::read(&picture).unwrap();
+    let truncated = dir.path().join("cut.png");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let mask = fixtures().join("image_inputs/mask.png");
+    for (extra, needle) in [
+        (
+            vec!["--init-image", text_file.to_str().unwrap()],
+            "not a PNG, JPEG or WebP",
+        ),
+        (
+            vec!["--init-image", truncated.to_str().unwrap()],
+            "--init-image",
+        ),
+        (
+            vec!["--init-image", "/nonexistent/p.png"],
+            "/nonexistent/p.png",
+        ),
+        (
+            vec!["--mask", mask.to_str().unwrap()],
+            "--mask needs --init-image",
+        ),
+        (
+            vec![
+                "--init-image",
+                picture.to_str().unwrap(),
+                "--strength",
+                "1.5",
+            ],
+            "strength must be in (0, 1]",
+        ),
+        (vec!["--hires-steps", "4"], "need --hires-scale"),
+    ] {
+        let mut args = common.to_vec();
+        args.extend(extra);
+        fails_with(&args, &[], needle);
+    }
+}

@@ -216,24 +216,59 @@ impl CostModel {
     /// second row when `cfg`, plus `extra_evaluations` guide U-Net evaluations per step (taken
     /// at the U-Net's cost).
     pub fn estimate(&self, resolved: &Resolved, images: usize, cfg: bool, guide: bool) -> Estimate {
-        let pixels = (resolved.width * resolved.height) as f64 * self.latent_per_pixel;
         let rows = images as f64 * if cfg { 2.0 } else { 1.0 };
-        // PNDM runs one evaluation more than its steps; the others as many.
-        let evaluations =
-            (resolved.steps + 1) as f64 * (rows + if guide { images as f64 } else { 0.0 });
-        let unet_flops = self.unet.attention_flops.at(pixels) + self.unet.dense_flops.at(pixels);
-        let vae_flops = self.vae.attention_flops.at(pixels) + self.vae.dense_flops.at(pixels);
-        let seconds =
-            evaluations * self.unet.seconds(pixels) + images as f64 * self.vae.seconds(pixels);
+        let per_evaluation = rows + if guide { images as f64 } else { 0.0 };
+        // The passes' (latent pixels, evaluations): img2img runs int(steps x strength) of its
+        // steps, hires fix adds its second pass at the larger size. PNDM runs one evaluation
+        // more than its steps; the others as many.
+        let latent = |w: usize, h: usize| (w * h) as f64 * self.latent_per_pixel;
+        let run = |steps: usize, strength: Option<f64>| match strength {
+            Some(s) => ((steps as f64 * s) as usize).min(steps),
+            None => steps,
+        };
+        let mut passes = vec![(
+            latent(resolved.width, resolved.height),
+            (run(resolved.steps, resolved.strength) + 1) as f64 * per_evaluation,
+        )];
+        if let Some(h) = &resolved.hires {
+            passes.push((
+                latent(h.width, h.height),
+                (run(h.steps, Some(h.strength)) + 1) as f64 * per_evaluation,
+            ));
+        }
+        let (out_w, out_h) = resolved.output_size();
+        let out = latent(out_w, out_h);
+        let first = passes[0].0;
+        let mut seconds = 0.0;
+        let mut flops = 0.0;
+        let mut unet_peak: Option<f64> = Some(0.0);
+        for &(pixels, evaluations) in &passes {
+            seconds += evaluations * self.unet.seconds(pixels);
+            flops += evaluations
+                * (self.unet.attention_flops.at(pixels) + self.unet.dense_flops.at(pixels));
+            unet_peak = unet_peak
+                .zip(self.unet.peak_bytes)
+                .map(|(p, u)| p.max(u.at(pixels) * rows));
+        }
+        // Dec for each image; an img2img picture is encoded once per image, at about half
+        // the decoder's cost (the encoder has half its layers at the large sizes).
+        let encodes = if resolved.strength.is_some() {
+            0.5 * images as f64
+        } else {
+            0.0
+        };
+        seconds += images as f64 * self.vae.seconds(out) + encodes * self.vae.seconds(first);
+        flops += (images as f64 + encodes)
+            * (self.vae.attention_flops.at(out) + self.vae.dense_flops.at(out));
         // The U-Net runs the guidance pair at once; one image is decoded at a time.
-        let peak_bytes = match (self.unet.peak_bytes, self.vae.peak_bytes) {
-            (Some(u), Some(v)) => Some((u.at(pixels) * rows).max(v.at(pixels))),
+        let peak_bytes = match (unet_peak, self.vae.peak_bytes) {
+            (Some(u), Some(v)) => Some(u.max(v.at(out))),
             _ => None,
         };
         Estimate {
             seconds,
             peak_bytes,
-            flops: evaluations * unet_flops + images as f64 * vae_flops,
+            flops,
         }
     }
 

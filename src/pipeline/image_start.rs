@@ -13,7 +13,7 @@ use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
 
 use super::denoise::{DenoisePlan, Inpainting};
-use super::{GenerateRequest, Pipeline, Resolved};
+use super::{GenerateRequest, MaskedContent, Pipeline, Resolved};
 use crate::error::{Error, Result};
 use crate::latent::schedulers::Scheduler;
 use crate::rng::BatchGenerator;
@@ -183,6 +183,7 @@ pub fn inpainting(
     mask: &GrayImage,
     begin: usize,
     full_strength: bool,
+    content: MaskedContent,
     scheduler: &mut dyn Scheduler,
     generators: &mut BatchGenerator,
     device: &Device,
@@ -215,10 +216,6 @@ pub fn inpainting(
         None
     };
     let noise = batch_noise(&shape, generators, device)?;
-    let latents = match &image_latents {
-        Some(init) if !full_strength => scheduler.add_noise(init, &noise, begin)?,
-        _ => (&noise * scheduler.init_noise_sigma())?,
-    };
     // diffusers' `interpolate(mask, size)`: nearest, the top-left pixel of each latent's cell.
     let mask_latent = mask_full
         .narrow(2, 0, h)?
@@ -227,6 +224,23 @@ pub fn inpainting(
         .narrow(5, 0, 1)?
         .reshape((1, 1, h / f, w / f))?
         .repeat((n, 1, 1, 1))?;
+    let latents = match &image_latents {
+        Some(init) if !full_strength => {
+            // A1111's masked content: what the masked area starts from (the kept area and
+            // the blend are unchanged).
+            let start = match content {
+                MaskedContent::LatentNothing => init.broadcast_mul(&(1.0 - &mask_latent)?)?,
+                MaskedContent::LatentNoise => {
+                    let random = batch_noise(&shape, generators, device)?;
+                    (init.broadcast_mul(&(1.0 - &mask_latent)?)?
+                        + random.broadcast_mul(&mask_latent)?)?
+                }
+                MaskedContent::Original | MaskedContent::Fill => init.clone(),
+            };
+            scheduler.add_noise(&start, &noise, begin)?
+        }
+        _ => (&noise * scheduler.init_noise_sigma())?,
+    };
     // The masked picture (repaint area grey) is always encoded and sampled, with the first
     // generator: a 4-channel U-Net does not read it, but the draw moves that generator on.
     let keep = (1.0 - &mask_full)?;
@@ -292,6 +306,7 @@ impl Pipeline {
                 &resized_mask(mask, w, h),
                 begin,
                 strength == 1.0,
+                req.inpaint.masked_content,
                 scheduler,
                 generators,
                 &self.device,

@@ -10,6 +10,7 @@ pub mod family;
 pub mod guidance;
 pub mod image_start;
 mod loras;
+pub mod picture_prep;
 pub mod single_file;
 pub mod size;
 
@@ -39,6 +40,7 @@ use conditioning::{Conditioning, TextEncoder};
 use denoise::{Pass, TextConditions};
 pub use family::Family;
 pub use guidance::GuidanceInterval;
+pub use picture_prep::{InpaintOptions, MaskedContent, Outpaint, ResizeMode};
 pub use single_file::SingleFileOptions;
 
 /// The folder, beside `unet/`, of autoguidance's weaker U-Net.
@@ -136,6 +138,12 @@ pub struct GenerateRequest {
     pub strength: Option<f64>,
     /// A second pass at a larger size (A1111's hires fix).
     pub hires: Option<HiresFix>,
+    /// How a picture of another size is fitted to the output size.
+    pub resize_mode: ResizeMode,
+    /// A1111's inpainting options (mask blur, only masked, masked content, paste-back).
+    pub inpaint: InpaintOptions,
+    /// Grow the picture's canvas and inpaint the new area.
+    pub outpaint: Option<Outpaint>,
 }
 
 /// A1111's hires fix: the first pass's latents upscaled and refined by img2img at the larger
@@ -221,6 +229,9 @@ impl Default for GenerateRequest {
             mask: None,
             strength: None,
             hires: None,
+            resize_mode: ResizeMode::default(),
+            inpaint: InpaintOptions::default(),
+            outpaint: None,
         }
     }
 }
@@ -695,9 +706,14 @@ impl Pipeline {
         let f = self.vae_scale_factor();
         let native = self.unet.config.sample_size.map(|s| s * f);
         // A picture gives its own size, rounded down to the VAE's factor (diffusers).
+        let grow = req.outpaint.unwrap_or_default();
         let picture = match &req.init_image {
             Some(p) => {
-                let (w, h) = (p.width() as usize / f * f, p.height() as usize / f * f);
+                let (pw, ph) = (
+                    (p.width() + grow.left + grow.right) as usize,
+                    (p.height() + grow.top + grow.bottom) as usize,
+                );
+                let (w, h) = (pw / f * f, ph / f * f);
                 if w == 0 || h == 0 {
                     return Err(Error::InvalidRequest(format!(
                         "the init image is {}x{}: smaller than {f} pixels a side",
@@ -842,12 +858,17 @@ impl Pipeline {
                     "a mask needs the picture it masks (an init image)".into(),
                 ))
             }
+            (None, None) if req.outpaint.is_some() => {
+                return Err(Error::InvalidRequest(
+                    "outpainting needs an init image to extend".into(),
+                ))
+            }
             (None, None) if req.strength.is_some() => {
                 return Err(Error::InvalidRequest(
                     "strength needs an init image to start from".into(),
                 ))
             }
-            (_, None) if inpainting_unet => {
+            (_, None) if inpainting_unet && req.outpaint.is_none() => {
                 return Err(Error::InvalidRequest(format!(
                     "this is an inpainting model (its U-Net takes {} channels): give it a picture and a mask",
                     self.unet.config.in_channels
@@ -856,7 +877,7 @@ impl Pipeline {
             (None, None) => return Ok(None),
             _ => {}
         }
-        let default = if req.mask.is_some() {
+        let default = if req.mask.is_some() || req.outpaint.is_some() {
             1.0
         } else {
             self.family.default_strength()
@@ -1036,6 +1057,8 @@ impl Pipeline {
         finish: &CancelFlag,
         on_step: &mut dyn FnMut(&StepProgress) -> StepControl,
     ) -> Result<Denoised> {
+        let (prepared, paste) = picture_prep::prepare(req, self.vae_scale_factor())?;
+        let req = &prepared;
         let resolved = self.resolve(req)?;
         let mut timings = Timings::default();
         let mut warnings = Vec::new();
@@ -1103,6 +1126,7 @@ impl Pipeline {
         }
         timings.steps = started.elapsed();
         Ok(Denoised {
+            paste,
             latents: outcome.latents,
             seeds: generators.seeds(),
             resolved,
@@ -1181,6 +1205,8 @@ impl Pipeline {
 
 /// A request's latents after the scheduler's steps, with what the generation reports.
 struct Denoised {
+    /// Inpainting: how the images go back into the original picture.
+    paste: Option<picture_prep::PasteBack>,
     latents: Tensor,
     seeds: Vec<u64>,
     resolved: Resolved,
@@ -1192,6 +1218,7 @@ struct Denoised {
 /// Dec: the latents to images, one at a time.
 fn decode(vae: &AutoencoderKl, d: Denoised) -> Result<Generation> {
     let Denoised {
+        paste,
         latents,
         seeds,
         resolved,
@@ -1208,7 +1235,19 @@ fn decode(vae: &AutoencoderKl, d: Denoised) -> Result<Generation> {
             None => z,
         };
         let decoded = vae.decode(&z)?;
-        images.push(to_rgb8(&decoded.get(0)?, image_seed)?);
+        let image = to_rgb8(&decoded.get(0)?, image_seed)?;
+        images.push(match &paste {
+            Some(p) => {
+                let (rgb, width, height) = p.apply(&image.rgb, image.width, image.height);
+                GeneratedImage {
+                    width,
+                    height,
+                    rgb,
+                    seed: image_seed,
+                }
+            }
+            None => image,
+        });
     }
     timings.decode = started.elapsed();
     Ok(Generation {
