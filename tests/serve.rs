@@ -2,10 +2,10 @@
 //! clients call it, with every bad input, auth, a full queue, interrupts and SIGTERM.
 
 mod parity;
+mod server;
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::io::Read;
+use std::process::Command;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -14,145 +14,7 @@ use serde_json::{json, Value};
 use text2img::pipeline::{GenerateRequest, GuidanceInterval, LoadOptions, Pipeline};
 
 use parity::{decode_png, model_dir};
-
-/// A running server; killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Self {
-        let model = model_dir("sd1-tiny");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_text2img"))
-            .args(["serve", "--port", "0", "--model"])
-            .arg(&model)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let Some(base) = line.trim().strip_prefix("listening on ") else {
-            thread::sleep(Duration::from_millis(200));
-            panic!("server did not start: {line:?} {}", log.lock().unwrap());
-        };
-        Self {
-            base: base.to_string(),
-            child,
-            log,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn get(&self, path: &str) -> (u16, Value) {
-        answer(ureq::get(&self.url(path)).call())
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.post_raw(path, &body.to_string(), None)
-    }
-
-    fn post_raw(&self, path: &str, body: &str, auth: Option<&str>) -> (u16, Value) {
-        let mut req = ureq::post(&self.url(path)).set("Content-Type", "application/json");
-        if let Some(a) = auth {
-            req = req.set("Authorization", a);
-        }
-        answer(req.send_string(body))
-    }
-
-    /// Polls `/sdapi/v1/progress` until a job has run at least one step.
-    fn wait_until_sampling(&self) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let (_, p) = self.get("/sdapi/v1/progress");
-            if p["state"]["sampling_step"].as_u64().unwrap_or(0) >= 1 {
-                return p;
-            }
-            assert!(Instant::now() < deadline, "no job started: {p}");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn wait_for_queue(&self, waiting: u64) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.get("/health").1["queue"].as_u64() != Some(waiting) {
-            assert!(Instant::now() < deadline, "queue never reached {waiting}");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn terminate(&self) {
-        // SAFETY: sends a signal to our own child process.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server did not exit: {}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn answer(result: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
-    let response = match result {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("request failed: {e}"),
-    };
-    let status = response.status();
-    let text = response.into_string().unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
-fn b64(text: &Value) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD
-        .decode(text.as_str().expect("a base64 string"))
-        .unwrap()
-}
+use server::{answer, b64, Server};
 
 /// A request that runs long enough to be interrupted, queued behind or cancelled.
 fn long_job() -> Value {

@@ -24,8 +24,9 @@ pub struct ServeArgs {
     /// Requests that may wait behind the running one; more are answered 429.
     #[arg(long, default_value_t = 16)]
     max_queue: usize,
-    /// Largest request body (e.g. 1MB, 512KB, 65536); more is answered 413.
-    #[arg(long, default_value = "1MB", value_parser = parse_bytes)]
+    /// Largest request body (e.g. 16MB, 512KB, 65536); more is answered 413. img2img's
+    /// pictures come in the body: a 1024x1024 PNG is 2-3 MB in base64.
+    #[arg(long, default_value = "16MB", value_parser = parse_bytes)]
     max_body: usize,
     /// Largest width or height a request may ask for.
     #[arg(long, default_value_t = 1024)]

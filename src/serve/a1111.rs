@@ -8,20 +8,112 @@ use axum::http::HeaderMap;
 use axum::Json;
 use serde_json::{json, Value};
 
+use crate::image_in;
 use crate::latent::schedulers::SchedulerKind;
+use crate::pipeline::{HiresFix, InpaintOptions, LatentUpscaler, MaskedContent, ResizeMode};
 use crate::png_out::a1111_parameters;
 
 use super::api_error::ApiError;
+use super::fields::Fields;
 use super::plan::{a1111_aliases, a1111_sampler, plan, Asked};
 use super::{encode_images, run_plan, AppState};
 
-/// `POST /sdapi/v1/txt2img`.
+/// `POST /sdapi/v1/txt2img` (with hires fix).
 pub async fn txt2img(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let fields = super::request_fields(&app, &headers, body).await?;
+    let mut asked = common_fields(&fields)?;
+    asked.hires = hires_fix(&fields, app.limits.max_steps)?;
+    respond(&app, &asked).await
+}
+
+/// `POST /sdapi/v1/img2img`: img2img, and inpainting with a `mask`, with A1111's options.
+pub async fn img2img(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let fields = super::request_fields(&app, &headers, body).await?;
+    let mut asked = common_fields(&fields)?;
+    let max_side = app.limits.max_size;
+    let mut pictures = fields.images("init_images", max_side)?;
+    let picture = match pictures.len() {
+        0 => return Err(ApiError::field("init_images", "needs one picture")),
+        1 => pictures.remove(0),
+        n => {
+            return Err(ApiError::field(
+                "init_images",
+                format!("has {n} pictures; text2img takes one per request"),
+            ))
+        }
+    };
+    asked.init_image = Some(image_in::rgb(&picture));
+    asked.strength = Some(fields.number("denoising_strength")?.unwrap_or(0.75));
+    asked.resize_mode = match fields.integer_in("resize_mode", 0, 3)?.unwrap_or(0) {
+        0 => ResizeMode::Stretch,
+        1 => ResizeMode::Crop,
+        2 => ResizeMode::Fill,
+        _ => {
+            return Err(ApiError::field(
+                "resize_mode",
+                "3 (latent upscale) is not supported; use 0 (just resize), 1 (crop and resize) or 2 (resize and fill)",
+            ))
+        }
+    };
+    if let Some(mask) = fields.image("mask", max_side)? {
+        let mut mask = a1111_mask(&mask);
+        if fields.integer_in("inpainting_mask_invert", 0, 1)? == Some(1) {
+            image::imageops::invert(&mut mask);
+        }
+        asked.mask = Some(mask);
+        // A1111's API defaults: blur 4, masked content "fill", only masked with no padding;
+        // the original always pasted back over the kept area.
+        asked.inpaint = InpaintOptions {
+            mask_blur: fields.number("mask_blur")?.unwrap_or(4.0) as f32,
+            only_masked_padding: if fields.boolean("inpaint_full_res")?.unwrap_or(true) {
+                Some(
+                    fields
+                        .integer_in("inpaint_full_res_padding", 0, 4096)?
+                        .unwrap_or(0) as u32,
+                )
+            } else {
+                None
+            },
+            masked_content: match fields.integer_in("inpainting_fill", 0, 3)?.unwrap_or(0) {
+                0 => MaskedContent::Fill,
+                1 => MaskedContent::Original,
+                2 => MaskedContent::LatentNoise,
+                _ => MaskedContent::LatentNothing,
+            },
+            keep_original: true,
+        };
+    }
+    respond(&app, &asked).await
+}
+
+/// A1111's mask: a picture with transparency masks by its alpha (opaque repaints), any
+/// other by its grey level.
+fn a1111_mask(mask: &image::DynamicImage) -> image::GrayImage {
+    if mask.color().has_alpha() {
+        let rgba = mask.to_rgba8();
+        if rgba.pixels().any(|p| p.0[3] != 255) {
+            return image::GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+                image::Luma([if rgba.get_pixel(x, y).0[3] > 128 {
+                    255
+                } else {
+                    0
+                }])
+            });
+        }
+    }
+    image_in::luma(mask)
+}
+
+/// The fields txt2img and img2img share.
+fn common_fields(fields: &Fields) -> Result<Asked, ApiError> {
     let sampler_name = match fields.string("sampler_name")? {
         Some(name) => Some(name),
         // Older clients name the sampler in `sampler_index`.
@@ -31,7 +123,7 @@ pub async fn txt2img(
         sampler_name.as_deref(),
         fields.string("scheduler")?.as_deref(),
     )?;
-    let asked = Asked {
+    Ok(Asked {
         prompt: fields.string("prompt")?.unwrap_or_default(),
         negative_prompt: fields.string("negative_prompt")?.unwrap_or_default(),
         width: fields.integer("width")?,
@@ -47,9 +139,62 @@ pub async fn txt2img(
         batch_size: fields.integer("batch_size")?,
         n_iter: fields.integer("n_iter")?,
         count_field: "batch_size",
+        ..Asked::default()
+    })
+}
+
+/// txt2img's hires fix fields (`enable_hr`, `hr_scale`, `hr_upscaler`,
+/// `hr_second_pass_steps`, `hr_resize_x/y`, `denoising_strength`).
+fn hires_fix(fields: &Fields, max_steps: usize) -> Result<Option<HiresFix>, ApiError> {
+    if !fields.boolean("enable_hr")?.unwrap_or(false) {
+        return Ok(None);
+    }
+    let upscaler = match fields.string("hr_upscaler")? {
+        None => LatentUpscaler::Bilinear,
+        Some(name) => LatentUpscaler::NAMES
+            .iter()
+            .find(|(a1111, cli, _)| {
+                name.eq_ignore_ascii_case(a1111) || name.eq_ignore_ascii_case(cli)
+            })
+            .map(|(_, _, u)| *u)
+            .ok_or_else(|| {
+                ApiError::field(
+                    "hr_upscaler",
+                    format!("`{name}` is not available; available: Latent, Latent (nearest)"),
+                )
+            })?,
     };
-    let plan = plan(&app.pipeline, &app.limits, &asked)?;
-    let output = run_plan(&app, &plan).await?;
+    let scale = fields.number("hr_scale")?.unwrap_or(2.0);
+    if !(scale.is_finite() && scale > 0.0 && scale <= 8.0) {
+        return Err(ApiError::field(
+            "hr_scale",
+            format!("must be in (0, 8], not {scale}"),
+        ));
+    }
+    let size = |name: &str| -> Result<Option<usize>, ApiError> {
+        Ok(fields
+            .integer_in(name, 0, 1 << 16)?
+            .filter(|&v| v > 0)
+            .map(|v| v as usize))
+    };
+    let strength = fields.number("denoising_strength")?.unwrap_or(0.7);
+    Ok(Some(HiresFix {
+        scale,
+        width: size("hr_resize_x")?,
+        height: size("hr_resize_y")?,
+        steps: fields
+            .integer_in("hr_second_pass_steps", 0, max_steps as i64)?
+            .filter(|&s| s > 0)
+            .map(|s| s as usize),
+        strength,
+        upscaler,
+    }))
+}
+
+/// Runs a request and answers as A1111 does: the images, the parameters, the info.
+async fn respond(app: &AppState, asked: &Asked) -> Result<Json<Value>, ApiError> {
+    let plan = plan(&app.pipeline, &app.limits, asked)?;
+    let output = run_plan(app, &plan).await?;
     let r = &plan.resolved;
     let seeds: Vec<u64> = output.images.iter().map(|(img, _, _)| img.seed).collect();
     let infotexts: Vec<String> = output
@@ -58,7 +203,7 @@ pub async fn txt2img(
         .map(|(img, req, res)| a1111_parameters(req, res, img.seed, &app.model_name))
         .collect();
     let n = seeds.len();
-    let parameters = json!({
+    let mut parameters = json!({
         "prompt": asked.prompt,
         "negative_prompt": asked.negative_prompt,
         "width": r.width,
@@ -75,6 +220,18 @@ pub async fn txt2img(
         "n_iter": plan.n_iter,
         "eta": plan.batches[0].eta,
     });
+    if let Some(strength) = r.strength {
+        parameters["denoising_strength"] = json!(strength);
+    }
+    if let Some(h) = &r.hires {
+        parameters["enable_hr"] = json!(true);
+        parameters["hr_scale"] = json!(h.scale);
+        parameters["hr_upscaler"] = json!(h.upscaler.a1111_name());
+        parameters["hr_second_pass_steps"] = json!(h.steps);
+        parameters["hr_resize_x"] = json!(h.width);
+        parameters["hr_resize_y"] = json!(h.height);
+        parameters["denoising_strength"] = json!(h.strength);
+    }
     let info = json!({
         "prompt": asked.prompt,
         "all_prompts": vec![&asked.prompt; n],
@@ -89,6 +246,7 @@ pub async fn txt2img(
         "cfg_scale": r.guidance_scale,
         "width": r.width,
         "height": r.height,
+        "denoising_strength": r.strength.or(r.hires.as_ref().map(|h| h.strength)),
         "batch_size": plan.batch_size,
         "sd_model_name": app.model_name,
         "infotexts": infotexts,
@@ -101,6 +259,15 @@ pub async fn txt2img(
         "parameters": parameters,
         "info": info.to_string(),
     })))
+}
+
+/// `GET /sdapi/v1/upscalers`: hires fix's latent upscalers.
+pub async fn upscalers() -> Json<Value> {
+    let list: Vec<Value> = LatentUpscaler::NAMES
+        .iter()
+        .map(|(name, _, _)| json!({ "name": name, "model_name": null, "model_path": null, "model_url": null, "scale": 2 }))
+        .collect();
+    Json(Value::Array(list))
 }
 
 /// `GET /sdapi/v1/progress`: the running job's progress and a step preview.

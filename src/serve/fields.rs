@@ -3,6 +3,7 @@
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, StatusCode};
+use image::DynamicImage;
 use serde_json::{Map, Value};
 
 use super::api_error::ApiError;
@@ -136,6 +137,82 @@ impl Fields {
             Some(other) => Err(wrong_type(name, "a number", other)),
         }
     }
+}
+
+impl Fields {
+    /// A boolean (A1111 clients also send 0 and 1).
+    pub fn boolean(&self, name: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(Value::Number(n)) if n.as_i64() == Some(0) => Ok(Some(false)),
+            Some(Value::Number(n)) if n.as_i64() == Some(1) => Ok(Some(true)),
+            Some(other) => Err(wrong_type(name, "a boolean", other)),
+        }
+    }
+
+    /// A picture sent as base64 (a `data:image/...;base64,` prefix allowed), decoded with its
+    /// size checked against `max_side` from its header.
+    pub fn image(&self, name: &str, max_side: usize) -> Result<Option<DynamicImage>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => decode_image(name, s, max_side).map(Some),
+            Some(other) => Err(wrong_type(name, "a base64 image string", other)),
+        }
+    }
+
+    /// A list of pictures sent as base64 strings.
+    pub fn images(&self, name: &str, max_side: usize) -> Result<Vec<DynamicImage>, ApiError> {
+        match self.get(name) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    let field = format!("{name}[{i}]");
+                    match item {
+                        Value::String(s) => decode_image(&field, s, max_side),
+                        other => Err(wrong_type(&field, "a base64 image string", other)),
+                    }
+                })
+                .collect(),
+            Some(other) => Err(wrong_type(name, "an array of base64 images", other)),
+        }
+    }
+}
+
+/// Base64 (standard or URL-safe alphabet, padded or not, optionally a data URL) to a picture.
+pub fn decode_image(field: &str, text: &str, max_side: usize) -> Result<DynamicImage, ApiError> {
+    use base64::Engine;
+    let payload = match text.split_once(";base64,") {
+        Some((head, rest)) if head.starts_with("data:") => rest,
+        _ => text,
+    };
+    let compact: String = payload
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    let trimmed = compact.trim_end_matches('=');
+    let engines = [
+        base64::engine::general_purpose::STANDARD_NO_PAD,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    let bytes = engines
+        .iter()
+        .find_map(|e| e.decode(trimmed).ok())
+        .ok_or_else(|| ApiError::field(field, "is not base64"))?;
+    image_bytes(field, &bytes, max_side)
+}
+
+/// An uploaded picture's bytes to a picture; errors name the field.
+pub fn image_bytes(field: &str, bytes: &[u8], max_side: usize) -> Result<DynamicImage, ApiError> {
+    crate::image_in::decode(bytes, "", max_side).map_err(|e| {
+        let message = e.to_string();
+        let message = message
+            .trim_start_matches("invalid request: ")
+            .trim_start_matches(": ");
+        ApiError::field(field, message)
+    })
 }
 
 fn wrong_type(name: &str, expected: &str, found: &Value) -> ApiError {

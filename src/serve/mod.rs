@@ -70,7 +70,7 @@ impl Default for ServeOptions {
             port: 7860,
             api_key: None,
             max_queue: 16,
-            max_body: 1 << 20,
+            max_body: 16 << 20,
             max_size: 1024,
             max_steps: 150,
             max_images: 8,
@@ -268,6 +268,8 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/", get(page::index))
         .route("/health", get(health))
         .route("/sdapi/v1/txt2img", post(a1111::txt2img))
+        .route("/sdapi/v1/img2img", post(a1111::img2img))
+        .route("/sdapi/v1/upscalers", get(a1111::upscalers))
         .route("/sdapi/v1/progress", get(a1111::progress))
         .route("/sdapi/v1/interrupt", post(a1111::interrupt))
         .route("/sdapi/v1/samplers", get(a1111::samplers))
@@ -276,6 +278,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/sdapi/v1/options", get(a1111::options))
         .route("/sdapi/v1/embeddings", get(a1111::embeddings))
         .route("/v1/images/generations", post(openai::generations))
+        .route("/v1/images/edits", post(openai::edits))
         .fallback(not_found)
         // Layers run outside-in from the last: log, then CORS, then auth.
         .layer(axum::middleware::from_fn_with_state(

@@ -1,4 +1,5 @@
-//! OpenAI's image API (`POST /v1/images/generations`), for clients written against it.
+//! OpenAI's image API (`POST /v1/images/generations`, `POST /v1/images/edits`), for clients
+//! written against it.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -10,8 +11,11 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::api_error::{ApiError, Flavor};
+use super::fields::{image_bytes, read_body};
 use super::plan::{plan, Asked};
 use super::{encode_images, run_plan, AppState};
+use crate::image_in;
+use crate::pipeline::InpaintOptions;
 
 pub async fn generations(
     State(app): State<Arc<AppState>>,
@@ -62,8 +66,13 @@ async fn handle(
         count_field: "n",
         ..Asked::default()
     };
-    let plan = plan(&app.pipeline, &app.limits, &asked)?;
-    let output = run_plan(&app, &plan).await?;
+    respond(&app, &asked).await
+}
+
+/// Runs a request and answers in OpenAI's shape.
+async fn respond(app: &AppState, asked: &Asked) -> Result<Json<Value>, ApiError> {
+    let plan = plan(&app.pipeline, &app.limits, asked)?;
+    let output = run_plan(app, &plan).await?;
     let created = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -78,4 +87,138 @@ async fn handle(
 fn parse_size(size: &str) -> Option<(i64, i64)> {
     let (w, h) = crate::pipeline::size::parse_wxh(size)?;
     Some((i64::try_from(w).ok()?, i64::try_from(h).ok()?))
+}
+
+/// `POST /v1/images/edits` (multipart): `image`, an optional `mask` whose transparent pixels
+/// are the area to edit (without one, the image's own transparency is), `prompt`, `n`,
+/// `size`. The edit is inpainting at full strength, the rest of the picture kept.
+pub async fn edits(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    edit(app, headers, body)
+        .await
+        .map_err(|e| e.flavor(Flavor::OpenAi))
+}
+
+async fn edit(app: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Json<Value>, ApiError> {
+    use axum::extract::FromRequest;
+    let bytes = read_body(
+        &headers,
+        body,
+        app.options.max_body,
+        app.options.body_timeout,
+    )
+    .await?;
+    let mut request = axum::http::Request::new(Body::from(bytes));
+    *request.headers_mut() = headers;
+    let mut form = axum::extract::Multipart::from_request(request, &())
+        .await
+        .map_err(|e| ApiError::bad_request(format!("the body must be multipart/form-data: {e}")))?;
+    let max_side = app.limits.max_size;
+    let (mut image, mut mask) = (None, None);
+    let mut text = std::collections::HashMap::new();
+    loop {
+        let field = match form.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(e) => {
+                return Err(ApiError::bad_request(format!(
+                    "malformed multipart body: {e}"
+                )))
+            }
+        };
+        let name = field.name().unwrap_or_default().to_string();
+        let data = field
+            .bytes()
+            .await
+            .map_err(|e| ApiError::field(&name, format!("could not be read: {e}")))?;
+        match name.as_str() {
+            "image" | "image[]" => {
+                if image.is_some() {
+                    return Err(ApiError::field("image", "takes one picture"));
+                }
+                image = Some(image_bytes("image", &data, max_side)?);
+            }
+            "mask" => mask = Some(image_bytes("mask", &data, max_side)?),
+            _ => {
+                let value = String::from_utf8(data.to_vec())
+                    .map_err(|_| ApiError::field(&name, "must be UTF-8 text"))?;
+                text.insert(name, value);
+            }
+        }
+    }
+    let image = image.ok_or_else(|| ApiError::field("image", "is required"))?;
+    let prompt = text
+        .remove("prompt")
+        .ok_or_else(|| ApiError::field("prompt", "is required"))?;
+    match text.get("response_format").map(String::as_str) {
+        None | Some("b64_json") => {}
+        Some(other) => {
+            return Err(ApiError::field(
+                "response_format",
+                format!("`{other}` is not supported; use `b64_json`"),
+            ))
+        }
+    }
+    let mask = match mask {
+        Some(m) => {
+            if (m.width(), m.height()) != (image.width(), image.height()) {
+                return Err(ApiError::field(
+                    "mask",
+                    format!(
+                        "is {}x{}; it must be the image's size, {}x{}",
+                        m.width(),
+                        m.height(),
+                        image.width(),
+                        image.height()
+                    ),
+                ));
+            }
+            image_in::transparency_mask(&m)
+        }
+        None if image.color().has_alpha() => image_in::transparency_mask(&image),
+        None => {
+            return Err(ApiError::field(
+                "mask",
+                "is required when the image has no transparent area to edit",
+            ))
+        }
+    };
+    let (width, height) = match text.get("size").map(String::as_str) {
+        None | Some("auto") => (None, None),
+        Some(size) => parse_size(size)
+            .map(|(w, h)| (Some(w), Some(h)))
+            .ok_or_else(|| {
+                ApiError::field("size", format!("must look like `512x512`, not `{size}`"))
+            })?,
+    };
+    let integer = |name: &str| -> Result<Option<i64>, ApiError> {
+        text.get(name)
+            .map(|v| {
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|_| ApiError::field(name, format!("must be an integer, not `{v}`")))
+            })
+            .transpose()
+    };
+    let asked = Asked {
+        prompt,
+        negative_prompt: text.get("negative_prompt").cloned().unwrap_or_default(),
+        seed: integer("seed")?,
+        steps: integer("steps")?,
+        width,
+        height,
+        batch_size: integer("n")?,
+        count_field: "n",
+        init_image: Some(image_in::rgb(&image)),
+        mask: Some(mask),
+        inpaint: InpaintOptions {
+            keep_original: true,
+            ..InpaintOptions::default()
+        },
+        ..Asked::default()
+    };
+    respond(&app, &asked).await
 }

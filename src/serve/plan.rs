@@ -2,7 +2,11 @@
 //! every limit of the server checked, each failure a 400 that names its field.
 
 use crate::latent::schedulers::SchedulerKind;
-use crate::pipeline::{GenerateRequest, GuidanceInterval, Pipeline, Resolved};
+use image::{GrayImage, RgbImage};
+
+use crate::pipeline::{
+    GenerateRequest, GuidanceInterval, HiresFix, InpaintOptions, Pipeline, ResizeMode, Resolved,
+};
 
 use super::api_error::ApiError;
 
@@ -37,6 +41,14 @@ pub struct Asked {
     pub n_iter: Option<i64>,
     /// The name of the field that holds the image count (`batch_size` or `n`).
     pub count_field: &'static str,
+    /// img2img and inpainting (`init_images[0]`, `mask`, `denoising_strength`).
+    pub init_image: Option<RgbImage>,
+    pub mask: Option<GrayImage>,
+    pub strength: Option<f64>,
+    pub resize_mode: ResizeMode,
+    pub inpaint: InpaintOptions,
+    /// txt2img's hires fix (`enable_hr` and its fields).
+    pub hires: Option<HiresFix>,
 }
 
 /// What the worker will run.
@@ -173,18 +185,30 @@ pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan,
         height,
         num_images: batch_size,
         eta,
+        init_image: asked.init_image.clone(),
+        mask: asked.mask.clone(),
+        strength: asked.strength,
+        resize_mode: asked.resize_mode,
+        inpaint: asked.inpaint.clone(),
+        hires: asked.hires.clone(),
         ..GenerateRequest::default()
     };
-    let resolved = pipeline
-        .resolve(&base)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    // The model's own defaults must fit the server's limits too.
-    for (name, v) in [("width", resolved.width), ("height", resolved.height)] {
+    let resolved = pipeline.resolve(&base).map_err(|e| {
+        ApiError::bad_request(e.to_string().trim_start_matches("invalid request: "))
+    })?;
+    // The model's own defaults (or the picture's size) must fit the server's limits too.
+    let (hires_w, hires_h) = resolved.output_size();
+    for (name, v) in [
+        ("width", resolved.width),
+        ("height", resolved.height),
+        ("hr_scale", hires_w),
+        ("hr_scale", hires_h),
+    ] {
         if v > limits.max_size {
             return Err(ApiError::field(
                 name,
                 format!(
-                    "(the model's default {v}) is over the server's limit of {}",
+                    "(giving {v}) is over the server's limit of {}",
                     limits.max_size
                 ),
             ));
