@@ -29,6 +29,13 @@ pub struct BenchArgs {
     /// U-Net step and the decode, and print their shares.
     #[arg(long)]
     profile: bool,
+    /// Time the VAE decode alone (of a random latent of --size), with its peak heap: for
+    /// large sizes, where a U-Net step would take too long.
+    #[arg(long)]
+    decode_only: bool,
+    /// Decode in overlapping tiles (diffusers' `enable_tiling()`).
+    #[arg(long)]
+    vae_tiling: bool,
 }
 
 /// The layers' shares of one timed part, recorded over `repeat` runs of it: the step's wall
@@ -102,6 +109,9 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
     let f = pipeline.vae_scale_factor();
     if a.size == 0 || !a.size.is_multiple_of(f) {
         anyhow::bail!("--size {} is not a positive multiple of {f}", a.size);
+    }
+    if a.decode_only {
+        return decode_only(&pipeline, &a, load_s);
     }
     let request = GenerateRequest::new("a photograph of an astronaut riding a horse");
     let mut warnings = Vec::new();
@@ -193,5 +203,35 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
             decode_profile.print("VAE decode by layer");
         }
     }
+    Ok(())
+}
+
+/// `--decode-only`: the decode of one random latent, its time and the heap it needed.
+fn decode_only(pipeline: &text2img::Pipeline, a: &BenchArgs, load_s: f64) -> Result<()> {
+    let f = pipeline.vae_scale_factor();
+    let shape = [
+        1,
+        pipeline.vae.config.latent_channels,
+        a.size / f,
+        a.size / f,
+    ];
+    let z = BatchGenerator::consecutive(0, 1).randn(&shape, &candle_core::Device::Cpu)?;
+    let before = text2img::alloc_count::live();
+    text2img::alloc_count::reset_peak();
+    let decode_s = best(a.repeat, || {
+        Ok(if a.vae_tiling {
+            pipeline.vae.decode_tiled(&z)?
+        } else {
+            pipeline.vae.decode(&z)?
+        })
+    })?;
+    let peak = text2img::alloc_count::peak()
+        .zip(before)
+        .map(|(p, b)| p.saturating_sub(b) as f64 / 1e6);
+    let out = json!({
+        "size": a.size, "vae_tiling": a.vae_tiling, "load_s": load_s, "vae_decode_s": decode_s,
+        "decode_peak_heap_mb": peak,
+    });
+    println!("{out}");
     Ok(())
 }

@@ -137,6 +137,10 @@ struct GenerateArgs {
     /// (as diffusers: no weights, cut at 77 tokens).
     #[arg(long, value_parser = ["a1111", "plain"], default_value = "a1111")]
     prompt_syntax: String,
+    /// Decode (and encode) in overlapping tiles, as diffusers' `vae.enable_tiling()`: large
+    /// images in the memory of one tile.
+    #[arg(long)]
+    vae_tiling: bool,
     /// Print the estimated time and memory (as `serve` estimates them to admit a request)
     /// before generating, and the measured ones after.
     #[arg(long)]
@@ -279,6 +283,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         } else {
             text2img::pipeline::PromptSyntax::A1111
         },
+        vae_tiling: args.vae_tiling,
         ..GenerateRequest::default()
     };
     args.images.apply(&mut request)?;

@@ -94,6 +94,22 @@ pub fn binary_mask(mask: &GrayImage, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (1, 1, h, w), device)?)
 }
 
+/// The VAE's encoder as a request uses it: whole, or in tiles (`vae_tiling`).
+pub struct Encoding<'a> {
+    pub vae: &'a AutoencoderKl,
+    pub tiled: bool,
+}
+
+impl Encoding<'_> {
+    fn moments(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.tiled {
+            self.vae.encode_tiled(x)
+        } else {
+            self.vae.encode(x)
+        }
+    }
+}
+
 /// The latent distribution's sample for one generator, scaled as the U-Net's latents are
 /// (diffusers' `retrieve_latents(vae.encode(x), generator)` times `scaling_factor`).
 fn sample_latents(
@@ -157,16 +173,16 @@ pub fn from_latents(
 /// img2img from a picture of the output size: encoded, sampled with each image's generator,
 /// noised to the `begin`-th step's level.
 pub fn from_picture(
-    vae: &AutoencoderKl,
+    vae: &Encoding,
     picture: &RgbImage,
     begin: usize,
     scheduler: &mut dyn Scheduler,
     generators: &mut BatchGenerator,
     device: &Device,
 ) -> Result<DenoisePlan> {
-    let moments = vae.encode(&pixels(picture, device)?)?;
+    let moments = vae.moments(&pixels(picture, device)?)?;
     let rows = (0..generators.len())
-        .map(|i| sample_latents(vae, &moments, generators, i))
+        .map(|i| sample_latents(vae.vae, &moments, generators, i))
         .collect::<Result<Vec<_>>>()?;
     let init = Tensor::cat(&rows, 0)?;
     from_latents(&init, begin, scheduler, generators)
@@ -177,7 +193,7 @@ pub fn from_picture(
 /// a 4-channel one gets the known region put back after each step.
 #[allow(clippy::too_many_arguments)]
 pub fn inpainting(
-    vae: &AutoencoderKl,
+    encoding: &Encoding,
     unet_channels: usize,
     picture: &RgbImage,
     mask: &GrayImage,
@@ -188,6 +204,7 @@ pub fn inpainting(
     generators: &mut BatchGenerator,
     device: &Device,
 ) -> Result<DenoisePlan> {
+    let vae = encoding.vae;
     let n = generators.len();
     let latent_channels = vae.config.latent_channels;
     let f = vae.config.downsampling_factor();
@@ -210,7 +227,7 @@ pub fn inpainting(
     let image = pixels(picture, device)?;
     // The picture's latents: the blend's known region, and img2img's start below full strength.
     let image_latents = if blend || !full_strength {
-        let moments = vae.encode(&image)?;
+        let moments = encoding.moments(&image)?;
         Some(sample_latents(vae, &moments, generators, 0)?.repeat((n, 1, 1, 1))?)
     } else {
         None
@@ -254,7 +271,7 @@ pub fn inpainting(
             noise,
         }
     } else {
-        let moments = vae.encode(&masked)?;
+        let moments = encoding.moments(&masked)?;
         let masked_latents = sample_latents(vae, &moments, generators, 0)?.repeat((n, 1, 1, 1))?;
         Inpainting::Channels {
             extra: Tensor::cat(&[&mask_latent, &masked_latents], 1)?,
@@ -288,11 +305,15 @@ impl Pipeline {
             return from_noise(&shape, scheduler, generators, &self.device);
         };
         let picture = resized(picture, w, h);
+        let encoding = Encoding {
+            vae: &self.vae,
+            tiled: req.vae_tiling,
+        };
         let strength = resolved.strength.expect("resolved with the picture");
         let begin = first_step(resolved.steps, strength)?;
         match &req.mask {
             None => from_picture(
-                &self.vae,
+                &encoding,
                 &picture,
                 begin,
                 scheduler,
@@ -300,7 +321,7 @@ impl Pipeline {
                 &self.device,
             ),
             Some(mask) => inpainting(
-                &self.vae,
+                &encoding,
                 self.unet.config.in_channels,
                 &picture,
                 &resized_mask(mask, w, h),

@@ -144,6 +144,9 @@ pub struct GenerateRequest {
     pub inpaint: InpaintOptions,
     /// Grow the picture's canvas and inpaint the new area.
     pub outpaint: Option<Outpaint>,
+    /// Decode (and encode) in overlapping tiles, as diffusers' `vae.enable_tiling()`: the
+    /// memory of one tile at any size, at the price of a slightly different image.
+    pub vae_tiling: bool,
 }
 
 /// A1111's hires fix: the first pass's latents upscaled and refined by img2img at the larger
@@ -232,6 +235,7 @@ impl Default for GenerateRequest {
             resize_mode: ResizeMode::default(),
             inpaint: InpaintOptions::default(),
             outpaint: None,
+            vae_tiling: false,
         }
     }
 }
@@ -1126,6 +1130,7 @@ impl Pipeline {
         }
         timings.steps = started.elapsed();
         Ok(Denoised {
+            tiled: req.vae_tiling,
             paste,
             latents: outcome.latents,
             seeds: generators.seeds(),
@@ -1205,6 +1210,8 @@ impl Pipeline {
 
 /// A request's latents after the scheduler's steps, with what the generation reports.
 struct Denoised {
+    /// Decode in tiles.
+    tiled: bool,
     /// Inpainting: how the images go back into the original picture.
     paste: Option<picture_prep::PasteBack>,
     latents: Tensor,
@@ -1218,6 +1225,7 @@ struct Denoised {
 /// Dec: the latents to images, one at a time.
 fn decode(vae: &AutoencoderKl, d: Denoised) -> Result<Generation> {
     let Denoised {
+        tiled,
         paste,
         latents,
         seeds,
@@ -1234,7 +1242,11 @@ fn decode(vae: &AutoencoderKl, d: Denoised) -> Result<Generation> {
             Some(shift) => (z + shift)?,
             None => z,
         };
-        let decoded = vae.decode(&z)?;
+        let decoded = if tiled {
+            vae.decode_tiled(&z)?
+        } else {
+            vae.decode(&z)?
+        };
         let image = to_rgb8(&decoded.get(0)?, image_seed)?;
         images.push(match &paste {
             Some(p) => {

@@ -5,6 +5,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::VaeConfig;
+use super::tiling::{tiled, Tiles};
 use crate::error::{Error, Result};
 use crate::latent::unet::resnet::{ResnetBlock2D, ResnetOptions};
 use crate::nn::{attention, Conv2d, GroupNorm, Linear};
@@ -294,8 +295,32 @@ impl AutoencoderKl {
         self.decoder.forward(&z)
     }
 
+    /// [`AutoencoderKl::decode`] in overlapping tiles, as diffusers' `enable_tiling()`: a
+    /// latent larger than one tile (`sample_size / factor`) is decoded tile by tile.
+    pub fn decode_tiled(&self, z: &Tensor) -> Result<Tensor> {
+        let Some(tile_out) = self.config.sample_size else {
+            return self.decode(z);
+        };
+        let tile_in = tile_out / self.config.downsampling_factor();
+        let (_, _, h, w) = z.dims4()?;
+        if h <= tile_in && w <= tile_in {
+            return self.decode(z);
+        }
+        tiled(z, &Tiles::new(tile_in, tile_out), &|tile| self.decode(tile))
+    }
+
     /// Encodes images in [-1, 1] to the latent distribution's (mean, log-variance).
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.encode_maybe_tiled(x, false)
+    }
+
+    /// [`AutoencoderKl::encode`] in overlapping tiles when the picture is larger than one
+    /// (`sample_size`), as diffusers' `enable_tiling()`.
+    pub fn encode_tiled(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.encode_maybe_tiled(x, true)
+    }
+
+    fn encode_maybe_tiled(&self, x: &Tensor, tiling: bool) -> Result<(Tensor, Tensor)> {
         let (_, _, h, w) = x.dims4()?;
         let f = self.config.downsampling_factor();
         if h % f != 0 || w % f != 0 {
@@ -303,10 +328,18 @@ impl AutoencoderKl {
                 "image size {w}x{h} is not a multiple of the VAE's factor {f}"
             )));
         }
-        let moments = self.encoder.forward(x)?;
-        let moments = match &self.quant_conv {
-            Some(conv) => conv.forward(&moments)?,
-            None => moments,
+        let moments_of = |x: &Tensor| -> Result<Tensor> {
+            let moments = self.encoder.forward(x)?;
+            Ok(match &self.quant_conv {
+                Some(conv) => conv.forward(&moments)?,
+                None => moments,
+            })
+        };
+        let moments = match self.config.sample_size {
+            Some(tile) if tiling && (h > tile || w > tile) => {
+                tiled(x, &Tiles::new(tile, tile / f), &moments_of)?
+            }
+            _ => moments_of(x)?,
         };
         let l = self.config.latent_channels;
         Ok((
