@@ -1,6 +1,7 @@
 //! The web page in a real browser: headless Chromium driven through chromedriver's WebDriver
 //! protocol. The page asks for the API key once, keeps it, and a typed prompt with a click on
-//! Generate gives a real PNG of the asked size in the gallery.
+//! Generate gives the API's PNG for the same seed in the gallery; "send to img2img", a mask
+//! painted with the mouse and Generate again repaint the painted area and keep the rest.
 //!
 //! Needs `chromium` and `chromedriver` (Debian: `apt-get install chromium chromium-driver`;
 //! CI installs them). Without them the test says so and passes, unless
@@ -258,6 +259,24 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
         let (rgb, w, h, texts) = decode_png(&png);
         assert_eq!((w, h), (64, 48));
         assert_eq!(rgb.len(), 64 * 48 * 3);
+        // The API's image for the same request and seed.
+        let api = ureq::post(&format!("{site}/sdapi/v1/txt2img"))
+            .set("Authorization", &format!("Bearer {key}"))
+            .send_json(
+                json!({"prompt": "a red circle on a blue background", "width": 64,
+                              "height": 48, "steps": 3, "seed": 7, "autoguidance": 2}),
+            )
+            .unwrap()
+            .into_json::<Value>()
+            .unwrap();
+        let api_png = base64::engine::general_purpose::STANDARD
+            .decode(api["images"][0].as_str().unwrap())
+            .unwrap();
+        assert_eq!(
+            decode_png(&api_png).0,
+            rgb,
+            "the page's image is not the API's"
+        );
         assert!(
             texts.iter().any(|(k, v)| k == "parameters"
                 && v.contains("Seed: 7")
@@ -269,9 +288,133 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
         assert_eq!(kept.as_str(), Some(key));
         let (status, _) = driver.call("GET", &format!("/session/{session}/alert/text"), None);
         assert_ne!(status, 200, "the page asked for the key again");
+
+        inpaint_through_the_page(&driver, &session, &rgb);
     }));
     driver.call("DELETE", &format!("/session/{session}"), None);
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// "send to img2img" on the result, a stroke painted across the picture with the mouse, a
+/// strength on the slider, Generate: the painted area is repainted, the rest kept exactly.
+fn inpaint_through_the_page(driver: &Driver, session: &str, first: &[u8]) {
+    let send = driver.element(session, "#gallery .card button.send");
+    driver.ok(
+        "POST",
+        &format!("/session/{session}/element/{send}/click"),
+        Some(json!({})),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while driver.script(
+        session,
+        "return document.getElementById('mask-canvas').width;",
+    ) != json!(64)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the picture never reached the canvas"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    driver.script(session, "document.getElementById('brush-size').value = 80;");
+    let canvas = driver.element(session, "#mask-canvas");
+    let origin = json!({ "element-6066-11e4-a52e-4f735466cecf": canvas });
+    driver.ok(
+        "POST",
+        &format!("/session/{session}/actions"),
+        Some(json!({"actions": [{"type": "pointer", "id": "mouse",
+        "parameters": {"pointerType": "mouse"},
+        "actions": [
+            {"type": "pointerMove", "duration": 0, "origin": origin, "x": -60, "y": 0},
+            {"type": "pointerDown", "button": 0},
+            {"type": "pointerMove", "duration": 150, "origin": origin, "x": 60, "y": 0},
+            {"type": "pointerUp", "button": 0}
+        ]}]})),
+    );
+    driver.type_into(session, "#mask-blur", "0");
+    driver.script(
+        session,
+        "const s = document.getElementById('strength'); s.value = 0.9; s.dispatchEvent(new Event('input'));",
+    );
+    assert_eq!(
+        driver.script(
+            session,
+            "return document.getElementById('strength-value').textContent;"
+        ),
+        json!("0.90")
+    );
+    // The mask the page will send.
+    let mask_url = driver.script(session, "return maskDataUrl() || null;");
+    let mask_png = base64::engine::general_purpose::STANDARD
+        .decode(
+            mask_url
+                .as_str()
+                .expect("a painted mask")
+                .strip_prefix("data:image/png;base64,")
+                .unwrap(),
+        )
+        .unwrap();
+    let mask = image::load_from_memory(&mask_png).unwrap().to_luma8();
+    let button = driver.element(session, "#generate");
+    driver.ok(
+        "POST",
+        &format!("/session/{session}/element/{button}/click"),
+        Some(json!({})),
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let src = loop {
+        let v = driver.script(
+            session,
+            "const i = document.querySelectorAll('#gallery img.result'); return i.length > 1 ? i[0].src : null;",
+        );
+        if let Some(src) = v.as_str() {
+            break src.to_string();
+        }
+        let status = driver.script(
+            session,
+            "return document.getElementById('status').textContent;",
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no inpainted image; status: {status}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(src.strip_prefix("data:image/png;base64,").unwrap())
+        .unwrap();
+    let (rgb, w, h, texts) = decode_png(&png);
+    assert_eq!((w, h), (64, 48));
+    assert!(
+        texts
+            .iter()
+            .any(|(k, v)| k == "parameters" && v.contains("Denoising strength: 0.9")),
+        "{texts:?}"
+    );
+    let (mut kept, mut kept_same, mut painted, mut repainted) = (0, 0, 0, 0);
+    for (i, m) in mask.pixels().enumerate() {
+        let same = rgb[i * 3..i * 3 + 3] == first[i * 3..i * 3 + 3];
+        match m.0[0] {
+            0 => {
+                kept += 1;
+                kept_same += usize::from(same);
+            }
+            255 => {
+                painted += 1;
+                repainted += usize::from(!same);
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        painted > 200 && kept > 200,
+        "painted {painted}, kept {kept}"
+    );
+    assert_eq!(kept_same, kept, "pixels outside the mask changed");
+    assert!(
+        repainted * 10 > painted * 9,
+        "{repainted} of {painted} repainted"
+    );
 }
