@@ -227,6 +227,51 @@ fn tiled_vae_tensors_match_diffusers() {
     parity::assert_close("tiled encode", &moments, &t["moments_tiled"]);
 }
 
+/// `--vae`: another autoencoder, as a diffusers folder and as one file in the original
+/// layout, gives diffusers' image with that VAE; the model's own VAE does not.
+#[test]
+fn a_replacement_vae_decodes_the_image() {
+    let case = case("other-vae");
+    let req = request(&case);
+    for source in ["other-vae", "other-vae.safetensors"] {
+        let options = text2img::LoadOptions {
+            vae: Some(fixtures().join("image_inputs").join(source)),
+            ..Default::default()
+        };
+        let swapped = load_local(&model_dir("sd1-tiny"), &options).unwrap();
+        let image = swapped
+            .generate(&req, &mut |_| true)
+            .unwrap()
+            .images
+            .remove(0);
+        let (reference, ..) = read_png(&fixtures().join("reference/image_inputs/other-vae-0.png"));
+        let db = psnr(&image.rgb, &reference);
+        eprintln!("--vae {source}: {db:.1} dB");
+        assert!(db >= 50.0, "{source}: {db:.1} dB");
+    }
+    let own = psnrs(&case, &req);
+    eprintln!("the model's own VAE: {own:.1?} dB");
+    assert!(own[0] < 45.0);
+    // A file that is no VAE, and a path that is nothing, are refused with what they are.
+    let options = |path: std::path::PathBuf| text2img::LoadOptions {
+        vae: Some(path),
+        ..Default::default()
+    };
+    let err = load_local(&model_dir("sd1-tiny"), &options("/nonexistent/vae".into()))
+        .err()
+        .expect("a missing VAE is refused")
+        .to_string();
+    assert!(err.contains("no such file or folder"), "{err}");
+    let err = load_local(
+        &model_dir("sd1-tiny"),
+        &options(fixtures().join("embeddings/xlemb.safetensors")),
+    )
+    .err()
+    .expect("an embedding is no VAE")
+    .to_string();
+    assert!(err.contains("does not look like a VAE"), "{err}");
+}
+
 #[test]
 fn bad_image_requests_are_refused_with_what_is_wrong() {
     let tiny = pipeline("sd1-tiny");

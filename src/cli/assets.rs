@@ -187,6 +187,10 @@ pub struct ModelArgs {
     /// Load `*.{variant}.safetensors` weights (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
+    /// Another VAE in place of the model's: an AutoencoderKL folder, or one file in the
+    /// original or diffusers layout (e.g. vae-ft-mse-840000-ema-pruned.safetensors).
+    #[arg(long, value_name = "DIR|FILE")]
+    pub vae: Option<std::path::PathBuf>,
     /// Keep weight matrices and kernels as f32, or f16/bf16 for half the memory.
     #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
     pub dtype: WeightDtype,
@@ -299,6 +303,7 @@ impl ModelArgs {
                     load: text2img::LoadOptions {
                         weight_dtype: self.dtype.dtype(),
                         loras,
+                        vae: self.vae.clone(),
                         ..Default::default()
                     },
                     config: self.config.clone(),
@@ -320,6 +325,7 @@ impl ModelArgs {
                     self.variant.clone(),
                     self.dtype,
                     loras,
+                    self.vae.clone(),
                 )
             }
         }
@@ -333,6 +339,7 @@ pub fn load_model(
     variant: Option<String>,
     dtype: WeightDtype,
     loras: Vec<text2img::pipeline::LoraSpec>,
+    vae: Option<std::path::PathBuf>,
 ) -> Result<(text2img::Pipeline, String)> {
     let source = match model {
         Some(m) => m.to_string(),
@@ -342,6 +349,7 @@ pub fn load_model(
         variant,
         weight_dtype: dtype.dtype(),
         loras,
+        vae,
         ..Default::default()
     };
     let mut pipeline = text2img::Pipeline::load(&source, &options)

@@ -42,7 +42,7 @@ pub struct EvaluateArgs {
 }
 
 pub fn load(model: Option<&str>) -> Result<Pipeline> {
-    Ok(crate::assets::load_model(model, None, Default::default(), Vec::new())?.0)
+    Ok(crate::assets::load_model(model, None, Default::default(), Vec::new(), None)?.0)
 }
 
 pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {

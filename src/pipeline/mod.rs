@@ -31,7 +31,7 @@ use crate::text::clip::ClipTextModel;
 use crate::text::embeddings::Embedding;
 use crate::text::tokenizer::ClipTokenizer;
 use crate::vae::preview::latent_preview;
-use crate::vae::AutoencoderKl;
+use crate::vae::{AutoencoderKl, VaeConfig};
 use crate::weights::folder::{self, ModelFolder};
 use crate::weights::lora::Part;
 use crate::weights::store::has_weight_files;
@@ -66,6 +66,8 @@ pub struct LoadOptions {
     pub weight_dtype: DType,
     /// LoRA files merged into the weights as they load.
     pub loras: Vec<LoraSpec>,
+    /// Another autoencoder in place of the model's own (see [`crate::vae::replacement`]).
+    pub vae: Option<std::path::PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -75,6 +77,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             weight_dtype: DType::F32,
             loras: Vec::new(),
+            vae: None,
         }
     }
 }
@@ -533,7 +536,13 @@ impl Pipeline {
         } else {
             None
         };
-        let vae = AutoencoderKl::load_as(&folder.component("vae"), variant, device, wd)?;
+        let vae = match &options.vae {
+            Some(path) => {
+                let own = VaeConfig::from_file(&folder.component("vae").join("config.json"))?;
+                crate::vae::replacement::load(path, &own, wd, device)?
+            }
+            None => AutoencoderKl::load_as(&folder.component("vae"), variant, device, wd)?,
+        };
         let pipeline = Self {
             name: folder.name.clone(),
             family,

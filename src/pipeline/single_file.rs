@@ -107,10 +107,19 @@ impl Pipeline {
             &configs.require("vae/config.json")?,
             &configs.path("vae/config.json"),
         )?;
-        let mut weights = checkpoint.vae(vae_config.block_out_channels.len())?;
-        weights.store_matrices_as(wd);
-        let vae = AutoencoderKl::from_weights(vae_config, &weights.root())?;
-        weights.finish()?;
+        let vae = match &load.vae {
+            Some(path) => {
+                checkpoint.skip_vae();
+                crate::vae::replacement::load(path, &vae_config, wd, &load.device)?
+            }
+            None => {
+                let mut weights = checkpoint.vae(vae_config.block_out_channels.len())?;
+                weights.store_matrices_as(wd);
+                let vae = AutoencoderKl::from_weights(vae_config, &weights.root())?;
+                weights.finish()?;
+                vae
+            }
+        };
 
         let mut text_encoders = Vec::new();
         for (i, (tokenizer, encoder)) in TEXT_ENCODERS.into_iter().take(encoders).enumerate() {

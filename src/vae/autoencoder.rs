@@ -249,6 +249,12 @@ impl AutoencoderKl {
         let config = VaeConfig::from_file(&dir.join("config.json"))?;
         let mut weights = Weights::open_component(dir, variant, device)?;
         weights.store_matrices_as(matrix_dtype);
+        Self::from_stored(config, weights)
+    }
+
+    /// The autoencoder from weights in diffusers' names (the legacy attention names
+    /// accepted); every stored tensor must be used.
+    pub fn from_stored(config: VaeConfig, mut weights: Weights) -> Result<Self> {
         for part in ["encoder", "decoder"] {
             for (new, old) in LEGACY_ATTENTION {
                 for leaf in ["weight", "bias"] {

@@ -3,6 +3,7 @@
 pub mod autoencoder;
 pub mod config;
 pub mod preview;
+pub mod replacement;
 pub mod tiling;
 
 pub use autoencoder::AutoencoderKl;

@@ -160,6 +160,12 @@ impl Checkpoint {
         self.weights.component(&layout)
     }
 
+    /// Leaves the checkpoint's own VAE unloaded (another replaces it).
+    pub fn skip_vae(&mut self) {
+        let prefix = self.vae_prefix;
+        self.skip_where(|n| n.starts_with(prefix));
+    }
+
     pub fn vae(&self, levels: usize) -> Result<Weights> {
         self.weights
             .component(&layout::vae(&self.names, self.vae_prefix, levels))
