@@ -1,7 +1,7 @@
 //! Small building blocks shared by the three models, each loaded from a [`Vb`] with the shape
 //! its config implies (so a mismatched checkpoint fails with both shapes named).
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 use crate::kernels::im2col::ConvGeometry;
@@ -133,6 +133,24 @@ impl Conv2d {
         Ok(Self {
             weight: vb.get_matrix("weight", &[out_channels, in_channels, kernel, kernel])?,
             bias: vb.get("bias", &[out_channels])?,
+            stride,
+            padding,
+        })
+    }
+
+    /// A convolution stored without a bias (a zero bias adds nothing).
+    pub fn load_without_bias(
+        vb: &Vb,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let weight = vb.get_matrix("weight", &[out_channels, in_channels, kernel, kernel])?;
+        Ok(Self {
+            bias: Tensor::zeros(out_channels, DType::F32, weight.device())?,
+            weight,
             stride,
             padding,
         })

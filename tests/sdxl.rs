@@ -198,7 +198,7 @@ fn unet_with_text_time_and_guidance_embedding() {
 #[test]
 fn the_family_is_read_from_the_folder() {
     assert_eq!(pipeline("sdxl-tiny").family, Family::StableDiffusionXl);
-    assert_eq!(pipeline("sdxl-tiny").vae.config.scaling_factor, 0.13025);
+    assert_eq!(pipeline("sdxl-tiny").vae.scaling_factor(), 0.13025);
     // A layout text2img does not run yet is refused by name.
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("sd3");

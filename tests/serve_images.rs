@@ -331,3 +331,28 @@ fn openai_edits_repaint_the_transparent_area() {
         assert!(message.contains(needle), "{needle}: {message}");
     }
 }
+
+#[test]
+fn a_preview_vae_draws_full_size_progress_images() {
+    let taesd = fixtures().join("image_inputs/taesd");
+    let server = Server::start(&["--preview-vae", taesd.to_str().unwrap()]);
+    let url = server.url("/sdapi/v1/txt2img");
+    let running = std::thread::spawn(move || {
+        answer(ureq::post(&url).send_string(
+            &json!({"prompt": "slow", "steps": 150, "width": 128, "height": 96}).to_string(),
+        ))
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let preview = loop {
+        let (_, p) = server.get("/sdapi/v1/progress");
+        if let Some(image) = p["current_image"].as_str() {
+            break image.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no preview: {p}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let (_, w, h, _) = decode_png(&b64(&json!(preview)));
+    assert_eq!((w, h), (128, 96), "the preview is not full size");
+    assert_eq!(server.post("/sdapi/v1/interrupt", &json!({})).0, 200);
+    assert_eq!(running.join().unwrap().0, 200);
+}

@@ -209,12 +209,7 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
 /// `--decode-only`: the decode of one random latent, its time and the heap it needed.
 fn decode_only(pipeline: &text2img::Pipeline, a: &BenchArgs, load_s: f64) -> Result<()> {
     let f = pipeline.vae_scale_factor();
-    let shape = [
-        1,
-        pipeline.vae.config.latent_channels,
-        a.size / f,
-        a.size / f,
-    ];
+    let shape = [1, pipeline.vae.latent_channels(), a.size / f, a.size / f];
     let z = BatchGenerator::consecutive(0, 1).randn(&shape, &candle_core::Device::Cpu)?;
     let before = text2img::alloc_count::live();
     text2img::alloc_count::reset_peak();

@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// Refuse (413) a request estimated to take longer on this machine; 0: no limit.
     #[arg(long, default_value_t = 600.0)]
     max_job_seconds: f64,
+    /// A tiny autoencoder (a TAESD folder for the model's latents) that draws the progress
+    /// previews at full size instead of one pixel per latent.
+    #[arg(long, value_name = "DIR")]
+    preview_vae: Option<std::path::PathBuf>,
 }
 
 /// `1MB` -> 1048576; binary units, as people mean them for request sizes.
@@ -126,7 +130,10 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
     };
     // Refuse a bad address before the (slow) model load.
     text2img::serve::check_bind(&options)?;
-    let (pipeline, source) = a.model.load()?;
+    let (mut pipeline, source) = a.model.load()?;
+    if let Some(dir) = &a.preview_vae {
+        pipeline.set_preview_vae(dir)?;
+    }
     eprintln!("model {} loaded from {source}", pipeline.name);
     let name = pipeline.name.clone();
     serve(pipeline, name, source, options)?;

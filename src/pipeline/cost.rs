@@ -196,11 +196,7 @@ impl CostModel {
         };
         let vae = &pipeline.vae;
         let run_vae = |size: usize| -> Result<()> {
-            let z = Tensor::zeros(
-                (1, vae.config.latent_channels, size, size),
-                DType::F32,
-                device,
-            )?;
+            let z = Tensor::zeros((1, vae.latent_channels(), size, size), DType::F32, device)?;
             vae.decode(&z)?;
             Ok(())
         };

@@ -265,6 +265,7 @@ impl Pipeline {
                 step: steps_before + completed,
                 total: steps_total,
                 latents: &latents,
+                preview_vae: self.preview_vae.as_ref(),
             };
             match on_step(&progress) {
                 StepControl::Continue => {}

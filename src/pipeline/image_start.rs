@@ -17,7 +17,7 @@ use super::{GenerateRequest, MaskedContent, Pipeline, Resolved};
 use crate::error::{Error, Result};
 use crate::latent::schedulers::Scheduler;
 use crate::rng::BatchGenerator;
-use crate::vae::AutoencoderKl;
+use crate::vae::Vae;
 
 /// The first step an img2img run of `steps` takes at `strength` (diffusers' `get_timesteps`:
 /// the last int(steps x strength) steps run).
@@ -96,37 +96,55 @@ pub fn binary_mask(mask: &GrayImage, device: &Device) -> Result<Tensor> {
 
 /// The VAE's encoder as a request uses it: whole, or in tiles (`vae_tiling`).
 pub struct Encoding<'a> {
-    pub vae: &'a AutoencoderKl,
+    pub vae: &'a Vae,
     pub tiled: bool,
 }
 
+/// What an encoder gives: the KL autoencoder a distribution (mean, log-variance) to sample,
+/// the tiny one latents.
+enum Encoded {
+    Distribution(Tensor, Tensor),
+    Latents(Tensor),
+}
+
 impl Encoding<'_> {
-    fn moments(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        if self.tiled {
-            self.vae.encode_tiled(x)
-        } else {
-            self.vae.encode(x)
-        }
+    fn encode(&self, x: &Tensor) -> Result<Encoded> {
+        Ok(match (self.vae, self.tiled) {
+            (Vae::Kl(kl), true) => {
+                let (mean, logvar) = kl.encode_tiled(x)?;
+                Encoded::Distribution(mean, logvar)
+            }
+            (Vae::Kl(kl), false) => {
+                let (mean, logvar) = kl.encode(x)?;
+                Encoded::Distribution(mean, logvar)
+            }
+            (Vae::Tiny(tiny), _) => Encoded::Latents(tiny.encode(x)?),
+        })
     }
 }
 
-/// The latent distribution's sample for one generator, scaled as the U-Net's latents are
-/// (diffusers' `retrieve_latents(vae.encode(x), generator)` times `scaling_factor`).
+/// The latents of an encoded picture for one generator, scaled as the U-Net's latents are
+/// (diffusers' `retrieve_latents(vae.encode(x), generator)` times `scaling_factor`): a
+/// distribution is sampled with that generator; the tiny autoencoder's latents draw nothing.
 fn sample_latents(
-    vae: &AutoencoderKl,
-    moments: &(Tensor, Tensor),
+    vae: &Vae,
+    encoded: &Encoded,
     generators: &mut BatchGenerator,
     index: usize,
 ) -> Result<Tensor> {
-    let (mean, logvar) = moments;
-    let std = (logvar * 0.5)?.exp()?;
-    let eps = generators.randn_one(index, mean.dims(), mean.device())?;
-    let sample = (mean + (std * eps)?)?;
-    let sample = match vae.config.shift_factor {
+    let sample = match encoded {
+        Encoded::Distribution(mean, logvar) => {
+            let std = (logvar * 0.5)?.exp()?;
+            let eps = generators.randn_one(index, mean.dims(), mean.device())?;
+            (mean + (std * eps)?)?
+        }
+        Encoded::Latents(latents) => latents.clone(),
+    };
+    let sample = match vae.shift_factor() {
         Some(shift) => (sample - shift)?,
         None => sample,
     };
-    Ok((sample * vae.config.scaling_factor)?)
+    Ok((sample * vae.scaling_factor())?)
 }
 
 /// The noise of the whole batch, one row per generator.
@@ -180,9 +198,9 @@ pub fn from_picture(
     generators: &mut BatchGenerator,
     device: &Device,
 ) -> Result<DenoisePlan> {
-    let moments = vae.moments(&pixels(picture, device)?)?;
+    let encoded = vae.encode(&pixels(picture, device)?)?;
     let rows = (0..generators.len())
-        .map(|i| sample_latents(vae.vae, &moments, generators, i))
+        .map(|i| sample_latents(vae.vae, &encoded, generators, i))
         .collect::<Result<Vec<_>>>()?;
     let init = Tensor::cat(&rows, 0)?;
     from_latents(&init, begin, scheduler, generators)
@@ -206,8 +224,8 @@ pub fn inpainting(
 ) -> Result<DenoisePlan> {
     let vae = encoding.vae;
     let n = generators.len();
-    let latent_channels = vae.config.latent_channels;
-    let f = vae.config.downsampling_factor();
+    let latent_channels = vae.latent_channels();
+    let f = vae.downsampling_factor();
     let (w, h) = (picture.width() as usize, picture.height() as usize);
     let shape = [n, latent_channels, h / f, w / f];
     let blend = unet_channels == latent_channels;
@@ -227,8 +245,8 @@ pub fn inpainting(
     let image = pixels(picture, device)?;
     // The picture's latents: the blend's known region, and img2img's start below full strength.
     let image_latents = if blend || !full_strength {
-        let moments = encoding.moments(&image)?;
-        Some(sample_latents(vae, &moments, generators, 0)?.repeat((n, 1, 1, 1))?)
+        let encoded = encoding.encode(&image)?;
+        Some(sample_latents(vae, &encoded, generators, 0)?.repeat((n, 1, 1, 1))?)
     } else {
         None
     };
@@ -263,16 +281,19 @@ pub fn inpainting(
     let keep = (1.0 - &mask_full)?;
     let masked = image.broadcast_mul(&keep)?;
     let inpainting = if blend {
-        let eps_shape = [1, latent_channels, h / f, w / f];
-        generators.randn_one(0, &eps_shape, device)?;
+        // (The tiny autoencoder's latents draw nothing.)
+        if vae.kl().is_some() {
+            let eps_shape = [1, latent_channels, h / f, w / f];
+            generators.randn_one(0, &eps_shape, device)?;
+        }
         Inpainting::Blend {
             image_latents: image_latents.expect("encoded for the blend"),
             mask: mask_latent,
             noise,
         }
     } else {
-        let moments = encoding.moments(&masked)?;
-        let masked_latents = sample_latents(vae, &moments, generators, 0)?.repeat((n, 1, 1, 1))?;
+        let encoded = encoding.encode(&masked)?;
+        let masked_latents = sample_latents(vae, &encoded, generators, 0)?.repeat((n, 1, 1, 1))?;
         Inpainting::Channels {
             extra: Tensor::cat(&[&mask_latent, &masked_latents], 1)?,
         }
@@ -296,12 +317,7 @@ impl Pipeline {
         let f = self.vae_scale_factor();
         let (w, h) = (resolved.width, resolved.height);
         let Some(picture) = &req.init_image else {
-            let shape = [
-                generators.len(),
-                self.vae.config.latent_channels,
-                h / f,
-                w / f,
-            ];
+            let shape = [generators.len(), self.vae.latent_channels(), h / f, w / f];
             return from_noise(&shape, scheduler, generators, &self.device);
         };
         let picture = resized(picture, w, h);

@@ -31,7 +31,8 @@ use crate::text::clip::ClipTextModel;
 use crate::text::embeddings::Embedding;
 use crate::text::tokenizer::ClipTokenizer;
 use crate::vae::preview::latent_preview;
-use crate::vae::{AutoencoderKl, VaeConfig};
+use crate::vae::tiny::AutoencoderTiny;
+use crate::vae::{AutoencoderKl, Vae, VaeConfig};
 use crate::weights::folder::{self, ModelFolder};
 use crate::weights::lora::Part;
 use crate::weights::store::has_weight_files;
@@ -316,12 +317,24 @@ pub struct StepProgress<'a> {
     pub step: usize,
     pub total: usize,
     latents: &'a Tensor,
+    /// The tiny autoencoder that draws full-size previews, if the pipeline has one.
+    preview_vae: Option<&'a AutoencoderTiny>,
 }
 
 impl StepProgress<'_> {
-    /// A cheap RGB preview of image `index` (one pixel per latent): (rgb, width, height).
+    /// An RGB preview of image `index`: (rgb, width, height). With a preview VAE
+    /// ([`Pipeline::set_preview_vae`]) the picture at full size (TAESD's decode of the
+    /// latents so far), otherwise a cheap one of one pixel per latent.
     pub fn preview(&self, index: usize) -> Result<(Vec<u8>, usize, usize)> {
-        latent_preview(&self.latents.get(index)?)
+        let latents = self.latents.narrow(0, index, 1)?;
+        match self.preview_vae {
+            Some(tiny) => {
+                let z = (latents / tiny.config.scaling_factor)?;
+                let image = to_rgb8(&tiny.decode(&z)?.get(0)?, 0)?;
+                Ok((image.rgb, image.width, image.height))
+            }
+            None => latent_preview(&latents.get(0)?),
+        }
     }
 }
 
@@ -449,7 +462,7 @@ pub struct Pipeline {
     /// Autoguidance's weaker U-Net (`guide_unet/`, beside `unet/`; diffusers ignores it): the
     /// same inputs and conditioning, less capacity or training.
     pub guide_unet: Option<UNet>,
-    pub vae: AutoencoderKl,
+    pub vae: Vae,
     scheduler_config: Value,
     folder_scheduler: SchedulerKind,
     /// SDXL: an absent negative prompt means zero embeddings.
@@ -459,6 +472,8 @@ pub struct Pipeline {
     pub embeddings: Vec<Embedding>,
     /// What the user should know about the load (LoRA modules that matched no layer).
     pub load_warnings: Vec<String>,
+    /// A tiny autoencoder (TAESD) for full-size step previews.
+    pub preview_vae: Option<AutoencoderTiny>,
     device: Device,
 }
 
@@ -541,7 +556,12 @@ impl Pipeline {
                 let own = VaeConfig::from_file(&folder.component("vae").join("config.json"))?;
                 crate::vae::replacement::load(path, &own, wd, device)?
             }
-            None => AutoencoderKl::load_as(&folder.component("vae"), variant, device, wd)?,
+            None => Vae::Kl(AutoencoderKl::load_as(
+                &folder.component("vae"),
+                variant,
+                device,
+                wd,
+            )?),
         };
         let pipeline = Self {
             name: folder.name.clone(),
@@ -560,6 +580,7 @@ impl Pipeline {
             defaults,
             embeddings: Vec::new(),
             load_warnings,
+            preview_vae: None,
             device: device.clone(),
         };
         pipeline.check_widths(&folder.component("unet").join("config.json"))?;
@@ -694,9 +715,30 @@ impl Pipeline {
         Ok(warnings)
     }
 
+    /// Draws step previews with a tiny autoencoder (a TAESD folder for this model's latents).
+    pub fn set_preview_vae(&mut self, dir: &Path) -> Result<()> {
+        let tiny = AutoencoderTiny::load(dir, &self.device, DType::F32)?;
+        if tiny.config.latent_channels != self.vae.latent_channels()
+            || tiny.config.downsampling_factor() != self.vae_scale_factor()
+        {
+            return Err(Error::config(
+                dir,
+                format!(
+                    "this preview VAE decodes {} latent channels at 1/{} size; the model's latents have {} at 1/{}",
+                    tiny.config.latent_channels,
+                    tiny.config.downsampling_factor(),
+                    self.vae.latent_channels(),
+                    self.vae_scale_factor()
+                ),
+            ));
+        }
+        self.preview_vae = Some(tiny);
+        Ok(())
+    }
+
     /// The pixels one latent covers (diffusers' `vae_scale_factor`).
     pub fn vae_scale_factor(&self) -> usize {
-        self.vae.config.downsampling_factor()
+        self.vae.downsampling_factor()
     }
 
     /// The scheduler used when a request names none.
@@ -863,7 +905,7 @@ impl Pipeline {
     /// The strength of an img2img or inpainting request (`None` for txt2img), and the
     /// checks on what the request pairs with its picture.
     fn resolve_strength(&self, req: &GenerateRequest) -> Result<Option<f64>> {
-        let latent = self.vae.config.latent_channels;
+        let latent = self.vae.latent_channels();
         let inpainting_unet = self.unet.config.in_channels != latent;
         match (&req.init_image, &req.mask) {
             (None, Some(_)) => {
@@ -1232,7 +1274,7 @@ struct Denoised {
 }
 
 /// Dec: the latents to images, one at a time.
-fn decode(vae: &AutoencoderKl, d: Denoised) -> Result<Generation> {
+fn decode(vae: &Vae, d: Denoised) -> Result<Generation> {
     let Denoised {
         tiled,
         paste,
@@ -1246,8 +1288,8 @@ fn decode(vae: &AutoencoderKl, d: Denoised) -> Result<Generation> {
     let started = Instant::now();
     let mut images = Vec::with_capacity(seeds.len());
     for (i, image_seed) in seeds.into_iter().enumerate() {
-        let z = (latents.narrow(0, i, 1)? / vae.config.scaling_factor)?;
-        let z = match vae.config.shift_factor {
+        let z = (latents.narrow(0, i, 1)? / vae.scaling_factor())?;
+        let z = match vae.shift_factor() {
             Some(shift) => (z + shift)?,
             None => z,
         };

@@ -117,7 +117,7 @@ impl Pipeline {
                 weights.store_matrices_as(wd);
                 let vae = AutoencoderKl::from_weights(vae_config, &weights.root())?;
                 weights.finish()?;
-                vae
+                crate::vae::Vae::Kl(vae)
             }
         };
 
@@ -194,6 +194,7 @@ impl Pipeline {
             defaults,
             embeddings: Vec::new(),
             load_warnings,
+            preview_vae: None,
             device: device.clone(),
         };
         pipeline.check_widths(&unet_path)?;

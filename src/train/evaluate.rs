@@ -254,7 +254,12 @@ pub fn score_autoencoded(
             .collect();
         let pixels: Vec<Vec<u8>> = samples.iter().map(|s| s.image.clone()).collect();
         let x = super::data::images_to_tensor(&pixels, 64, &device)?;
-        let (mean, _) = pipeline.vae.encode(&x)?;
+        let kl = pipeline.vae.kl().ok_or_else(|| {
+            crate::error::Error::InvalidRequest(
+                "the autoencoder check needs a KL autoencoder".into(),
+            )
+        })?;
+        let (mean, _) = kl.encode(&x)?;
         let decoded = pipeline.vae.decode(&mean)?;
         for (i, s) in samples.iter().enumerate() {
             let image = crate::pipeline::to_rgb8(&decoded.get(i)?, 0)?;

@@ -2,24 +2,21 @@
 //! (`vae-ft-mse-840000-ema-pruned.safetensors` for SD 1.x, `sdxl-vae-fp16-fix` for SDXL):
 //! a diffusers `AutoencoderKL` folder (or a pipeline folder's `vae/`), or one file in the
 //! original (LDM) layout or in diffusers' names. A file carries no config: it takes the
-//! model's own VAE config, and a tensor of another shape is an error naming it.
+//! model's own VAE config, and a tensor of another shape is an error naming it. A folder may
+//! also hold an `AutoencoderTiny` (TAESD, TAESDXL): fast decodes of the same latents.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::{AutoencoderKl, VaeConfig};
+use super::tiny::AutoencoderTiny;
+use super::{AutoencoderKl, Vae, VaeConfig};
 use crate::error::{read_json, Error, Result};
 use crate::weights::single_file::layout;
 use crate::weights::Weights;
 
 /// The replacement autoencoder at `path`, for a model whose own VAE has `model_config`.
-pub fn load(
-    path: &Path,
-    model_config: &VaeConfig,
-    dtype: DType,
-    device: &Device,
-) -> Result<AutoencoderKl> {
+pub fn load(path: &Path, model_config: &VaeConfig, dtype: DType, device: &Device) -> Result<Vae> {
     if path.is_dir() {
         let dir: PathBuf = if path.join("vae").join("config.json").is_file() {
             path.join("vae")
@@ -30,16 +27,35 @@ pub fn load(
         let config: serde_json::Value = read_json(&config_path)?;
         match config.get("_class_name").and_then(|c| c.as_str()) {
             None | Some("AutoencoderKL") => {}
+            Some("AutoencoderTiny") => {
+                let vae = AutoencoderTiny::load(&dir, device, dtype)?;
+                let c = &vae.config;
+                if c.latent_channels != model_config.latent_channels
+                    || c.downsampling_factor() != model_config.downsampling_factor()
+                {
+                    return Err(Error::config(
+                        config_path,
+                        format!(
+                            "this VAE has {} latent channels at 1/{} size; the model's has {} at 1/{}",
+                            c.latent_channels,
+                            c.downsampling_factor(),
+                            model_config.latent_channels,
+                            model_config.downsampling_factor()
+                        ),
+                    ));
+                }
+                return Ok(Vae::Tiny(vae));
+            }
             Some(other) => {
                 return Err(Error::config(
                     config_path,
-                    format!("--vae needs an AutoencoderKL; this is a `{other}`"),
+                    format!("--vae needs an AutoencoderKL or AutoencoderTiny; this is a `{other}`"),
                 ))
             }
         }
         let vae = AutoencoderKl::load_as(&dir, None, device, dtype)?;
         check_latents(&vae.config, model_config, &config_path)?;
-        return Ok(vae);
+        return Ok(Vae::Kl(vae));
     }
     if !path.is_file() {
         return Err(Error::config(path, "--vae: no such file or folder"));
@@ -74,6 +90,7 @@ pub fn load(
     };
     weights.store_matrices_as(dtype);
     AutoencoderKl::from_stored(config, weights)
+        .map(Vae::Kl)
         .map_err(|e| Error::config(path, format!("not a VAE for this model: {e}")))
 }
 
