@@ -185,6 +185,16 @@ fn hires_fix_nearest_latents() {
 }
 
 #[test]
+fn sdxl_inpainting() {
+    check("sdxl-inpaint", |r| r.mask = None);
+}
+
+#[test]
+fn sdxl_inpainting_below_full_strength() {
+    check("sdxl-inpaint-strength", |r| r.strength = Some(0.5));
+}
+
+#[test]
 fn sdxl_img2img() {
     // 8 x 0.6 runs 4 steps; 8 x 0.4 runs 3.
     check("sdxl-img2img", |r| r.strength = Some(0.4));
