@@ -47,6 +47,9 @@ pub fn a1111_parameters(
     if req.eta > 0.0 {
         text.push_str(&format!(", Eta: {}", req.eta));
     }
+    if let Some(start) = resolved.refiner_start {
+        text.push_str(&format!(", Refiner switch at: {start}"));
+    }
     // A1111's img2img and hires fix fields.
     if let Some(strength) = resolved.strength {
         text.push_str(&format!(", Denoising strength: {strength}"));

@@ -625,3 +625,66 @@ fn img2img_from_the_command_line_and_bad_pictures_refused() {
         fails_with(&args, &[], needle);
     }
 }
+
+/// `--refiner`: the SDXL base hands over to the refiner at --refiner-start, with diffusers'
+/// image (scripts/fixtures/image_inputs.py's sdxl-refiner-ddim case) and A1111's infotext.
+#[test]
+fn an_sdxl_refiner_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("refined.png");
+    let base = model_dir("sdxl-tiny").display().to_string();
+    let refiner = model_dir("sdxl-refiner-tiny").display().to_string();
+    let result = text2img(
+        &[
+            "generate",
+            "--model",
+            &base,
+            "--refiner",
+            &refiner,
+            "--refiner-start",
+            "0.6",
+            "--prompt",
+            "a red circle on a blue background",
+            "--seed",
+            "42",
+            "--steps",
+            "10",
+            "--scheduler",
+            "ddim",
+            "--guidance-scale",
+            "5",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(result.status.success(), "{}", stderr(&result));
+    let (rgb, _, _, texts) = read_png(&out);
+    let (reference, ..) =
+        read_png(&fixtures().join("reference/image_inputs/sdxl-refiner-ddim-0.png"));
+    let db = psnr(&rgb, &reference);
+    assert!(db >= 50.0, "{db:.1} dB against diffusers");
+    let parameters = &texts.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(
+        parameters.contains("Refiner switch at: 0.6"),
+        "{parameters}"
+    );
+    // A refiner for another kind of model is refused.
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            &model(),
+            "--refiner",
+            &refiner,
+            "--prompt",
+            "x",
+        ],
+        &[],
+        "a refiner is an SDXL model",
+    );
+}

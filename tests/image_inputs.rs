@@ -26,14 +26,21 @@ fn case(name: &str) -> Value {
         .unwrap_or_else(|| panic!("no case {name}"))
 }
 
-/// Each tiny model once for the whole file.
+/// Each tiny model once for the whole file. "sdxl-refined" is sdxl-tiny with the tiny
+/// refiner set.
 fn pipeline(name: &str) -> &'static Pipeline {
     static LOADED: OnceLock<Mutex<HashMap<String, &'static Pipeline>>> = OnceLock::new();
     let mut map = LOADED.get_or_init(Default::default).lock().unwrap();
     map.entry(name.to_string()).or_insert_with(|| {
-        Box::leak(Box::new(
-            load_local(&model_dir(name), &Default::default()).unwrap(),
-        ))
+        let load = |n: &str| load_local(&model_dir(n), &Default::default()).unwrap();
+        let pipeline = if name == "sdxl-refined" {
+            let mut base = load("sdxl-tiny");
+            base.set_refiner(load("sdxl-refiner-tiny")).unwrap();
+            base
+        } else {
+            load(name)
+        };
+        Box::leak(Box::new(pipeline))
     })
 }
 
@@ -92,6 +99,7 @@ fn request(case: &Value) -> GenerateRequest {
                 },
             });
         }
+        "refiner" => req.refiner_start = case["refiner_start"].as_f64(),
         other => panic!("kind {other}"),
     }
     req
@@ -99,7 +107,11 @@ fn request(case: &Value) -> GenerateRequest {
 
 /// The PSNR of each image of `req` against the case's reference images.
 fn psnrs(case: &Value, req: &GenerateRequest) -> Vec<f64> {
-    let pipeline = pipeline(case["model"].as_str().unwrap());
+    let model = match case["kind"].as_str() {
+        Some("refiner") => "sdxl-refined",
+        _ => case["model"].as_str().unwrap(),
+    };
+    let pipeline = pipeline(model);
     let generation = pipeline.generate(req, &mut |_| true).unwrap();
     let files = case["images"].as_array().unwrap();
     assert_eq!(generation.images.len(), files.len());
@@ -192,6 +204,17 @@ fn sdxl_inpainting() {
 #[test]
 fn sdxl_inpainting_below_full_strength() {
     check("sdxl-inpaint-strength", |r| r.strength = Some(0.5));
+}
+
+#[test]
+fn sdxl_refiner_finishes_the_base_steps() {
+    // The near miss: the base alone, all the way.
+    check("sdxl-refiner", |r| r.refiner_start = Some(1.0));
+}
+
+#[test]
+fn sdxl_refiner_with_another_handover() {
+    check("sdxl-refiner-ddim", |r| r.refiner_start = Some(0.8));
 }
 
 #[test]

@@ -191,6 +191,10 @@ pub struct ModelArgs {
     /// original or diffusers layout (e.g. vae-ft-mse-840000-ema-pruned.safetensors).
     #[arg(long, value_name = "DIR|FILE")]
     pub vae: Option<std::path::PathBuf>,
+    /// An SDXL refiner (a diffusers folder) that finishes the steps after the handover
+    /// (--refiner-start, or a request's refiner_switch_at; default 0.8).
+    #[arg(long, value_name = "DIR")]
+    pub refiner: Option<std::path::PathBuf>,
     /// Keep weight matrices and kernels as f32, or f16/bf16 for half the memory.
     #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
     pub dtype: WeightDtype,
@@ -259,6 +263,15 @@ impl ModelArgs {
             });
         }
         let (mut pipeline, source) = self.load_model(loras)?;
+        if let Some(dir) = &self.refiner {
+            let options = text2img::LoadOptions {
+                weight_dtype: self.dtype.dtype(),
+                ..Default::default()
+            };
+            let refiner = text2img::pipeline::load_local(dir, &options)
+                .with_context(|| format!("loading refiner {}", dir.display()))?;
+            pipeline.set_refiner(refiner)?;
+        }
         for warning in &pipeline.load_warnings {
             eprintln!("warning: {warning}");
         }

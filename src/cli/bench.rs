@@ -103,6 +103,26 @@ fn best<T>(repeat: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
 
 pub fn bench_cmd(a: BenchArgs) -> Result<()> {
     let started = Instant::now();
+    // A folder's VAE alone, so the process holds what a decode needs and nothing more.
+    let vae_dir = a
+        .model
+        .model
+        .as_deref()
+        .map(|m| std::path::Path::new(m).join("vae"))
+        .filter(|d| d.is_dir());
+    if let (true, Some(dir)) = (a.decode_only, vae_dir) {
+        let vae = text2img::vae::AutoencoderKl::load_as(
+            &dir,
+            None,
+            &candle_core::Device::Cpu,
+            a.model.dtype.dtype(),
+        )?;
+        return decode_only(
+            &text2img::vae::Vae::Kl(vae),
+            &a,
+            started.elapsed().as_secs_f64(),
+        );
+    }
     let (pipeline, source) = a.model.load()?;
     let load_s = started.elapsed().as_secs_f64();
     let device = candle_core::Device::Cpu;
@@ -111,7 +131,7 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
         anyhow::bail!("--size {} is not a positive multiple of {f}", a.size);
     }
     if a.decode_only {
-        return decode_only(&pipeline, &a, load_s);
+        return decode_only(&pipeline.vae, &a, load_s);
     }
     let request = GenerateRequest::new("a photograph of an astronaut riding a horse");
     let mut warnings = Vec::new();
@@ -207,17 +227,17 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
 }
 
 /// `--decode-only`: the decode of one random latent, its time and the heap it needed.
-fn decode_only(pipeline: &text2img::Pipeline, a: &BenchArgs, load_s: f64) -> Result<()> {
-    let f = pipeline.vae_scale_factor();
-    let shape = [1, pipeline.vae.latent_channels(), a.size / f, a.size / f];
+fn decode_only(vae: &text2img::vae::Vae, a: &BenchArgs, load_s: f64) -> Result<()> {
+    let f = vae.downsampling_factor();
+    let shape = [1, vae.latent_channels(), a.size / f, a.size / f];
     let z = BatchGenerator::consecutive(0, 1).randn(&shape, &candle_core::Device::Cpu)?;
     let before = text2img::alloc_count::live();
     text2img::alloc_count::reset_peak();
     let decode_s = best(a.repeat, || {
         Ok(if a.vae_tiling {
-            pipeline.vae.decode_tiled(&z)?
+            vae.decode_tiled(&z)?
         } else {
-            pipeline.vae.decode(&z)?
+            vae.decode(&z)?
         })
     })?;
     let peak = text2img::alloc_count::peak()

@@ -68,6 +68,10 @@ pub struct ImageInputArgs {
     /// Outpainting: grow the canvas by LEFT,TOP,RIGHT,BOTTOM pixels and paint the new area.
     #[arg(long, value_parser = parse_outpaint)]
     pub outpaint: Option<Outpaint>,
+    /// With --refiner: the fraction of the steps after which the refiner takes over
+    /// (default 0.8; 1 turns it off).
+    #[arg(long)]
+    pub refiner_start: Option<f64>,
     /// Hires fix: a second img2img pass on the latents enlarged by this factor.
     #[arg(long)]
     pub hires_scale: Option<f64>,
@@ -102,6 +106,7 @@ impl ImageInputArgs {
             bail!("--outpaint needs --init-image, the picture it extends");
         }
         request.strength = self.strength;
+        request.refiner_start = self.refiner_start;
         request.outpaint = self.outpaint;
         request.resize_mode = match self.resize_mode.as_str() {
             "crop" => ResizeMode::Crop,

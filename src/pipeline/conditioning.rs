@@ -268,6 +268,33 @@ pub fn sdxl(
     })
 }
 
+/// The SDXL refiner's five time ids per row: original (height, width), crop (top, left),
+/// aesthetic score; the first `negative_rows` rows (classifier-free guidance's unconditional
+/// half) take the negative score, the next `rows` the positive one.
+pub fn aesthetic_time_ids(
+    original: (usize, usize),
+    crop_top_left: (usize, usize),
+    (negative, positive): (f64, f64),
+    negative_rows: usize,
+    rows: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let row = |score: f64| {
+        [
+            original.0 as f32,
+            original.1 as f32,
+            crop_top_left.0 as f32,
+            crop_top_left.1 as f32,
+            score as f32,
+        ]
+    };
+    let data: Vec<f32> = (0..negative_rows)
+        .flat_map(|_| row(negative))
+        .chain((0..rows).flat_map(|_| row(positive)))
+        .collect();
+    Ok(Tensor::from_vec(data, (negative_rows + rows, 5), device)?)
+}
+
 /// SDXL's six time ids per row: original (height, width), crop (top, left), target (height,
 /// width).
 pub fn time_ids(

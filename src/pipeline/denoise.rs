@@ -20,6 +20,9 @@ pub struct DenoisePlan {
     pub latents: Tensor,
     /// The index of the first timestep run (img2img skips the first ones).
     pub begin: usize,
+    /// The index after the last timestep run (a base model that hands over to a refiner
+    /// stops early); `None`: the schedule's end.
+    pub end: Option<usize>,
     pub inpainting: Option<Inpainting>,
 }
 
@@ -109,6 +112,14 @@ impl Pipeline {
         let conditioning = &text.conditioning;
         let rows = conditioning.context.dim(0)?;
         let time_ids = match &conditioning.text_embeds {
+            Some(_) if self.aesthetic_time_ids => Some(super::conditioning::aesthetic_time_ids(
+                req.original_size.unwrap_or(size),
+                req.crop_top_left,
+                (req.negative_aesthetic_score, req.aesthetic_score),
+                if cfg { n } else { 0 },
+                n,
+                &self.device,
+            )?),
             Some(_) => Some(super::conditioning::time_ids(
                 req.original_size.unwrap_or(size),
                 req.crop_top_left,
@@ -176,7 +187,8 @@ impl Pipeline {
         let mut latents = plan.latents.clone();
         let mut completed = 0;
         let mut finished_early = false;
-        for (i, &t) in timesteps.iter().enumerate().skip(plan.begin) {
+        let end = plan.end.unwrap_or(timesteps.len()).min(timesteps.len());
+        for (i, &t) in timesteps.iter().enumerate().take(end).skip(plan.begin) {
             cancel::check()?;
             if finish.is_cancelled() {
                 finished_early = true;

@@ -31,14 +31,7 @@ impl Family {
     pub fn detect(folder: &ModelFolder) -> Result<Self> {
         let index = folder.root.join("model_index.json");
         let class = folder.index.get("_class_name").and_then(|v| v.as_str());
-        let family = Self::from_class(class, folder.component("text_encoder_2").is_dir(), &index)?;
-        if family == Family::StableDiffusionXl && !folder.component("text_encoder").is_dir() {
-            return Err(Error::config(
-                index,
-                "an SDXL folder without `text_encoder/` (the refiner layout) is not supported yet",
-            ));
-        }
-        Ok(family)
+        Self::from_class(class, folder.component("text_encoder_2").is_dir(), &index)
     }
 
     /// From `model_index.json`'s class name (`index` names the file in errors); without
@@ -47,7 +40,10 @@ impl Family {
         Ok(match class {
             Some("StableDiffusionPipeline") => Family::StableDiffusion,
             Some("LatentConsistencyModelPipeline") => Family::LatentConsistency,
-            Some("StableDiffusionXLPipeline") => Family::StableDiffusionXl,
+            // The img2img class is how SDXL refiner folders are saved.
+            Some("StableDiffusionXLPipeline") | Some("StableDiffusionXLImg2ImgPipeline") => {
+                Family::StableDiffusionXl
+            }
             Some(other) => return Err(unsupported(index, other)),
             None if has_text_encoder_2 => Family::StableDiffusionXl,
             None => Family::StableDiffusion,

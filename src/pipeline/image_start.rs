@@ -167,6 +167,7 @@ pub fn from_noise(
     Ok(DenoisePlan {
         latents,
         begin: 0,
+        end: None,
         inpainting: None,
     })
 }
@@ -184,6 +185,7 @@ pub fn from_latents(
     Ok(DenoisePlan {
         latents: scheduler.add_noise(latents, &noise, begin)?,
         begin,
+        end: None,
         inpainting: None,
     })
 }
@@ -301,6 +303,7 @@ pub fn inpainting(
     Ok(DenoisePlan {
         latents,
         begin,
+        end: None,
         inpainting: Some(inpainting),
     })
 }

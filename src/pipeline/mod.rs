@@ -11,6 +11,7 @@ pub mod guidance;
 pub mod image_start;
 mod loras;
 pub mod picture_prep;
+pub mod refiner;
 pub mod single_file;
 pub mod size;
 
@@ -151,6 +152,14 @@ pub struct GenerateRequest {
     /// Decode (and encode) in overlapping tiles, as diffusers' `vae.enable_tiling()`: the
     /// memory of one tile at any size, at the price of a slightly different image.
     pub vae_tiling: bool,
+    /// With a refiner ([`Pipeline::set_refiner`]): the fraction of the schedule after which
+    /// the refiner takes over (diffusers' `denoising_end`/`denoising_start`). `None`: 0.8;
+    /// 1: the refiner does not run.
+    pub refiner_start: Option<f64>,
+    /// The refiner's aesthetic scores for the conditional and the unconditional half
+    /// (diffusers' defaults: 6 and 2.5).
+    pub aesthetic_score: f64,
+    pub negative_aesthetic_score: f64,
 }
 
 /// A1111's hires fix: the first pass's latents upscaled and refined by img2img at the larger
@@ -240,6 +249,9 @@ impl Default for GenerateRequest {
             inpaint: InpaintOptions::default(),
             outpaint: None,
             vae_tiling: false,
+            refiner_start: None,
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
         }
     }
 }
@@ -404,6 +416,8 @@ pub struct Resolved {
     /// img2img and inpainting: the strength the picture was noised to.
     pub strength: Option<f64>,
     pub hires: Option<ResolvedHires>,
+    /// Where the refiner takes over, when one runs.
+    pub refiner_start: Option<f64>,
 }
 
 /// Hires fix's second pass as it runs.
@@ -467,6 +481,11 @@ pub struct Pipeline {
     folder_scheduler: SchedulerKind,
     /// SDXL: an absent negative prompt means zero embeddings.
     force_zeros_for_empty_prompt: bool,
+    /// The SDXL refiner's time ids: the aesthetic score in place of the target size
+    /// (`requires_aesthetics_score` in `model_index.json`).
+    pub aesthetic_time_ids: bool,
+    /// A second model that finishes the steps from `refiner_start` on (SDXL's refiner).
+    pub refiner: Option<Box<Pipeline>>,
     pub defaults: ModelDefaults,
     /// Textual-inversion embeddings the prompts may name ([`Pipeline::add_embeddings`]).
     pub embeddings: Vec<Embedding>,
@@ -518,14 +537,16 @@ impl Pipeline {
         } else {
             ModelDefaults::default()
         };
-        let encoders = if family == Family::StableDiffusionXl {
-            2
-        } else {
-            1
+        // SDXL has two text encoders; its refiner only the second.
+        let encoders: &[usize] = match family {
+            Family::StableDiffusionXl if !folder.component("text_encoder").is_dir() => &[1],
+            Family::StableDiffusionXl => &[0, 1],
+            _ => &[0],
         };
         let mut loras = loras::LoraLoad::open(&options.loras)?;
         let mut text_encoders = Vec::new();
-        for (i, (tokenizer, encoder)) in family::TEXT_ENCODERS.iter().take(encoders).enumerate() {
+        for &i in encoders {
+            let (tokenizer, encoder) = family::TEXT_ENCODERS[i];
             let model = ClipTextModel::load_patched(
                 &folder.component(encoder),
                 variant,
@@ -577,6 +598,12 @@ impl Pipeline {
                 .get("force_zeros_for_empty_prompt")
                 .and_then(Value::as_bool)
                 .unwrap_or(family == Family::StableDiffusionXl),
+            aesthetic_time_ids: folder
+                .index
+                .get("requires_aesthetics_score")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            refiner: None,
             defaults,
             embeddings: Vec::new(),
             load_warnings,
@@ -660,12 +687,13 @@ impl Pipeline {
             (Some(tt), Family::StableDiffusionXl) => {
                 let last = &self.text_encoders.last().expect("two encoders").model;
                 let projection = last.text_projection.as_ref().map(|_| last.config.projection_dim);
-                if projection.flatten() != Some(tt.text_embeds_dim()) {
+                let ids = if self.aesthetic_time_ids { 5 } else { 6 };
+                if projection.flatten() != Some(tt.text_embeds_dim_with(ids)) {
                     return Err(Error::config(
                         unet_config,
                         format!(
                             "projection_class_embeddings_input_dim expects {} text-embedding features; text_encoder_2 projects to {:?}",
-                            tt.text_embeds_dim(),
+                            tt.text_embeds_dim_with(ids),
                             projection.flatten()
                         ),
                     ));
@@ -899,6 +927,7 @@ impl Pipeline {
             height,
             strength,
             hires,
+            refiner_start: self.refiner_handover(req)?.map(|(_, start)| start),
         })
     }
 
@@ -1125,9 +1154,22 @@ impl Pipeline {
 
         let started = Instant::now();
         let mut generators = BatchGenerator::consecutive(seed, req.num_images);
-        let steps_total = resolved.steps_run();
+        let mut steps_total = resolved.steps_run();
         let mut scheduler = self.scheduler(req, &resolved, resolved.steps)?;
-        let plan = self.start_plan(req, &resolved, scheduler.as_mut(), &mut generators)?;
+        let handover = self.refiner_handover(req)?;
+        // With a refiner, the base stops at the cutoff (diffusers' `denoising_end`).
+        let end = handover.map(|(_, start)| {
+            let cutoff = self.timestep_cutoff(start);
+            let base_steps = scheduler
+                .timesteps()
+                .iter()
+                .filter(|&&t| t >= cutoff)
+                .count();
+            steps_total = scheduler.timesteps().len();
+            base_steps
+        });
+        let mut plan = self.start_plan(req, &resolved, scheduler.as_mut(), &mut generators)?;
+        plan.end = end;
         let first = Pass {
             scheduler,
             plan,
@@ -1147,6 +1189,20 @@ impl Pipeline {
             &mut warnings,
         )?;
         let mut completed_steps = outcome.completed;
+        if let (Some((refiner, start)), false) = (handover, outcome.finished_early) {
+            outcome = refiner.refine(
+                req,
+                &resolved,
+                outcome.latents,
+                start,
+                &mut generators,
+                finish,
+                on_step,
+                (completed_steps, steps_total),
+                &mut warnings,
+            )?;
+            completed_steps += outcome.completed;
+        }
         if let (Some(h), false) = (&resolved.hires, outcome.finished_early) {
             let f = self.vae_scale_factor();
             let upscaled = image_start::upscale_latents(

@@ -195,6 +195,8 @@ impl Pipeline {
             embeddings: Vec::new(),
             load_warnings,
             preview_vae: None,
+            aesthetic_time_ids: false,
+            refiner: None,
             device: device.clone(),
         };
         pipeline.check_widths(&unet_path)?;

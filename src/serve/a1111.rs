@@ -27,6 +27,9 @@ pub async fn txt2img(
     let fields = super::request_fields(&app, &headers, body).await?;
     let mut asked = common_fields(&fields)?;
     asked.hires = hires_fix(&fields, app.limits.max_steps)?;
+    // As A1111, which ignores the switch point without a refiner to switch to.
+    let switch_at = fields.number("refiner_switch_at")?;
+    asked.refiner_start = switch_at.filter(|_| app.pipeline.refiner.is_some());
     respond(&app, &asked).await
 }
 

@@ -49,6 +49,8 @@ pub struct Asked {
     pub inpaint: InpaintOptions,
     /// txt2img's hires fix (`enable_hr` and its fields).
     pub hires: Option<HiresFix>,
+    /// `refiner_switch_at`, for a server started with a refiner.
+    pub refiner_start: Option<f64>,
 }
 
 /// What the worker will run.
@@ -191,6 +193,7 @@ pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan,
         resize_mode: asked.resize_mode,
         inpaint: asked.inpaint.clone(),
         hires: asked.hires.clone(),
+        refiner_start: asked.refiner_start,
         ..GenerateRequest::default()
     };
     let resolved = pipeline.resolve(&base).map_err(|e| {

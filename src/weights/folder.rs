@@ -30,15 +30,37 @@ pub struct ModelFolder {
     pub name: String,
 }
 
+/// Whether `model_index.json` names `component` as absent (`[null, null]`).
+fn declared_absent(index: &Value, component: &str) -> bool {
+    index
+        .get(component)
+        .and_then(Value::as_array)
+        .is_some_and(|pair| pair.first().is_some_and(Value::is_null))
+}
+
 impl ModelFolder {
     /// Opens a local folder, checking that every file of the layout is present.
     pub fn open(root: &Path) -> Result<Self> {
         if !root.is_dir() {
             return Err(Error::config(root, "model folder does not exist"));
         }
+        let index_path = root.join("model_index.json");
+        if !index_path.is_file() {
+            return Err(Error::config(
+                index_path,
+                "missing file of the diffusers layout",
+            ));
+        }
+        let index: Value = read_json(&index_path)?;
         for file in CONFIG_FILES {
             // special_tokens_map.json is optional in newer tokenizer folders.
             if *file == "tokenizer/special_tokens_map.json" {
+                continue;
+            }
+            // A component the index declares absent ([null, null]: the SDXL refiner has no
+            // first text encoder) has no files.
+            let component = file.split('/').next().unwrap_or_default();
+            if declared_absent(&index, component) {
                 continue;
             }
             let path = root.join(file);
@@ -46,7 +68,6 @@ impl ModelFolder {
                 return Err(Error::config(path, "missing file of the diffusers layout"));
             }
         }
-        let index: Value = read_json(&root.join("model_index.json"))?;
         let name = root
             .canonicalize()
             .ok()

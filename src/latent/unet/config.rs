@@ -218,9 +218,15 @@ pub struct TextTimeConfig {
 }
 
 impl TextTimeConfig {
-    /// The width of the pooled text embedding the U-Net expects.
+    /// The width of the pooled text embedding the U-Net expects with SDXL's six time ids.
     pub fn text_embeds_dim(&self) -> usize {
-        self.input_dim - 6 * self.time_embed_dim
+        self.text_embeds_dim_with(6)
+    }
+
+    /// The pooled text embedding's width with `ids` time ids (the SDXL refiner takes five:
+    /// the aesthetic score in place of the target size).
+    pub fn text_embeds_dim_with(&self, ids: usize) -> usize {
+        self.input_dim.saturating_sub(ids * self.time_embed_dim)
     }
 }
 

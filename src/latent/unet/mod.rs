@@ -246,10 +246,11 @@ impl UNet {
                     "this U-Net (SDXL) needs the pooled text embedding and the time ids".into(),
                 ));
             };
-            let want = tt.text_embeds_dim();
-            if text_embeds.dims() != [batch, want] || time_ids.dims() != [batch, 6] {
+            let count = time_ids.dim(1)?;
+            let want = tt.text_embeds_dim_with(count);
+            if text_embeds.dims() != [batch, want] || time_ids.dims() != [batch, count] {
                 return Err(Error::InvalidRequest(format!(
-                    "text embeddings {:?} and time ids {:?}: the U-Net takes ({batch}, {want}) and ({batch}, 6)",
+                    "text embeddings {:?} and time ids {:?}: the U-Net takes ({batch}, {want}) with {count} time ids",
                     text_embeds.dims(),
                     time_ids.dims()
                 )));
@@ -265,7 +266,7 @@ impl UNet {
                 self.config.freq_shift,
                 &self.device,
             )?
-            .reshape((batch, 6 * tt.time_embed_dim))?;
+            .reshape((batch, count * tt.time_embed_dim))?;
             let text_embeds = text_embeds.to_dtype(time_features.dtype())?;
             let added = add.forward(&Tensor::cat(&[&text_embeds, &time_features], 1)?)?;
             temb = (temb + added)?;
