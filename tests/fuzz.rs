@@ -247,3 +247,53 @@ fn fuzz_model_configs() {
         let _ = text2img::text::clip::ClipTextConfig::from_json(&s, origin);
     });
 }
+
+/// Uploaded pictures: PNG, JPEG and WebP bytes mutated, through the decoder with its size
+/// limit, and as base64 request fields (data URLs, both alphabets). Each either decodes to
+/// a picture within the limit or is refused; nothing panics, nothing decodes past the limit.
+#[test]
+fn fuzz_pictures_and_base64_fields() {
+    use base64::Engine;
+    let picture = std::fs::read(fixtures().join("image_inputs/picture.png")).unwrap();
+    let encode = |format: image::ImageFormat| {
+        let mut out = Vec::new();
+        image::DynamicImage::new_rgba8(9, 7)
+            .write_to(&mut std::io::Cursor::new(&mut out), format)
+            .unwrap();
+        out
+    };
+    let jpeg = {
+        let mut out = Vec::new();
+        image::DynamicImage::new_rgb8(12, 8)
+            .write_to(
+                &mut std::io::Cursor::new(&mut out),
+                image::ImageFormat::Jpeg,
+            )
+            .unwrap();
+        out
+    };
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&picture);
+    let seeds = vec![
+        picture.clone(),
+        encode(image::ImageFormat::Png),
+        encode(image::ImageFormat::WebP),
+        jpeg,
+        format!(r#"{{"init_images": ["data:image/png;base64,{b64}"], "mask": "{b64}"}}"#)
+            .into_bytes(),
+    ];
+    fuzz("pictures and base64 fields", seeds, |bytes| {
+        if let Ok(image) = text2img::image_in::decode(bytes, "fuzz", 256) {
+            assert!(image.width() <= 256 && image.height() <= 256);
+            let _ = text2img::image_in::luma(&image);
+            let _ = text2img::image_in::transparency_mask(&image);
+        }
+        if let Ok(fields) = text2img::serve::fields::Fields::parse(bytes) {
+            if let Ok(images) = fields.images("init_images", 256) {
+                assert!(images.iter().all(|i| i.width() <= 256 && i.height() <= 256));
+            }
+            let _ = fields.image("mask", 256);
+        }
+        let text = text(bytes);
+        let _ = text2img::serve::fields::decode_image("f", &text, 256);
+    });
+}
