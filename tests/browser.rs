@@ -297,9 +297,29 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
     }
 }
 
+/// A picture file chosen in the upload field reaches the canvas at its own size; then
 /// "send to img2img" on the result, a stroke painted across the picture with the mouse, a
 /// strength on the slider, Generate: the painted area is repainted, the rest kept exactly.
 fn inpaint_through_the_page(driver: &Driver, session: &str, first: &[u8]) {
+    let upload = driver.element(session, "#init-file");
+    let picture = parity::fixtures().join("image_inputs/picture-128x96.png");
+    driver.ok(
+        "POST",
+        &format!("/session/{session}/element/{upload}/value"),
+        Some(json!({ "text": picture.to_str().unwrap() })),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while driver.script(
+        session,
+        "return document.getElementById('mask-canvas').width;",
+    ) != json!(128)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the uploaded picture never reached the canvas"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
     let send = driver.element(session, "#gallery .card button.send");
     driver.ok(
         "POST",

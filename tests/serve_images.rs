@@ -356,3 +356,61 @@ fn a_preview_vae_draws_full_size_progress_images() {
     assert_eq!(server.post("/sdapi/v1/interrupt", &json!({})).0, 200);
     assert_eq!(running.join().unwrap().0, 200);
 }
+
+/// The built-in default model through both image APIs, as a first-time user meets them: a
+/// txt2img picture sent back to img2img, then an OpenAI edit of its left half.
+#[test]
+fn the_default_model_serves_img2img_and_edits() {
+    let server = Server::start_default(&[]);
+    let (status, body) = server.post(
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "a red circle on a blue background", "seed": 5}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let first = body["images"][0].as_str().unwrap().to_string();
+    let (status, body) = server.post(
+        "/sdapi/v1/img2img",
+        &json!({"init_images": [first], "prompt": "a green square on a yellow background",
+                "seed": 5, "denoising_strength": 0.6}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (rgb, w, h, parameters) = first_image(&body);
+    assert!(
+        parameters.contains("Denoising strength: 0.6"),
+        "{parameters}"
+    );
+    let picture = image::RgbImage::from_raw(w as u32, h as u32, rgb).unwrap();
+    // An OpenAI edit: the left half transparent, to be repainted.
+    let mut rgba = image::DynamicImage::ImageRgb8(picture.clone()).to_rgba8();
+    for (x, _, p) in rgba.enumerate_pixels_mut() {
+        if x < w as u32 / 2 {
+            p.0[3] = 0;
+        }
+    }
+    let (content_type, body) = multipart(&[
+        (
+            "image",
+            Some("picture.png"),
+            &png_bytes(&image::DynamicImage::ImageRgba8(rgba)),
+        ),
+        ("prompt", None, b"a red triangle"),
+    ]);
+    let (status, answer_body) = answer(
+        ureq::post(&server.url("/v1/images/edits"))
+            .set("Content-Type", &content_type)
+            .send_bytes(&body),
+    );
+    assert_eq!(status, 200, "{answer_body}");
+    let (rgb, ew, eh, _) = decode_png(&b64(&answer_body["data"][0]["b64_json"]));
+    assert_eq!((ew, eh), (w, h));
+    let edited = image::RgbImage::from_raw(ew as u32, eh as u32, rgb).unwrap();
+    for (x, y, p) in edited.enumerate_pixels() {
+        if x >= w as u32 / 2 {
+            assert_eq!(
+                p,
+                picture.get_pixel(x, y),
+                "the opaque half changed at {x},{y}"
+            );
+        }
+    }
+}

@@ -22,10 +22,20 @@ pub struct Server {
 impl Server {
     pub fn start(extra: &[&str]) -> Self {
         let model = model_dir("sd1-tiny");
+        let mut args = vec!["--model", model.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Self::start_with(&args)
+    }
+
+    /// A server of the built-in default model.
+    pub fn start_default(extra: &[&str]) -> Self {
+        Self::start_with(extra)
+    }
+
+    fn start_with(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_text2img"))
-            .args(["serve", "--port", "0", "--model"])
-            .arg(&model)
-            .args(extra)
+            .args(["serve", "--port", "0"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
