@@ -282,3 +282,31 @@ fn sdxl_guidance_interval_runs_the_conditional_half_alone_late() {
     assert_eq!(run(&full, 2), run(&early, 2));
     assert_ne!(run(&full, 4), run(&early, 4));
 }
+
+/// The SDXL probes (sdxl-euler with the second prompt or the guidance nudged) run through
+/// text2img fall below 45 dB of sdxl-euler's diffusers image, which the true settings reach.
+#[test]
+fn sdxl_probes_fall_below_the_threshold() {
+    let truth = cases().iter().find(|c| c["name"] == "sdxl-euler").unwrap();
+    let dir = fixtures().join("reference/sdxl");
+    let (reference, ..) = parity::read_png(&dir.join(truth["images"][0].as_str().unwrap()));
+    let render = |case: &Value| {
+        pipeline("sdxl-tiny")
+            .generate(&request(case), &mut |_| true)
+            .unwrap()
+            .images[0]
+            .rgb
+            .clone()
+    };
+    assert!(parity::psnr(&render(truth), &reference) >= 50.0);
+    let probes: Vec<&Value> = cases()
+        .iter()
+        .filter(|c| c["name"].as_str().unwrap().starts_with("sdxl-probe-"))
+        .collect();
+    assert_eq!(probes.len(), 2, "the probe cases are missing");
+    for probe in probes {
+        let db = parity::psnr(&render(probe), &reference);
+        eprintln!("{}: {db:.1} dB against sdxl-euler", probe["name"]);
+        assert!(db < 45.0, "{}: {db:.1} dB", probe["name"]);
+    }
+}
