@@ -174,9 +174,32 @@ fn short_runs_learn_and_a_killed_run_resumes_on_the_same_curve() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    // The kill landed before the end, and the resumed run went on from the last checkpoint
+    // (not from step 0: a restart would give the same curve, training being deterministic).
+    let state = std::fs::read_to_string(b.join("checkpoint/state.json")).unwrap();
+    let checkpoint_step = serde_json::from_str::<serde_json::Value>(&state).unwrap()["step"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (10..30).contains(&checkpoint_step),
+        "killed at step {checkpoint_step}"
+    );
+    assert!(losses(&b).len() < 30, "the killed run had already finished");
     let mut resume = unet_args(vae_s, &b_s, "30");
     resume.push("--resume");
-    run(&resume);
+    let out = text2img().args(&resume).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!(
+            "resumed from the checkpoint at step {checkpoint_step}\n"
+        )),
+        "{said}"
+    );
     assert_same_curve(&full, &losses(&b));
     // The same run stopped at step 12 by --stop-at (in stages, as the default model's
     // recipe runs), then resumed to its end from a copy of its folder: the same curve again.

@@ -380,6 +380,9 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         quiet: a.quiet,
     };
     let report = train(options, a.resume)?;
+    if let Some(step) = report.resumed_from {
+        println!("resumed from the checkpoint at step {step}");
+    }
     println!(
         "model in {}: {} trainable parameters, final loss {:.4}, {:.1} images/s",
         a.out.display(),

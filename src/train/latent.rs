@@ -430,6 +430,8 @@ pub struct TrainReport {
     pub images_per_second: f64,
     pub final_loss: f64,
     pub parameters: usize,
+    /// The checkpoint's step a `--resume` run went on from (`None`: a fresh run).
+    pub resumed_from: Option<usize>,
 }
 
 /// Mixed into the run's seed for the --mix source's own stream (the choice of source per item
@@ -713,6 +715,7 @@ pub fn train(mut o: TrainOptions, resume: bool) -> Result<TrainReport> {
         images_per_second: log.images_per_second(),
         final_loss: last_loss,
         parameters,
+        resumed_from: resume.then_some(start),
     })
 }
 
