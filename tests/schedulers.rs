@@ -149,6 +149,11 @@ fn replay(
     let latents = generator.randn(&[2, 4, 3, 5], &device)?;
     let mut latents = latents.affine(scheduler.init_noise_sigma() as f32 as f64, 0.0)?;
     let timesteps = scheduler.timesteps().to_vec();
+    if run.get("error").is_none() {
+        // Every step has diffusers' latents to be compared with: none is skipped.
+        let recorded = run["trajectory"].as_array().map_or(0, Vec::len);
+        assert_eq!(recorded, timesteps.len(), "{what}: steps with a reference");
+    }
     let mut worst = 0.0f64;
     for (i, &t) in timesteps.iter().enumerate() {
         let scaled = scheduler.scale_model_input(&latents, i)?;
@@ -218,6 +223,7 @@ fn check_kind(kind: SchedulerKind) {
             }
         }
     }
+    assert!(runs > 0, "{kind}: no trajectory was compared");
     eprintln!("{kind}: {runs} trajectories, worst step error {worst:.2e} of max |ref|");
 }
 
