@@ -54,6 +54,8 @@ fn request(case: &Value) -> GenerateRequest {
         "ddim" => SchedulerKind::Ddim,
         "euler" => SchedulerKind::Euler,
         "euler-a" => SchedulerKind::EulerAncestral,
+        "pndm" => SchedulerKind::Pndm,
+        "dpm++2m" => SchedulerKind::DpmPP2M,
         other => panic!("scheduler {other}"),
     };
     let sdxl = case["model"].as_str().unwrap().starts_with("sdxl");
@@ -155,6 +157,23 @@ fn img2img_deterministic_scheduler() {
 #[test]
 fn img2img_ancestral_scheduler_two_images() {
     check("img2img-euler-a-two", |r| r.strength = Some(0.65));
+}
+
+/// PNDM (the SD 1.x folders' own scheduler) counts its steps from the first one run.
+#[test]
+fn img2img_pndm() {
+    check("img2img-pndm", |r| r.strength = Some(0.5));
+}
+
+/// DPM-Solver++ takes its multistep history from the first step run.
+#[test]
+fn img2img_dpm_solver() {
+    check("img2img-dpm", |r| r.strength = Some(0.75));
+}
+
+#[test]
+fn inpainting_dpm_solver() {
+    check("inpaint-4ch-dpm", |r| r.strength = Some(0.6));
 }
 
 #[test]
