@@ -236,6 +236,12 @@ fn sdxl_refiner_with_another_handover() {
     check("sdxl-refiner-ddim", |r| r.refiner_start = Some(0.8));
 }
 
+/// SDXL's second pass tells the U-Net the larger size in its time ids.
+#[test]
+fn sdxl_hires_fix() {
+    check("sdxl-hires", |r| r.hires.as_mut().unwrap().strength = 0.4);
+}
+
 #[test]
 fn sdxl_img2img() {
     // 8 x 0.6 runs 4 steps; 8 x 0.4 runs 3.
