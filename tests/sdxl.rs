@@ -49,10 +49,14 @@ fn cases() -> &'static Vec<Value> {
 /// The LCM model: sdxl-tiny with the LCM U-Net and scheduler laid over it (as a user who
 /// swaps them in diffusers and saves the pipeline gets).
 fn lcm_folder() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("sdxl-lcm");
+    // In cargo's scratch folder inside target/ (a static TempDir would never be removed),
+    // rebuilt once per run.
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdxl-lcm");
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
         copy_dir(&model_dir("sdxl-tiny"), &dir);
         for part in ["unet", "scheduler"] {
             std::fs::remove_dir_all(dir.join(part)).unwrap();
@@ -63,9 +67,8 @@ fn lcm_folder() -> &'static Path {
             serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
         index["scheduler"] = serde_json::json!(["diffusers", "LCMScheduler"]);
         std::fs::write(&index_path, index.to_string()).unwrap();
-        (tmp, dir)
+        dir
     })
-    .1
 }
 
 fn pipeline(model: &str) -> &'static Pipeline {

@@ -12,9 +12,11 @@ use common::refused;
 
 fn text2img() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_text2img"));
+    // Cargo's scratch folder for integration tests, inside target/: `cargo clean` removes it,
+    // and nothing is left in the system's temporary folder.
     cmd.env(
         "TEXT2IMG_CACHE",
-        std::env::temp_dir().join("text2img-test-cache"),
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("text2img-test-cache"),
     );
     cmd
 }
