@@ -1124,11 +1124,13 @@ impl Pipeline {
             unet,
             guide_unet,
             text_encoders,
+            refiner,
             ..
         } = self;
         drop(text_encoders);
         drop(unet);
         drop(guide_unet);
+        drop(refiner);
         decode(&vae, denoised)
     }
 

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use tokio::sync::oneshot;
@@ -17,6 +17,9 @@ use crate::pipeline::{
     GenerateRequest, GeneratedImage, Pipeline, Resolved, StepControl, StopFlags,
 };
 use crate::png_out::encode_rgb_png;
+
+/// The least time between two step previews of a job.
+const PREVIEW_INTERVAL: Duration = Duration::from_millis(500);
 
 /// One request: one or more generate calls (A1111's `n_iter`), each a batch.
 pub struct JobSpec {
@@ -367,17 +370,29 @@ impl Queue {
             if control.finish.is_cancelled() {
                 break;
             }
+            // A full-size preview (a preview VAE's decode and a PNG) costs a fraction of a
+            // step: at most one every PREVIEW_INTERVAL, and the last step's.
+            let mut last_preview: Option<Instant> = None;
             let generation = pipeline.generate_stoppable(request, control, &mut |p| {
-                let preview = p.preview(0).ok().and_then(|(rgb, w, h)| {
-                    let png = encode_rgb_png(&rgb, w, h, None).ok()?;
-                    Some(base64::engine::general_purpose::STANDARD.encode(png))
-                });
+                let due = last_preview.is_none_or(|t| t.elapsed() >= PREVIEW_INTERVAL)
+                    || p.step == p.total;
+                let preview = if due {
+                    last_preview = Some(Instant::now());
+                    p.preview(0).ok().and_then(|(rgb, w, h)| {
+                        let png = encode_rgb_png(&rgb, w, h, None).ok()?;
+                        Some(base64::engine::general_purpose::STANDARD.encode(png))
+                    })
+                } else {
+                    None
+                };
                 {
                     let mut progress = lock(&self.progress);
                     progress.sampling_step = p.step;
                     progress.sampling_steps = p.total;
                     progress.fraction = (k * p.total + p.step) as f64 / (batches * p.total) as f64;
-                    progress.current_image = preview;
+                    if preview.is_some() {
+                        progress.current_image = preview;
+                    }
                 }
                 // The flags themselves stop the pipeline (inside the steps too).
                 StepControl::Continue
