@@ -84,11 +84,11 @@ fn a_lora_for_another_model_is_refused_and_stray_modules_are_reported() {
     let foreign = dir.path().join("foreign.safetensors");
     let tensors: std::collections::HashMap<String, candle_core::Tensor> = [
         (
-            "lora_unet_input_blocks_1_1_proj_in.lora_down.weight".to_string(),
+            "lora_unet_input_blocks_99_1_proj_in.lora_down.weight".to_string(),
             zeros(&[4, 8]),
         ),
         (
-            "lora_unet_input_blocks_1_1_proj_in.lora_up.weight".to_string(),
+            "lora_unet_input_blocks_99_1_proj_in.lora_up.weight".to_string(),
             zeros(&[8, 4]),
         ),
     ]

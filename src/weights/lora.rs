@@ -187,12 +187,159 @@ fn kron(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(out.reshape((ar * br, ac * bc))?)
 }
 
+/// The U-Net's layout in the original (LDM/SGM) naming, read from its weights' names: the
+/// resnets per down block, and which up blocks have attentions.
+struct UnetLayout {
+    layers_per_block: usize,
+    up_with_attention: std::collections::HashSet<usize>,
+}
+
+impl UnetLayout {
+    fn of(weights: &[(String, Vec<usize>)]) -> Self {
+        let index_after = |name: &str, prefix: &str| -> Option<usize> {
+            name.strip_prefix(prefix)?.split('.').next()?.parse().ok()
+        };
+        let layers_per_block = weights
+            .iter()
+            .filter_map(|(n, _)| index_after(n, "down_blocks.0.resnets."))
+            .max()
+            .map_or(2, |j| j + 1);
+        let up_with_attention = weights
+            .iter()
+            .filter(|(n, _)| n.contains(".attentions."))
+            .filter_map(|(n, _)| index_after(n, "up_blocks."))
+            .collect();
+        Self {
+            layers_per_block,
+            up_with_attention,
+        }
+    }
+
+    /// A diffusers U-Net module path in the original naming (`input_blocks.4.1...`), as
+    /// kohya names SDXL LoRA modules; `None` for paths outside the mapping.
+    fn original_name(&self, module: &str) -> Option<String> {
+        let p: Vec<&str> = module.split('.').collect();
+        let lpb = self.layers_per_block;
+        let rest = |from: usize| p.get(from..).map(|r| r.join(".")).unwrap_or_default();
+        let resnet = |tail: &str| -> Option<String> {
+            let (head, leaf) = tail.split_once('.').unwrap_or((tail, ""));
+            let new = match head {
+                "norm1" => "in_layers.0",
+                "conv1" => "in_layers.2",
+                "time_emb_proj" => "emb_layers.1",
+                "norm2" => "out_layers.0",
+                "conv2" => "out_layers.3",
+                "conv_shortcut" => "skip_connection",
+                _ => return None,
+            };
+            Some(if leaf.is_empty() {
+                new.to_string()
+            } else {
+                format!("{new}.{leaf}")
+            })
+        };
+        let num = |i: usize| -> Option<usize> { p.get(i)?.parse().ok() };
+        Some(match *p.first()? {
+            "conv_in" => format!("input_blocks.0.0{}", dotted(&rest(1))),
+            "conv_out" => format!("out.2{}", dotted(&rest(1))),
+            "time_embedding" | "add_embedding" => {
+                let slot = match *p.get(1)? {
+                    "linear_1" => "0",
+                    "linear_2" => "2",
+                    _ => return None,
+                };
+                let head = if p[0] == "time_embedding" {
+                    "time_embed"
+                } else {
+                    "label_emb.0"
+                };
+                format!("{head}.{slot}{}", dotted(&rest(2)))
+            }
+            "down_blocks" => {
+                let (b, j) = (num(1)?, num(3).unwrap_or(0));
+                match *p.get(2)? {
+                    "resnets" => format!(
+                        "input_blocks.{}.0.{}",
+                        1 + b * (lpb + 1) + j,
+                        resnet(&rest(4))?
+                    ),
+                    "attentions" => {
+                        format!(
+                            "input_blocks.{}.1{}",
+                            1 + b * (lpb + 1) + j,
+                            dotted(&rest(4))
+                        )
+                    }
+                    "downsamplers" => {
+                        format!(
+                            "input_blocks.{}.0.op{}",
+                            (b + 1) * (lpb + 1),
+                            dotted(&rest(5))
+                        )
+                    }
+                    _ => return None,
+                }
+            }
+            "mid_block" => match *p.get(1)? {
+                "resnets" => format!("middle_block.{}.{}", 2 * num(2)?, resnet(&rest(3))?),
+                "attentions" => format!("middle_block.1{}", dotted(&rest(3))),
+                _ => return None,
+            },
+            "up_blocks" => {
+                let (b, j) = (num(1)?, num(3).unwrap_or(0));
+                match *p.get(2)? {
+                    "resnets" => {
+                        format!(
+                            "output_blocks.{}.0.{}",
+                            b * (lpb + 1) + j,
+                            resnet(&rest(4))?
+                        )
+                    }
+                    "attentions" => {
+                        format!("output_blocks.{}.1{}", b * (lpb + 1) + j, dotted(&rest(4)))
+                    }
+                    "upsamplers" => {
+                        let slot = if self.up_with_attention.contains(&b) {
+                            2
+                        } else {
+                            1
+                        };
+                        format!(
+                            "output_blocks.{}.{slot}.conv{}",
+                            b * (lpb + 1) + lpb,
+                            dotted(&rest(5))
+                        )
+                    }
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// `.rest`, or nothing for an empty rest.
+fn dotted(rest: &str) -> String {
+    if rest.is_empty() {
+        String::new()
+    } else {
+        format!(".{rest}")
+    }
+}
+
 /// The names a module of `part` goes by in LoRA files: kohya's (dots as underscores, after
-/// `lora_unet_` / `lora_te_` / `lora_te1_` / `lora_te2_`) and PEFT's (`unet.` ...).
-fn module_keys(part: Part, module: &str) -> Vec<String> {
+/// `lora_unet_` / `lora_te_` / `lora_te1_` / `lora_te2_`; for the U-Net also in the original
+/// naming, as kohya's SDXL LoRAs are) and PEFT's (`unet.` ...).
+fn module_keys(part: Part, module: &str, unet: Option<&UnetLayout>) -> Vec<String> {
     let flat = module.replace('.', "_");
     match part {
-        Part::Unet => vec![format!("lora_unet_{flat}"), format!("unet.{module}")],
+        Part::Unet => {
+            let mut keys = vec![format!("lora_unet_{flat}"), format!("unet.{module}")];
+            if let Some(original) = unet.and_then(|u| u.original_name(module)) {
+                keys.push(format!("lora_unet_{}", original.replace('.', "_")));
+            }
+            keys
+        }
         Part::TextEncoder(i) => {
             // Text encoder modules are named from `text_model.` in every format.
             let (module, flat) = if module.starts_with("text_model.") {
@@ -232,12 +379,13 @@ pub fn patches(
 ) -> Result<Patches> {
     let mut deltas: HashMap<String, Tensor> = HashMap::new();
     let mut matched = vec![std::collections::HashSet::new(); loras.len()];
+    let layout = matches!(part, Part::Unet).then(|| UnetLayout::of(weights));
     for (name, shape) in weights {
         let Some(module) = name.strip_suffix(".weight") else {
             continue;
         };
         for (i, (lora, multiplier)) in loras.iter().enumerate() {
-            let Some(key) = module_keys(part, module)
+            let Some(key) = module_keys(part, module, layout.as_ref())
                 .into_iter()
                 .find(|k| lora.modules.contains_key(k))
             else {
@@ -253,4 +401,56 @@ pub fn patches(
         }
     }
     Ok(Patches { deltas, matched })
+}
+
+#[cfg(test)]
+mod original_names {
+    use super::*;
+
+    #[test]
+    fn diffusers_unet_modules_in_the_original_naming() {
+        // SDXL's layout: two resnets per block, up blocks 0 and 1 with attentions.
+        let names: Vec<(String, Vec<usize>)> = [
+            "down_blocks.0.resnets.1.conv1.weight",
+            "up_blocks.0.attentions.0.proj_in.weight",
+            "up_blocks.1.attentions.0.proj_in.weight",
+        ]
+        .iter()
+        .map(|n| (n.to_string(), vec![1]))
+        .collect();
+        let layout = UnetLayout::of(&names);
+        let o = |m: &str| layout.original_name(m).unwrap();
+        assert_eq!(
+            o("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+            "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+        );
+        assert_eq!(
+            o("down_blocks.2.resnets.1.conv2"),
+            "input_blocks.8.0.out_layers.3"
+        );
+        assert_eq!(
+            o("down_blocks.0.downsamplers.0.conv"),
+            "input_blocks.3.0.op"
+        );
+        assert_eq!(
+            o("mid_block.resnets.1.time_emb_proj"),
+            "middle_block.2.emb_layers.1"
+        );
+        assert_eq!(
+            o("mid_block.attentions.0.transformer_blocks.1.ff.net.0.proj"),
+            "middle_block.1.transformer_blocks.1.ff.net.0.proj"
+        );
+        assert_eq!(
+            o("up_blocks.1.attentions.2.proj_out"),
+            "output_blocks.5.1.proj_out"
+        );
+        assert_eq!(o("up_blocks.1.upsamplers.0.conv"), "output_blocks.5.2.conv");
+        assert_eq!(
+            o("up_blocks.2.resnets.0.conv_shortcut"),
+            "output_blocks.6.0.skip_connection"
+        );
+        assert_eq!(o("time_embedding.linear_2"), "time_embed.2");
+        assert_eq!(o("add_embedding.linear_1"), "label_emb.0.0");
+        assert_eq!(o("conv_in"), "input_blocks.0.0");
+    }
 }
