@@ -133,12 +133,12 @@ impl Lora {
             get("lora_down.weight").or(get("lora_A.weight")),
             get("lora_up.weight").or(get("lora_B.weight")),
         ) {
-            if get("lora_mid.weight").is_some() {
-                return Err(bad(
-                    "a LoCon with a middle kernel (CP decomposition) is not supported".into(),
-                ));
+            match get("lora_mid.weight") {
+                // LyCORIS' LoCon with a middle kernel (CP/Tucker decomposition): the delta's
+                // (kh, kw) slice is up . mid[:, :, kh, kw] . down.
+                Some(mid) => (cp_product(up, mid, down)?, down.dim(0)?),
+                None => (product(up, down)?, down.dim(0)?),
             }
-            (product(up, down)?, down.dim(0)?)
         } else if let (Some(a1), Some(b1), Some(a2), Some(b2)) = (
             get("hada_w1_a"),
             get("hada_w1_b"),
@@ -175,6 +175,34 @@ impl Lora {
         }
         Ok((delta.reshape(shape)? * scale)?)
     }
+}
+
+/// `einsum("n m k l, i n, m j -> i j k l", mid, up, down)`: the LoCon middle kernel's delta,
+/// (out, in, kh, kw).
+fn cp_product(up: &Tensor, mid: &Tensor, down: &Tensor) -> Result<Tensor> {
+    let up = up.flatten_from(1)?; // (out, r)
+    let down = down.flatten_from(1)?; // (r, in)
+    let (r_up, r_down, kh, kw) = mid.dims4()?;
+    let (out, inp) = (up.dim(0)?, down.dim(1)?);
+    let k = kh * kw;
+    // (kh, kw, r, r) as a batch of k matrices.
+    let mid = mid
+        .permute((2, 3, 0, 1))?
+        .contiguous()?
+        .reshape((k, r_up, r_down))?;
+    let left = up
+        .unsqueeze(0)?
+        .broadcast_as((k, out, r_up))?
+        .contiguous()?;
+    let right = down
+        .unsqueeze(0)?
+        .broadcast_as((k, r_down, inp))?
+        .contiguous()?;
+    let slices = left.matmul(&mid)?.matmul(&right)?; // (k, out, in)
+    Ok(slices
+        .reshape((kh, kw, out, inp))?
+        .permute((2, 3, 0, 1))?
+        .contiguous()?)
 }
 
 /// The Kronecker product of two matrices.
