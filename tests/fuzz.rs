@@ -297,3 +297,57 @@ fn fuzz_pictures_and_base64_fields() {
         let _ = text2img::serve::fields::decode_image("f", &text, 256);
     });
 }
+
+/// Multipart bodies as `/v1/images/edits` reads them (axum's multipart parser over a body
+/// already held within the size limit): mutated forms are parsed field by field; each part
+/// either reads or is an error, and nothing panics.
+#[test]
+fn fuzz_multipart_forms() {
+    use axum::extract::FromRequest;
+    let boundary = "----fuzzboundary";
+    let picture = std::fs::read(fixtures().join("image_inputs/picture.png")).unwrap();
+    let mut form = Vec::new();
+    for (name, file, data) in [
+        ("image", Some("p.png"), picture.as_slice()),
+        ("prompt", None, b"a red circle".as_slice()),
+        ("n", None, b"2".as_slice()),
+    ] {
+        form.extend(format!("--{boundary}\r\n").as_bytes());
+        match file {
+            Some(f) => form.extend(
+                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: image/png\r\n\r\n")
+                    .as_bytes(),
+            ),
+            None => form.extend(format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes()),
+        }
+        form.extend(data);
+        form.extend(b"\r\n");
+    }
+    form.extend(format!("--{boundary}--\r\n").as_bytes());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    fuzz("multipart forms", vec![form], |bytes| {
+        runtime.block_on(async {
+            let mut request = axum::http::Request::new(axum::body::Body::from(bytes.to_vec()));
+            request.headers_mut().insert(
+                axum::http::header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={boundary}")
+                    .parse()
+                    .unwrap(),
+            );
+            let Ok(mut multipart) = axum::extract::Multipart::from_request(request, &()).await
+            else {
+                return;
+            };
+            while let Ok(Some(field)) = multipart.next_field().await {
+                let name = field.name().unwrap_or_default().to_string();
+                if let Ok(data) = field.bytes().await {
+                    if name == "image" {
+                        let _ = text2img::serve::fields::image_bytes("image", &data, 256);
+                    }
+                }
+            }
+        });
+    });
+}

@@ -324,11 +324,18 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .progress_chars("=> "),
     );
     let model_name = pipeline.name.clone();
-    let generation = pipeline.generate_once(&request, &mut |p| {
+    let mut on_step = |p: &text2img::pipeline::StepProgress| {
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64);
         true
-    })?;
+    };
+    // With --estimate the models stay loaded through the decode, as a server keeps them, so
+    // the measured peak compares with the estimate; otherwise the decode reuses their memory.
+    let generation = if args.estimate {
+        pipeline.generate(&request, &mut on_step)?
+    } else {
+        pipeline.generate_once(&request, &mut on_step)?
+    };
     bar.finish_and_clear();
     if args.estimate {
         let peak = text2img::alloc_count::peak()
