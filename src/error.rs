@@ -46,6 +46,15 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The message without the "invalid request: " label, for callers that name the field
+    /// or the feature themselves.
+    pub fn message(&self) -> String {
+        match self {
+            Error::InvalidRequest(m) => m.clone(),
+            other => other.to_string(),
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

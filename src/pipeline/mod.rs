@@ -1003,9 +1003,8 @@ impl Pipeline {
             )));
         }
         let hires_steps = h.steps.unwrap_or(steps);
-        image_start::first_step(hires_steps, h.strength).map_err(|e| {
-            Error::InvalidRequest(format!("hires fix: {e}").replace("invalid request: ", ""))
-        })?;
+        image_start::first_step(hires_steps, h.strength)
+            .map_err(|e| Error::InvalidRequest(format!("hires fix: {}", e.message())))?;
         Ok(ResolvedHires {
             width: w,
             height: hh,

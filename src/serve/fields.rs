@@ -206,13 +206,8 @@ pub fn decode_image(field: &str, text: &str, max_side: usize) -> Result<DynamicI
 
 /// An uploaded picture's bytes to a picture; errors name the field.
 pub fn image_bytes(field: &str, bytes: &[u8], max_side: usize) -> Result<DynamicImage, ApiError> {
-    crate::image_in::decode(bytes, "", max_side).map_err(|e| {
-        let message = e.to_string();
-        let message = message
-            .trim_start_matches("invalid request: ")
-            .trim_start_matches(": ");
-        ApiError::field(field, message)
-    })
+    crate::image_in::decode(bytes, "", max_side)
+        .map_err(|e| ApiError::field(field, e.message().trim_start_matches(": ")))
 }
 
 fn wrong_type(name: &str, expected: &str, found: &Value) -> ApiError {

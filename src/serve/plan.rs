@@ -196,9 +196,9 @@ pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan,
         refiner_start: asked.refiner_start,
         ..GenerateRequest::default()
     };
-    let resolved = pipeline.resolve(&base).map_err(|e| {
-        ApiError::bad_request(e.to_string().trim_start_matches("invalid request: "))
-    })?;
+    let resolved = pipeline
+        .resolve(&base)
+        .map_err(|e| ApiError::bad_request(e.message()))?;
     // The model's own defaults (or the picture's size) must fit the server's limits too.
     let (hires_w, hires_h) = resolved.output_size();
     for (name, v) in [
