@@ -246,34 +246,27 @@ fn crop_region(mask: &GrayImage, padding: u32, w: usize, h: usize) -> Option<(u3
     let ratio = w as f64 / h as f64;
     let (cw, ch) = ((x2 - x1) as f64, (y2 - y1) as f64);
     if cw / ch < ratio {
-        let want = ((ch * ratio).round() as i64).min(mw);
-        let grow = want - (x2 - x1);
-        x1 -= grow / 2;
-        x2 += grow - grow / 2;
-        if x1 < 0 {
-            x2 -= x1;
-            x1 = 0;
-        }
-        if x2 > mw {
-            x1 -= x2 - mw;
-            x2 = mw;
-        }
+        (x1, x2) = grow_centred(x1, x2, ((ch * ratio).round() as i64).min(mw), mw);
     } else {
-        let want = ((cw / ratio).round() as i64).min(mh);
-        let grow = want - (y2 - y1);
-        y1 -= grow / 2;
-        y2 += grow - grow / 2;
-        if y1 < 0 {
-            y2 -= y1;
-            y1 = 0;
-        }
-        if y2 > mh {
-            y1 -= y2 - mh;
-            y2 = mh;
-        }
+        (y1, y2) = grow_centred(y1, y2, ((cw / ratio).round() as i64).min(mh), mh);
     }
     let (x1, y1) = (x1.max(0), y1.max(0));
     Some((x1 as u32, y1 as u32, (x2 - x1) as u32, (y2 - y1) as u32))
+}
+
+/// The span `lo..hi` grown to `want` around its centre, shifted back inside `0..limit`.
+fn grow_centred(lo: i64, hi: i64, want: i64, limit: i64) -> (i64, i64) {
+    let grow = want - (hi - lo);
+    let (mut lo, mut hi) = (lo - grow / 2, hi + grow - grow / 2);
+    if lo < 0 {
+        hi -= lo;
+        lo = 0;
+    }
+    if hi > limit {
+        lo -= hi - limit;
+        hi = limit;
+    }
+    (lo, hi)
 }
 
 /// A1111's "fill": the kept pixels blurred outward at shrinking radii, each layer laid over

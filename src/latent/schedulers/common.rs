@@ -716,6 +716,28 @@ macro_rules! unscaled_input_methods {
 }
 pub(crate) use unscaled_input_methods;
 
+/// The img2img methods of the schedulers on alphas without a step counter (DDIM, DDPM, LCM):
+/// they take the step index as it comes, and noise by `alphas_cumprod` at its timestep.
+macro_rules! alpha_noise_methods {
+    () => {
+        fn set_begin_index(&mut self, index: usize) -> Result<()> {
+            common::check_begin(CLASS, index, self.timesteps_int.len())
+        }
+
+        fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+            common::noised_by_alpha(
+                CLASS,
+                &self.alphas_cumprod,
+                &self.timesteps_int,
+                index,
+                original,
+                noise,
+            )
+        }
+    };
+}
+pub(crate) use alpha_noise_methods;
+
 /// The `Scheduler` methods of the Euler schedulers, which scale the input by its sigma
 /// (`sample / sqrt(sigma^2 + 1)`), from the `timesteps` and `init_noise_sigma` fields and the
 /// `sigma(index)` method.

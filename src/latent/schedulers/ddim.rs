@@ -3,7 +3,9 @@
 
 use candle_core::Tensor;
 
-use super::common::{self, beta_config, invalid, unscaled_input_methods, Prediction, Spacing};
+use super::common::{
+    self, alpha_noise_methods, beta_config, invalid, unscaled_input_methods, Prediction, Spacing,
+};
 use super::config::DdimConfig;
 use super::Scheduler;
 use crate::error::Result;
@@ -166,21 +168,7 @@ impl Ddim {
 
 impl Scheduler for Ddim {
     unscaled_input_methods!();
-
-    fn set_begin_index(&mut self, index: usize) -> Result<()> {
-        common::check_begin(CLASS, index, self.timesteps_int.len())
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        common::noised_by_alpha(
-            CLASS,
-            &self.alphas_cumprod,
-            &self.timesteps_int,
-            index,
-            original,
-            noise,
-        )
-    }
+    alpha_noise_methods!();
 
     fn step(
         &mut self,

@@ -3,7 +3,9 @@
 
 use candle_core::Tensor;
 
-use super::common::{self, beta_config, invalid, unscaled_input_methods, Prediction, Spacing};
+use super::common::{
+    self, alpha_noise_methods, beta_config, invalid, unscaled_input_methods, Prediction, Spacing,
+};
 use super::config::DdpmConfig;
 use super::ddim::{discrete_timesteps, X0Processing};
 use super::Scheduler;
@@ -79,21 +81,7 @@ impl Ddpm {
 
 impl Scheduler for Ddpm {
     unscaled_input_methods!();
-
-    fn set_begin_index(&mut self, index: usize) -> Result<()> {
-        common::check_begin(CLASS, index, self.timesteps_int.len())
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        common::noised_by_alpha(
-            CLASS,
-            &self.alphas_cumprod,
-            &self.timesteps_int,
-            index,
-            original,
-            noise,
-        )
-    }
+    alpha_noise_methods!();
 
     fn step(
         &mut self,
