@@ -739,8 +739,8 @@ macro_rules! alpha_noise_methods {
 pub(crate) use alpha_noise_methods;
 
 /// The `Scheduler` methods of the Euler schedulers, which scale the input by its sigma
-/// (`sample / sqrt(sigma^2 + 1)`), from the `timesteps` and `init_noise_sigma` fields and the
-/// `sigma(index)` method.
+/// (`sample / sqrt(sigma^2 + 1)`) and noise a sample by it, from the `timesteps`,
+/// `init_noise_sigma` and `begin_index` fields and the `sigma(index)` method.
 macro_rules! sigma_scaled_input_methods {
     () => {
         fn timesteps(&self) -> &[f64] {
@@ -754,6 +754,17 @@ macro_rules! sigma_scaled_input_methods {
         fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
             let sigma = self.sigma(index)?;
             common::div(sample, (sigma * sigma + 1.0).sqrt())
+        }
+
+        fn set_begin_index(&mut self, index: usize) -> Result<()> {
+            common::check_begin(CLASS, index, self.timesteps.len())?;
+            // The step index is then the schedule's index: no lookup of the first timestep.
+            self.begin_index = 0;
+            Ok(())
+        }
+
+        fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+            common::noised_by_sigma(self.sigma(index)?, original, noise)
         }
     };
 }

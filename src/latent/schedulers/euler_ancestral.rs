@@ -64,17 +64,6 @@ impl EulerAncestralDiscrete {
 impl Scheduler for EulerAncestralDiscrete {
     sigma_scaled_input_methods!();
 
-    fn set_begin_index(&mut self, index: usize) -> Result<()> {
-        common::check_begin(CLASS, index, self.timesteps.len())?;
-        // The step index is then the schedule's index: no lookup of the first timestep.
-        self.begin_index = 0;
-        Ok(())
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        common::noised_by_sigma(self.sigma(index)?, original, noise)
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
