@@ -257,6 +257,12 @@ fn dpm_pp_2m_matches_diffusers() {
     check_kind(SchedulerKind::DpmPP2M);
 }
 
+/// LCM: noise drawn at every step but the last, from the same generators.
+#[test]
+fn lcm_matches_diffusers() {
+    check_kind(SchedulerKind::Lcm);
+}
+
 #[test]
 fn dpm_pp_2m_karras_matches_diffusers() {
     check_kind(SchedulerKind::DpmPP2MKarras);
