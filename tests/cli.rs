@@ -59,7 +59,7 @@ fn generate_writes_the_diffusers_image_with_a1111_metadata() {
     let (rgb, w, h, texts) = read_png(&out);
     let (reference, ..) = read_png(&fixtures().join("reference/sd1-negative-0.png"));
     assert_eq!((w, h), (64, 64));
-    assert!(psnr(&rgb, &reference) >= 50.0);
+    assert!(psnr(&rgb, &reference) >= parity::MATCH_DB);
     let params = &texts
         .iter()
         .find(|(k, _)| k == "parameters")
@@ -176,7 +176,7 @@ fn several_images_are_numbered_and_carry_their_own_seed() {
         let (rgb, _, _, texts) = read_png(&dir.path().join(format!("img-{i}.png")));
         let (reference, ..) =
             read_png(&fixtures().join(format!("reference/sd1-two-images-{}.png", i - 1)));
-        assert!(psnr(&rgb, &reference) >= 50.0);
+        assert!(psnr(&rgb, &reference) >= parity::MATCH_DB);
         assert!(
             texts[0].1.contains(&format!("Seed: {seed},")),
             "{}",
@@ -436,7 +436,7 @@ fn sdxl_from_the_command_line_with_two_prompts_and_turbo_settings() {
     assert!(result.status.success(), "{}", stderr(&result));
     let (rgb, ..) = read_png(&out);
     let (reference, ..) = read_png(&fixtures().join("reference/sdxl/sdxl-two-prompts-0.png"));
-    assert!(psnr(&rgb, &reference) >= 50.0);
+    assert!(psnr(&rgb, &reference) >= parity::MATCH_DB);
     // SDXL-Turbo settings: euler-a, trailing spacing, no guidance, one step.
     let out = dir.path().join("turbo.png");
     let result = text2img(
@@ -464,7 +464,7 @@ fn sdxl_from_the_command_line_with_two_prompts_and_turbo_settings() {
     assert!(result.status.success(), "{}", stderr(&result));
     let (rgb, ..) = read_png(&out);
     let (reference, ..) = read_png(&fixtures().join("reference/sdxl/sdxl-turbo-1-step-0.png"));
-    assert!(psnr(&rgb, &reference) >= 50.0);
+    assert!(psnr(&rgb, &reference) >= parity::MATCH_DB);
     fails_with(
         &[
             "generate",
@@ -578,7 +578,7 @@ fn img2img_from_the_command_line_and_bad_pictures_refused() {
     let (reference, ..) = read_png(&fixtures().join("reference/image_inputs/img2img-ddim-0.png"));
     assert_eq!((w, h), (64, 64));
     let db = psnr(&rgb, &reference);
-    assert!(db >= 50.0, "{db:.1} dB against diffusers");
+    assert!(db >= parity::MATCH_DB, "{db:.1} dB against diffusers");
     let parameters = &texts.iter().find(|(k, _)| k == "parameters").unwrap().1;
     assert!(
         parameters.contains("Denoising strength: 0.6"),
@@ -667,7 +667,7 @@ fn an_sdxl_refiner_from_the_command_line() {
     let (reference, ..) =
         read_png(&fixtures().join("reference/image_inputs/sdxl-refiner-ddim-0.png"));
     let db = psnr(&rgb, &reference);
-    assert!(db >= 50.0, "{db:.1} dB against diffusers");
+    assert!(db >= parity::MATCH_DB, "{db:.1} dB against diffusers");
     let parameters = &texts.iter().find(|(k, _)| k == "parameters").unwrap().1;
     assert!(
         parameters.contains("Refiner switch at: 0.6"),

@@ -38,7 +38,7 @@ fn embeddings_give_diffusers_image() {
         pipeline.add_embeddings(vec![embedding], true).unwrap();
         let with = psnr(&render(&pipeline, prompt), &reference);
         eprintln!("{name}: {with:.1} dB with the embedding, {without:.1} dB without");
-        assert!(with >= 50.0, "{name}: {with:.1} dB");
+        assert!(with >= parity::MATCH_DB, "{name}: {with:.1} dB");
         assert!(
             without < 45.0,
             "{name}: {without:.1} dB without the embedding"

@@ -5,6 +5,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
+/// The PSNR an image must reach against diffusers' to count as the same image. text2img
+/// reaches 73-90 dB (or identity) on every case here (measured on AVX-512 CPUs; rounding
+/// differences of other instruction sets cost a few dB), while each case's near miss (another
+/// strength, step count, guidance, prompt, upscaler...) falls below 45 dB.
+pub const MATCH_DB: f64 = 65.0;
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -105,7 +111,7 @@ pub fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// Runs every reference case (from a `cases.json`) whose name starts with `prefix`, skipping
-/// the probes, and asserts each image is within 50 dB of diffusers' PNG in `dir`.
+/// the probes, and asserts each image reaches [`MATCH_DB`] against diffusers' PNG in `dir`.
 pub fn check_cases(
     cases: &[serde_json::Value],
     prefix: &str,
@@ -127,8 +133,8 @@ pub fn check_cases(
             let db = psnr(&image.rgb, &rgb);
             eprintln!("{name}: {db:.1} dB");
             assert!(
-                db >= 50.0,
-                "{name}: PSNR {db:.1} dB < 50 dB against diffusers"
+                db >= MATCH_DB,
+                "{name}: PSNR {db:.1} dB < {MATCH_DB} dB against diffusers"
             );
         }
         ran += 1;
