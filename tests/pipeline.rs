@@ -232,6 +232,34 @@ fn probes_show_the_threshold_is_meaningful() {
     }
 }
 
+/// SD 2.x's near miss: the folder's DDIM swapped for Euler (49 dB against the DDIM image, so
+/// a looser threshold would pass it) must fall below MATCH_DB.
+#[test]
+fn sd2_with_another_scheduler_falls_below_the_threshold() {
+    let pipe = pipeline("sd2-tiny");
+    let all = cases();
+    let truth = all.iter().find(|c| c["name"] == "sd2-default").unwrap();
+    let (reference, ..) = read_png(
+        &fixtures()
+            .join("reference")
+            .join(truth["images"][0].as_str().unwrap()),
+    );
+    let mut req = request(truth);
+    assert!(
+        psnr(
+            &pipe.generate(&req, &mut |_| true).unwrap().images[0].rgb,
+            &reference
+        ) >= parity::MATCH_DB
+    );
+    req.scheduler = Some(SchedulerKind::Euler);
+    let db = psnr(
+        &pipe.generate(&req, &mut |_| true).unwrap().images[0].rgb,
+        &reference,
+    );
+    eprintln!("sd2-default with Euler: {db:.1} dB");
+    assert!(db < parity::MATCH_DB, "{db:.1} dB");
+}
+
 #[test]
 fn second_image_alone_reproduces_from_its_seed() {
     let pipe = pipeline("sd1-tiny");
