@@ -199,6 +199,33 @@ fn inpainting_unet_takes_mask_and_masked_picture() {
     });
 }
 
+/// The inpainting model as one file in the original layout (as `sd-v1-5-inpainting.ckpt` is
+/// shared), described by the plain model's configs: the 9 input channels come from the file.
+#[test]
+fn an_inpainting_single_file_checkpoint_inpaints() {
+    let options = text2img::pipeline::SingleFileOptions {
+        load: Default::default(),
+        config: Some(model_dir("sd1-tiny")),
+        prediction_type: None,
+        ema: false,
+    };
+    let file = model_dir("single-file").join("sd1-inpaint-tiny.safetensors");
+    let single = Pipeline::load_single_file(&file, &options).unwrap();
+    assert_eq!(single.unet.config.in_channels, 9);
+    let case = case("inpaint-9ch-euler-a");
+    let images = single
+        .generate(&request(&case), &mut |_| true)
+        .unwrap()
+        .images;
+    for (image, file) in images.iter().zip(case["images"].as_array().unwrap()) {
+        let dir = fixtures().join("reference/image_inputs");
+        let (reference, ..) = read_png(&dir.join(file.as_str().unwrap()));
+        let db = psnr(&image.rgb, &reference);
+        eprintln!("inpainting single file: {db:.1} dB");
+        assert!(db >= parity::MATCH_DB, "{db:.1} dB");
+    }
+}
+
 #[test]
 fn inpainting_unet_below_full_strength() {
     check("inpaint-9ch-ddim-strength", |r| r.strength = Some(0.7));

@@ -55,15 +55,6 @@ impl Pipeline {
         let (device, wd) = (&load.device, load.weight_dtype);
         let mut checkpoint = Checkpoint::open(path, device)?;
         let arch = checkpoint.architecture;
-        if checkpoint.inpainting {
-            return Err(Error::config(
-                path,
-                format!(
-                    "an inpainting checkpoint ({}, 9-channel U-Net); inpainting is not supported yet",
-                    arch.description()
-                ),
-            ));
-        }
         let configs = match &options.config {
             Some(dir) => ConfigFiles::Folder(dir.clone()),
             None => ConfigFiles::BuiltIn(arch),
@@ -95,7 +86,8 @@ impl Pipeline {
         }
 
         let unet_path = configs.path("unet/config.json");
-        let unet_config = UNetConfig::from_json(&configs.require("unet/config.json")?, &unet_path)?;
+        let unet_text = unet_config_text(&configs, checkpoint.inpainting)?;
+        let unet_config = UNetConfig::from_json(&unet_text, &unet_path)?;
         let mut loras = super::loras::LoraLoad::open(&load.loras)?;
         let mut weights = checkpoint.unet(&unet_config, options.ema)?;
         weights.store_matrices_as(wd);
@@ -274,7 +266,8 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
             Ok(text)
         };
         copy("model_index.json")?;
-        let unet_text = copy("unet/config.json")?;
+        let unet_text = unet_config_text(&configs, checkpoint.inpainting)?;
+        write_text("unet/config.json", &unet_text)?;
         let vae_text = copy("vae/config.json")?;
         let unet_config = UNetConfig::from_json(&unet_text, &configs.path("unet/config.json"))?;
         write_weights(
@@ -327,4 +320,18 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
         let _ = std::fs::remove_dir_all(&staging);
         Error::io(out, e)
     })
+}
+
+/// The U-Net's config: an inpainting checkpoint (9 input channels: the latents, the mask and
+/// the masked picture's latents) takes the released architecture's with `in_channels` 9, as
+/// `stable-diffusion-inpainting` is SD 1.5 with such a U-Net.
+fn unet_config_text(configs: &ConfigFiles, inpainting: bool) -> Result<String> {
+    let text = configs.require("unet/config.json")?;
+    if !inpainting {
+        return Ok(text);
+    }
+    let path = configs.path("unet/config.json");
+    let mut unet: Value = parse_json(&text, &path)?;
+    unet["in_channels"] = Value::from(9);
+    serde_json::to_string_pretty(&unet).map_err(|e| Error::config(path, e.to_string()))
 }
