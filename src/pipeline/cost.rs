@@ -218,10 +218,7 @@ impl CostModel {
         // steps, hires fix adds its second pass at the larger size. PNDM runs one evaluation
         // more than its steps; the others as many.
         let latent = |w: usize, h: usize| (w * h) as f64 * self.latent_per_pixel;
-        let run = |steps: usize, strength: Option<f64>| match strength {
-            Some(s) => ((steps as f64 * s) as usize).min(steps),
-            None => steps,
-        };
+        let run = super::image_start::steps_run;
         let mut passes = vec![(
             latent(resolved.width, resolved.height),
             (run(resolved.steps, resolved.strength) + 1) as f64 * per_evaluation,

@@ -9,7 +9,6 @@
 //! with the first generator only (diffusers encodes the one picture once and repeats it).
 
 use candle_core::{DType, Device, Tensor};
-use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
 
 use super::denoise::{DenoisePlan, Inpainting};
@@ -23,13 +22,21 @@ use crate::vae::Vae;
 /// the last int(steps x strength) steps run).
 pub fn first_step(steps: usize, strength: f64) -> Result<usize> {
     check_strength(strength)?;
-    let run = ((steps as f64 * strength) as usize).min(steps);
+    let run = steps_run(steps, Some(strength));
     if run == 0 {
         return Err(Error::InvalidRequest(format!(
             "strength {strength} of {steps} steps leaves no step to run (int(steps x strength) = 0); raise one of them"
         )));
     }
     Ok(steps - run)
+}
+
+/// The steps a pass of `steps` runs: int(steps x strength) from a picture, all from noise.
+pub fn steps_run(steps: usize, strength: Option<f64>) -> usize {
+    match strength {
+        Some(s) => ((steps as f64 * s) as usize).min(steps),
+        None => steps,
+    }
 }
 
 pub fn check_strength(strength: f64) -> Result<()> {
@@ -39,26 +46,6 @@ pub fn check_strength(strength: f64) -> Result<()> {
         Err(Error::InvalidRequest(format!(
             "strength must be in (0, 1], not {strength}"
         )))
-    }
-}
-
-/// A picture resized (Lanczos, as diffusers' PIL resize) to `width` x `height` when it has
-/// another size.
-pub fn resized(image: &RgbImage, width: usize, height: usize) -> RgbImage {
-    if (image.width() as usize, image.height() as usize) == (width, height) {
-        image.clone()
-    } else {
-        image::imageops::resize(image, width as u32, height as u32, FilterType::Lanczos3)
-    }
-}
-
-/// A mask resized to the output size; a mask of another size than the picture is resized
-/// like it, as A1111 does.
-pub fn resized_mask(mask: &GrayImage, width: usize, height: usize) -> GrayImage {
-    if (mask.width() as usize, mask.height() as usize) == (width, height) {
-        mask.clone()
-    } else {
-        image::imageops::resize(mask, width as u32, height as u32, FilterType::Lanczos3)
     }
 }
 
@@ -255,7 +242,6 @@ pub fn inpainting(
     let noise = batch_noise(&shape, generators, device)?;
     // diffusers' `interpolate(mask, size)`: nearest, the top-left pixel of each latent's cell.
     let mask_latent = mask_full
-        .narrow(2, 0, h)?
         .reshape((1, 1, h / f, f, w / f, f))?
         .narrow(3, 0, 1)?
         .narrow(5, 0, 1)?
@@ -309,7 +295,8 @@ pub fn inpainting(
 }
 
 impl Pipeline {
-    /// The plan of a request's first pass: noise, a noised picture or inpainting.
+    /// The plan of a request's first pass: noise, a noised picture or inpainting. The
+    /// picture and the mask come fitted to the output size ([`super::picture_prep`]).
     pub(super) fn start_plan(
         &self,
         req: &GenerateRequest,
@@ -323,7 +310,16 @@ impl Pipeline {
             let shape = [generators.len(), self.vae.latent_channels(), h / f, w / f];
             return from_noise(&shape, scheduler, generators, &self.device);
         };
-        let picture = resized(picture, w, h);
+        for (what, size) in [
+            ("picture", Some(picture.dimensions())),
+            ("mask", req.mask.as_ref().map(|m| m.dimensions())),
+        ] {
+            if let Some((pw, ph)) = size.filter(|&s| s != (w as u32, h as u32)) {
+                return Err(Error::InvalidRequest(format!(
+                    "the {what} is {pw}x{ph}, not the output's {w}x{h}: fit it first"
+                )));
+            }
+        }
         let encoding = Encoding {
             vae: &self.vae,
             tiled: req.vae_tiling,
@@ -333,7 +329,7 @@ impl Pipeline {
         match &req.mask {
             None => from_picture(
                 &encoding,
-                &picture,
+                picture,
                 begin,
                 scheduler,
                 generators,
@@ -342,8 +338,8 @@ impl Pipeline {
             Some(mask) => inpainting(
                 &encoding,
                 self.unet.config.in_channels,
-                &picture,
-                &resized_mask(mask, w, h),
+                picture,
+                mask,
                 begin,
                 strength == 1.0,
                 req.inpaint.masked_content,

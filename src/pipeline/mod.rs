@@ -444,15 +444,11 @@ impl Resolved {
     /// The U-Net evaluations' steps of all passes (hires fix's second pass runs
     /// int(steps x strength)).
     pub fn steps_run(&self) -> usize {
-        let first = match self.strength {
-            Some(s) => ((self.steps as f64 * s) as usize).min(self.steps),
-            None => self.steps,
-        };
-        first
+        image_start::steps_run(self.steps, self.strength)
             + self
                 .hires
                 .as_ref()
-                .map_or(0, |h| ((h.steps as f64 * h.strength) as usize).min(h.steps))
+                .map_or(0, |h| image_start::steps_run(h.steps, Some(h.strength)))
     }
 }
 
