@@ -308,36 +308,14 @@ fn inpaint_through_the_page(driver: &Driver, session: &str, first: &[u8]) {
         &format!("/session/{session}/element/{upload}/value"),
         Some(json!({ "text": picture.to_str().unwrap() })),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while driver.script(
-        session,
-        "return document.getElementById('mask-canvas').width;",
-    ) != json!(128)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the uploaded picture never reached the canvas"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_canvas(driver, session, 128, "the uploaded picture");
     let send = driver.element(session, "#gallery .card button.send");
     driver.ok(
         "POST",
         &format!("/session/{session}/element/{send}/click"),
         Some(json!({})),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while driver.script(
-        session,
-        "return document.getElementById('mask-canvas').width;",
-    ) != json!(64)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the picture never reached the canvas"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_canvas(driver, session, 64, "the sent result");
     driver.script(session, "document.getElementById('brush-size').value = 80;");
     let canvas = driver.element(session, "#mask-canvas");
     let origin = json!({ "element-6066-11e4-a52e-4f735466cecf": canvas });
@@ -437,4 +415,17 @@ fn inpaint_through_the_page(driver: &Driver, session: &str, first: &[u8]) {
         repainted * 10 > painted * 9,
         "{repainted} of {painted} repainted"
     );
+}
+
+/// Waits until the mask canvas has the width of the picture just given to the page.
+fn wait_for_canvas(driver: &Driver, session: &str, width: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while driver.script(
+        session,
+        "return document.getElementById('mask-canvas').width;",
+    ) != json!(width)
+    {
+        assert!(Instant::now() < deadline, "{what} never reached the canvas");
+        thread::sleep(Duration::from_millis(100));
+    }
 }

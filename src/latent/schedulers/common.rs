@@ -716,14 +716,10 @@ macro_rules! unscaled_input_methods {
 }
 pub(crate) use unscaled_input_methods;
 
-/// The img2img methods of the schedulers on alphas without a step counter (DDIM, DDPM, LCM):
-/// they take the step index as it comes, and noise by `alphas_cumprod` at its timestep.
-macro_rules! alpha_noise_methods {
+/// `add_noise` of the schedulers on alphas (DDIM, DDPM, PNDM, LCM): `alphas_cumprod` at the
+/// index's timestep, from the `alphas_cumprod` and `timesteps_int` fields.
+macro_rules! alpha_add_noise {
     () => {
-        fn set_begin_index(&mut self, index: usize) -> Result<()> {
-            common::check_begin(CLASS, index, self.timesteps_int.len())
-        }
-
         fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
             common::noised_by_alpha(
                 CLASS,
@@ -734,6 +730,19 @@ macro_rules! alpha_noise_methods {
                 noise,
             )
         }
+    };
+}
+pub(crate) use alpha_add_noise;
+
+/// The img2img methods of the schedulers on alphas without a step counter (DDIM, DDPM, LCM):
+/// they take the step index as it comes.
+macro_rules! alpha_noise_methods {
+    () => {
+        fn set_begin_index(&mut self, index: usize) -> Result<()> {
+            common::check_begin(CLASS, index, self.timesteps_int.len())
+        }
+
+        common::alpha_add_noise!();
     };
 }
 pub(crate) use alpha_noise_methods;

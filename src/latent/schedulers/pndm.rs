@@ -248,16 +248,7 @@ impl Scheduler for Pndm {
         Ok(())
     }
 
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        common::noised_by_alpha(
-            CLASS,
-            &self.alphas_cumprod,
-            &self.timesteps_int,
-            index,
-            original,
-            noise,
-        )
-    }
+    common::alpha_add_noise!();
 
     fn step(
         &mut self,
