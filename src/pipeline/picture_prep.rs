@@ -114,7 +114,9 @@ pub fn prepare(
     let alpha = GrayImage::from_fn(mask.width(), mask.height(), |x, y| {
         Luma([mask.get_pixel(x, y).0[0].saturating_mul(2)])
     });
-    let (work_picture, work_mask, region) = match options.only_masked_padding {
+    // What the result is pasted over: the whole picture (only masked), or the picture at the
+    // output size, fitted once for both the run and the paste.
+    let (work_picture, work_mask, region, original) = match options.only_masked_padding {
         Some(padding) => {
             let (w, h) = work_size(&req, &picture, factor);
             let region = crop_region(&mask, padding, w, h).ok_or_else(|| {
@@ -131,16 +133,13 @@ pub fn prepare(
             let mask_crop = imageops::resize(&mask_crop, w as u32, h as u32, FilterType::Lanczos3);
             req.width = Some(w);
             req.height = Some(h);
-            (picture_crop, mask_crop, Some(region))
+            (picture_crop, mask_crop, Some(region), picture)
         }
         None => {
             let fitted = fit(&picture, &req, factor);
             let (w, h) = (fitted.width(), fitted.height());
-            (
-                fitted,
-                imageops::resize(&mask, w, h, FilterType::Lanczos3),
-                None,
-            )
+            let mask = imageops::resize(&mask, w, h, FilterType::Lanczos3);
+            (fitted.clone(), mask, None, fitted)
         }
     };
     let work_picture = if options.masked_content == MaskedContent::Fill {
@@ -151,14 +150,13 @@ pub fn prepare(
     req.init_image = Some(work_picture);
     req.mask = Some(work_mask);
     let paste = (options.keep_original || region.is_some()).then(|| {
-        let (original, alpha) = if region.is_some() {
-            (picture, alpha)
-        } else {
-            // The overlay at the output size (the picture fitted like the work picture).
-            let fitted = fit(&picture, &req, factor);
-            let (w, h) = (fitted.width(), fitted.height());
-            (fitted, imageops::resize(&alpha, w, h, FilterType::Lanczos3))
-        };
+        // The overlay's alpha at the size of what it is pasted over.
+        let alpha = imageops::resize(
+            &alpha,
+            original.width(),
+            original.height(),
+            FilterType::Lanczos3,
+        );
         PasteBack {
             original,
             alpha: if options.keep_original {
