@@ -266,6 +266,26 @@ fn sdxl_refiner_with_another_handover() {
     check("sdxl-refiner-ddim", |r| r.refiner_start = Some(0.8));
 }
 
+/// A model with a refiner still runs img2img (without the refiner, which finishes txt2img
+/// only) unless the request asks for the refiner by name.
+#[test]
+fn a_refined_model_runs_img2img_without_its_refiner() {
+    let case = case("sdxl-img2img");
+    let mut req = request(&case);
+    let refined = pipeline("sdxl-refined");
+    let image = &refined.generate(&req, &mut |_| true).unwrap().images[0];
+    let dir = fixtures().join("reference/image_inputs");
+    let (reference, ..) = read_png(&dir.join(case["images"][0].as_str().unwrap()));
+    assert!(psnr(&image.rgb, &reference) >= parity::MATCH_DB);
+    req.refiner_start = Some(0.8);
+    let err = refined
+        .generate(&req, &mut |_| true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("the refiner finishes a txt2img run"), "{err}");
+}
+
 /// SDXL's second pass tells the U-Net the larger size in its time ids.
 #[test]
 fn sdxl_hires_fix() {

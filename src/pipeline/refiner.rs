@@ -60,6 +60,11 @@ impl Pipeline {
             return Ok(None);
         }
         if req.init_image.is_some() || req.hires.is_some() {
+            // The refiner follows txt2img only: by default an img2img or hires request runs
+            // without it; asked for by name, that is an error.
+            if req.refiner_start.is_none() {
+                return Ok(None);
+            }
             return Err(Error::InvalidRequest(
                 "the refiner finishes a txt2img run; for img2img or hires fix set refiner start to 1"
                     .into(),
