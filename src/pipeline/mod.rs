@@ -1153,7 +1153,8 @@ impl Pipeline {
         let mut generators = BatchGenerator::consecutive(seed, req.num_images);
         let mut steps_total = resolved.steps_run();
         let mut scheduler = self.scheduler(req, &resolved, resolved.steps)?;
-        let handover = self.refiner_handover(req)?;
+        // The refiner and its handover, as the request resolved them.
+        let handover = self.refiner.as_deref().zip(resolved.refiner_start);
         // With a refiner, the base stops at the cutoff (diffusers' `denoising_end`).
         let end = handover.map(|(_, start)| {
             let cutoff = self.timestep_cutoff(start);
