@@ -14,6 +14,8 @@ pub struct Linear {
     /// weights while the optimizer updates the parameter).
     weight_t: Tensor,
     bias: Option<Tensor>,
+    /// The weight's name in the checkpoint (what a LoRA names it by).
+    name: std::sync::Arc<str>,
 }
 
 impl Linear {
@@ -30,7 +32,23 @@ impl Linear {
         } else {
             crate::kernels::transpose::transpose_matrix(&weight)?
         };
-        Ok(Self { weight_t, bias })
+        Ok(Self {
+            weight_t,
+            bias,
+            name: vb.name("weight").into(),
+        })
+    }
+
+    /// This layer with `delta` (in the checkpoint's (out, in) layout, f32) added to its
+    /// weight, in the weight's own dtype: the same arithmetic as a LoRA merged at load, so the
+    /// two give the same image where the weights are kept as loaded (f32 or f16 files).
+    pub fn patched(&self, delta: &Tensor) -> Result<Self> {
+        let weight =
+            (self.weight_t.t()?.to_dtype(DType::F32)? + delta)?.to_dtype(self.weight_t.dtype())?;
+        Ok(Self {
+            weight_t: crate::kernels::transpose::transpose_matrix(&weight)?,
+            ..self.clone()
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -94,6 +112,85 @@ fn widen(weight: &Tensor, x: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// A layer whose weight a LoRA may change, reached by its weight's checkpoint name.
+pub enum LayerMut<'a> {
+    Linear(&'a mut Linear),
+    Conv(&'a mut Conv2d),
+}
+
+impl LayerMut<'_> {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Linear(l) => &l.name,
+            Self::Conv(c) => &c.name,
+        }
+    }
+
+    /// The weight's shape as the checkpoint stores it: (out, in) or (out, in, k, k).
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Self::Linear(l) => l.weight_t.dims().iter().rev().copied().collect(),
+            Self::Conv(c) => c.weight.dims().to_vec(),
+        }
+    }
+
+    /// Replaces the layer by a copy with `delta` added to its weight (the original's
+    /// tensors are untouched: other copies of the model that share them see no change).
+    pub fn patch(&mut self, delta: &Tensor) -> Result<()> {
+        match self {
+            Self::Linear(l) => **l = l.patched(delta)?,
+            Self::Conv(c) => **c = c.patched(delta)?,
+        }
+        Ok(())
+    }
+}
+
+/// A model's patchable layers (its linear layers and convolutions), for LoRAs applied to a
+/// loaded model.
+pub trait Layers {
+    fn layers_mut<'a>(&'a mut self, out: &mut Vec<LayerMut<'a>>);
+}
+
+impl Layers for Linear {
+    fn layers_mut<'a>(&'a mut self, out: &mut Vec<LayerMut<'a>>) {
+        out.push(LayerMut::Linear(self));
+    }
+}
+
+impl Layers for Conv2d {
+    fn layers_mut<'a>(&'a mut self, out: &mut Vec<LayerMut<'a>>) {
+        out.push(LayerMut::Conv(self));
+    }
+}
+
+impl<T: Layers> Layers for Option<T> {
+    fn layers_mut<'a>(&'a mut self, out: &mut Vec<LayerMut<'a>>) {
+        if let Some(t) = self {
+            t.layers_mut(out);
+        }
+    }
+}
+
+impl<T: Layers> Layers for Vec<T> {
+    fn layers_mut<'a>(&'a mut self, out: &mut Vec<LayerMut<'a>>) {
+        for t in self {
+            t.layers_mut(out);
+        }
+    }
+}
+
+/// `impl Layers` for a struct: the fields that hold layers, in any order.
+#[macro_export]
+macro_rules! impl_layers {
+    ($ty:ty: $($field:ident),+ $(,)?) => {
+        impl $crate::nn::Layers for $ty {
+            fn layers_mut<'a>(&'a mut self, out: &mut Vec<$crate::nn::LayerMut<'a>>) {
+                $($crate::nn::Layers::layers_mut(&mut self.$field, out);)+
+            }
+        }
+    };
+}
+
 fn add_bias_last(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
     add_bias(y, bias, y.rank() - 1)
 }
@@ -119,6 +216,8 @@ pub struct Conv2d {
     bias: Tensor,
     stride: usize,
     padding: usize,
+    /// The weight's name in the checkpoint (what a LoRA names it by).
+    name: std::sync::Arc<str>,
 }
 
 impl Conv2d {
@@ -135,6 +234,7 @@ impl Conv2d {
             bias: vb.get("bias", &[out_channels])?,
             stride,
             padding,
+            name: vb.name("weight").into(),
         })
     }
 
@@ -153,6 +253,17 @@ impl Conv2d {
             weight,
             stride,
             padding,
+            name: vb.name("weight").into(),
+        })
+    }
+
+    /// This convolution with `delta` (f32, the kernel's shape) added to its kernel, in the
+    /// kernel's own dtype (see [`Linear::patched`]).
+    pub fn patched(&self, delta: &Tensor) -> Result<Self> {
+        let weight = (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(self.weight.dtype())?;
+        Ok(Self {
+            weight,
+            ..self.clone()
         })
     }
 

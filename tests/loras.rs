@@ -152,3 +152,58 @@ fn a_lora_for_another_model_is_refused_and_stray_modules_are_reported() {
     .to_string();
     assert!(err.contains("not a LoRA"), "{err}");
 }
+
+/// A server's per-request LoRAs: merged into a copy of the loaded model, they give the image
+/// the same LoRAs merged at load give, pixel for pixel, and the loaded model keeps giving its
+/// own image (no request's LoRA leaks into the next).
+#[test]
+fn loras_applied_to_a_loaded_model_equal_loras_merged_at_load() {
+    let text = std::fs::read_to_string(fixtures().join("reference/loras.json")).unwrap();
+    let meta: Value = serde_json::from_str(&text).unwrap();
+    let mut plain = std::collections::HashMap::new();
+    for case in meta["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let model = case["model"].as_str().unwrap();
+        let specs: Vec<LoraSpec> = case["loras"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                spec(
+                    l[0].as_str().unwrap(),
+                    l[1].as_f64().unwrap(),
+                    l[2].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        let (loaded, before) = plain.entry(model.to_string()).or_insert_with(|| {
+            let loaded = with_loras(model, Vec::new()).unwrap();
+            let before = render(&loaded);
+            (loaded, before)
+        });
+        let merged_at_load = render(&with_loras(model, specs.clone()).unwrap());
+        let (copy, warnings) = loaded.with_loras(&specs).unwrap();
+        assert!(warnings.is_empty(), "{name}: {warnings:?}");
+        assert!(
+            render(&copy) == merged_at_load,
+            "{name}: the per-request LoRA image differs from the one merged at load"
+        );
+        drop(copy);
+        assert!(
+            render(loaded) == *before,
+            "{name}: the loaded model changed after a per-request LoRA"
+        );
+        assert!(
+            merged_at_load != *before,
+            "{name}: the LoRA changed nothing"
+        );
+    }
+    // For another architecture: refused, as at load.
+    let (loaded, _) = &plain["sd1-tiny"];
+    let err = loaded
+        .with_loras(&[spec("loha-sdxl.safetensors", 1.0, 1.0)])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("another model"), "{err}");
+}

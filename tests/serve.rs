@@ -36,7 +36,7 @@ fn txt2img_gives_the_pipelines_images_with_seed_plus_i() {
             "cfg_scale": 5, "sampler_name": "DPM++ 2M", "scheduler": "Karras",
             "batch_size": 2, "n_iter": 2, "width": 72, "height": 56,
             // Fields A1111 clients send that text2img does not use: ignored, not refused.
-            "enable_hr": false, "override_settings": {"sd_model_checkpoint": "x"}, "restore_faces": false
+            "enable_hr": false, "override_settings": {"CLIP_stop_at_last_layers": 1}, "restore_faces": false
         }),
     );
     assert_eq!(status, 200, "{body}");
@@ -239,7 +239,28 @@ fn bad_input_is_a_4xx_that_names_the_field() {
             r#"{"prompt": "a cat <lora:style:0.8>"}"#,
             400,
             Some("prompt"),
-            "LoRAs per request",
+            "has no LoRA folder (start it with --models-dir or --lora-dir)",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"prompt": "a cat", "override_settings": {"sd_model_checkpoint": "nope.safetensors"}}"#,
+            400,
+            Some("sd_model_checkpoint"),
+            "no checkpoint `nope.safetensors`; known: sd1-tiny",
+        ),
+        (
+            "/sdapi/v1/options",
+            r#"{"sd_model_checkpoint": "nope"}"#,
+            400,
+            Some("sd_model_checkpoint"),
+            "no checkpoint `nope`",
+        ),
+        (
+            "/sdapi/v1/options",
+            r#"{"sd_vae": "x.safetensors"}"#,
+            400,
+            Some("sd_vae"),
+            "only sd_model_checkpoint",
         ),
         (
             "/sdapi/v1/txt2img",
@@ -855,17 +876,22 @@ fn a_request_over_the_time_limit_is_refused_with_its_estimate() {
 /// A job past its deadline is cancelled by the queue's watchdog and says so.
 #[test]
 fn a_job_that_overruns_its_deadline_is_cancelled() {
+    use text2img::serve::models::{Checkpoint, Models};
     use text2img::serve::worker::{JobError, JobSpec, Queue};
-    let pipeline = Pipeline::load(
-        model_dir("sd1-tiny").to_str().unwrap(),
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    let source = model_dir("sd1-tiny").to_str().unwrap().to_string();
+    let pipeline = Pipeline::load(&source, &LoadOptions::default()).unwrap();
+    let startup = Checkpoint {
+        title: "sd1-tiny".into(),
+        model_name: "sd1-tiny".into(),
+        source,
+    };
+    let loader = Box::new(|s: &str| Pipeline::load(s, &LoadOptions::default()));
+    let models = Models::new(loader, pipeline, startup, None, None).unwrap();
     let queue = Queue::new(4);
     queue.start_watchdog();
     let worker = {
         let queue = queue.clone();
-        thread::spawn(move || queue.run_worker(&pipeline))
+        thread::spawn(move || queue.run_worker(&models))
     };
     let request = GenerateRequest {
         prompts: vec!["long".into()],
@@ -877,6 +903,8 @@ fn a_job_that_overruns_its_deadline_is_cancelled() {
     let ticket = queue
         .submit(JobSpec {
             batches: vec![request],
+            model: None,
+            loras: Vec::new(),
             deadline: Some(Duration::from_millis(300)),
             estimate_seconds: 0.1,
         })

@@ -152,7 +152,7 @@ pub fn default_model_dir() -> Result<PathBuf> {
 }
 
 /// Which model to load and how: the flags `generate`, `serve` and `bench` share.
-#[derive(clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct ModelArgs {
     /// A diffusers-layout model folder, a single-file checkpoint (.safetensors), or a
     /// Hugging Face repo id (ORG/NAME); default: the built-in model (trained on the `shapes`
@@ -229,6 +229,15 @@ pub enum ComputeDtype {
 }
 
 impl ModelArgs {
+    /// Where `--model` points: a folder, a file or a repo id (the built-in model's folder
+    /// when none is given), without loading it.
+    pub fn source(&self) -> Result<String> {
+        Ok(match self.model.as_deref() {
+            Some(m) => m.to_string(),
+            None => default_model_dir()?.display().to_string(),
+        })
+    }
+
     /// The pipeline and where it came from, with the embeddings and LoRAs asked for.
     pub fn load(&self) -> Result<(text2img::Pipeline, String)> {
         self.load_with(&[])

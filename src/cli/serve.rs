@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::Args;
 
+use text2img::serve::models::{Checkpoint, Loader, Models};
 use text2img::serve::{serve, ServeOptions};
 
 #[derive(Args)]
@@ -58,6 +59,11 @@ pub struct ServeArgs {
     /// Refuse (413) a request estimated to take longer on this machine; 0: no limit.
     #[arg(long, default_value_t = 600.0)]
     max_job_seconds: f64,
+    /// A folder in A1111's layout: `Stable-diffusion/` holds checkpoints requests may switch
+    /// to (`sd_model_checkpoint`), `Lora/` the LoRAs prompts name (`<lora:NAME:W>`, applied
+    /// per request), `embeddings/` textual inversions.
+    #[arg(long, value_name = "DIR")]
+    models_dir: Option<std::path::PathBuf>,
     /// A tiny autoencoder (a TAESD folder for the model's latents) that draws the progress
     /// previews at full size instead of one pixel per latent.
     #[arg(long, value_name = "DIR")]
@@ -130,13 +136,44 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
     };
     // Refuse a bad address before the (slow) model load.
     text2img::serve::check_bind(&options)?;
-    let (mut pipeline, source) = a.model.load()?;
-    if let Some(dir) = &a.preview_vae {
-        pipeline.set_preview_vae(dir)?;
+    let mut model = a.model;
+    if let Some(dir) = &a.models_dir {
+        if !dir.is_dir() {
+            bail!("--models-dir {}: no such folder", dir.display());
+        }
+        let embeddings = dir.join("embeddings");
+        if model.embeddings_dir.is_none() && embeddings.is_dir() {
+            model.embeddings_dir = Some(embeddings);
+        }
     }
+    let preview_vae = a.preview_vae;
+    let load = move |model: &crate::assets::ModelArgs| -> Result<text2img::Pipeline> {
+        let (mut pipeline, _) = model.load()?;
+        if let Some(dir) = &preview_vae {
+            pipeline.set_preview_vae(dir)?;
+        }
+        Ok(pipeline)
+    };
+    let source = model.source()?;
+    let pipeline = load(&model)?;
     eprintln!("model {} loaded from {source}", pipeline.name);
-    let name = pipeline.name.clone();
-    serve(pipeline, name, source, options)?;
+    let startup = Checkpoint {
+        title: pipeline.name.clone(),
+        model_name: pipeline.name.clone(),
+        source,
+    };
+    let lora_dir = model.lora_dir.clone();
+    let startup_source = startup.source.clone();
+    let loader: Loader = Box::new(move |source: &str| {
+        let mut args = model.clone();
+        // The startup model loads as it did at the start (the built-in one by its name).
+        if source != startup_source {
+            args.model = Some(source.to_string());
+        }
+        load(&args).map_err(|e| text2img::Error::InvalidRequest(format!("{e:#}")))
+    });
+    let models = Models::new(loader, pipeline, startup, a.models_dir, lora_dir)?;
+    serve(models, options)?;
     Ok(())
 }
 

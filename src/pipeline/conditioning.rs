@@ -28,8 +28,10 @@ pub enum PromptSyntax {
 }
 
 /// One text encoder with its tokenizer.
+#[derive(Clone)]
 pub struct TextEncoder {
-    pub tokenizer: ClipTokenizer,
+    /// Shared by the copies of a pipeline (its cache too).
+    pub tokenizer: std::sync::Arc<ClipTokenizer>,
     pub model: ClipTextModel,
 }
 

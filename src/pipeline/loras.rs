@@ -2,11 +2,14 @@
 //! `multiplier x delta` added (see [`crate::weights::lora`]), and every module of every LoRA
 //! must find its layer somewhere, or the user hears of it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+
+use candle_core::Tensor;
 
 use super::LoraSpec;
 
 use crate::error::{Error, Result};
+use crate::nn::Layers;
 use crate::weights::lora::{self, Lora, Part};
 use crate::weights::Weights;
 
@@ -39,17 +42,48 @@ impl LoraLoad {
         if self.loras.is_empty() {
             return Ok(());
         }
+        let deltas = self.deltas(part, &weights.named_shapes())?;
+        weights.patch(deltas);
+        Ok(())
+    }
+
+    /// Adds the LoRAs' changes to a loaded model: each changed layer is replaced by a patched
+    /// copy, so the tensors it shared with other copies of the model stay as they were.
+    pub fn patch_layers(&mut self, model: &mut dyn Layers, part: Part) -> Result<()> {
+        if self.loras.is_empty() {
+            return Ok(());
+        }
+        let mut layers = Vec::new();
+        model.layers_mut(&mut layers);
+        let shapes: Vec<(String, Vec<usize>)> = layers
+            .iter()
+            .map(|l| (l.name().to_string(), l.shape()))
+            .collect();
+        let deltas = self.deltas(part, &shapes)?;
+        for layer in &mut layers {
+            if let Some(delta) = deltas.get(layer.name()) {
+                layer.patch(delta)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The summed change of every LoRA to each of the named weights of `part`.
+    fn deltas(
+        &mut self,
+        part: Part,
+        shapes: &[(String, Vec<usize>)],
+    ) -> Result<HashMap<String, Tensor>> {
         let weight = |s: &LoraSpec| match part {
             Part::Unet => s.unet_weight,
             Part::TextEncoder(_) => s.text_weight,
         };
         let set: Vec<(&Lora, f64)> = self.loras.iter().map(|(l, s)| (l, weight(s))).collect();
-        let patches = lora::patches(&set, part, &weights.named_shapes())?;
+        let patches = lora::patches(&set, part, shapes)?;
         for (all, found) in self.matched.iter_mut().zip(patches.matched) {
             all.extend(found);
         }
-        weights.patch(patches.deltas);
-        Ok(())
+        Ok(patches.deltas)
     }
 
     /// Warnings for modules that matched no layer; an error for a LoRA none of whose modules

@@ -463,6 +463,7 @@ pub struct Generation {
 }
 
 /// A loaded model: load once, serve many requests.
+#[derive(Clone)]
 pub struct Pipeline {
     pub name: String,
     pub family: Family,
@@ -551,7 +552,9 @@ impl Pipeline {
                 &mut |w| loras.patch(w, Part::TextEncoder(i)),
             )?;
             text_encoders.push(TextEncoder {
-                tokenizer: ClipTokenizer::from_folder(&folder.component(tokenizer))?,
+                tokenizer: std::sync::Arc::new(ClipTokenizer::from_folder(
+                    &folder.component(tokenizer),
+                )?),
                 model,
             });
         }
@@ -710,6 +713,26 @@ impl Pipeline {
             (None, _) => {}
         }
         Ok(())
+    }
+
+    /// A copy of this pipeline with `specs` merged into copies of the layers they change;
+    /// every other tensor is shared with `self`, which stays exactly as it was. A server
+    /// applies a request's LoRAs this way, so the next request without them gets the plain
+    /// model's image. Returns the copy and warnings for LoRA modules that matched no layer.
+    pub fn with_loras(&self, specs: &[LoraSpec]) -> Result<(Pipeline, Vec<String>)> {
+        let mut copy = self.clone();
+        let mut loras = loras::LoraLoad::open(specs)?;
+        // SDXL's refiner has only the second of SDXL's two text encoders.
+        let first = match self.family {
+            Family::StableDiffusionXl if self.text_encoders.len() == 1 => 1,
+            _ => 0,
+        };
+        for (i, encoder) in copy.text_encoders.iter_mut().enumerate() {
+            loras.patch_layers(&mut encoder.model, Part::TextEncoder(first + i))?;
+        }
+        loras.patch_layers(&mut copy.unet, Part::Unet)?;
+        let warnings = loras.finish()?;
+        Ok((copy, warnings))
     }
 
     /// Makes textual-inversion embeddings nameable in prompts. Each must have vectors for every

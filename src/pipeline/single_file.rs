@@ -124,7 +124,7 @@ impl Pipeline {
             let model = ClipTextModel::from_weights(config, &weights)?;
             weights.finish()?;
             text_encoders.push(TextEncoder {
-                tokenizer: configs.tokenizer(tokenizer)?,
+                tokenizer: std::sync::Arc::new(configs.tokenizer(tokenizer)?),
                 model,
             });
         }

@@ -16,7 +16,7 @@ use crate::png_out::a1111_parameters;
 use super::api_error::ApiError;
 use super::fields::Fields;
 use super::plan::{a1111_aliases, a1111_sampler, plan, Asked};
-use super::{encode_images, run_plan, AppState};
+use super::{encode_images, model_for, run_plan, AppState};
 
 /// `POST /sdapi/v1/txt2img` (with hires fix).
 pub async fn txt2img(
@@ -28,8 +28,7 @@ pub async fn txt2img(
     let mut asked = common_fields(&fields)?;
     asked.hires = hires_fix(&fields, app.limits.max_steps)?;
     // As A1111, which ignores the switch point without a refiner to switch to.
-    let switch_at = fields.number("refiner_switch_at")?;
-    asked.refiner_start = switch_at.filter(|_| app.pipeline.refiner.is_some());
+    asked.refiner_start = fields.number("refiner_switch_at")?;
     respond(&app, &asked).await
 }
 
@@ -142,6 +141,10 @@ fn common_fields(fields: &Fields) -> Result<Asked, ApiError> {
         batch_size: fields.integer("batch_size")?,
         n_iter: fields.integer("n_iter")?,
         count_field: "batch_size",
+        checkpoint: match fields.object("override_settings")? {
+            Some(settings) => settings.string("sd_model_checkpoint")?,
+            None => None,
+        },
         ..Asked::default()
     })
 }
@@ -196,14 +199,27 @@ fn hires_fix(fields: &Fields, max_steps: usize) -> Result<Option<HiresFix>, ApiE
 
 /// Runs a request and answers as A1111 does: the images, the parameters, the info.
 async fn respond(app: &AppState, asked: &Asked) -> Result<Json<Value>, ApiError> {
-    let plan = plan(&app.pipeline, &app.limits, asked)?;
-    let output = run_plan(app, &plan).await?;
+    let loaded = model_for(app, asked.checkpoint.as_deref()).await?;
+    let mut asked = asked.clone();
+    // As A1111, which ignores the switch point without a refiner to switch to.
+    if loaded.pipeline.refiner.is_none() {
+        asked.refiner_start = None;
+    }
+    let asked = &asked;
+    let plan = plan(&loaded.pipeline, &app.limits, asked, &|name| {
+        app.models
+            .find_lora(name)
+            .map(|l| l.path)
+            .map_err(|e| e.message())
+    })?;
+    let output = run_plan(app, &loaded, &plan).await?;
+    let model_name = &loaded.pipeline.name;
     let r = &plan.resolved;
     let seeds: Vec<u64> = output.images.iter().map(|(img, _, _)| img.seed).collect();
     let infotexts: Vec<String> = output
         .images
         .iter()
-        .map(|(img, req, res)| a1111_parameters(req, res, img.seed, &app.model_name))
+        .map(|(img, req, res)| a1111_parameters(req, res, img.seed, model_name))
         .collect();
     let n = seeds.len();
     let mut parameters = json!({
@@ -251,14 +267,14 @@ async fn respond(app: &AppState, asked: &Asked) -> Result<Json<Value>, ApiError>
         "height": r.height,
         "denoising_strength": r.strength.or(r.hires.as_ref().map(|h| h.strength)),
         "batch_size": plan.batch_size,
-        "sd_model_name": app.model_name,
+        "sd_model_name": model_name,
         "infotexts": infotexts,
         "interrupted": output.interrupted,
         "warnings": output.warnings,
         "version": concat!("text2img ", env!("CARGO_PKG_VERSION")),
     });
     Ok(Json(json!({
-        "images": encode_images(&output, &app.model_name)?,
+        "images": encode_images(&output, model_name)?,
         "parameters": parameters,
         "info": info.to_string(),
     })))
@@ -321,22 +337,62 @@ pub async fn schedulers() -> Json<Value> {
     ]))
 }
 
-/// `GET /sdapi/v1/sd-models`: the one model this server has loaded.
+/// `GET /sdapi/v1/sd-models`: the checkpoints the server may run (its `--model` and those
+/// in `--models-dir`'s `Stable-diffusion/`).
 pub async fn sd_models(State(app): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!([{
-        "title": app.model_name,
-        "model_name": app.model_name,
-        "hash": null,
-        "sha256": null,
-        "filename": app.model_source,
-        "config": null,
-    }]))
+    let list: Vec<Value> = app
+        .models
+        .checkpoints()
+        .iter()
+        .map(|c| {
+            json!({
+                "title": c.title,
+                "model_name": c.model_name,
+                "hash": null,
+                "sha256": null,
+                "filename": c.source,
+                "config": null,
+            })
+        })
+        .collect();
+    Json(Value::Array(list))
+}
+
+/// `GET /sdapi/v1/loras`: the LoRAs prompts may name as `<lora:NAME:WEIGHT>`.
+pub async fn loras(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let list: Vec<Value> = app
+        .models
+        .loras()
+        .iter()
+        .map(|l| json!({ "name": l.name, "alias": l.name, "path": l.path, "metadata": {} }))
+        .collect();
+    Json(Value::Array(list))
+}
+
+/// `POST /sdapi/v1/refresh-checkpoints` and `refresh-loras`: look at the folders again.
+pub async fn refresh_checkpoints(
+    State(app): State<Arc<AppState>>,
+) -> Result<Json<Value>, ApiError> {
+    app.models
+        .refresh_checkpoints()
+        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.message()))?;
+    Ok(Json(Value::Null))
+}
+
+pub async fn refresh_loras(State(app): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    app.models
+        .refresh_loras()
+        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.message()))?;
+    Ok(Json(Value::Null))
 }
 
 /// `GET /sdapi/v1/embeddings`: the textual-inversion embeddings prompts may name (the
 /// server's `--embedding` and `--embeddings-dir`), as A1111 lists them.
 pub async fn embeddings(State(app): State<Arc<AppState>>) -> Json<Value> {
-    let loaded: serde_json::Map<String, Value> = app
+    let Some(model) = app.models.loaded() else {
+        return Json(json!({ "loaded": {}, "skipped": {} }));
+    };
+    let loaded: serde_json::Map<String, Value> = model
         .pipeline
         .embeddings
         .iter()
@@ -360,8 +416,34 @@ pub async fn embeddings(State(app): State<Arc<AppState>>) -> Json<Value> {
 /// `GET /sdapi/v1/options`: the few settings clients read before they generate.
 pub async fn options(State(app): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
-        "sd_model_checkpoint": app.model_name,
+        "sd_model_checkpoint": app.models.selected().title,
         "CLIP_stop_at_last_layers": 1,
         "samples_format": "png",
     }))
+}
+
+/// `POST /sdapi/v1/options`: `sd_model_checkpoint` switches the model requests run on (the
+/// load waits behind the jobs queued before it, and the answer waits for the load). Other
+/// settings are not kept; naming them is an error rather than silence.
+pub async fn set_options(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let fields = super::request_fields(&app, &headers, body).await?;
+    if let Some(other) = fields.names().find(|n| *n != "sd_model_checkpoint") {
+        return Err(ApiError::field(
+            other,
+            "is not a setting this server changes (only sd_model_checkpoint)",
+        ));
+    }
+    if let Some(name) = fields.string("sd_model_checkpoint")? {
+        let checkpoint = app
+            .models
+            .find(&name)
+            .map_err(|e| ApiError::field("sd_model_checkpoint", e.message()))?;
+        app.models.select(checkpoint);
+        model_for(&app, None).await?;
+    }
+    Ok(Json(Value::Null))
 }

@@ -79,6 +79,20 @@ impl Fields {
         self.0.get(name).filter(|v| !v.is_null())
     }
 
+    /// The names of the fields present.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
+    /// A field that holds an object (A1111's `override_settings`), as fields of its own.
+    pub fn object(&self, name: &str) -> Result<Option<Fields>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Object(map)) => Ok(Some(Self(map.clone()))),
+            Some(other) => Err(wrong_type(name, "an object", other)),
+        }
+    }
+
     pub fn string(&self, name: &str) -> Result<Option<String>, ApiError> {
         match self.get(name) {
             None => Ok(None),

@@ -9,6 +9,7 @@ pub mod api_error;
 pub mod fields;
 pub mod listener;
 pub mod middleware;
+pub mod models;
 pub mod openai;
 pub mod page;
 pub mod plan;
@@ -26,8 +27,8 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::pipeline::Pipeline;
 use crate::png_out::{a1111_parameters, encode_png};
+use models::{Loaded, Models};
 
 use api_error::ApiError;
 use plan::{Limits, Plan};
@@ -86,15 +87,11 @@ impl Default for ServeOptions {
 }
 
 pub struct AppState {
-    pub pipeline: Arc<Pipeline>,
-    /// What requests cost on this machine, measured at start.
-    pub cost: crate::pipeline::cost::CostModel,
+    /// The loaded model, the ones the server may switch to, and the LoRAs.
+    pub models: Arc<Models>,
     pub queue: Arc<Queue>,
     pub options: ServeOptions,
     pub limits: Limits,
-    pub model_name: String,
-    /// Where the model came from (a folder or a repo id), for `/sdapi/v1/sd-models`.
-    pub model_source: String,
     /// Bound to a loopback address (then, without a key, only loopback host names answer).
     pub loopback: bool,
 }
@@ -115,18 +112,67 @@ pub(crate) async fn request_fields(
     fields::Fields::parse(&bytes)
 }
 
+/// The model a request runs on, loaded: the checkpoint it names
+/// (`override_settings.sd_model_checkpoint`), or the selected one. When another is loaded,
+/// the switch is queued behind the jobs before it (as A1111 does) and awaited.
+pub(crate) async fn model_for(
+    app: &AppState,
+    named: Option<&str>,
+) -> Result<Arc<Loaded>, ApiError> {
+    let checkpoint = match named {
+        Some(name) => app
+            .models
+            .find(name)
+            .map_err(|e| ApiError::field("sd_model_checkpoint", e.message()))?,
+        None => app.models.selected(),
+    };
+    // Another request's switch may come between the load and this request's plan: try
+    // again (its job then names this checkpoint, and the worker loads it back).
+    for _ in 0..3 {
+        if let Some(loaded) = app.models.loaded() {
+            if loaded.checkpoint == checkpoint {
+                return Ok(loaded);
+            }
+        }
+        let spec = JobSpec {
+            batches: Vec::new(),
+            model: Some(checkpoint.clone()),
+            loras: Vec::new(),
+            deadline: None,
+            estimate_seconds: 0.0,
+        };
+        let ticket = app.queue.submit(spec).map_err(|e| submit_error(app, e))?;
+        ticket.wait().await.map_err(job_error)?;
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the model changed three times while this request waited; try again",
+    ))
+}
+
 /// Queues a plan and waits for its images, turning queue and job failures into HTTP errors.
-pub(crate) async fn run_plan(app: &AppState, plan: &Plan) -> Result<JobOutput, ApiError> {
-    let estimate = admit(app, plan)?;
+pub(crate) async fn run_plan(
+    app: &AppState,
+    loaded: &Loaded,
+    plan: &Plan,
+) -> Result<JobOutput, ApiError> {
+    let estimate = admit(app, loaded, plan)?;
     let spec = JobSpec {
         batches: plan.batches.clone(),
+        model: Some(loaded.checkpoint.clone()),
+        loras: plan.loras.clone(),
         // A job that runs far past its estimate is stuck or starved: cancel it.
         deadline: Some(Duration::from_secs_f64(
             (estimate.seconds * OVERRUN_FACTOR).max(MIN_DEADLINE_SECONDS),
         )),
         estimate_seconds: estimate.seconds,
     };
-    let ticket = app.queue.submit(spec).map_err(|e| match e {
+    let ticket = app.queue.submit(spec).map_err(|e| submit_error(app, e))?;
+    ticket.wait().await.map_err(job_error)
+}
+
+fn submit_error(app: &AppState, e: SubmitError) -> ApiError {
+    match e {
         SubmitError::Full => ApiError {
             retry_after: Some(retry_after_seconds(app)),
             ..ApiError::new(
@@ -138,11 +184,14 @@ pub(crate) async fn run_plan(app: &AppState, plan: &Plan) -> Result<JobOutput, A
             )
         },
         SubmitError::ShuttingDown => shutting_down(),
-    })?;
-    ticket.wait().await.map_err(|e| match e {
+    }
+}
+
+fn job_error(e: JobError) -> ApiError {
+    match e {
         JobError::ShuttingDown => shutting_down(),
         JobError::Cancelled => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
-                JobError::Invalid(m) => ApiError::bad_request(m),
+        JobError::Invalid(m) => ApiError::bad_request(m),
         JobError::Overrun { ran, estimate } => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!(
@@ -153,7 +202,7 @@ pub(crate) async fn run_plan(app: &AppState, plan: &Plan) -> Result<JobOutput, A
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("generation failed: {m}"),
         ),
-    })
+    }
 }
 
 /// How many times its estimate a job may run before it is cancelled.
@@ -163,8 +212,12 @@ const MIN_DEADLINE_SECONDS: f64 = 30.0;
 
 /// The plan's estimated cost, or a 413 that states it when it is over the server's time limit
 /// or the memory this machine has free.
-fn admit(app: &AppState, plan: &Plan) -> Result<crate::pipeline::cost::Estimate, ApiError> {
-    let pipeline = &app.pipeline;
+fn admit(
+    app: &AppState,
+    loaded: &Loaded,
+    plan: &Plan,
+) -> Result<crate::pipeline::cost::Estimate, ApiError> {
+    let pipeline = &loaded.pipeline;
     let r = &plan.resolved;
     let cfg = r.guidance_scale > 1.0 && !pipeline.embeds_guidance();
     let guide = r.autoguidance > 1.0;
@@ -174,7 +227,7 @@ fn admit(app: &AppState, plan: &Plan) -> Result<crate::pipeline::cost::Estimate,
         flops: 0.0,
     };
     for batch in &plan.batches {
-        let e = app.cost.estimate(r, batch.num_images, cfg, guide);
+        let e = loaded.cost.estimate(r, batch.num_images, cfg, guide);
         total.seconds += e.seconds;
         total.flops += e.flops;
         total.peak_bytes = match (total.peak_bytes, e.peak_bytes) {
@@ -253,7 +306,7 @@ pub(crate) fn encode_images(output: &JobOutput, model: &str) -> Result<Vec<Strin
 async fn health(axum::extract::State(app): axum::extract::State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
         "status": "ok",
-        "model": app.model_name,
+        "model": app.models.selected().title,
         "queue": app.queue.waiting(),
         "running": app.queue.is_running(),
     }))
@@ -275,7 +328,16 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/sdapi/v1/samplers", get(a1111::samplers))
         .route("/sdapi/v1/schedulers", get(a1111::schedulers))
         .route("/sdapi/v1/sd-models", get(a1111::sd_models))
-        .route("/sdapi/v1/options", get(a1111::options))
+        .route(
+            "/sdapi/v1/options",
+            get(a1111::options).post(a1111::set_options),
+        )
+        .route("/sdapi/v1/loras", get(a1111::loras))
+        .route(
+            "/sdapi/v1/refresh-checkpoints",
+            post(a1111::refresh_checkpoints),
+        )
+        .route("/sdapi/v1/refresh-loras", post(a1111::refresh_loras))
         .route("/sdapi/v1/embeddings", get(a1111::embeddings))
         .route("/v1/images/generations", post(openai::generations))
         .route("/v1/images/edits", post(openai::edits))
@@ -320,12 +382,7 @@ pub fn check_bind(options: &ServeOptions) -> Result<()> {
 /// Serves until SIGTERM or Ctrl-C, then stops as promised ([`shutdown`]): no new connections,
 /// queued requests answered 503, the running one given `shutdown_grace` to finish, then
 /// cancelled; a second signal exits at once.
-pub fn serve(
-    pipeline: Pipeline,
-    model_name: String,
-    model_source: String,
-    options: ServeOptions,
-) -> Result<()> {
+pub fn serve(models: Models, options: ServeOptions) -> Result<()> {
     check_bind(&options)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // HTTP needs little; the cores belong to the model's kernels.
@@ -333,25 +390,18 @@ pub fn serve(
         .enable_all()
         .build()
         .map_err(|e| Error::InvalidRequest(format!("cannot start the runtime: {e}")))?;
-    let measuring = std::time::Instant::now();
-    let cost = crate::pipeline::cost::CostModel::measure(&pipeline)?;
-    eprintln!(
-        "measured what requests cost on this machine in {:.2} s",
-        measuring.elapsed().as_secs_f64()
-    );
-    let pipeline = Arc::new(pipeline);
+    let models = Arc::new(models);
     let queue = Queue::new(options.max_queue);
     queue.start_watchdog();
     let worker = {
-        let (queue, pipeline) = (queue.clone(), pipeline.clone());
+        let (queue, models) = (queue.clone(), models.clone());
         std::thread::Builder::new()
             .name("text2img-worker".into())
-            .spawn(move || queue.run_worker(&pipeline))
+            .spawn(move || queue.run_worker(&models))
             .map_err(|e| Error::InvalidRequest(format!("cannot start the worker: {e}")))?
     };
     let app = Arc::new(AppState {
-        pipeline,
-        cost,
+        models,
         queue: queue.clone(),
         limits: Limits {
             max_size: options.max_size,
@@ -360,8 +410,6 @@ pub fn serve(
         },
         loopback: is_loopback_bind(&options),
         options: options.clone(),
-        model_name,
-        model_source,
     });
     let shutdown_queue = queue.clone();
     let result = runtime.block_on(async move {

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::api_error::{ApiError, Flavor};
 use super::fields::{image_bytes, read_body};
 use super::plan::{plan, Asked};
-use super::{encode_images, run_plan, AppState};
+use super::{encode_images, model_for, run_plan, AppState};
 use crate::image_in;
 use crate::pipeline::InpaintOptions;
 
@@ -71,12 +71,18 @@ async fn handle(
 
 /// Runs a request and answers in OpenAI's shape.
 async fn respond(app: &AppState, asked: &Asked) -> Result<Json<Value>, ApiError> {
-    let plan = plan(&app.pipeline, &app.limits, asked)?;
-    let output = run_plan(app, &plan).await?;
+    let loaded = model_for(app, asked.checkpoint.as_deref()).await?;
+    let plan = plan(&loaded.pipeline, &app.limits, asked, &|name| {
+        app.models
+            .find_lora(name)
+            .map(|l| l.path)
+            .map_err(|e| e.message())
+    })?;
+    let output = run_plan(app, &loaded, &plan).await?;
     let created = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let data: Vec<Value> = encode_images(&output, &app.model_name)?
+    let data: Vec<Value> = encode_images(&output, &loaded.pipeline.name)?
         .into_iter()
         .map(|b64| json!({ "b64_json": b64 }))
         .collect();

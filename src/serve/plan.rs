@@ -4,8 +4,11 @@
 use crate::latent::schedulers::SchedulerKind;
 use image::{GrayImage, RgbImage};
 
+use std::path::PathBuf;
+
 use crate::pipeline::{
-    GenerateRequest, GuidanceInterval, HiresFix, InpaintOptions, Pipeline, ResizeMode, Resolved,
+    GenerateRequest, GuidanceInterval, HiresFix, InpaintOptions, LoraSpec, Pipeline, ResizeMode,
+    Resolved,
 };
 
 use super::api_error::ApiError;
@@ -51,6 +54,9 @@ pub struct Asked {
     pub hires: Option<HiresFix>,
     /// `refiner_switch_at`, for a server started with a refiner.
     pub refiner_start: Option<f64>,
+    /// The checkpoint to run on (`override_settings.sd_model_checkpoint`); `None`: the
+    /// selected one.
+    pub checkpoint: Option<String>,
 }
 
 /// What the worker will run.
@@ -58,13 +64,21 @@ pub struct Asked {
 pub struct Plan {
     /// One generate call per iteration; batch k starts at seed + k * batch_size.
     pub batches: Vec<GenerateRequest>,
+    /// The LoRAs the prompt names (`<lora:NAME:W>`), for this job only.
+    pub loras: Vec<LoraSpec>,
     pub resolved: Resolved,
     pub seed: u64,
     pub batch_size: usize,
     pub n_iter: usize,
 }
 
-pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan, ApiError> {
+/// `find_lora` gives the file of a LoRA the prompt names, or why there is none.
+pub fn plan(
+    pipeline: &Pipeline,
+    limits: &Limits,
+    asked: &Asked,
+    find_lora: &dyn Fn(&str) -> Result<PathBuf, String>,
+) -> Result<Plan, ApiError> {
     let f = pipeline.vae_scale_factor();
     let size = |name: &str, v: Option<i64>| -> Result<Option<usize>, ApiError> {
         match v {
@@ -120,21 +134,19 @@ pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan,
             ));
         }
     }
-    // A1111 clients ask for LoRAs in the prompt; reading the tag as text would quietly
-    // give another image than the one asked for.
-    match crate::text::extra_networks::take_lora_tags(&asked.prompt) {
-        Ok((_, tags)) if !tags.is_empty() => {
-            return Err(ApiError::field(
-                "prompt",
-                format!(
-                    "names <lora:{}>; the server does not apply LoRAs per request yet (start it with --lora FILE:WEIGHT)",
-                    tags[0].name
-                ),
-            ))
-        }
-        Ok(_) => {}
-        Err(e) => return Err(ApiError::field("prompt", e)),
-    }
+    // A1111 clients ask for LoRAs in the prompt; the tags leave the text.
+    let (prompt, tags) = crate::text::extra_networks::take_lora_tags(&asked.prompt)
+        .map_err(|e| ApiError::field("prompt", e))?;
+    let loras = tags
+        .iter()
+        .map(|tag| {
+            Ok(LoraSpec {
+                path: find_lora(&tag.name).map_err(|e| ApiError::field("prompt", e))?,
+                text_weight: tag.text_weight,
+                unet_weight: tag.unet_weight,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     let eta = asked.eta.unwrap_or(0.0);
     if !eta.is_finite() || eta < 0.0 {
         return Err(ApiError::field("eta", "must be a number >= 0"));
@@ -171,7 +183,7 @@ pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan,
         }
     };
     let base = GenerateRequest {
-        prompts: vec![asked.prompt.clone()],
+        prompts: vec![prompt],
         // An empty negative prompt is no negative prompt (SDXL: zero embeddings).
         negative_prompts: Some(asked.negative_prompt.clone())
             .filter(|n| !n.is_empty())
@@ -239,6 +251,7 @@ pub fn plan(pipeline: &Pipeline, limits: &Limits, asked: &Asked) -> Result<Plan,
         .collect();
     Ok(Plan {
         batches,
+        loras,
         resolved,
         seed,
         batch_size,

@@ -14,8 +14,10 @@ use tokio::sync::oneshot;
 
 use crate::error::Error;
 use crate::pipeline::{
-    GenerateRequest, GeneratedImage, Pipeline, Resolved, StepControl, StopFlags,
+    GenerateRequest, GeneratedImage, LoraSpec, Resolved, StepControl, StopFlags,
 };
+
+use super::models::{Checkpoint, Models};
 use crate::png_out::encode_rgb_png;
 
 /// The least time between two step previews of a job.
@@ -23,7 +25,13 @@ const PREVIEW_INTERVAL: Duration = Duration::from_millis(500);
 
 /// One request: one or more generate calls (A1111's `n_iter`), each a batch.
 pub struct JobSpec {
+    /// Nothing to generate: a job that only loads `model` (a switch of checkpoint).
     pub batches: Vec<GenerateRequest>,
+    /// The checkpoint the batches were planned for (loaded first if another is); `None`:
+    /// whichever is loaded.
+    pub model: Option<Checkpoint>,
+    /// LoRAs merged into a copy of the model for this job only.
+    pub loras: Vec<LoraSpec>,
     /// Cancel the job when it runs longer (it is stuck, or the machine is starved).
     pub deadline: Option<std::time::Duration>,
     /// What it was estimated to take, for the error an overrun gets.
@@ -284,7 +292,7 @@ impl Queue {
     }
 
     /// The worker loop: runs until the queue is closed and empty.
-    pub fn run_worker(self: &Arc<Self>, pipeline: &Pipeline) {
+    pub fn run_worker(self: &Arc<Self>, models: &Models) {
         loop {
             let (job, overran) = {
                 let mut state = self.lock();
@@ -313,7 +321,7 @@ impl Queue {
                 Err(JobError::Cancelled)
             } else {
                 self.start_progress(&job.spec);
-                catch_unwind(AssertUnwindSafe(|| self.run_job(pipeline, &job)))
+                catch_unwind(AssertUnwindSafe(|| self.run_job(models, &job)))
                     .unwrap_or_else(|_| Err(JobError::Failed("the generation panicked".into())))
             };
             let closed = {
@@ -358,7 +366,7 @@ impl Queue {
         progress.current_image = None;
     }
 
-    fn run_job(&self, pipeline: &Pipeline, job: &Job) -> JobResult {
+    fn run_job(&self, models: &Models, job: &Job) -> JobResult {
         let control = &job.control;
         let batches = job.spec.batches.len();
         let mut output = JobOutput {
@@ -366,6 +374,20 @@ impl Queue {
             warnings: Vec::new(),
             interrupted: false,
         };
+        let loaded = match &job.spec.model {
+            Some(checkpoint) => models.load(checkpoint),
+            None => models
+                .loaded()
+                .ok_or_else(|| Error::InvalidRequest("no model is loaded".into())),
+        }
+        .map_err(|e| JobError::Failed(e.message()))?;
+        if batches == 0 {
+            return Ok(output);
+        }
+        let (pipeline, warnings) = models
+            .with_loras(&loaded, &job.spec.loras)
+            .map_err(|e| JobError::Invalid(e.message()))?;
+        output.warnings.extend(warnings);
         for (k, request) in job.spec.batches.iter().enumerate() {
             if control.finish.is_cancelled() {
                 break;
@@ -464,6 +486,8 @@ mod tests {
         let queue = Queue::new(2);
         let spec = || JobSpec {
             batches: vec![GenerateRequest::default()],
+            model: None,
+            loras: Vec::new(),
             deadline: None,
             estimate_seconds: 0.0,
         };

@@ -101,6 +101,7 @@ impl ClipTextConfig {
     }
 }
 
+#[derive(Clone)]
 struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
@@ -148,6 +149,7 @@ impl EncoderLayer {
 }
 
 /// The text transformer: token + position embeddings, causal encoder layers, final norm.
+#[derive(Clone)]
 pub struct ClipTextModel {
     pub config: ClipTextConfig,
     token_embedding: Tensor,
@@ -394,3 +396,6 @@ fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
         .collect();
     Ok(Tensor::from_vec(data, (n, n), device)?)
 }
+
+crate::impl_layers!(EncoderLayer: q_proj, k_proj, v_proj, out_proj, fc1, fc2);
+crate::impl_layers!(ClipTextModel: layers, text_projection);

@@ -15,6 +15,7 @@ const EPS: f64 = 1e-6;
 
 /// The VAE's single-head spatial self-attention (diffusers' `Attention` with a group norm and a
 /// residual connection).
+#[derive(Clone)]
 struct SpatialAttention {
     group_norm: GroupNorm,
     to_q: Linear,
@@ -60,6 +61,7 @@ impl SpatialAttention {
 }
 
 /// `UNetMidBlock2D` without a timestep: resnet, attention, resnet.
+#[derive(Clone)]
 struct MidBlock {
     resnets: Vec<ResnetBlock2D>,
     attention: Option<SpatialAttention>,
@@ -98,11 +100,13 @@ fn options(c: &VaeConfig) -> ResnetOptions {
     }
 }
 
+#[derive(Clone)]
 struct EncoderBlock {
     resnets: Vec<ResnetBlock2D>,
     downsampler: Option<Conv2d>,
 }
 
+#[derive(Clone)]
 pub struct Encoder {
     conv_in: Conv2d,
     blocks: Vec<EncoderBlock>,
@@ -160,11 +164,13 @@ impl Encoder {
     }
 }
 
+#[derive(Clone)]
 struct DecoderBlock {
     resnets: Vec<ResnetBlock2D>,
     upsampler: Option<Conv2d>,
 }
 
+#[derive(Clone)]
 pub struct Decoder {
     conv_in: Conv2d,
     mid: MidBlock,
@@ -218,6 +224,7 @@ impl Decoder {
 }
 
 /// The KL autoencoder: images in [-1, 1] <-> latents.
+#[derive(Clone)]
 pub struct AutoencoderKl {
     pub config: VaeConfig,
     encoder: Encoder,

@@ -13,6 +13,7 @@ pub use config::VaeConfig;
 /// Dec (and its encoder) as the pipeline uses it: the KL autoencoder of the model, or a tiny
 /// one (TAESD) put in its place for speed.
 #[allow(clippy::large_enum_variant)] // one per pipeline: its size does not matter
+#[derive(Clone)]
 pub enum Vae {
     Kl(AutoencoderKl),
     Tiny(tiny::AutoencoderTiny),

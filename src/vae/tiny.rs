@@ -77,6 +77,7 @@ impl TinyConfig {
 }
 
 /// Three 3x3 convolutions with ReLU between, a skip, ReLU after the sum.
+#[derive(Clone)]
 struct Block {
     convs: [Conv2d; 3],
     skip: Option<Conv2d>,
@@ -105,6 +106,7 @@ impl Block {
 }
 
 /// One entry of the encoder's or decoder's `layers` sequence.
+#[derive(Clone)]
 enum Layer {
     Conv(Conv2d),
     Block(Block),
@@ -134,6 +136,7 @@ fn run(layers: &[Layer], x: &Tensor) -> Result<Tensor> {
     Ok(h)
 }
 
+#[derive(Clone)]
 pub struct AutoencoderTiny {
     pub config: TinyConfig,
     encoder: Vec<Layer>,

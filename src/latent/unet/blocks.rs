@@ -47,6 +47,7 @@ fn load_attentions(
         .collect()
 }
 
+#[derive(Clone)]
 pub struct DownBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2D>,
@@ -108,6 +109,7 @@ impl DownBlock {
     }
 }
 
+#[derive(Clone)]
 pub struct MidBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2D>,
@@ -135,6 +137,7 @@ impl MidBlock {
     }
 }
 
+#[derive(Clone)]
 pub struct UpBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2D>,
@@ -212,3 +215,7 @@ impl UpBlock {
         Ok(h)
     }
 }
+
+crate::impl_layers!(DownBlock: resnets, attentions, downsampler);
+crate::impl_layers!(MidBlock: resnets, attentions);
+crate::impl_layers!(UpBlock: resnets, attentions, upsampler);

@@ -46,6 +46,7 @@ pub fn timestep_features(
 
 /// `time_embedding`: linear_1, SiLU, linear_2; LCM U-Nets first add `cond_proj` of the
 /// guidance-scale embedding to the input features.
+#[derive(Clone)]
 pub struct TimestepEmbedding {
     cond_proj: Option<Linear>,
     linear_1: Linear,
@@ -112,3 +113,5 @@ pub fn guidance_scale_embedding(
         device,
     )?)
 }
+
+crate::impl_layers!(TimestepEmbedding: cond_proj, linear_1, linear_2);

@@ -28,6 +28,7 @@ pub struct ExtraConditions<'a> {
     pub timestep_cond: Option<&'a Tensor>,
 }
 
+#[derive(Clone)]
 pub struct UNet {
     pub config: UNetConfig,
     time_embedding: TimestepEmbedding,
@@ -306,3 +307,5 @@ impl UNet {
         self.conv_out.forward(&x)
     }
 }
+
+crate::impl_layers!(UNet: time_embedding, add_embedding, conv_in, down_blocks, mid_block, up_blocks, conv_out);

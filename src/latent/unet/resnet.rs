@@ -12,6 +12,7 @@ use crate::error::Result;
 use crate::nn::{add_bias, halves, silu, Conv2d, GroupNorm, Linear};
 use crate::weights::Vb;
 
+#[derive(Clone)]
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
@@ -93,3 +94,5 @@ impl ResnetBlock2D {
         })
     }
 }
+
+crate::impl_layers!(ResnetBlock2D: conv1, time_emb_proj, conv2, conv_shortcut);

@@ -9,6 +9,7 @@ use crate::nn::{attention, geglu, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::weights::Vb;
 
 /// diffusers' `Attention` with `to_q`/`to_k`/`to_v` (no bias) and `to_out.0`.
+#[derive(Clone)]
 pub struct CrossAttention {
     to_q: Linear,
     to_k: Linear,
@@ -47,6 +48,7 @@ impl CrossAttention {
     }
 }
 
+#[derive(Clone)]
 struct FeedForward {
     proj: Linear,
     out: Linear,
@@ -67,6 +69,7 @@ impl FeedForward {
     }
 }
 
+#[derive(Clone)]
 struct BasicTransformerBlock {
     norm1: LayerNorm,
     attn1: CrossAttention,
@@ -111,6 +114,7 @@ impl BasicTransformerBlock {
     }
 }
 
+#[derive(Clone)]
 enum Projection {
     Conv(Conv2d),
     Linear(Linear),
@@ -125,6 +129,7 @@ pub struct TransformerOptions {
     pub only_cross_attention: bool,
 }
 
+#[derive(Clone)]
 pub struct Transformer2D {
     norm: GroupNorm,
     proj_in: Projection,
@@ -180,5 +185,19 @@ impl Transformer2D {
             Projection::Linear(lin) => to_image(lin.forward(&tokens)?)?,
         };
         Ok((out + x)?)
+    }
+}
+
+crate::impl_layers!(CrossAttention: to_q, to_k, to_v, to_out);
+crate::impl_layers!(FeedForward: proj, out);
+crate::impl_layers!(BasicTransformerBlock: attn1, attn2, ff);
+crate::impl_layers!(Transformer2D: proj_in, blocks, proj_out);
+
+impl crate::nn::Layers for Projection {
+    fn layers_mut<'a>(&'a mut self, out: &mut Vec<crate::nn::LayerMut<'a>>) {
+        match self {
+            Self::Conv(c) => crate::nn::Layers::layers_mut(c, out),
+            Self::Linear(l) => crate::nn::Layers::layers_mut(l, out),
+        }
     }
 }

@@ -1,0 +1,434 @@
+//! The models a server runs: the one loaded now, the checkpoints it may switch to (its
+//! `--model` and those in `--models-dir`, in A1111's layout: `Stable-diffusion/`, `Lora/`,
+//! `embeddings/`), and the LoRAs that requests name.
+//!
+//! One model is loaded at a time (two would double the memory); the worker thread loads
+//! another when a job asks for it, so a switch waits behind the jobs queued before it.
+//! A request's LoRAs are merged into a copy of the layers they change
+//! ([`Pipeline::with_loras`]); the loaded model itself never changes, so the next request
+//! without them gets the plain model's image, bit for bit.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use crate::error::{Error, Result};
+use crate::pipeline::cost::CostModel;
+use crate::pipeline::{LoraSpec, Pipeline};
+
+/// Builds a pipeline from a checkpoint's source (a file, a folder or a repo id), with the
+/// server's load options (dtype, embeddings, a preview VAE).
+pub type Loader = Box<dyn Fn(&str) -> Result<Pipeline> + Send + Sync>;
+
+/// A model the server has loaded, with what requests cost on it.
+pub struct Loaded {
+    pub pipeline: Arc<Pipeline>,
+    pub cost: CostModel,
+    pub checkpoint: Checkpoint,
+}
+
+/// A checkpoint the server can load.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    /// What clients name it by (A1111's `title`): the file's name under `Stable-diffusion/`,
+    /// or the startup model's name.
+    pub title: String,
+    /// The title without its extension (A1111's `model_name`).
+    pub model_name: String,
+    /// Its file, folder or repo id.
+    pub source: String,
+}
+
+impl Checkpoint {
+    /// Whether a client's name means this checkpoint: its title or model name, or (as
+    /// A1111 accepts) the title followed by a hash in brackets.
+    fn answers_to(&self, name: &str) -> bool {
+        let name = name.trim();
+        let bare = match name.rsplit_once(" [") {
+            Some((title, hash)) if hash.ends_with(']') => title,
+            _ => name,
+        };
+        [name, bare]
+            .iter()
+            .any(|n| *n == self.title || *n == self.model_name)
+    }
+}
+
+/// A LoRA file a prompt may name as `<lora:NAME:W>`.
+#[derive(Clone, Debug)]
+pub struct LoraFile {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// The extensions of checkpoint and LoRA files, in the order a name is looked up.
+const WEIGHT_EXTENSIONS: [&str; 4] = ["safetensors", "ckpt", "pt", "pth"];
+
+pub struct Models {
+    loader: Loader,
+    /// The `--model` the server started with (listed first, even outside `models_dir`).
+    startup: Checkpoint,
+    /// `--models-dir`.
+    models_dir: Option<PathBuf>,
+    /// Where `<lora:NAME>` is looked up (`--lora-dir`, or `Lora/` under `--models-dir`).
+    lora_dir: Option<PathBuf>,
+    checkpoints: RwLock<Vec<Checkpoint>>,
+    loras: RwLock<Vec<LoraFile>>,
+    /// The model requests run on unless they name another (`sd_model_checkpoint`).
+    selected: RwLock<Checkpoint>,
+    loaded: RwLock<Option<Arc<Loaded>>>,
+    /// The last request's LoRA copy of the loaded model, for the next request with the same
+    /// LoRAs (a client making several images with one LoRA pays for the merge once).
+    lora_copy: Mutex<Option<(LoraKey, Arc<Pipeline>)>>,
+}
+
+/// What a LoRA copy was made from: the model, and each LoRA's file (with its size and time,
+/// so a replaced file is merged again) and weights.
+#[derive(Clone, Debug, PartialEq)]
+struct LoraKey {
+    model: String,
+    loras: Vec<(PathBuf, u64, Option<SystemTime>, u64, u64)>,
+}
+
+impl LoraKey {
+    fn of(model: &str, specs: &[LoraSpec]) -> Self {
+        let loras = specs
+            .iter()
+            .map(|s| {
+                let meta = std::fs::metadata(&s.path).ok();
+                (
+                    s.path.clone(),
+                    meta.as_ref().map_or(0, std::fs::Metadata::len),
+                    meta.and_then(|m| m.modified().ok()),
+                    s.text_weight.to_bits(),
+                    s.unet_weight.to_bits(),
+                )
+            })
+            .collect();
+        Self {
+            model: model.to_string(),
+            loras,
+        }
+    }
+}
+
+impl Models {
+    /// The server's models, with `pipeline` (loaded from `startup.source`) loaded.
+    pub fn new(
+        loader: Loader,
+        pipeline: Pipeline,
+        startup: Checkpoint,
+        models_dir: Option<PathBuf>,
+        lora_dir: Option<PathBuf>,
+    ) -> Result<Self> {
+        let lora_dir = lora_dir.or_else(|| models_dir.as_ref().map(|d| d.join("Lora")));
+        let loaded = Self::measure(pipeline, startup.clone())?;
+        let models = Self {
+            loader,
+            selected: RwLock::new(startup.clone()),
+            startup,
+            models_dir,
+            lora_dir,
+            checkpoints: RwLock::new(Vec::new()),
+            loras: RwLock::new(Vec::new()),
+            loaded: RwLock::new(Some(Arc::new(loaded))),
+            lora_copy: Mutex::new(None),
+        };
+        models.refresh_checkpoints()?;
+        models.refresh_loras()?;
+        Ok(models)
+    }
+
+    fn measure(pipeline: Pipeline, checkpoint: Checkpoint) -> Result<Loaded> {
+        let measuring = std::time::Instant::now();
+        let cost = CostModel::measure(&pipeline)?;
+        eprintln!(
+            "measured what requests cost with {} in {:.2} s",
+            checkpoint.title,
+            measuring.elapsed().as_secs_f64()
+        );
+        Ok(Loaded {
+            pipeline: Arc::new(pipeline),
+            cost,
+            checkpoint,
+        })
+    }
+
+    /// The loaded model (`None` while the worker loads another).
+    pub fn loaded(&self) -> Option<Arc<Loaded>> {
+        read(&self.loaded).clone()
+    }
+
+    pub fn selected(&self) -> Checkpoint {
+        read(&self.selected).clone()
+    }
+
+    pub fn select(&self, checkpoint: Checkpoint) {
+        *write(&self.selected) = checkpoint;
+    }
+
+    pub fn checkpoints(&self) -> Vec<Checkpoint> {
+        read(&self.checkpoints).clone()
+    }
+
+    pub fn loras(&self) -> Vec<LoraFile> {
+        read(&self.loras).clone()
+    }
+
+    /// The checkpoint a client's name means; an error listing the known ones if none.
+    pub fn find(&self, name: &str) -> Result<Checkpoint> {
+        let checkpoints = read(&self.checkpoints);
+        checkpoints
+            .iter()
+            .find(|c| c.answers_to(name))
+            .cloned()
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "no checkpoint `{name}`; known: {}",
+                    checkpoints
+                        .iter()
+                        .map(|c| c.title.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+    }
+
+    /// Rescans `Stable-diffusion/` (A1111's `/sdapi/v1/refresh-checkpoints`).
+    pub fn refresh_checkpoints(&self) -> Result<()> {
+        let mut found = vec![self.startup.clone()];
+        if let Some(dir) = &self.models_dir {
+            let dir = dir.join("Stable-diffusion");
+            for (relative, path) in walk(&dir)? {
+                let is_file = path.is_file() && has_extension(&path, &WEIGHT_EXTENSIONS);
+                let is_folder = path.join("model_index.json").is_file();
+                if !(is_file || is_folder) || same_place(&path, &self.startup.source) {
+                    continue;
+                }
+                let model_name = if is_file {
+                    relative.with_extension("")
+                } else {
+                    relative.clone()
+                };
+                found.push(Checkpoint {
+                    title: slashes(&relative),
+                    model_name: slashes(&model_name),
+                    source: path.display().to_string(),
+                });
+            }
+        }
+        *write(&self.checkpoints) = found;
+        Ok(())
+    }
+
+    /// Rescans the LoRA folder (A1111's `/sdapi/v1/refresh-loras`).
+    pub fn refresh_loras(&self) -> Result<()> {
+        let mut found = Vec::new();
+        if let Some(dir) = &self.lora_dir {
+            for (relative, path) in walk(dir)? {
+                if path.is_file() && has_extension(&path, &WEIGHT_EXTENSIONS[..3]) {
+                    found.push(LoraFile {
+                        name: slashes(&relative.with_extension("")),
+                        path,
+                    });
+                }
+            }
+        }
+        *write(&self.loras) = found;
+        Ok(())
+    }
+
+    /// The LoRA a prompt's `<lora:NAME>` means (its file name without the extension, or its
+    /// path under the LoRA folder).
+    pub fn find_lora(&self, name: &str) -> Result<LoraFile> {
+        let Some(dir) = &self.lora_dir else {
+            return Err(Error::InvalidRequest(format!(
+                "names <lora:{name}>; this server has no LoRA folder (start it with --models-dir or --lora-dir)"
+            )));
+        };
+        let loras = read(&self.loras);
+        let by_path = loras.iter().find(|l| l.name == name);
+        let by_stem = || {
+            loras
+                .iter()
+                .find(|l| Path::new(&l.name).file_name().and_then(|n| n.to_str()) == Some(name))
+        };
+        by_path.or_else(by_stem).cloned().ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "names <lora:{name}>; there is no {name}.safetensors in {} (added since the start? POST /sdapi/v1/refresh-loras)",
+                dir.display()
+            ))
+        })
+    }
+
+    /// The loaded model if it is `checkpoint`; otherwise (in the worker) the old one is let
+    /// go and `checkpoint` loaded in its place.
+    pub fn load(&self, checkpoint: &Checkpoint) -> Result<Arc<Loaded>> {
+        if let Some(loaded) = self.loaded() {
+            if loaded.checkpoint == *checkpoint {
+                return Ok(loaded);
+            }
+        }
+        // Let the old model go first: two at once may not fit.
+        *write(&self.loaded) = None;
+        *self.lora_copy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        eprintln!("loading {} from {}", checkpoint.title, checkpoint.source);
+        let started = std::time::Instant::now();
+        let loaded = match (self.loader)(&checkpoint.source) {
+            Ok(pipeline) => Arc::new(Self::measure(pipeline, checkpoint.clone())?),
+            Err(e) => {
+                // Back to the selected model (or, if that is the one that failed, the
+                // startup model), so the server still answers.
+                eprintln!("loading {} failed: {e}", checkpoint.title);
+                let selected = self.selected();
+                let fallback = if selected == *checkpoint {
+                    self.startup.clone()
+                } else {
+                    selected
+                };
+                if fallback != *checkpoint {
+                    self.select(fallback.clone());
+                    if self.load(&fallback).is_err() && fallback != self.startup {
+                        self.select(self.startup.clone());
+                        let _ = self.load(&self.startup.clone());
+                    }
+                }
+                return Err(Error::InvalidRequest(format!(
+                    "cannot load checkpoint {}: {}",
+                    checkpoint.title,
+                    e.message()
+                )));
+            }
+        };
+        eprintln!(
+            "loaded {} in {:.1} s",
+            checkpoint.title,
+            started.elapsed().as_secs_f64()
+        );
+        *write(&self.loaded) = Some(loaded.clone());
+        Ok(loaded)
+    }
+
+    /// The loaded model with `loras` merged into a copy of the layers they change (the
+    /// model itself if there are none), and warnings about modules that matched no layer.
+    pub fn with_loras(
+        &self,
+        loaded: &Loaded,
+        loras: &[LoraSpec],
+    ) -> Result<(Arc<Pipeline>, Vec<String>)> {
+        if loras.is_empty() {
+            return Ok((loaded.pipeline.clone(), Vec::new()));
+        }
+        let key = LoraKey::of(&loaded.checkpoint.title, loras);
+        let mut cached = self.lora_copy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, copy)) = cached.as_ref() {
+            if *k == key {
+                return Ok((copy.clone(), Vec::new()));
+            }
+        }
+        // The previous copy goes before the next is made.
+        *cached = None;
+        let (copy, warnings) = loaded.pipeline.with_loras(loras)?;
+        let copy = Arc::new(copy);
+        *cached = Some((key, copy.clone()));
+        Ok((copy, warnings))
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn has_extension(path: &Path, extensions: &[&str]) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| extensions.iter().any(|x| e.eq_ignore_ascii_case(x)))
+}
+
+/// Whether `path` is where `source` points (the startup model found again in the folder).
+fn same_place(path: &Path, source: &str) -> bool {
+    match (path.canonicalize(), Path::new(source).canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// A relative path with `/` between its parts, as clients see names.
+fn slashes(path: &Path) -> String {
+    path.components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Every entry under `dir` (recursively, not into diffusers folders), sorted, with its path
+/// relative to `dir`. A missing folder has none.
+fn walk(dir: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let mut found = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        let here = dir.join(&relative);
+        let entries = match std::fs::read_dir(&here) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(&here, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&here, e))?;
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let (relative, path) = (relative.join(&name), entry.path());
+            if path.is_dir() && !path.join("model_index.json").is_file() {
+                pending.push(relative);
+            } else {
+                found.push((relative, path));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_names_as_a1111_clients_send_them() {
+        let c = Checkpoint {
+            title: "sd15/dreamy.safetensors".into(),
+            model_name: "sd15/dreamy".into(),
+            source: "/m/Stable-diffusion/sd15/dreamy.safetensors".into(),
+        };
+        assert!(c.answers_to("sd15/dreamy.safetensors"));
+        assert!(c.answers_to("sd15/dreamy"));
+        assert!(c.answers_to("sd15/dreamy.safetensors [6ce0161689]"));
+        assert!(!c.answers_to("dreamy"));
+        assert!(!c.answers_to("sd15/dreamy.ckpt"));
+    }
+
+    #[test]
+    fn walks_folders_but_not_into_diffusers_models() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::create_dir_all(root.join("folder-model/unet")).unwrap();
+        std::fs::write(root.join("folder-model/model_index.json"), "{}").unwrap();
+        std::fs::write(root.join("a/b/x.safetensors"), "").unwrap();
+        std::fs::write(root.join("y.ckpt"), "").unwrap();
+        std::fs::write(root.join(".hidden.safetensors"), "").unwrap();
+        let names: Vec<String> = walk(root)
+            .unwrap()
+            .iter()
+            .map(|(r, _)| slashes(r))
+            .collect();
+        assert_eq!(names, ["a/b/x.safetensors", "folder-model", "y.ckpt"]);
+        assert!(walk(&root.join("missing")).unwrap().is_empty());
+    }
+}
