@@ -43,10 +43,13 @@ impl Linear {
     /// weight, in the weight's own dtype: the same arithmetic as a LoRA merged at load, so the
     /// two give the same image where the weights are kept as loaded (f32 or f16 files).
     pub fn patched(&self, delta: &Tensor) -> Result<Self> {
-        let weight =
-            (self.weight_t.t()?.to_dtype(DType::F32)? + delta)?.to_dtype(self.weight_t.dtype())?;
+        // Added in the kept (in, out) layout: one transpose of the delta, and every sum is
+        // the same pair of numbers as in the (out, in) layout.
+        let delta_t = crate::kernels::transpose::transpose_matrix(&delta.to_dtype(DType::F32)?)?;
+        let weight_t =
+            (self.weight_t.to_dtype(DType::F32)? + delta_t)?.to_dtype(self.weight_t.dtype())?;
         Ok(Self {
-            weight_t: crate::kernels::transpose::transpose_matrix(&weight)?,
+            weight_t,
             ..self.clone()
         })
     }

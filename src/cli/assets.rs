@@ -205,7 +205,7 @@ pub struct ModelArgs {
 }
 
 /// `--lora FILE[:WEIGHT]`.
-fn parse_lora(text: &str) -> Result<text2img::pipeline::LoraSpec, String> {
+pub fn parse_lora(text: &str) -> Result<text2img::pipeline::LoraSpec, String> {
     let (path, weight) = match text.rsplit_once(':') {
         Some((path, w)) if w.parse::<f64>().is_ok() => (path, w.parse::<f64>().unwrap_or(1.0)),
         _ => (text, 1.0),

@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Decode in overlapping tiles (diffusers' `enable_tiling()`).
     #[arg(long)]
     vae_tiling: bool,
+    /// Also time applying these LoRAs to the loaded model as a server does for one request
+    /// (a patched copy of the layers they change), FILE or FILE:WEIGHT, repeatable.
+    #[arg(long = "request-lora", value_name = "FILE[:WEIGHT]", value_parser = crate::assets::parse_lora)]
+    request_loras: Vec<text2img::pipeline::LoraSpec>,
 }
 
 /// The layers' shares of one timed part, recorded over `repeat` runs of it: the step's wall
@@ -193,6 +197,14 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
     } else {
         None
     };
+    // A server's per-request LoRAs: the copy with them merged, made and dropped each time.
+    let lora_s = if a.request_loras.is_empty() {
+        None
+    } else {
+        Some(best(a.repeat, || {
+            Ok(pipeline.with_loras(&a.request_loras)?.0)
+        })?)
+    };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     if a.json {
         let mut out = json!({
@@ -201,6 +213,7 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
                 "sgemm_2048_gflops": gflops, "bf16_gemm_2048_gflops": bf16_gflops,
                 "dtype": format!("{:?}", a.model.dtype.dtype()).to_lowercase(),
                 "bf16_products": text2img::kernels::matmul_bf16::available(),
+                "request_loras_s": lora_s,
         });
         if a.profile {
             out["profile_unet_step"] = unet_profile.json();
@@ -217,6 +230,9 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
         println!("  sgemm 2048^3              {gflops:8.1} GFLOP/s");
         if let Some(g) = bf16_gflops {
             println!("  bf16 GEMM 2048^3          {g:8.1} GFLOP/s");
+        }
+        if let Some(s) = lora_s {
+            println!("  LoRAs for one request     {s:8.3} s");
         }
         if a.profile {
             unet_profile.print("U-Net step by layer");
