@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde_json::{json, Value};
 
-use parity::{decode_png, model_dir};
+use parity::{decode_png, fixtures, model_dir};
 
 struct Killed(Child);
 
@@ -147,8 +147,18 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
     };
 
     let key = "page-key-123";
+    // A models folder with one LoRA, for the page's list of them.
+    let models = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(models.path().join("Lora")).unwrap();
+    std::fs::copy(
+        fixtures().join("loras/kohya-sd1.safetensors"),
+        models.path().join("Lora/style.safetensors"),
+    )
+    .unwrap();
     let mut server = Command::new(env!("CARGO_BIN_EXE_text2img"))
-        .args(["serve", "--port", "0", "--api-key", key, "--model"])
+        .args(["serve", "--port", "0", "--api-key", key, "--models-dir"])
+        .arg(models.path())
+        .arg("--model")
         .arg(model_dir("sd1-tiny"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -216,6 +226,32 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
             &format!("/session/{session}/alert/accept"),
             Some(json!({})),
         );
+
+        // The model picker shows the loaded model; a LoRA's button adds its tag to the prompt.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let lora = loop {
+            let found = driver.script(
+                &session,
+                "const b = document.querySelector('#loras button'); return b ? b.textContent : null;",
+            );
+            if let Some(text) = found.as_str() {
+                break text.to_string();
+            }
+            assert!(Instant::now() < deadline, "the page listed no LoRA");
+            thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(lora, "LoRA style");
+        let picked = driver.script(
+            &session,
+            "return document.getElementById('checkpoint').value;",
+        );
+        assert_eq!(picked.as_str(), Some("sd1-tiny"));
+        driver.script(
+            &session,
+            "document.querySelector('#loras button').click(); return null;",
+        );
+        let prompt = driver.script(&session, "return document.getElementById('prompt').value;");
+        assert_eq!(prompt.as_str(), Some("<lora:style:1>"));
 
         driver.type_into(&session, "#prompt", "a red circle on a blue background");
         driver.type_into(&session, "#width", "64");
