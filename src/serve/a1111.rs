@@ -15,8 +15,8 @@ use crate::png_out::a1111_parameters;
 
 use super::api_error::ApiError;
 use super::fields::Fields;
-use super::plan::{a1111_aliases, a1111_sampler, plan, Asked};
-use super::{encode_images, model_for, run_plan, AppState};
+use super::plan::{a1111_aliases, a1111_sampler, Asked};
+use super::{encode_images, model_for, plan_on, run_plan, AppState};
 
 /// `POST /sdapi/v1/txt2img` (with hires fix).
 pub async fn txt2img(
@@ -206,12 +206,7 @@ async fn respond(app: &AppState, asked: &Asked) -> Result<Json<Value>, ApiError>
         asked.refiner_start = None;
     }
     let asked = &asked;
-    let plan = plan(&loaded.pipeline, &app.limits, asked, &|name| {
-        app.models
-            .find_lora(name)
-            .map(|l| l.path)
-            .map_err(|e| e.message())
-    })?;
+    let plan = plan_on(app, &loaded, asked)?;
     let output = run_plan(app, &loaded, &plan).await?;
     let model_name = &loaded.pipeline.name;
     let r = &plan.resolved;

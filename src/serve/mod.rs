@@ -150,6 +150,21 @@ pub(crate) async fn model_for(
     ))
 }
 
+/// The plan of a request on the model it runs on, with the LoRAs its prompt names found in
+/// the server's LoRA folder.
+pub(crate) fn plan_on(
+    app: &AppState,
+    loaded: &Loaded,
+    asked: &plan::Asked,
+) -> Result<Plan, ApiError> {
+    plan::plan(&loaded.pipeline, &app.limits, asked, &|name| {
+        app.models
+            .find_lora(name)
+            .map(|l| l.path)
+            .map_err(|e| e.message())
+    })
+}
+
 /// Queues a plan and waits for its images, turning queue and job failures into HTTP errors.
 pub(crate) async fn run_plan(
     app: &AppState,

@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 
 use super::api_error::{ApiError, Flavor};
 use super::fields::{image_bytes, read_body};
-use super::plan::{plan, Asked};
-use super::{encode_images, model_for, run_plan, AppState};
+use super::plan::Asked;
+use super::{encode_images, model_for, plan_on, run_plan, AppState};
 use crate::image_in;
 use crate::pipeline::InpaintOptions;
 
@@ -72,12 +72,7 @@ async fn handle(
 /// Runs a request and answers in OpenAI's shape.
 async fn respond(app: &AppState, asked: &Asked) -> Result<Json<Value>, ApiError> {
     let loaded = model_for(app, asked.checkpoint.as_deref()).await?;
-    let plan = plan(&loaded.pipeline, &app.limits, asked, &|name| {
-        app.models
-            .find_lora(name)
-            .map(|l| l.path)
-            .map_err(|e| e.message())
-    })?;
+    let plan = plan_on(app, &loaded, asked)?;
     let output = run_plan(app, &loaded, &plan).await?;
     let created = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
