@@ -151,6 +151,7 @@ fn unet_with_text_time_and_guidance_embedding() {
         let extra = ExtraConditions {
             text_time: Some((&text_embeds, &time_ids)),
             timestep_cond: None,
+            control: None,
         };
         let out = unet
             .forward_conditioned(
@@ -192,6 +193,7 @@ fn unet_with_text_time_and_guidance_embedding() {
             &ExtraConditions {
                 text_time: Some((&text_embeds, &time_ids)),
                 timestep_cond: Some(&embedding),
+                control: None,
             },
         )
         .unwrap();

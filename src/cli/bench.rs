@@ -165,6 +165,7 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
     let extra = ExtraConditions {
         text_time: batch.text_embeds.as_ref().map(|t| (t, &time_ids)),
         timestep_cond: guidance.as_ref(),
+        control: None,
     };
     // The pipeline's own call: the guidance pair split over the threads. The profile, when
     // asked, records the timed runs only (the text encoder's layers ran before it).

@@ -190,6 +190,7 @@ impl CostModel {
             let extra = ExtraConditions {
                 text_time: cond.text_embeds.as_ref().map(|e| (e, &ids)),
                 timestep_cond: guidance.as_ref(),
+                control: None,
             };
             unet.forward_conditioned(&x, &[500.0], &cond.context, &extra)?;
             Ok(())

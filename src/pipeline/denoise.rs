@@ -11,7 +11,9 @@ use crate::cancel::{self, CancelFlag};
 use crate::error::{Error, Result};
 use crate::latent::schedulers::Scheduler;
 use crate::latent::unet::embeddings::guidance_scale_embedding;
-use crate::latent::unet::ExtraConditions;
+use crate::latent::unet::{ControlResiduals, ExtraConditions};
+
+use super::control::ActiveControls;
 use crate::rng::BatchGenerator;
 
 /// Where a pass starts and what it adds to each step.
@@ -73,6 +75,8 @@ pub struct Pass {
     /// steps of all passes, for progress.
     pub steps_before: usize,
     pub steps_total: usize,
+    /// Whether the request's ControlNets steer this pass (not the refiner's).
+    pub controlled: bool,
 }
 
 /// What a pass ended with.
@@ -106,6 +110,7 @@ impl Pipeline {
             size,
             steps_before,
             steps_total,
+            controlled,
         } = pass;
         let n = text.n;
         let cfg = text.cfg;
@@ -140,6 +145,7 @@ impl Pipeline {
         let extra = ExtraConditions {
             text_time: conditioning.text_embeds.as_ref().zip(time_ids.as_ref()),
             timestep_cond: guidance_embedding.as_ref(),
+            control: None,
         };
         // The conditional half alone: for the steps outside the guidance interval and for
         // autoguidance's weaker U-Net. LCM U-Nets never need it: they have no unconditional
@@ -154,6 +160,7 @@ impl Pipeline {
         let cond_extra = ExtraConditions {
             text_time: cond_embeds.as_ref().zip(cond_time_ids.as_ref()),
             timestep_cond: None,
+            control: None,
         };
         let guide_unet = match &self.guide_unet {
             Some(unet) if resolved.autoguidance > 1.0 => Some(unet),
@@ -171,6 +178,43 @@ impl Pipeline {
                     Ok(Tensor::cat(&[&input, &extra], 1)?)
                 }
                 _ => Ok(input),
+            }
+        };
+
+        let timesteps_len = scheduler.timesteps().len();
+        let controls = if controlled && !req.controls.is_empty() {
+            Some(ActiveControls::prepare(
+                &self.controlnets,
+                &req.controls,
+                req.guess_mode,
+                size,
+                n,
+                &self.device,
+            )?)
+        } else {
+            None
+        };
+        // The ControlNets' residuals for one U-Net call on `input` (latents only, without an
+        // inpainting U-Net's extra channels) at step `i`.
+        let control_for = |i: usize,
+                           t: f64,
+                           input: &Tensor,
+                           context: &Tensor,
+                           extra: &ExtraConditions,
+                           scaled: &Tensor|
+         -> Result<Option<ControlResiduals>> {
+            match &controls {
+                Some(c) => c.residuals(
+                    i - plan.begin,
+                    timesteps_len - plan.begin,
+                    input,
+                    t,
+                    context,
+                    extra,
+                    (scaled, &cond_context, &cond_extra),
+                    n,
+                ),
+                None => Ok(None),
             }
         };
 
@@ -204,20 +248,29 @@ impl Pipeline {
                     } else {
                         scaled.clone()
                     };
+                    let control =
+                        control_for(i, t, &input, &conditioning.context, &extra, &scaled)?;
                     self.unet.forward_sharded(
                         &with_channels(input, rows)?,
                         &vec![t; rows],
                         &conditioning.context,
-                        &extra,
+                        &ExtraConditions {
+                            control: control.as_ref(),
+                            ..extra
+                        },
                     )?
                 } else {
                     // `cfg` excludes U-Nets that embed the guidance scale.
                     debug_assert!(guidance_embedding.is_none());
+                    let control = control_for(i, t, &scaled, &cond_context, &cond_extra, &scaled)?;
                     self.unet.forward_sharded(
                         &with_channels(scaled.clone(), n)?,
                         &vec![t; n],
                         &cond_context,
-                        &cond_extra,
+                        &ExtraConditions {
+                            control: control.as_ref(),
+                            ..cond_extra
+                        },
                     )?
                 };
                 let (pred, text_pred) = if guided {

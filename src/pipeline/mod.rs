@@ -4,6 +4,7 @@
 //! SDXL ([`family`]).
 
 pub mod conditioning;
+pub mod control;
 pub mod cost;
 mod denoise;
 pub mod family;
@@ -24,6 +25,7 @@ use serde_json::Value;
 
 use crate::cancel::{self, CancelFlag};
 use crate::error::{read_json, Error, Result};
+use crate::latent::controlnet::ControlNet;
 use crate::latent::schedulers::Scheduler;
 use crate::latent::schedulers::{self, SchedulerKind, SchedulerOptions, TimestepSpacing};
 use crate::latent::unet::UNet;
@@ -39,6 +41,7 @@ use crate::weights::lora::Part;
 use crate::weights::store::has_weight_files;
 pub use conditioning::PromptSyntax;
 use conditioning::{Conditioning, TextEncoder};
+pub use control::ControlUnit;
 use denoise::{Pass, TextConditions};
 pub use family::Family;
 pub use guidance::GuidanceInterval;
@@ -160,6 +163,12 @@ pub struct GenerateRequest {
     /// (diffusers' defaults: 6 and 2.5).
     pub aesthetic_score: f64,
     pub negative_aesthetic_score: f64,
+    /// ControlNets that steer the layout ([`Pipeline::add_controlnet`] loads them); their
+    /// residuals add up.
+    pub controls: Vec<ControlUnit>,
+    /// diffusers' `guess_mode`: the ControlNets see the conditional half of guidance only,
+    /// their residuals weighed from 0.1 (first) to 1 (mid block).
+    pub guess_mode: bool,
 }
 
 /// A1111's hires fix: the first pass's latents upscaled and refined by img2img at the larger
@@ -252,6 +261,8 @@ impl Default for GenerateRequest {
             refiner_start: None,
             aesthetic_score: 6.0,
             negative_aesthetic_score: 2.5,
+            controls: Vec::new(),
+            guess_mode: false,
         }
     }
 }
@@ -490,6 +501,8 @@ pub struct Pipeline {
     pub load_warnings: Vec<String>,
     /// A tiny autoencoder (TAESD) for full-size step previews.
     pub preview_vae: Option<AutoencoderTiny>,
+    /// ControlNets requests may use ([`GenerateRequest::controls`] names them by index).
+    pub controlnets: Vec<ControlNet>,
     device: Device,
 }
 
@@ -607,6 +620,7 @@ impl Pipeline {
             embeddings: Vec::new(),
             load_warnings,
             preview_vae: None,
+            controlnets: Vec::new(),
             device: device.clone(),
         };
         pipeline.check_widths(&folder.component("unet").join("config.json"))?;
@@ -713,6 +727,27 @@ impl Pipeline {
             (None, _) => {}
         }
         Ok(())
+    }
+
+    /// Loads a ControlNet (a diffusers `ControlNetModel` folder) for requests to use; returns
+    /// its index for [`ControlUnit::net`]. One made for another base model is refused.
+    pub fn add_controlnet(&mut self, dir: &Path, matrix_dtype: DType) -> Result<usize> {
+        let net = ControlNet::load(dir, &self.device, matrix_dtype)?;
+        if let Some(why) = net.mismatch(&self.unet.config) {
+            return Err(Error::config(dir.join("config.json"), why));
+        }
+        if net.downscale != self.vae_scale_factor() {
+            return Err(Error::config(
+                dir.join("config.json"),
+                format!(
+                    "its control images are {}x the latents; this model's VAE is {}x",
+                    net.downscale,
+                    self.vae_scale_factor()
+                ),
+            ));
+        }
+        self.controlnets.push(net);
+        Ok(self.controlnets.len() - 1)
     }
 
     /// A copy of this pipeline with `specs` merged into copies of the layers they change;
@@ -1198,6 +1233,7 @@ impl Pipeline {
             size: (resolved.height, resolved.width),
             steps_before: 0,
             steps_total,
+            controlled: true,
         };
         let mut outcome = self.run_pass(
             req,
@@ -1243,6 +1279,7 @@ impl Pipeline {
                 size: (h.height, h.width),
                 steps_before: completed_steps,
                 steps_total,
+                controlled: true,
             };
             outcome = self.run_pass(
                 req,

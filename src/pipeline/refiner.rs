@@ -145,6 +145,7 @@ impl Pipeline {
             size: (resolved.height, resolved.width),
             steps_before,
             steps_total,
+            controlled: false,
         };
         self.run_pass(
             &req, &resolved, &text, pass, generators, finish, on_step, warnings,

@@ -187,6 +187,7 @@ impl Pipeline {
             embeddings: Vec::new(),
             load_warnings,
             preview_vae: None,
+            controlnets: Vec::new(),
             aesthetic_time_ids: false,
             refiner: None,
             device: device.clone(),

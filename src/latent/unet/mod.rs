@@ -26,6 +26,43 @@ pub struct ExtraConditions<'a> {
     pub text_time: Option<(&'a Tensor, &'a Tensor)>,
     /// LCM: the guidance-scale embedding (batch, `time_cond_proj_dim`).
     pub timestep_cond: Option<&'a Tensor>,
+    /// ControlNets' residuals, added to the skip connections and the mid block's output.
+    pub control: Option<&'a ControlResiduals>,
+}
+
+/// What ControlNets add to a U-Net's pass: one tensor per skip connection (in the order the
+/// down path makes them) and one for the mid block's output, each with the batch's rows.
+#[derive(Clone, Debug)]
+pub struct ControlResiduals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+impl ControlResiduals {
+    /// Rows `start..start + len` of every residual.
+    pub fn rows(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            down: self
+                .down
+                .iter()
+                .map(|t| t.narrow(0, start, len))
+                .collect::<candle_core::Result<_>>()?,
+            mid: self.mid.narrow(0, start, len)?,
+        })
+    }
+
+    /// The sum of two ControlNets' residuals (multi-ControlNet).
+    pub fn add(&self, other: &Self) -> Result<Self> {
+        Ok(Self {
+            down: self
+                .down
+                .iter()
+                .zip(&other.down)
+                .map(|(a, b)| a + b)
+                .collect::<candle_core::Result<_>>()?,
+            mid: (&self.mid + &other.mid)?,
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -181,9 +218,11 @@ impl UNet {
                 None => None,
             };
             let timestep_cond = extra.timestep_cond.map(rows).transpose()?;
+            let control = extra.control.map(|c| c.rows(start, len)).transpose()?;
             let extra = ExtraConditions {
                 text_time: text_time.as_ref().map(|(e, i)| (e, i)),
                 timestep_cond: timestep_cond.as_ref(),
+                control: control.as_ref(),
             };
             self.forward_conditioned(
                 &rows(sample)?,
@@ -223,55 +262,14 @@ impl UNet {
                 self.config.in_channels
             )));
         }
-        let features = timestep_features(
+        let temb = embed_time(
+            &self.config,
+            &self.time_embedding,
+            self.add_embedding.as_ref(),
             timesteps,
-            self.config.block_out_channels[0],
-            self.config.flip_sin_to_cos,
-            self.config.freq_shift,
+            extra,
             &self.device,
         )?;
-        if let (Some(cond), Some(dim)) = (extra.timestep_cond, self.config.time_cond_proj_dim) {
-            if cond.dims() != [batch, dim] {
-                return Err(Error::InvalidRequest(format!(
-                    "the guidance embedding has shape {:?}; the U-Net takes ({batch}, {dim})",
-                    cond.dims()
-                )));
-            }
-        }
-        let mut temb = self
-            .time_embedding
-            .forward_cond(&features, extra.timestep_cond)?;
-        if let (Some(add), Some(tt)) = (&self.add_embedding, &self.config.text_time) {
-            let Some((text_embeds, time_ids)) = extra.text_time else {
-                return Err(Error::InvalidRequest(
-                    "this U-Net (SDXL) needs the pooled text embedding and the time ids".into(),
-                ));
-            };
-            let count = time_ids.dim(1)?;
-            let want = tt.text_embeds_dim_with(count);
-            if text_embeds.dims() != [batch, want] || time_ids.dims() != [batch, count] {
-                return Err(Error::InvalidRequest(format!(
-                    "text embeddings {:?} and time ids {:?}: the U-Net takes ({batch}, {want}) with {count} time ids",
-                    text_embeds.dims(),
-                    time_ids.dims()
-                )));
-            }
-            let ids: Vec<f64> = time_ids
-                .flatten_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_vec1()?;
-            let time_features = timestep_features(
-                &ids,
-                tt.time_embed_dim,
-                self.config.flip_sin_to_cos,
-                self.config.freq_shift,
-                &self.device,
-            )?
-            .reshape((batch, count * tt.time_embed_dim))?;
-            let text_embeds = text_embeds.to_dtype(time_features.dtype())?;
-            let added = add.forward(&Tensor::cat(&[&text_embeds, &time_features], 1)?)?;
-            temb = (temb + added)?;
-        }
 
         let sample = if self.config.center_input_sample {
             sample.affine(2.0, -1.0)?
@@ -293,6 +291,19 @@ impl UNet {
         if let Some(mid) = &self.mid_block {
             x = mid.forward(&x, &temb, context)?;
         }
+        if let Some(control) = extra.control {
+            if control.down.len() != skips.len() {
+                return Err(Error::InvalidRequest(format!(
+                    "the ControlNet gives {} residuals; the U-Net has {} skip connections",
+                    control.down.len(),
+                    skips.len()
+                )));
+            }
+            for (skip, residual) in skips.iter_mut().zip(&control.down) {
+                *skip = (&*skip + residual)?;
+            }
+            x = (x + &control.mid)?;
+        }
         for block in &self.up_blocks {
             let remaining = skips.len() - block.num_layers();
             let upsample_size = if forward_upsample_size && remaining > 0 {
@@ -306,6 +317,68 @@ impl UNet {
         let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
+}
+
+/// The timestep embedding every block reads: the timesteps' features through
+/// `time_embedding`, plus (SDXL) `add_embedding` of the pooled text embedding and the time
+/// ids. Shared by the U-Net and its ControlNets, which embed time alike.
+pub(crate) fn embed_time(
+    config: &UNetConfig,
+    time_embedding: &TimestepEmbedding,
+    add_embedding: Option<&TimestepEmbedding>,
+    timesteps: &[f64],
+    extra: &ExtraConditions,
+    device: &Device,
+) -> Result<Tensor> {
+    let batch = timesteps.len();
+    let features = timestep_features(
+        timesteps,
+        config.block_out_channels[0],
+        config.flip_sin_to_cos,
+        config.freq_shift,
+        device,
+    )?;
+    if let (Some(cond), Some(dim)) = (extra.timestep_cond, config.time_cond_proj_dim) {
+        if cond.dims() != [batch, dim] {
+            return Err(Error::InvalidRequest(format!(
+                "the guidance embedding has shape {:?}; the U-Net takes ({batch}, {dim})",
+                cond.dims()
+            )));
+        }
+    }
+    let mut temb = time_embedding.forward_cond(&features, extra.timestep_cond)?;
+    if let (Some(add), Some(tt)) = (add_embedding, &config.text_time) {
+        let Some((text_embeds, time_ids)) = extra.text_time else {
+            return Err(Error::InvalidRequest(
+                "this U-Net (SDXL) needs the pooled text embedding and the time ids".into(),
+            ));
+        };
+        let count = time_ids.dim(1)?;
+        let want = tt.text_embeds_dim_with(count);
+        if text_embeds.dims() != [batch, want] || time_ids.dims() != [batch, count] {
+            return Err(Error::InvalidRequest(format!(
+                    "text embeddings {:?} and time ids {:?}: the U-Net takes ({batch}, {want}) with {count} time ids",
+                    text_embeds.dims(),
+                    time_ids.dims()
+                )));
+        }
+        let ids: Vec<f64> = time_ids
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1()?;
+        let time_features = timestep_features(
+            &ids,
+            tt.time_embed_dim,
+            config.flip_sin_to_cos,
+            config.freq_shift,
+            device,
+        )?
+        .reshape((batch, count * tt.time_embed_dim))?;
+        let text_embeds = text_embeds.to_dtype(time_features.dtype())?;
+        let added = add.forward(&Tensor::cat(&[&text_embeds, &time_features], 1)?)?;
+        temb = (temb + added)?;
+    }
+    Ok(temb)
 }
 
 crate::impl_layers!(UNet: time_embedding, add_embedding, conv_in, down_blocks, mid_block, up_blocks, conv_out);

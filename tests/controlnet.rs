@@ -1,0 +1,215 @@
+//! ControlNets against diffusers' StableDiffusion(XL)ControlNetPipeline
+//! (scripts/fixtures/controlnet.py): one ControlNet, an interval of steps, two at once, guess
+//! mode, SDXL. Each case must reach parity::MATCH_DB, and its near misses (scale 0, another
+//! control image, the interval or guess mode left out) must fall below 45 dB.
+
+mod parity;
+
+use parity::{fixtures, model_dir, psnr, read_png};
+use serde_json::Value;
+use text2img::latent::schedulers::SchedulerKind;
+use text2img::pipeline::{load_local, ControlUnit, GenerateRequest, Pipeline};
+
+fn case(name: &str) -> Value {
+    let path = fixtures().join("reference/controlnet/cases.json");
+    let cases: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    cases
+        .into_iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
+}
+
+fn control_image(name: &str) -> image::RgbImage {
+    image::open(fixtures().join("controlnet").join(name))
+        .unwrap()
+        .to_rgb8()
+}
+
+/// The case's model with its ControlNets loaded, in the order of its units.
+fn pipeline(case: &Value) -> Pipeline {
+    let mut pipeline = load_local(
+        &model_dir(case["model"].as_str().unwrap()),
+        &Default::default(),
+    )
+    .unwrap();
+    for unit in case["controls"].as_array().unwrap() {
+        pipeline
+            .add_controlnet(
+                &model_dir(unit["net"].as_str().unwrap()),
+                candle_core::DType::F32,
+            )
+            .unwrap();
+    }
+    pipeline
+}
+
+fn request(case: &Value) -> GenerateRequest {
+    let scheduler = match case["scheduler"].as_str().unwrap() {
+        "ddim" => SchedulerKind::Ddim,
+        "euler" => SchedulerKind::Euler,
+        "euler-a" => SchedulerKind::EulerAncestral,
+        other => panic!("scheduler {other}"),
+    };
+    let sdxl = case["model"].as_str().unwrap().starts_with("sdxl");
+    let controls = case["controls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(net, u)| ControlUnit {
+            net,
+            image: control_image(u["image"].as_str().unwrap()),
+            scale: u["scale"].as_f64().unwrap(),
+            start: u["start"].as_f64().unwrap(),
+            end: u["end"].as_f64().unwrap(),
+        })
+        .collect();
+    GenerateRequest {
+        prompts: vec![case["prompt"].as_str().unwrap().to_string()],
+        negative_prompts: (!sdxl).then(|| vec![String::new()]),
+        seed: case["seed"].as_u64(),
+        steps: case["steps"].as_u64().map(|s| s as usize),
+        guidance_scale: case["guidance"].as_f64(),
+        scheduler: Some(scheduler),
+        num_images: case["num_images"].as_u64().unwrap_or(1) as usize,
+        width: Some(64),
+        height: Some(64),
+        controls,
+        guess_mode: case["guess_mode"].as_bool().unwrap_or(false),
+        ..Default::default()
+    }
+}
+
+fn psnrs(pipeline: &Pipeline, case: &Value, req: &GenerateRequest) -> Vec<f64> {
+    let generation = pipeline.generate(req, &mut |_| true).unwrap();
+    let files = case["images"].as_array().unwrap();
+    assert_eq!(generation.images.len(), files.len());
+    generation
+        .images
+        .iter()
+        .zip(files)
+        .map(|(image, file)| {
+            let path = fixtures()
+                .join("reference/controlnet")
+                .join(file.as_str().unwrap());
+            psnr(&image.rgb, &read_png(&path).0)
+        })
+        .collect()
+}
+
+/// The case matches diffusers, and each near miss falls below 45 dB.
+fn check(name: &str, near_misses: &[(&str, &dyn Fn(&mut GenerateRequest))]) {
+    let case = case(name);
+    let pipeline = pipeline(&case);
+    let req = request(&case);
+    let dbs = psnrs(&pipeline, &case, &req);
+    eprintln!("{name}: {dbs:.1?} dB");
+    assert!(
+        dbs.iter().all(|db| *db >= parity::MATCH_DB),
+        "{name}: {dbs:.1?} dB against diffusers"
+    );
+    for (what, change) in near_misses {
+        let mut missed = req.clone();
+        change(&mut missed);
+        let dbs = psnrs(&pipeline, &case, &missed);
+        eprintln!("{name}, {what}: {dbs:.1?} dB");
+        assert!(
+            dbs.iter().all(|db| *db < 45.0),
+            "{name}, {what}: still {dbs:.1?} dB"
+        );
+    }
+}
+
+fn scale_zero(r: &mut GenerateRequest) {
+    for unit in &mut r.controls {
+        unit.scale = 0.0;
+    }
+}
+
+fn other_image(r: &mut GenerateRequest) {
+    for unit in &mut r.controls {
+        unit.image = image::imageops::flip_horizontal(&unit.image);
+    }
+}
+
+#[test]
+fn one_controlnet() {
+    check(
+        "sd1-one",
+        &[("scale 0", &scale_zero), ("other image", &other_image)],
+    );
+}
+
+#[test]
+fn a_controlnet_on_an_interval_of_the_steps() {
+    check(
+        "sd1-interval",
+        &[
+            ("scale 0", &scale_zero),
+            ("whole schedule", &|r| {
+                r.controls[0].start = 0.0;
+                r.controls[0].end = 1.0;
+            }),
+        ],
+    );
+}
+
+#[test]
+fn two_controlnets_add_up() {
+    check(
+        "sd1-two",
+        &[
+            ("first only", &|r| r.controls.truncate(1)),
+            ("second only", &|r| {
+                r.controls.remove(0);
+            }),
+        ],
+    );
+}
+
+#[test]
+fn guess_mode() {
+    check(
+        "sd1-guess",
+        &[
+            ("scale 0", &scale_zero),
+            ("without guess mode", &|r| r.guess_mode = false),
+        ],
+    );
+}
+
+#[test]
+fn sdxl_controlnet() {
+    check(
+        "sdxl-one",
+        &[("scale 0", &scale_zero), ("other image", &other_image)],
+    );
+}
+
+#[test]
+fn a_controlnet_for_another_base_model_is_refused() {
+    let mut sd1 = load_local(&model_dir("sd1-tiny"), &Default::default()).unwrap();
+    let err = sd1
+        .add_controlnet(&model_dir("controlnet-sdxl-tiny"), candle_core::DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("made for another base model"), "{err}");
+    // A unit that names no loaded ControlNet, or a bad interval: an error, not a panic.
+    let mut req = GenerateRequest::new("x");
+    req.steps = Some(2);
+    req.controls = vec![ControlUnit {
+        net: 0,
+        image: image::RgbImage::new(64, 64),
+        scale: 1.0,
+        start: 0.0,
+        end: 1.0,
+    }];
+    let err = sd1.generate(&req, &mut |_| true).err().unwrap().to_string();
+    assert!(err.contains("ControlNet 0 asked for; 0 loaded"), "{err}");
+    sd1.add_controlnet(&model_dir("controlnet-sd1-tiny"), candle_core::DType::F32)
+        .unwrap();
+    req.controls[0].start = 0.8;
+    req.controls[0].end = 0.2;
+    let err = sd1.generate(&req, &mut |_| true).err().unwrap().to_string();
+    assert!(err.contains("start before it ends"), "{err}");
+}
