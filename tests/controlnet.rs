@@ -97,8 +97,11 @@ fn psnrs(pipeline: &Pipeline, case: &Value, req: &GenerateRequest) -> Vec<f64> {
         .collect()
 }
 
+/// A near miss: what it changes, and the change.
+type NearMiss<'a> = (&'a str, &'a dyn Fn(&mut GenerateRequest));
+
 /// The case matches diffusers, and each near miss falls below 45 dB.
-fn check(name: &str, near_misses: &[(&str, &dyn Fn(&mut GenerateRequest))]) {
+fn check(name: &str, near_misses: &[NearMiss]) {
     let case = case(name);
     let pipeline = pipeline(&case);
     let req = request(&case);
