@@ -688,3 +688,80 @@ fn an_sdxl_refiner_from_the_command_line() {
         "a refiner is an SDXL model",
     );
 }
+
+/// `--controlnet` with `--control-image`: diffusers' image of the `sd1-two` case (two
+/// ControlNets, their own scales and intervals); mismatched flags are errors before loading.
+#[test]
+fn generate_with_two_controlnets() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("controlled.png");
+    let (model, a, b) = (
+        model(),
+        model_dir("controlnet-sd1-tiny"),
+        model_dir("controlnet-sd1-tiny-b"),
+    );
+    let image = |name: &str| fixtures().join("controlnet").join(name);
+    let (edges, blocks) = (image("edges.png"), image("blocks.png"));
+    let mut args: Vec<&str> = vec![
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "a red circle on a blue background",
+        "--negative-prompt",
+        "",
+        "--seed",
+        "7",
+        "--steps",
+        "8",
+        "--scheduler",
+        "euler",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--controlnet",
+        a.to_str().unwrap(),
+        "--control-image",
+        edges.to_str().unwrap(),
+        "--controlnet",
+        b.to_str().unwrap(),
+        "--control-image",
+        blocks.to_str().unwrap(),
+        "--control-scale",
+        "0.7",
+        "--control-scale",
+        "0.5",
+        "--control-start",
+        "0",
+        "--control-start",
+        "0.1",
+        "--control-end",
+        "1",
+        "--control-end",
+        "0.9",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    let result = text2img(&args, &[]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let (rgb, ..) = read_png(&out);
+    let (reference, ..) = read_png(&fixtures().join("reference/controlnet/sd1-two-0.png"));
+    let db = psnr(&rgb, &reference);
+    assert!(db >= parity::MATCH_DB, "{db:.1} dB against diffusers");
+
+    // An image short: refused, nothing written.
+    let bad = dir.path().join("bad.png");
+    let last = args.len() - 1;
+    args[last] = bad.to_str().unwrap();
+    let at = args.iter().rposition(|a| *a == "--control-image").unwrap();
+    args.drain(at..at + 2);
+    let result = text2img(&args, &[]);
+    assert!(!result.status.success());
+    assert!(
+        stderr(&result).contains("2 --controlnet and 1 --control-image"),
+        "{}",
+        stderr(&result)
+    );
+    assert!(!bad.exists());
+}

@@ -16,6 +16,7 @@ use text2img::png_out::{a1111_parameters, encode_png, numbered_path, write_atomi
 
 mod assets;
 mod bench;
+mod control_args;
 mod eval;
 mod guidance_args;
 mod image_args;
@@ -113,6 +114,8 @@ struct GenerateArgs {
     guidance: GuidanceArgs,
     #[command(flatten)]
     images: image_args::ImageInputArgs,
+    #[command(flatten)]
+    control: control_args::ControlArgs,
     /// pndm, ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras, lcm (default: the model's
     /// own).
     #[arg(long)]
@@ -287,8 +290,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
         ..GenerateRequest::default()
     };
     args.images.apply(&mut request)?;
+    args.control.apply(&mut request)?;
     let started = Instant::now();
-    let (pipeline, _) = args.model.load_with(&lora_tags)?;
+    let (mut pipeline, _) = args.model.load_with(&lora_tags)?;
+    args.control.load(&mut pipeline, args.model.dtype.dtype())?;
     let load_time = started.elapsed();
     // Check the request before the long work, so a bad size fails at once.
     let resolved = pipeline.resolve(&request)?;
