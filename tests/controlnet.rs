@@ -1,6 +1,6 @@
 //! ControlNets against diffusers' StableDiffusion(XL)ControlNetPipeline
 //! (scripts/fixtures/controlnet.py): one ControlNet, an interval of steps, two at once, guess
-//! mode, SDXL. Each case must reach parity::MATCH_DB, and its near misses (scale 0, another
+//! mode, img2img, inpainting, SDXL. Each case must reach parity::MATCH_DB, and its near misses (scale 0, another
 //! control image, the interval or guess mode left out) must fall below 45 dB.
 
 mod parity;
@@ -64,7 +64,20 @@ fn request(case: &Value) -> GenerateRequest {
             end: u["end"].as_f64().unwrap(),
         })
         .collect();
+    let picture = |name: &str| image::open(fixtures().join("image_inputs").join(name)).unwrap();
+    let kind = case["kind"].as_str().unwrap_or("txt2img");
+    let (init_image, mask) = match kind {
+        "img2img" => (Some(picture("picture.png").to_rgb8()), None),
+        "inpaint" => (
+            Some(picture("picture.png").to_rgb8()),
+            Some(picture("mask.png").to_luma8()),
+        ),
+        _ => (None, None),
+    };
     GenerateRequest {
+        init_image,
+        mask,
+        strength: case["strength"].as_f64(),
         prompts: vec![case["prompt"].as_str().unwrap().to_string()],
         negative_prompts: (!sdxl).then(|| vec![String::new()]),
         seed: case["seed"].as_u64(),
@@ -178,6 +191,28 @@ fn guess_mode() {
             ("scale 0", &scale_zero),
             ("without guess mode", &|r| r.guess_mode = false),
         ],
+    );
+}
+
+/// img2img counts the ControlNet's interval over the steps that run, as diffusers'
+/// ControlNet img2img pipeline.
+#[test]
+fn controlnet_with_img2img() {
+    check(
+        "sd1-img2img",
+        &[
+            ("scale 0", &scale_zero),
+            ("other image", &other_image),
+            ("whole schedule", &|r| r.controls[0].end = 1.0),
+        ],
+    );
+}
+
+#[test]
+fn controlnet_with_inpainting() {
+    check(
+        "sd1-inpaint",
+        &[("scale 0", &scale_zero), ("other image", &other_image)],
     );
 }
 
