@@ -251,3 +251,55 @@ fn a_controlnet_for_another_base_model_is_refused() {
     let err = sd1.generate(&req, &mut |_| true).err().unwrap().to_string();
     assert!(err.contains("start before it ends"), "{err}");
 }
+
+/// The single files people download: the original layout (`control_model.*`, fp16, written by
+/// the fixture script and checked there against diffusers' `from_single_file`) and the
+/// diffusers layout in one file load to the folder's weights, so they give its image.
+#[test]
+fn single_file_controlnets_equal_their_folder() {
+    let case = case("sd1-one");
+    let req = request(&case);
+    let folder = pipeline(&case).generate(&req, &mut |_| true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let diffusers_file = dir.path().join("diffusers-layout.safetensors");
+    std::fs::copy(
+        model_dir("controlnet-sd1-tiny").join("diffusion_pytorch_model.safetensors"),
+        &diffusers_file,
+    )
+    .unwrap();
+    for file in [
+        model_dir("single-file").join("controlnet-sd1-tiny.safetensors"),
+        diffusers_file,
+    ] {
+        let mut pipeline = load_local(&model_dir("sd1-tiny"), &Default::default()).unwrap();
+        pipeline
+            .add_controlnet(&file, candle_core::DType::F32)
+            .unwrap();
+        let single = pipeline.generate(&req, &mut |_| true).unwrap();
+        assert!(
+            single.images[0].rgb == folder.images[0].rgb,
+            "{}: another image than the folder's",
+            file.display()
+        );
+    }
+    // For another base model: refused, naming a tensor whose shape differs.
+    let mut sdxl = load_local(&model_dir("sdxl-tiny"), &Default::default()).unwrap();
+    let err = sdxl
+        .add_controlnet(
+            &model_dir("single-file").join("controlnet-sd1-tiny.safetensors"),
+            candle_core::DType::F32,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("another base model"), "{err}");
+    // A file that is no ControlNet.
+    let mut sd1 = load_local(&model_dir("sd1-tiny"), &Default::default()).unwrap();
+    let err = sd1
+        .add_controlnet(
+            &fixtures().join("loras/kohya-sd1.safetensors"),
+            candle_core::DType::F32,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a ControlNet"), "{err}");
+}

@@ -139,13 +139,6 @@ impl ControlNet {
                 "only `controlnet_conditioning_channel_order` = \"rgb\" is supported",
             ));
         }
-        let widths = &fields.conditioning_embedding_out_channels;
-        if widths.is_empty() {
-            return Err(Error::config(
-                path,
-                "`conditioning_embedding_out_channels` is empty",
-            ));
-        }
         // The U-Net half has no up path: give the U-Net config the mirror of the down path,
         // which only its validation reads.
         if let Some(obj) = raw.as_object_mut() {
@@ -165,6 +158,104 @@ impl ControlNet {
             }
         }
         let config = UNetConfig::from_json(&raw.to_string(), path)?;
+        Self::from_parts(config, &fields, vb).map_err(|e| match e {
+            Error::InvalidRequest(m) => Error::config(path, m),
+            e => e,
+        })
+    }
+
+    /// A single-file ControlNet: the original layout (`control_model.input_hint_block.*`,
+    /// `zero_convs.*`, as released) or the diffusers names in one file. A single file
+    /// carries no config: the U-Net half is the base model's encoder (`base`), as
+    /// diffusers' `ControlNetModel.from_unet` makes it, and the control image's
+    /// convolutions are read from the shapes. Every stored tensor must be used.
+    pub fn load_file(
+        path: &Path,
+        base: &UNetConfig,
+        device: &Device,
+        matrix_dtype: DType,
+    ) -> Result<Self> {
+        let weights = Weights::open_single(path, &["ckpt", "pt", "pth"], device)?
+            .ok_or_else(|| {
+                Error::config(path, "not a ControlNet file: expected .safetensors, .ckpt, .pt or .pth (or a diffusers folder)")
+            })?;
+        let names: Vec<String> = {
+            let mut n: Vec<String> = weights.names().cloned().collect();
+            n.sort();
+            n
+        };
+        let diffusers = names
+            .iter()
+            .any(|n| n == "controlnet_cond_embedding.conv_in.weight");
+        let prefix = ["control_model.", ""]
+            .into_iter()
+            .find(|p| names.contains(&format!("{p}input_hint_block.0.weight")));
+        let component = match (diffusers, prefix) {
+            (true, _) => None,
+            (false, Some(prefix)) => Some(weights.component(
+                &crate::weights::single_file::layout::controlnet(&names, prefix, base),
+            )?),
+            (false, None) => {
+                return Err(Error::config(
+                    path,
+                    "not a ControlNet: it has neither `control_model.input_hint_block.*` nor `controlnet_cond_embedding.*` tensors",
+                ))
+            }
+        };
+        // The original layout's tensors come as a component of the file: the file's own
+        // check then finds the tensors no rule mapped.
+        let (mut model_weights, file) = match component {
+            Some(c) => (c, Some(weights)),
+            None => (weights, None),
+        };
+        model_weights.store_matrices_as(matrix_dtype);
+        let shape = |name: &str| -> Result<Vec<usize>> {
+            model_weights
+                .shapes()
+                .find(|(n, _)| *n == name)
+                .map(|(_, s)| s.to_vec())
+                .ok_or_else(|| Error::config(path, format!("no `{name}` tensor")))
+        };
+        // conv_in, then pairs (same width, then the next width at half the size), conv_out.
+        let conv_in = shape("controlnet_cond_embedding.conv_in.weight")?;
+        let pairs = (0..)
+            .take_while(|k| {
+                model_weights.contains(&format!(
+                    "controlnet_cond_embedding.blocks.{}.weight",
+                    2 * k + 1
+                ))
+            })
+            .count();
+        let mut widths = vec![conv_in[0]];
+        for k in 0..pairs {
+            widths.push(
+                shape(&format!(
+                    "controlnet_cond_embedding.blocks.{}.weight",
+                    2 * k + 1
+                ))?[0],
+            );
+        }
+        let fields = ControlFields {
+            conditioning_channels: conv_in[1],
+            conditioning_embedding_out_channels: widths,
+            global_pool_conditions: false,
+            controlnet_conditioning_channel_order: "rgb".into(),
+        };
+        let model = Self::from_parts(base.clone(), &fields, &model_weights.root())?;
+        model_weights.finish()?;
+        if let Some(file) = file {
+            file.finish()?;
+        }
+        Ok(model)
+    }
+
+    fn from_parts(config: UNetConfig, fields: &ControlFields, vb: &Vb) -> Result<Self> {
+        let widths = &fields.conditioning_embedding_out_channels;
+        if widths.is_empty() {
+            return Err(Error::InvalidRequest(
+                "`conditioning_embedding_out_channels` is empty".into(),
+            ));
+        }
         let c = &config;
         let ch0 = c.block_out_channels[0];
         let mut down_blocks = Vec::new();

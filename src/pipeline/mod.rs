@@ -729,10 +729,22 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Loads a ControlNet (a diffusers `ControlNetModel` folder) for requests to use; returns
-    /// its index for [`ControlUnit::net`]. One made for another base model is refused.
+    /// Loads a ControlNet (a diffusers `ControlNetModel` folder, or a single file in the
+    /// original or the diffusers layout) for requests to use; returns its index for
+    /// [`ControlUnit::net`]. One made for another base model is refused.
     pub fn add_controlnet(&mut self, dir: &Path, matrix_dtype: DType) -> Result<usize> {
-        let net = ControlNet::load(dir, &self.device, matrix_dtype)?;
+        let net = if dir.is_file() {
+            ControlNet::load_file(dir, &self.unet.config, &self.device, matrix_dtype).map_err(
+                |e| match e {
+                    Error::ShapeMismatch { .. } | Error::MissingTensor { .. } => {
+                        Error::config(dir, format!("{e}: a ControlNet for another base model?"))
+                    }
+                    e => e,
+                },
+            )?
+        } else {
+            ControlNet::load(dir, &self.device, matrix_dtype)?
+        };
         if let Some(why) = net.mismatch(&self.unet.config) {
             return Err(Error::config(dir.join("config.json"), why));
         }

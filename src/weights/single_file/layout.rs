@@ -164,6 +164,58 @@ fn unet_name(rest: &str, inputs: &[Vec<Slot>], outputs: &[Vec<Slot>]) -> Option<
     }
 }
 
+/// A ControlNet in the original layout (`control_model.` in the released files, or no
+/// prefix): its U-Net half named as the U-Net's encoder, `input_hint_block` (the control
+/// image's convolutions, SiLU between them: the first, pairs, the last), `zero_convs` and
+/// `middle_block_out`.
+pub fn controlnet(names: &[String], prefix: &str, c: &UNetConfig) -> Layout {
+    let mut layout: Layout = unet(names, prefix, c)
+        .into_iter()
+        .filter(|(name, _)| {
+            !["up_blocks.", "conv_out.", "conv_norm_out."]
+                .iter()
+                .any(|p| name.starts_with(p))
+        })
+        .collect();
+    let hints: Vec<usize> = under(names, prefix)
+        .filter_map(|(_, rest)| {
+            rest.strip_prefix("input_hint_block.")?
+                .split('.')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let last = hints.iter().copied().max().unwrap_or(0);
+    for (stored, rest) in under(names, prefix) {
+        let name = if let Some(hint) = rest.strip_prefix("input_hint_block.") {
+            let Some((index, leaf)) = hint.split_once('.') else {
+                continue;
+            };
+            let Ok(index) = index.parse::<usize>() else {
+                continue;
+            };
+            match index {
+                0 => format!("controlnet_cond_embedding.conv_in.{leaf}"),
+                i if i == last => format!("controlnet_cond_embedding.conv_out.{leaf}"),
+                i if i % 2 == 0 => format!("controlnet_cond_embedding.blocks.{}.{leaf}", i / 2 - 1),
+                _ => continue,
+            }
+        } else if let Some(zero) = rest.strip_prefix("zero_convs.") {
+            let Some((index, leaf)) = zero.split_once(".0.") else {
+                continue;
+            };
+            format!("controlnet_down_blocks.{index}.{leaf}")
+        } else if let Some(leaf) = rest.strip_prefix("middle_block_out.0.") {
+            format!("controlnet_mid_block.{leaf}")
+        } else {
+            continue;
+        };
+        layout.push((name, Piece::Whole(stored.to_string())));
+    }
+    layout
+}
+
 /// The autoencoder (`first_stage_model.`): `levels` is the length of its
 /// `block_out_channels`; the decoder's `up.0` is the last up block in diffusers' order.
 pub fn vae(names: &[String], prefix: &str, levels: usize) -> Layout {
