@@ -36,6 +36,7 @@
 
 pub mod alloc_count;
 pub mod cancel;
+pub mod canny;
 pub mod error;
 pub mod flops;
 pub mod image_in;

@@ -765,3 +765,80 @@ fn generate_with_two_controlnets() {
     );
     assert!(!bad.exists());
 }
+
+/// `text2img preprocess canny` writes OpenCV's edge map; `--control-preprocess canny` makes
+/// the same map from the picture, so it gives the image of that map given as is.
+#[test]
+fn canny_preprocessing() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = fixtures().join("canny/photo-a.png");
+    let edges = dir.path().join("edges.png");
+    let result = text2img(
+        &[
+            "preprocess",
+            "canny",
+            photo.to_str().unwrap(),
+            edges.to_str().unwrap(),
+            "--low",
+            "50",
+            "--high",
+            "150",
+        ],
+        &[],
+    );
+    assert!(result.status.success(), "{}", stderr(&result));
+    let (ours, w, h, _) = read_png(&edges);
+    let opencv = image::open(fixtures().join("canny/photo-a-50-150.png"))
+        .unwrap()
+        .to_luma8()
+        .into_raw();
+    assert_eq!((w, h), (96, 80));
+    // Ours is RGB, OpenCV's grey: each grey value three times.
+    let grey: Vec<u8> = ours.chunks(3).map(|p| p[0]).collect();
+    assert_eq!(grey, opencv);
+
+    let (model, net) = (model(), model_dir("controlnet-sd1-tiny"));
+    let generate = |image: &Path, extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "a red circle",
+            "--seed",
+            "3",
+            "--steps",
+            "3",
+            "--width",
+            "96",
+            "--height",
+            "80",
+            "--controlnet",
+            net.to_str().unwrap(),
+            "--control-image",
+            image.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let result = text2img(&args, &[]);
+        assert!(result.status.success(), "{}", stderr(&result));
+        read_png(out).0
+    };
+    let preprocessed = generate(
+        &photo,
+        &[
+            "--control-preprocess",
+            "canny",
+            "--canny-low",
+            "50",
+            "--canny-high",
+            "150",
+        ],
+        &dir.path().join("a.png"),
+    );
+    let given = generate(&edges, &[], &dir.path().join("b.png"));
+    let raw = generate(&photo, &[], &dir.path().join("c.png"));
+    assert!(preprocessed == given);
+    assert!(preprocessed != raw, "the preprocessor changed nothing");
+}

@@ -28,6 +28,16 @@ pub struct ControlArgs {
     /// ...and where it stops (default 1).
     #[arg(long = "control-end", value_name = "FRACTION")]
     ends: Vec<f64>,
+    /// How each control image is made from its file: `none` takes it as given, `canny` draws
+    /// its edges (OpenCV's Canny); one value for all, or one per --controlnet.
+    #[arg(long = "control-preprocess", value_parser = ["none", "canny"], value_name = "none|canny")]
+    preprocess: Vec<String>,
+    /// Canny's thresholds: a gradient above --canny-high is an edge, and one above
+    /// --canny-low connected to an edge.
+    #[arg(long, default_value_t = 100.0)]
+    canny_low: f64,
+    #[arg(long, default_value_t = 200.0)]
+    canny_high: f64,
     /// diffusers' guess mode: the ControlNets see the conditional half of guidance only
     /// (the prompt may be empty), their residuals ramped from 0.1 to 1 over the blocks.
     #[arg(long)]
@@ -59,9 +69,10 @@ impl ControlArgs {
             && (!self.scales.is_empty()
                 || !self.starts.is_empty()
                 || !self.ends.is_empty()
+                || !self.preprocess.is_empty()
                 || self.guess_mode)
         {
-            bail!("--control-scale, --control-start, --control-end and --guess-mode need a --controlnet");
+            bail!("--control-scale, --control-start, --control-end, --control-preprocess and --guess-mode need a --controlnet");
         }
         request.guess_mode = self.guess_mode;
         request.controls = self
@@ -71,9 +82,20 @@ impl ControlArgs {
             .map(|(i, path)| {
                 let picture = image_in::open(path, image_in::DEFAULT_MAX_SIDE)
                     .map_err(|e| anyhow::anyhow!("--control-image: {e}"))?;
+                let preprocess = match self.preprocess.len() {
+                    0 => "none",
+                    1 => self.preprocess[0].as_str(),
+                    n if n == count => self.preprocess[i].as_str(),
+                    n => bail!("{n} values of --control-preprocess for {count} ControlNets: give one, or one each"),
+                };
+                let image = image_in::rgb(&picture);
+                let image = match preprocess {
+                    "canny" => text2img::canny::canny_rgb(&image, self.canny_low, self.canny_high),
+                    _ => image,
+                };
                 let unit = ControlUnit {
                     net: i,
-                    image: image_in::rgb(&picture),
+                    image,
                     scale: nth("--control-scale", &self.scales, i, count, 1.0)?,
                     start: nth("--control-start", &self.starts, i, count, 0.0)?,
                     end: nth("--control-end", &self.ends, i, count, 1.0)?,
@@ -94,4 +116,35 @@ impl ControlArgs {
         }
         Ok(())
     }
+}
+
+/// `text2img preprocess canny IN OUT`: the control image a preprocessor makes, to look at.
+#[derive(Args)]
+pub struct PreprocessArgs {
+    /// The preprocessor.
+    #[arg(value_parser = ["canny"])]
+    kind: String,
+    /// The picture.
+    input: PathBuf,
+    /// The PNG to write.
+    output: PathBuf,
+    #[arg(long, default_value_t = 100.0)]
+    low: f64,
+    #[arg(long, default_value_t = 200.0)]
+    high: f64,
+}
+
+pub fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
+    let picture = image_in::open(&a.input, image_in::DEFAULT_MAX_SIDE)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.input.display()))?;
+    let edges = text2img::canny::canny_rgb(&image_in::rgb(&picture), a.low, a.high);
+    let png = text2img::png_out::encode_rgb_png(
+        edges.as_raw(),
+        edges.width() as usize,
+        edges.height() as usize,
+        None,
+    )?;
+    text2img::png_out::write_atomic(&a.output, &png)?;
+    println!("{}", a.output.display());
+    Ok(())
 }

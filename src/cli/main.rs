@@ -56,6 +56,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a single-file checkpoint (.safetensors, .ckpt) as a diffusers folder.
     Convert(ConvertArgs),
+    /// Write the control image a ControlNet preprocessor makes (canny edges).
+    Preprocess(control_args::PreprocessArgs),
 }
 
 #[derive(Args)]
@@ -202,6 +204,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::serve_cmd(args),
         Command::Bench(args) => bench::bench_cmd(args),
         Command::Convert(args) => convert(args),
+        Command::Preprocess(args) => control_args::preprocess_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
