@@ -8,7 +8,7 @@ mod parity;
 use parity::{fixtures, model_dir, psnr, read_png};
 use serde_json::Value;
 use text2img::latent::schedulers::SchedulerKind;
-use text2img::pipeline::{load_local, ControlUnit, GenerateRequest, Pipeline};
+use text2img::pipeline::{load_local, ControlMode, ControlUnit, GenerateRequest, Pipeline};
 
 fn case(name: &str) -> Value {
     let path = fixtures().join("reference/controlnet/cases.json");
@@ -57,11 +57,15 @@ fn request(case: &Value) -> GenerateRequest {
         .iter()
         .enumerate()
         .map(|(net, u)| ControlUnit {
-            net,
-            image: control_image(u["image"].as_str().unwrap()),
             scale: u["scale"].as_f64().unwrap(),
             start: u["start"].as_f64().unwrap(),
             end: u["end"].as_f64().unwrap(),
+            mode: if case["guess_mode"].as_bool().unwrap_or(false) {
+                ControlMode::Control
+            } else {
+                ControlMode::Balanced
+            },
+            ..ControlUnit::new(net, control_image(u["image"].as_str().unwrap()))
         })
         .collect();
     let picture = |name: &str| image::open(fixtures().join("image_inputs").join(name)).unwrap();
@@ -88,7 +92,6 @@ fn request(case: &Value) -> GenerateRequest {
         width: Some(64),
         height: Some(64),
         controls,
-        guess_mode: case["guess_mode"].as_bool().unwrap_or(false),
         ..Default::default()
     }
 }
@@ -189,7 +192,10 @@ fn guess_mode() {
         "sd1-guess",
         &[
             ("scale 0", &scale_zero),
-            ("without guess mode", &|r| r.guess_mode = false),
+            ("balanced", &|r| r.controls[0].mode = ControlMode::Balanced),
+            ("prompt more important", &|r| {
+                r.controls[0].mode = ControlMode::Prompt
+            }),
         ],
     );
 }
@@ -235,13 +241,7 @@ fn a_controlnet_for_another_base_model_is_refused() {
     // A unit that names no loaded ControlNet, or a bad interval: an error, not a panic.
     let mut req = GenerateRequest::new("x");
     req.steps = Some(2);
-    req.controls = vec![ControlUnit {
-        net: 0,
-        image: image::RgbImage::new(64, 64),
-        scale: 1.0,
-        start: 0.0,
-        end: 1.0,
-    }];
+    req.controls = vec![ControlUnit::new(0, image::RgbImage::new(64, 64))];
     let err = sd1.generate(&req, &mut |_| true).err().unwrap().to_string();
     assert!(err.contains("ControlNet 0 asked for; 0 loaded"), "{err}");
     sd1.add_controlnet(&model_dir("controlnet-sd1-tiny"), candle_core::DType::F32)

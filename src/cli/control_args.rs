@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use text2img::image_in;
-use text2img::pipeline::{ControlUnit, GenerateRequest, Pipeline};
+use text2img::pipeline::{ControlMode, ControlUnit, GenerateRequest, Pipeline};
 
 #[derive(Args)]
 pub struct ControlArgs {
@@ -74,7 +74,6 @@ impl ControlArgs {
         {
             bail!("--control-scale, --control-start, --control-end, --control-preprocess and --guess-mode need a --controlnet");
         }
-        request.guess_mode = self.guess_mode;
         request.controls = self
             .images
             .iter()
@@ -94,11 +93,15 @@ impl ControlArgs {
                     _ => image,
                 };
                 let unit = ControlUnit {
-                    net: i,
-                    image,
                     scale: nth("--control-scale", &self.scales, i, count, 1.0)?,
                     start: nth("--control-start", &self.starts, i, count, 0.0)?,
                     end: nth("--control-end", &self.ends, i, count, 1.0)?,
+                    mode: if self.guess_mode {
+                        ControlMode::Control
+                    } else {
+                        ControlMode::Balanced
+                    },
+                    ..ControlUnit::new(i, image)
                 };
                 unit.check(count)?;
                 Ok(unit)

@@ -5,7 +5,10 @@
 //! residuals.
 
 use candle_core::{Device, Tensor};
-use image::{imageops, imageops::FilterType, RgbImage};
+use image::RgbImage;
+
+use super::picture_prep::fit_to;
+use super::ResizeMode;
 
 use crate::error::{Error, Result};
 use crate::latent::controlnet::ControlNet;
@@ -25,9 +28,40 @@ pub struct ControlUnit {
     /// i (of n) when i / n >= start and (i + 1) / n <= end.
     pub start: f64,
     pub end: f64,
+    pub mode: ControlMode,
+    /// How an image of another aspect ratio is fitted (diffusers stretches it; A1111's
+    /// ControlNet crops by default).
+    pub resize: ResizeMode,
+}
+
+/// How a ControlNet's residuals are weighed against the prompt (A1111's `control_mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ControlMode {
+    /// Every residual at the unit's scale, on both halves of guidance ("Balanced").
+    #[default]
+    Balanced,
+    /// The residuals ramped from 0.1 x scale (first skip) to 1 x scale (mid block) on a log
+    /// scale, on both halves ("My prompt is more important").
+    Prompt,
+    /// Ramped, and on the conditional half only: diffusers' `guess_mode` ("ControlNet is
+    /// more important").
+    Control,
 }
 
 impl ControlUnit {
+    /// A unit at scale 1 over all the steps, balanced, its image stretched.
+    pub fn new(net: usize, image: RgbImage) -> Self {
+        Self {
+            net,
+            image,
+            scale: 1.0,
+            start: 0.0,
+            end: 1.0,
+            mode: ControlMode::Balanced,
+            resize: ResizeMode::Stretch,
+        }
+    }
+
     pub fn check(&self, nets: usize) -> Result<()> {
         if self.net >= nets {
             return Err(Error::InvalidRequest(format!(
@@ -56,7 +90,6 @@ impl ControlUnit {
 /// The units of one pass, their images ready at the pass's size.
 pub(super) struct ActiveControls<'a> {
     units: Vec<(&'a ControlNet, &'a ControlUnit, Tensor)>,
-    guess_mode: bool,
 }
 
 impl<'a> ActiveControls<'a> {
@@ -65,7 +98,6 @@ impl<'a> ActiveControls<'a> {
     pub fn prepare(
         nets: &'a [ControlNet],
         units: &'a [ControlUnit],
-        guess_mode: bool,
         size: (usize, usize),
         n: usize,
         device: &Device,
@@ -75,12 +107,7 @@ impl<'a> ActiveControls<'a> {
             .iter()
             .map(|unit| {
                 unit.check(nets.len())?;
-                let image = if (unit.image.width() as usize, unit.image.height() as usize) == (w, h)
-                {
-                    unit.image.clone()
-                } else {
-                    imageops::resize(&unit.image, w as u32, h as u32, FilterType::Lanczos3)
-                };
+                let image = fit_to(&unit.image, unit.resize, w as u32, h as u32);
                 let data: Vec<f32> = image
                     .as_raw()
                     .iter()
@@ -94,7 +121,7 @@ impl<'a> ActiveControls<'a> {
                 Ok((&nets[unit.net], unit, rows))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { units, guess_mode })
+        Ok(Self { units })
     }
 
     /// The summed residuals for one U-Net call at step `index` of `count` (counted from the
@@ -122,9 +149,9 @@ impl<'a> ActiveControls<'a> {
             if !keep || unit.scale == 0.0 {
                 continue;
             }
-            // Guess mode guides: the ControlNet sees the conditional half only, and the
-            // unconditional half gets no residual.
-            let guess = self.guess_mode && halves;
+            // "ControlNet is more important" (guess mode) guides with the ControlNet on the
+            // conditional half only; the unconditional half gets no residual.
+            let guess = unit.mode == ControlMode::Control && halves;
             let residuals = if guess {
                 let (cond_input, cond_context, cond_extra) = cond;
                 net.forward(
@@ -144,9 +171,9 @@ impl<'a> ActiveControls<'a> {
             };
             let count = residuals.down.len();
             // diffusers: guess mode's scales run from 0.1 to 1 (logspace) over the down
-            // residuals and the mid one.
+            // residuals and the mid one (A1111's 0.825^(12 - k) for SD's 13).
             let weight = |k: usize| -> f64 {
-                if self.guess_mode {
+                if unit.mode != ControlMode::Balanced {
                     10f64.powf(-1.0 + k as f64 / count as f64) * unit.scale
                 } else {
                     unit.scale

@@ -186,7 +186,6 @@ impl Pipeline {
             Some(ActiveControls::prepare(
                 &self.controlnets,
                 &req.controls,
-                req.guess_mode,
                 size,
                 n,
                 &self.device,

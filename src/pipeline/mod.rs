@@ -41,7 +41,7 @@ use crate::weights::lora::Part;
 use crate::weights::store::has_weight_files;
 pub use conditioning::PromptSyntax;
 use conditioning::{Conditioning, TextEncoder};
-pub use control::ControlUnit;
+pub use control::{ControlMode, ControlUnit};
 use denoise::{Pass, TextConditions};
 pub use family::Family;
 pub use guidance::GuidanceInterval;
@@ -166,9 +166,6 @@ pub struct GenerateRequest {
     /// ControlNets that steer the layout ([`Pipeline::add_controlnet`] loads them); their
     /// residuals add up.
     pub controls: Vec<ControlUnit>,
-    /// diffusers' `guess_mode`: the ControlNets see the conditional half of guidance only,
-    /// their residuals weighed from 0.1 (first) to 1 (mid block).
-    pub guess_mode: bool,
 }
 
 /// A1111's hires fix: the first pass's latents upscaled and refined by img2img at the larger
@@ -262,7 +259,6 @@ impl Default for GenerateRequest {
             aesthetic_score: 6.0,
             negative_aesthetic_score: 2.5,
             controls: Vec::new(),
-            guess_mode: false,
         }
     }
 }

@@ -183,12 +183,17 @@ fn work_size(req: &GenerateRequest, picture: &RgbImage, factor: usize) -> (usize
 /// The picture at the output size, by the request's resize mode.
 fn fit(picture: &RgbImage, req: &GenerateRequest, factor: usize) -> RgbImage {
     let (w, h) = work_size(req, picture, factor);
-    let (w, h) = (w as u32, h as u32);
+    fit_to(picture, req.resize_mode, w as u32, h as u32)
+}
+
+/// `picture` at `w` x `h`: stretched, cropped to the aspect ratio, or fitted inside and the
+/// rest filled with its edges (A1111's three resize modes; Lanczos).
+pub fn fit_to(picture: &RgbImage, mode: ResizeMode, w: u32, h: u32) -> RgbImage {
     if (picture.width(), picture.height()) == (w, h) {
         return picture.clone();
     }
     let (pw, ph) = (picture.width() as f64, picture.height() as f64);
-    match req.resize_mode {
+    match mode {
         ResizeMode::Stretch => imageops::resize(picture, w, h, FilterType::Lanczos3),
         ResizeMode::Crop => {
             let scale = (w as f64 / pw).max(h as f64 / ph);
