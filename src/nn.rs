@@ -260,6 +260,11 @@ impl Conv2d {
         })
     }
 
+    /// The dtype its kernel is kept in.
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+
     /// This convolution with `delta` (f32, the kernel's shape) added to its kernel, in the
     /// kernel's own dtype (see [`Linear::patched`]).
     pub fn patched(&self, delta: &Tensor) -> Result<Self> {

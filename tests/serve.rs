@@ -905,6 +905,7 @@ fn a_job_that_overruns_its_deadline_is_cancelled() {
             batches: vec![request],
             model: None,
             loras: Vec::new(),
+            controlnets: Vec::new(),
             deadline: Some(Duration::from_millis(300)),
             estimate_seconds: 0.1,
         })

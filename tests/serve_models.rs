@@ -178,3 +178,122 @@ fn per_request_loras_and_checkpoint_switches() {
     let log = server.log();
     assert!(log.contains("loading sd2 from"), "{log}");
 }
+
+fn b64_file(path: &std::path::Path) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap())
+}
+
+/// The A1111 ControlNet extension's API: two units (a single file and a folder from
+/// `ControlNet/`) give diffusers' two-ControlNet image; the list, module and detect
+/// endpoints; bad units are 400s naming the unit's field.
+#[test]
+fn controlnet_units_through_the_a1111_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let nets = dir.path().join("ControlNet");
+    std::fs::create_dir_all(&nets).unwrap();
+    std::fs::copy(
+        model_dir("single-file").join("controlnet-sd1-tiny.safetensors"),
+        nets.join("canny-sd1.safetensors"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(model_dir("controlnet-sd1-tiny-b"), nets.join("second")).unwrap();
+    let server = Server::start(&["--models-dir", dir.path().to_str().unwrap()]);
+
+    let (_, list) = server.get("/controlnet/model_list");
+    assert_eq!(list["model_list"], json!(["canny-sd1", "second"]));
+    let (_, modules) = server.get("/controlnet/module_list");
+    assert_eq!(modules["module_list"], json!(["none", "canny"]));
+
+    let images = fixtures().join("controlnet");
+    let unit = |image: &str, model: &str, weight: f64, start: f64, end: f64| {
+        json!({
+            "enabled": true, "image": b64_file(&images.join(image)), "module": "none",
+            "model": model, "weight": weight, "guidance_start": start, "guidance_end": end,
+            "resize_mode": "Just Resize", "control_mode": "Balanced", "pixel_perfect": false,
+            "mask": null
+        })
+    };
+    let mut body = json!({
+        "prompt": "a red circle on a blue background", "negative_prompt": "", "seed": 7,
+        "steps": 8, "cfg_scale": 7.5, "sampler_name": "Euler", "width": 64, "height": 64,
+        "alwayson_scripts": {"controlnet": {"args": [
+            unit("edges.png", "canny-sd1 [a1b2c3d4]", 0.7, 0.0, 1.0),
+            unit("blocks.png", "second", 0.5, 0.1, 0.9),
+            {"enabled": false, "model": "no-such-model"}
+        ]}}
+    });
+    let (rgb, _) = txt2img(&server, &body);
+    let (reference, ..) = parity::read_png(&fixtures().join("reference/controlnet/sd1-two-0.png"));
+    let db = parity::psnr(&rgb, &reference);
+    assert!(db >= parity::MATCH_DB, "{db:.1} dB against diffusers");
+    // Without the units: another image.
+    let plain = txt2img(
+        &server,
+        &json!({
+            "prompt": "a red circle on a blue background", "seed": 7, "steps": 8, "cfg_scale": 7.5,
+            "sampler_name": "Euler", "width": 64, "height": 64
+        }),
+    );
+    assert!(parity::psnr(&plain.0, &reference) < 45.0);
+
+    // detect: OpenCV's edge map.
+    let (status, detected) = server.post(
+        "/controlnet/detect",
+        &json!({"controlnet_module": "canny", "controlnet_threshold_a": 50,
+                "controlnet_threshold_b": 150,
+                "controlnet_input_images": [b64_file(&fixtures().join("canny/photo-a.png"))]}),
+    );
+    assert_eq!(status, 200, "{detected}");
+    let (edges, w, h, _) = decode_png(&b64(&detected["images"][0]));
+    assert_eq!((w, h), (96, 80));
+    let opencv = image::open(fixtures().join("canny/photo-a-50-150.png"))
+        .unwrap()
+        .to_luma8()
+        .into_raw();
+    assert_eq!(edges.chunks(3).map(|p| p[0]).collect::<Vec<u8>>(), opencv);
+
+    // Bad units: 400s that name the unit's field.
+    for (change, field, says) in [
+        (
+            json!({"model": "nope"}),
+            "alwayson_scripts.controlnet.args[0].model",
+            "no ControlNet `nope`",
+        ),
+        (
+            json!({"module": "openpose"}),
+            "alwayson_scripts.controlnet.args[0].module",
+            "available: none, canny",
+        ),
+        (
+            json!({"image": null}),
+            "alwayson_scripts.controlnet.args[0].image",
+            "needs a control image",
+        ),
+        (
+            json!({"control_mode": "Loud"}),
+            "alwayson_scripts.controlnet.args[0].control_mode",
+            "Balanced",
+        ),
+        (
+            json!({"guidance_start": 0.9, "guidance_end": 0.2}),
+            "alwayson_scripts.controlnet.args[0].guidance_start",
+            "start before it ends",
+        ),
+    ] {
+        let mut bad = body.clone();
+        let first = &mut bad["alwayson_scripts"]["controlnet"]["args"][0];
+        for (k, v) in change.as_object().unwrap() {
+            first[k] = v.clone();
+        }
+        let (status, answer) = server.post("/sdapi/v1/txt2img", &bad);
+        assert_eq!(status, 400, "{change}: {answer}");
+        assert_eq!(answer["field"], field, "{answer}");
+        assert!(
+            answer["detail"].as_str().unwrap().contains(says),
+            "{answer}"
+        );
+    }
+    body["alwayson_scripts"]["controlnet"]["args"] = json!([]);
+    assert_eq!(txt2img(&server, &body).0, plain.0);
+}

@@ -29,6 +29,7 @@ pub async fn txt2img(
     asked.hires = hires_fix(&fields, app.limits.max_steps)?;
     // As A1111, which ignores the switch point without a refiner to switch to.
     asked.refiner_start = fields.number("refiner_switch_at")?;
+    (asked.controls, asked.controlnets) = super::controlnet::units(&app, &fields, None)?;
     respond(&app, &asked).await
 }
 
@@ -53,6 +54,8 @@ pub async fn img2img(
         }
     };
     asked.init_image = Some(image_in::rgb(&picture));
+    (asked.controls, asked.controlnets) =
+        super::controlnet::units(&app, &fields, asked.init_image.as_ref())?;
     asked.strength = Some(fields.number("denoising_strength")?.unwrap_or(0.75));
     asked.resize_mode = match fields.integer_in("resize_mode", 0, 3)?.unwrap_or(0) {
         0 => ResizeMode::Stretch,

@@ -47,6 +47,18 @@ impl ApiError {
         }
     }
 
+    /// The same error about a field inside `prefix` (`alwayson_scripts.controlnet.args[0]`).
+    pub fn within(mut self, prefix: &str) -> Self {
+        if let Some(field) = &self.field {
+            let full = format!("{prefix}.{field}");
+            self.message = self
+                .message
+                .replacen(&format!("`{field}`"), &format!("`{full}`"), 1);
+            self.field = Some(full);
+        }
+        self
+    }
+
     pub fn flavor(mut self, flavor: Flavor) -> Self {
         self.flavor = flavor;
         self

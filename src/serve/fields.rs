@@ -79,6 +79,27 @@ impl Fields {
         self.0.get(name).filter(|v| !v.is_null())
     }
 
+    /// An array of objects (A1111's `alwayson_scripts.controlnet.args`), each as fields.
+    pub fn objects(&self, name: &str) -> Result<Vec<Fields>, ApiError> {
+        match self.get(name) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    Value::Object(map) => Ok(Self(map.clone())),
+                    other => Err(wrong_type(&format!("{name}[{i}]"), "an object", other)),
+                })
+                .collect(),
+            Some(other) => Err(wrong_type(name, "an array of objects", other)),
+        }
+    }
+
+    /// A field of any type (one that clients send as a name or a number).
+    pub fn value(&self, name: &str) -> Option<&Value> {
+        self.get(name)
+    }
+
     /// The names of the fields present.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.0.keys().map(String::as_str)

@@ -6,6 +6,7 @@
 
 pub mod a1111;
 pub mod api_error;
+pub mod controlnet;
 pub mod fields;
 pub mod listener;
 pub mod middleware;
@@ -138,6 +139,7 @@ pub(crate) async fn model_for(
             batches: Vec::new(),
             model: Some(checkpoint.clone()),
             loras: Vec::new(),
+            controlnets: Vec::new(),
             deadline: None,
             estimate_seconds: 0.0,
         };
@@ -176,6 +178,7 @@ pub(crate) async fn run_plan(
         batches: plan.batches.clone(),
         model: Some(loaded.checkpoint.clone()),
         loras: plan.loras.clone(),
+        controlnets: plan.controlnets.clone(),
         // A job that runs far past its estimate is stuck or starved: cancel it.
         deadline: Some(Duration::from_secs_f64(
             (estimate.seconds * OVERRUN_FACTOR).max(MIN_DEADLINE_SECONDS),
@@ -353,6 +356,9 @@ pub fn router(app: Arc<AppState>) -> Router {
             post(a1111::refresh_checkpoints),
         )
         .route("/sdapi/v1/refresh-loras", post(a1111::refresh_loras))
+        .route("/controlnet/model_list", get(controlnet::model_list))
+        .route("/controlnet/module_list", get(controlnet::module_list))
+        .route("/controlnet/detect", post(controlnet::detect))
         .route("/sdapi/v1/embeddings", get(a1111::embeddings))
         .route("/v1/images/generations", post(openai::generations))
         .route("/v1/images/edits", post(openai::edits))

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use crate::error::{Error, Result};
+use crate::latent::controlnet::ControlNet;
 use crate::pipeline::cost::CostModel;
 use crate::pipeline::{LoraSpec, Pipeline};
 
@@ -72,8 +73,14 @@ pub struct Models {
     models_dir: Option<PathBuf>,
     /// Where `<lora:NAME>` is looked up (`--lora-dir`, or `Lora/` under `--models-dir`).
     lora_dir: Option<PathBuf>,
+    /// `ControlNet/` under `--models-dir`.
+    controlnet_dir: Option<PathBuf>,
     checkpoints: RwLock<Vec<Checkpoint>>,
     loras: RwLock<Vec<LoraFile>>,
+    controlnets: RwLock<Vec<LoraFile>>,
+    /// The ControlNets loaded for the loaded model, kept for the next request that uses them
+    /// (dropped with the model).
+    loaded_controlnets: Mutex<Vec<(PathBuf, ControlNet)>>,
     /// The model requests run on unless they name another (`sd_model_checkpoint`).
     selected: RwLock<Checkpoint>,
     loaded: RwLock<Option<Arc<Loaded>>>,
@@ -122,6 +129,7 @@ impl Models {
         lora_dir: Option<PathBuf>,
     ) -> Result<Self> {
         let lora_dir = lora_dir.or_else(|| models_dir.as_ref().map(|d| d.join("Lora")));
+        let controlnet_dir = models_dir.as_ref().map(|d| d.join("ControlNet"));
         let loaded = Self::measure(pipeline, startup.clone())?;
         let models = Self {
             loader,
@@ -129,13 +137,17 @@ impl Models {
             startup,
             models_dir,
             lora_dir,
+            controlnet_dir,
             checkpoints: RwLock::new(Vec::new()),
             loras: RwLock::new(Vec::new()),
+            controlnets: RwLock::new(Vec::new()),
+            loaded_controlnets: Mutex::new(Vec::new()),
             loaded: RwLock::new(Some(Arc::new(loaded))),
             lora_copy: Mutex::new(None),
         };
         models.refresh_checkpoints()?;
         models.refresh_loras()?;
+        models.refresh_controlnets()?;
         Ok(models)
     }
 
@@ -199,7 +211,7 @@ impl Models {
         let mut found = vec![self.startup.clone()];
         if let Some(dir) = &self.models_dir {
             let dir = dir.join("Stable-diffusion");
-            for (relative, path) in walk(&dir)? {
+            for (relative, path) in walk(&dir, pipeline_folder)? {
                 let is_file = path.is_file() && has_extension(&path, &WEIGHT_EXTENSIONS);
                 let is_folder = path.join("model_index.json").is_file();
                 if !(is_file || is_folder) || same_place(&path, &self.startup.source) {
@@ -225,7 +237,7 @@ impl Models {
     pub fn refresh_loras(&self) -> Result<()> {
         let mut found = Vec::new();
         if let Some(dir) = &self.lora_dir {
-            for (relative, path) in walk(dir)? {
+            for (relative, path) in walk(dir, |_| false)? {
                 if path.is_file() && has_extension(&path, &WEIGHT_EXTENSIONS[..3]) {
                     found.push(LoraFile {
                         name: slashes(&relative.with_extension("")),
@@ -236,6 +248,98 @@ impl Models {
         }
         *write(&self.loras) = found;
         Ok(())
+    }
+
+    /// Rescans `ControlNet/`: single files and diffusers folders (with a `config.json`).
+    pub fn refresh_controlnets(&self) -> Result<()> {
+        let mut found = Vec::new();
+        if let Some(dir) = &self.controlnet_dir {
+            for (relative, path) in walk(dir, model_folder)? {
+                let file = path.is_file() && has_extension(&path, &WEIGHT_EXTENSIONS);
+                let folder = path.is_dir() && path.join("config.json").is_file();
+                if file || folder {
+                    let name = if file {
+                        relative.with_extension("")
+                    } else {
+                        relative
+                    };
+                    found.push(LoraFile {
+                        name: slashes(&name),
+                        path,
+                    });
+                }
+            }
+        }
+        *write(&self.controlnets) = found;
+        Ok(())
+    }
+
+    pub fn controlnets(&self) -> Vec<LoraFile> {
+        read(&self.controlnets).clone()
+    }
+
+    /// The ControlNet a request's `model` names: its name under `ControlNet/`, with or
+    /// without A1111's ` [hash]` suffix.
+    pub fn find_controlnet(&self, name: &str) -> Result<LoraFile> {
+        let bare = match name.trim().rsplit_once(" [") {
+            Some((n, hash)) if hash.ends_with(']') => n,
+            _ => name.trim(),
+        };
+        let find = || {
+            read(&self.controlnets)
+                .iter()
+                .find(|c| c.name == bare)
+                .cloned()
+        };
+        if let Some(found) = find() {
+            return Ok(found);
+        }
+        // Added since the last scan?
+        self.refresh_controlnets()?;
+        find().ok_or_else(|| {
+            let known: Vec<String> = self.controlnets().into_iter().map(|c| c.name).collect();
+            Error::InvalidRequest(match &self.controlnet_dir {
+                None => format!("no ControlNet `{name}`: this server has no --models-dir"),
+                Some(dir) => format!(
+                    "no ControlNet `{name}` in {}; known: {}",
+                    dir.display(),
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            })
+        })
+    }
+
+    /// `pipeline` with the ControlNets at `paths` added in that order (loaded once per
+    /// model, then kept).
+    pub fn with_controlnets(
+        &self,
+        pipeline: Arc<Pipeline>,
+        paths: &[PathBuf],
+    ) -> Result<Arc<Pipeline>> {
+        if paths.is_empty() {
+            return Ok(pipeline);
+        }
+        let mut copy = (*pipeline).clone();
+        copy.controlnets.clear();
+        let mut cache = self
+            .loaded_controlnets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for path in paths {
+            match cache.iter().find(|(p, _)| p == path) {
+                Some((_, net)) => copy.controlnets.push(net.clone()),
+                None => {
+                    let dtype = copy.unet.weight_dtype();
+                    let index = copy.add_controlnet(path, dtype)?;
+                    cache.push((path.clone(), copy.controlnets[index].clone()));
+                }
+            }
+        }
+        Ok(Arc::new(copy))
     }
 
     /// The LoRA a prompt's `<lora:NAME>` means (its file name without the extension, or its
@@ -272,6 +376,10 @@ impl Models {
         // Let the old model go first: two at once may not fit.
         *write(&self.loaded) = None;
         *self.lora_copy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.loaded_controlnets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         eprintln!("loading {} from {}", checkpoint.title, checkpoint.source);
         let started = std::time::Instant::now();
         let loaded = match (self.loader)(&checkpoint.source) {
@@ -365,9 +473,19 @@ fn slashes(path: &Path) -> String {
         .join("/")
 }
 
-/// Every entry under `dir` (recursively, not into diffusers folders), sorted, with its path
-/// relative to `dir`. A missing folder has none.
-fn walk(dir: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+/// A diffusers pipeline folder (a checkpoint).
+fn pipeline_folder(path: &Path) -> bool {
+    path.join("model_index.json").is_file()
+}
+
+/// A diffusers model folder (a ControlNet).
+fn model_folder(path: &Path) -> bool {
+    path.join("config.json").is_file()
+}
+
+/// Every entry under `dir` (recursively, not into the folders `is_model` says are models),
+/// sorted, with its path relative to `dir`. A missing folder has none.
+fn walk(dir: &Path, is_model: fn(&Path) -> bool) -> Result<Vec<(PathBuf, PathBuf)>> {
     let mut found = Vec::new();
     let mut pending = vec![PathBuf::new()];
     while let Some(relative) = pending.pop() {
@@ -384,7 +502,7 @@ fn walk(dir: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
                 continue;
             }
             let (relative, path) = (relative.join(&name), entry.path());
-            if path.is_dir() && !path.join("model_index.json").is_file() {
+            if path.is_dir() && !is_model(&path) {
                 pending.push(relative);
             } else {
                 found.push((relative, path));
@@ -423,12 +541,14 @@ mod tests {
         std::fs::write(root.join("a/b/x.safetensors"), "").unwrap();
         std::fs::write(root.join("y.ckpt"), "").unwrap();
         std::fs::write(root.join(".hidden.safetensors"), "").unwrap();
-        let names: Vec<String> = walk(root)
+        let names: Vec<String> = walk(root, pipeline_folder)
             .unwrap()
             .iter()
             .map(|(r, _)| slashes(r))
             .collect();
         assert_eq!(names, ["a/b/x.safetensors", "folder-model", "y.ckpt"]);
-        assert!(walk(&root.join("missing")).unwrap().is_empty());
+        assert!(walk(&root.join("missing"), pipeline_folder)
+            .unwrap()
+            .is_empty());
     }
 }

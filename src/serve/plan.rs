@@ -7,8 +7,8 @@ use image::{GrayImage, RgbImage};
 use std::path::PathBuf;
 
 use crate::pipeline::{
-    GenerateRequest, GuidanceInterval, HiresFix, InpaintOptions, LoraSpec, Pipeline, ResizeMode,
-    Resolved,
+    ControlUnit, GenerateRequest, GuidanceInterval, HiresFix, InpaintOptions, LoraSpec, Pipeline,
+    ResizeMode, Resolved,
 };
 
 use super::api_error::ApiError;
@@ -57,6 +57,9 @@ pub struct Asked {
     /// The checkpoint to run on (`override_settings.sd_model_checkpoint`); `None`: the
     /// selected one.
     pub checkpoint: Option<String>,
+    /// ControlNet units (`alwayson_scripts.controlnet`); each `net` indexes `controlnets`.
+    pub controls: Vec<ControlUnit>,
+    pub controlnets: Vec<PathBuf>,
 }
 
 /// What the worker will run.
@@ -66,6 +69,8 @@ pub struct Plan {
     pub batches: Vec<GenerateRequest>,
     /// The LoRAs the prompt names (`<lora:NAME:W>`), for this job only.
     pub loras: Vec<LoraSpec>,
+    /// The ControlNet files the batches' units use, in the order of their `net`.
+    pub controlnets: Vec<PathBuf>,
     pub resolved: Resolved,
     pub seed: u64,
     pub batch_size: usize,
@@ -206,6 +211,7 @@ pub fn plan(
         inpaint: asked.inpaint.clone(),
         hires: asked.hires.clone(),
         refiner_start: asked.refiner_start,
+        controls: asked.controls.clone(),
         ..GenerateRequest::default()
     };
     let resolved = pipeline
@@ -252,6 +258,7 @@ pub fn plan(
     Ok(Plan {
         batches,
         loras,
+        controlnets: asked.controlnets.clone(),
         resolved,
         seed,
         batch_size,

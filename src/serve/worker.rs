@@ -32,6 +32,8 @@ pub struct JobSpec {
     pub model: Option<Checkpoint>,
     /// LoRAs merged into a copy of the model for this job only.
     pub loras: Vec<LoraSpec>,
+    /// ControlNet files the batches' units name (by index).
+    pub controlnets: Vec<std::path::PathBuf>,
     /// Cancel the job when it runs longer (it is stuck, or the machine is starved).
     pub deadline: Option<std::time::Duration>,
     /// What it was estimated to take, for the error an overrun gets.
@@ -387,6 +389,9 @@ impl Queue {
         let (pipeline, warnings) = models
             .with_loras(&loaded, &job.spec.loras)
             .map_err(|e| JobError::Invalid(e.message()))?;
+        let pipeline = models
+            .with_controlnets(pipeline, &job.spec.controlnets)
+            .map_err(|e| JobError::Invalid(e.message()))?;
         output.warnings.extend(warnings);
         for (k, request) in job.spec.batches.iter().enumerate() {
             if control.finish.is_cancelled() {
@@ -488,6 +493,7 @@ mod tests {
             batches: vec![GenerateRequest::default()],
             model: None,
             loras: Vec::new(),
+            controlnets: Vec::new(),
             deadline: None,
             estimate_seconds: 0.0,
         };

@@ -178,6 +178,11 @@ impl UNet {
         })
     }
 
+    /// The dtype its weight matrices and kernels are kept in (`--dtype`).
+    pub fn weight_dtype(&self) -> DType {
+        self.conv_in.dtype()
+    }
+
     /// Predicts the noise (or v) for `sample` (batch, in_channels, h, w) at `timestep`, with
     /// cross-attention on `context` (batch, tokens, cross_attention_dim).
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
