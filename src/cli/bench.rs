@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Decode in overlapping tiles (diffusers' `enable_tiling()`).
     #[arg(long)]
     vae_tiling: bool,
+    /// Also time a U-Net step steered by this ControlNet (a folder or file; the ControlNet's
+    /// pass plus the U-Net's, guidance batch 2).
+    #[arg(long, value_name = "DIR|FILE")]
+    controlnet: Option<std::path::PathBuf>,
     /// Also time applying these LoRAs to the loaded model as a server does for one request
     /// (a patched copy of the layers they change), FILE or FILE:WEIGHT, repeatable.
     #[arg(long = "request-lora", value_name = "FILE[:WEIGHT]", value_parser = crate::assets::parse_lora)]
@@ -127,7 +131,10 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
             started.elapsed().as_secs_f64(),
         );
     }
-    let (pipeline, source) = a.model.load()?;
+    let (mut pipeline, source) = a.model.load()?;
+    if let Some(dir) = &a.controlnet {
+        pipeline.add_controlnet(dir, a.model.dtype.dtype())?;
+    }
     let load_s = started.elapsed().as_secs_f64();
     let device = candle_core::Device::Cpu;
     let f = pipeline.vae_scale_factor();
@@ -177,6 +184,31 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
             .forward_sharded(&sample, &[500.0, 500.0], &batch.context, &extra)?)
     })?;
     let unet_profile = LayerProfile::take(unet_s, a.repeat);
+    // A ControlNet-steered step: the ControlNet on the guidance batch, then the U-Net with
+    // its residuals.
+    let controlnet_s = match pipeline.controlnets.first() {
+        None => None,
+        Some(net) => {
+            let image = BatchGenerator::consecutive(2, 2)
+                .randn(&[2, 3, a.size, a.size], &device)?
+                .abs()?
+                .clamp(0.0, 1.0)?;
+            Some(best(a.repeat, || {
+                let residuals =
+                    net.forward(&sample, &[500.0, 500.0], &batch.context, &extra, &image)?;
+                let steered = ExtraConditions {
+                    control: Some(&residuals),
+                    ..extra
+                };
+                Ok(pipeline.unet.forward_sharded(
+                    &sample,
+                    &[500.0, 500.0],
+                    &batch.context,
+                    &steered,
+                )?)
+            })?)
+        }
+    };
     let z = sample.narrow(0, 0, 1)?;
     let decode_s = best(a.repeat, || Ok(pipeline.vae.decode(&z)?))?;
     let decode_profile = LayerProfile::take(decode_s, a.repeat);
@@ -215,6 +247,7 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
                 "dtype": format!("{:?}", a.model.dtype.dtype()).to_lowercase(),
                 "bf16_products": text2img::kernels::matmul_bf16::available(),
                 "request_loras_s": lora_s,
+                "controlnet_step_cfg_s": controlnet_s,
         });
         if a.profile {
             out["profile_unet_step"] = unet_profile.json();
@@ -231,6 +264,9 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
         println!("  sgemm 2048^3              {gflops:8.1} GFLOP/s");
         if let Some(g) = bf16_gflops {
             println!("  bf16 GEMM 2048^3          {g:8.1} GFLOP/s");
+        }
+        if let Some(s) = controlnet_s {
+            println!("  ControlNet + U-Net step    {s:8.3} s");
         }
         if let Some(s) = lora_s {
             println!("  LoRAs for one request     {s:8.3} s");
