@@ -195,7 +195,7 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
                 .clamp(0.0, 1.0)?;
             Some(best(a.repeat, || {
                 let residuals =
-                    net.forward(&sample, &[500.0, 500.0], &batch.context, &extra, &image)?;
+                    net.forward_sharded(&sample, &[500.0, 500.0], &batch.context, &extra, &image)?;
                 let steered = ExtraConditions {
                     control: Some(&residuals),
                     ..extra

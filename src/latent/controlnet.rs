@@ -335,6 +335,59 @@ impl ControlNet {
         })
     }
 
+    /// [`ControlNet::forward`] with the batch split into shards, one per thread, as
+    /// [`super::unet::UNet::forward_sharded`]: guidance's two halves side by side. Each row's
+    /// residuals are the same as in one pass.
+    pub fn forward_sharded(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+        extra: &ExtraConditions,
+        image: &Tensor,
+    ) -> Result<ControlResiduals> {
+        let batch = sample.dim(0)?;
+        let shard = |start: usize, len: usize| -> Result<ControlResiduals> {
+            if (start, len) == (0, batch) {
+                return self.forward(sample, timesteps, context, extra, image);
+            }
+            let rows = |t: &Tensor| t.narrow(0, start, len);
+            let text_time = match extra.text_time {
+                Some((embeds, ids)) => Some((rows(embeds)?, rows(ids)?)),
+                None => None,
+            };
+            let timestep_cond = extra.timestep_cond.map(rows).transpose()?;
+            let extra = ExtraConditions {
+                text_time: text_time.as_ref().map(|(e, i)| (e, i)),
+                timestep_cond: timestep_cond.as_ref(),
+                control: None,
+            };
+            self.forward(
+                &rows(sample)?,
+                &timesteps[start..start + len],
+                &rows(context)?,
+                &extra,
+                &rows(image)?,
+            )
+        };
+        let parts = crate::kernels::parallel::in_shards(batch, &shard)
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().expect("one shard"));
+        }
+        let cat = |pick: &dyn Fn(&ControlResiduals) -> &Tensor| -> Result<Tensor> {
+            let tensors: Vec<&Tensor> = parts.iter().map(pick).collect();
+            Ok(Tensor::cat(&tensors, 0)?)
+        };
+        Ok(ControlResiduals {
+            down: (0..parts[0].down.len())
+                .map(|k| cat(&|r| &r.down[k]))
+                .collect::<Result<_>>()?,
+            mid: cat(&|r| &r.mid)?,
+        })
+    }
+
     /// The residuals for `sample` (batch, in_channels, h, w) at `timesteps` with the control
     /// `image` (batch, 3, h x downscale, w x downscale), values in 0..1; unscaled (the
     /// caller weighs them, per residual in guess mode).

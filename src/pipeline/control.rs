@@ -167,7 +167,7 @@ impl<'a> ActiveControls<'a> {
                 } else {
                     image.clone()
                 };
-                net.forward(input, &vec![timestep; rows], context, extra, &image)?
+                net.forward_sharded(input, &vec![timestep; rows], context, extra, &image)?
             };
             let count = residuals.down.len();
             // diffusers: guess mode's scales run from 0.1 to 1 (logspace) over the down
