@@ -155,6 +155,12 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
         models.path().join("Lora/style.safetensors"),
     )
     .unwrap();
+    std::fs::create_dir_all(models.path().join("ControlNet")).unwrap();
+    std::fs::copy(
+        model_dir("single-file").join("controlnet-sd1-tiny.safetensors"),
+        models.path().join("ControlNet/edges.safetensors"),
+    )
+    .unwrap();
     let mut server = Command::new(env!("CARGO_BIN_EXE_text2img"))
         .args(["serve", "--port", "0", "--api-key", key, "--models-dir"])
         .arg(models.path())
@@ -326,6 +332,7 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
         assert_ne!(status, 200, "the page asked for the key again");
 
         inpaint_through_the_page(&driver, &session, &rgb);
+        controlnet_through_the_page(&driver, &session, &site, key);
     }));
     driver.call("DELETE", &format!("/session/{session}"), None);
     if let Err(panic) = result {
@@ -450,6 +457,96 @@ fn inpaint_through_the_page(driver: &Driver, session: &str, first: &[u8]) {
     assert!(
         repainted * 10 > painted * 9,
         "{repainted} of {painted} repainted"
+    );
+}
+
+/// A control image chosen in the ControlNet panel, a model, weight and interval picked:
+/// Generate gives the API's image for the same request with that unit.
+fn controlnet_through_the_page(driver: &Driver, session: &str, site: &str, key: &str) {
+    let remove = driver.element(session, "#remove-picture");
+    driver.ok(
+        "POST",
+        &format!("/session/{session}/element/{remove}/click"),
+        Some(json!({})),
+    );
+    driver.script(
+        session,
+        "document.getElementById('control-panel').open = true; return null;",
+    );
+    let control = parity::fixtures().join("controlnet/edges.png");
+    let upload = driver.element(session, "#control-file");
+    driver.ok(
+        "POST",
+        &format!("/session/{session}/element/{upload}/value"),
+        Some(json!({ "text": control.to_str().unwrap() })),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while driver.script(session, "return controlImage !== null;") != json!(true) {
+        assert!(Instant::now() < deadline, "the control image never loaded");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let options = driver.script(
+        session,
+        "return [...document.querySelectorAll('#control-model option')].map(o => o.value);",
+    );
+    assert_eq!(options, json!(["", "edges"]));
+    driver.script(
+        session,
+        "document.getElementById('control-model').value = 'edges'; return null;",
+    );
+    driver.type_into(session, "#control-weight", "0.8");
+    driver.type_into(session, "#control-end", "0.7");
+    let button = driver.element(session, "#generate");
+    driver.ok(
+        "POST",
+        &format!("/session/{session}/element/{button}/click"),
+        Some(json!({})),
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let src = loop {
+        let v = driver.script(
+            session,
+            "const i = document.querySelectorAll('#gallery img.result'); return i.length > 2 ? i[0].src : null;",
+        );
+        if let Some(src) = v.as_str() {
+            break src.to_string();
+        }
+        let status = driver.script(
+            session,
+            "return document.getElementById('status').textContent;",
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no controlled image; status: {status}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(src.strip_prefix("data:image/png;base64,").unwrap())
+        .unwrap();
+    let (rgb, ..) = decode_png(&png);
+    let unit = json!({
+        "enabled": true, "model": "edges", "module": "none", "weight": 0.8,
+        "guidance_start": 0, "guidance_end": 0.7, "control_mode": "Balanced",
+        "image": base64::engine::general_purpose::STANDARD.encode(std::fs::read(&control).unwrap()),
+    });
+    let api = ureq::post(&format!("{site}/sdapi/v1/txt2img"))
+        .set("Authorization", &format!("Bearer {key}"))
+        .send_json(
+            json!({"prompt": "a red circle on a blue background", "width": 64,
+                          "height": 48, "steps": 3, "seed": 7, "autoguidance": 2,
+                          "alwayson_scripts": {"controlnet": {"args": [unit]}}}),
+        )
+        .unwrap()
+        .into_json::<Value>()
+        .unwrap();
+    let api_png = base64::engine::general_purpose::STANDARD
+        .decode(api["images"][0].as_str().unwrap())
+        .unwrap();
+    assert_eq!(
+        decode_png(&api_png).0,
+        rgb,
+        "the page's image is not the API's"
     );
 }
 
