@@ -1,6 +1,6 @@
 //! ControlNets against diffusers' StableDiffusion(XL)ControlNetPipeline
 //! (scripts/fixtures/controlnet.py): one ControlNet, an interval of steps, two at once, guess
-//! mode, img2img, inpainting, SDXL. Each case must reach parity::MATCH_DB, and its near misses (scale 0, another
+//! mode, img2img, inpainting, SD 2.x, SDXL. Each case must reach parity::MATCH_DB, and its near misses (scale 0, another
 //! control image, the interval or guess mode left out) must fall below 45 dB.
 
 mod parity;
@@ -220,6 +220,42 @@ fn controlnet_with_inpainting() {
         "sd1-inpaint",
         &[("scale 0", &scale_zero), ("other image", &other_image)],
     );
+}
+
+/// SD 2.x: v-prediction, linear projections, 1024-wide text.
+#[test]
+fn sd2_controlnet() {
+    check(
+        "sd2-one",
+        &[("scale 0", &scale_zero), ("other image", &other_image)],
+    );
+}
+
+/// Hires fix runs with a ControlNet (its second pass steered by the control image at the
+/// larger size; diffusers has no such pipeline to compare with): the image is the larger
+/// size and differs from the unsteered one.
+#[test]
+fn controlnet_with_hires_fix() {
+    let case = case("sd1-one");
+    let pipeline = pipeline(&case);
+    let mut req = request(&case);
+    req.hires = Some(text2img::pipeline::HiresFix {
+        scale: 1.5,
+        width: None,
+        height: None,
+        steps: Some(3),
+        strength: 0.6,
+        upscaler: text2img::pipeline::LatentUpscaler::Bilinear,
+    });
+    let steered = pipeline.generate(&req, &mut |_| true).unwrap();
+    assert_eq!(
+        (steered.images[0].width, steered.images[0].height),
+        (96, 96)
+    );
+    let mut unsteered = req.clone();
+    unsteered.controls.clear();
+    let without = pipeline.generate(&unsteered, &mut |_| true).unwrap();
+    assert!(psnr(&steered.images[0].rgb, &without.images[0].rgb) < 45.0);
 }
 
 #[test]
