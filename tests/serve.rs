@@ -260,7 +260,14 @@ fn bad_input_is_a_4xx_that_names_the_field() {
             r#"{"sd_vae": "x.safetensors"}"#,
             400,
             Some("sd_vae"),
-            "only sd_model_checkpoint",
+            "no VAE `x.safetensors`; known: Automatic, None",
+        ),
+        (
+            "/sdapi/v1/options",
+            r#"{"samples_format": "jpg"}"#,
+            400,
+            Some("samples_format"),
+            "only sd_model_checkpoint and sd_vae",
         ),
         (
             "/sdapi/v1/txt2img",
@@ -884,6 +891,7 @@ fn a_job_that_overruns_its_deadline_is_cancelled() {
         title: "sd1-tiny".into(),
         model_name: "sd1-tiny".into(),
         source,
+        vae: None,
     };
     let loader = Box::new(|s: &str| Pipeline::load(s, &LoadOptions::default()));
     let models = Models::new(loader, pipeline, startup, None, None).unwrap();

@@ -297,3 +297,50 @@ fn controlnet_units_through_the_a1111_api() {
     body["alwayson_scripts"]["controlnet"]["args"] = json!([]);
     assert_eq!(txt2img(&server, &body).0, plain.0);
 }
+
+/// `VAE/` and `sd_vae`: a request (or the selection) with another VAE gets diffusers' image
+/// with that VAE; "Automatic" gives the checkpoint's own back, bit for bit, without a reload.
+#[test]
+fn vae_choice_per_request_and_selected() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("VAE")).unwrap();
+    std::fs::copy(
+        fixtures().join("image_inputs/other-vae.safetensors"),
+        dir.path().join("VAE/other-vae.safetensors"),
+    )
+    .unwrap();
+    let server = Server::start(&["--models-dir", dir.path().to_str().unwrap()]);
+    let (_, vaes) = server.get("/sdapi/v1/sd-vae");
+    assert_eq!(vaes[0]["model_name"], "other-vae.safetensors", "{vaes}");
+    // The image_inputs fixture's `other-vae` case: diffusers with that VAE.
+    let body = json!({"prompt": "a red circle on a blue background", "seed": 7, "steps": 6,
+                      "cfg_scale": 7.5, "sampler_name": "DDIM", "width": 64, "height": 64});
+    let (own, _) = txt2img(&server, &body);
+    let mut with_vae = body.clone();
+    with_vae["override_settings"] = json!({"sd_vae": "other-vae"});
+    let (other, _) = txt2img(&server, &with_vae);
+    let (reference, ..) =
+        parity::read_png(&fixtures().join("reference/image_inputs/other-vae-0.png"));
+    let db = parity::psnr(&other, &reference);
+    assert!(db >= parity::MATCH_DB, "{db:.1} dB against diffusers");
+    assert!(parity::psnr(&own, &reference) < 45.0);
+    assert!(
+        txt2img(&server, &body).0 == own,
+        "the VAE stayed after its request"
+    );
+
+    let (status, answer) = server.post(
+        "/sdapi/v1/options",
+        &json!({"sd_vae": "other-vae.safetensors"}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let (_, options) = server.get("/sdapi/v1/options");
+    assert_eq!(options["sd_vae"], "other-vae.safetensors");
+    assert!(txt2img(&server, &body).0 == other);
+    server.post("/sdapi/v1/options", &json!({"sd_vae": "Automatic"}));
+    assert!(txt2img(&server, &body).0 == own);
+    assert!(
+        !server.log().contains("loading sd1-tiny"),
+        "a VAE switch reloaded the model"
+    );
+}

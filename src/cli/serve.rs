@@ -161,6 +161,7 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
         title: pipeline.name.clone(),
         model_name: pipeline.name.clone(),
         source,
+        vae: None,
     };
     let lora_dir = model.lora_dir.clone();
     let startup_source = startup.source.clone();

@@ -128,6 +128,7 @@ fn common_fields(fields: &Fields) -> Result<Asked, ApiError> {
         sampler_name.as_deref(),
         fields.string("scheduler")?.as_deref(),
     )?;
+    let overrides = fields.object("override_settings")?;
     Ok(Asked {
         prompt: fields.string("prompt")?.unwrap_or_default(),
         negative_prompt: fields.string("negative_prompt")?.unwrap_or_default(),
@@ -144,8 +145,16 @@ fn common_fields(fields: &Fields) -> Result<Asked, ApiError> {
         batch_size: fields.integer("batch_size")?,
         n_iter: fields.integer("n_iter")?,
         count_field: "batch_size",
-        checkpoint: match fields.object("override_settings")? {
-            Some(settings) => settings.string("sd_model_checkpoint")?,
+        checkpoint: match &overrides {
+            Some(settings) => settings
+                .string("sd_model_checkpoint")
+                .map_err(|e| e.within("override_settings"))?,
+            None => None,
+        },
+        vae: match &overrides {
+            Some(settings) => settings
+                .string("sd_vae")
+                .map_err(|e| e.within("override_settings"))?,
             None => None,
         },
         ..Asked::default()
@@ -202,7 +211,7 @@ fn hires_fix(fields: &Fields, max_steps: usize) -> Result<Option<HiresFix>, ApiE
 
 /// Runs a request and answers as A1111 does: the images, the parameters, the info.
 async fn respond(app: &AppState, asked: &Asked) -> Result<Json<Value>, ApiError> {
-    let loaded = model_for(app, asked.checkpoint.as_deref()).await?;
+    let loaded = model_for(app, asked.checkpoint.as_deref(), asked.vae.as_deref()).await?;
     let mut asked = asked.clone();
     // As A1111, which ignores the switch point without a refiner to switch to.
     if loaded.pipeline.refiner.is_none() {
@@ -356,6 +365,25 @@ pub async fn sd_models(State(app): State<Arc<AppState>>) -> Json<Value> {
     Json(Value::Array(list))
 }
 
+/// `GET /sdapi/v1/sd-vae`: the VAEs in `--models-dir`'s `VAE/` (besides "Automatic", the
+/// checkpoint's own).
+pub async fn sd_vae(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let list: Vec<Value> = app
+        .models
+        .vaes()
+        .iter()
+        .map(|v| json!({ "model_name": v.name, "filename": v.path }))
+        .collect();
+    Json(Value::Array(list))
+}
+
+pub async fn refresh_vae(State(app): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    app.models
+        .refresh_vaes()
+        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.message()))?;
+    Ok(Json(Value::Null))
+}
+
 /// `GET /sdapi/v1/loras`: the LoRAs prompts may name as `<lora:NAME:WEIGHT>`.
 pub async fn loras(State(app): State<Arc<AppState>>) -> Json<Value> {
     let list: Vec<Value> = app
@@ -415,6 +443,7 @@ pub async fn embeddings(State(app): State<Arc<AppState>>) -> Json<Value> {
 pub async fn options(State(app): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
         "sd_model_checkpoint": app.models.selected().title,
+        "sd_vae": app.models.selected_vae().map_or("Automatic".to_string(), |v| v.name),
         "CLIP_stop_at_last_layers": 1,
         "samples_format": "png",
     }))
@@ -429,19 +458,38 @@ pub async fn set_options(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let fields = super::request_fields(&app, &headers, body).await?;
-    if let Some(other) = fields.names().find(|n| *n != "sd_model_checkpoint") {
+    if let Some(other) = fields
+        .names()
+        .find(|n| !["sd_model_checkpoint", "sd_vae"].contains(n))
+    {
         return Err(ApiError::field(
             other,
-            "is not a setting this server changes (only sd_model_checkpoint)",
+            "is not a setting this server changes (only sd_model_checkpoint and sd_vae)",
         ));
     }
-    if let Some(name) = fields.string("sd_model_checkpoint")? {
-        let checkpoint = app
-            .models
-            .find(&name)
-            .map_err(|e| ApiError::field("sd_model_checkpoint", e.message()))?;
+    // Both checked before either changes.
+    let checkpoint = fields
+        .string("sd_model_checkpoint")?
+        .map(|name| {
+            app.models
+                .find(&name)
+                .map_err(|e| ApiError::field("sd_model_checkpoint", e.message()))
+        })
+        .transpose()?;
+    let vae = fields
+        .string("sd_vae")?
+        .map(|name| {
+            app.models
+                .find_vae(&name)
+                .map_err(|e| ApiError::field("sd_vae", e.message()))
+        })
+        .transpose()?;
+    if let Some(checkpoint) = checkpoint {
         app.models.select(checkpoint);
-        model_for(&app, None).await?;
     }
+    if let Some(vae) = vae {
+        app.models.select_vae(vae);
+    }
+    model_for(&app, None, None).await?;
     Ok(Json(Value::Null))
 }

@@ -119,6 +119,7 @@ pub(crate) async fn request_fields(
 pub(crate) async fn model_for(
     app: &AppState,
     named: Option<&str>,
+    named_vae: Option<&str>,
 ) -> Result<Arc<Loaded>, ApiError> {
     let checkpoint = match named {
         Some(name) => app
@@ -126,6 +127,17 @@ pub(crate) async fn model_for(
             .find(name)
             .map_err(|e| ApiError::field("sd_model_checkpoint", e.message()))?,
         None => app.models.selected(),
+    };
+    let vae = match named_vae {
+        Some(name) => app
+            .models
+            .find_vae(name)
+            .map_err(|e| ApiError::field("sd_vae", e.message()))?,
+        None => app.models.selected_vae(),
+    };
+    let checkpoint = models::Checkpoint {
+        vae: vae.map(|v| v.path),
+        ..checkpoint
     };
     // Another request's switch may come between the load and this request's plan: try
     // again (its job then names this checkpoint, and the worker loads it back).
@@ -356,6 +368,8 @@ pub fn router(app: Arc<AppState>) -> Router {
             post(a1111::refresh_checkpoints),
         )
         .route("/sdapi/v1/refresh-loras", post(a1111::refresh_loras))
+        .route("/sdapi/v1/sd-vae", get(a1111::sd_vae))
+        .route("/sdapi/v1/refresh-vae", post(a1111::refresh_vae))
         .route("/controlnet/model_list", get(controlnet::model_list))
         .route("/controlnet/module_list", get(controlnet::module_list))
         .route("/controlnet/detect", post(controlnet::detect))

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::latent::controlnet::ControlNet;
 use crate::pipeline::cost::CostModel;
 use crate::pipeline::{LoraSpec, Pipeline};
+use crate::vae::Vae;
 
 /// Builds a pipeline from a checkpoint's source (a file, a folder or a repo id), with the
 /// server's load options (dtype, embeddings, a preview VAE).
@@ -26,6 +27,8 @@ pub struct Loaded {
     pub pipeline: Arc<Pipeline>,
     pub cost: CostModel,
     pub checkpoint: Checkpoint,
+    /// The checkpoint's own VAE, for a switch back from another (`sd_vae` "Automatic").
+    own_vae: Vae,
 }
 
 /// A checkpoint the server can load.
@@ -38,6 +41,8 @@ pub struct Checkpoint {
     pub model_name: String,
     /// Its file, folder or repo id.
     pub source: String,
+    /// A VAE from `VAE/` in place of the checkpoint's own (`sd_vae`); `None`: its own.
+    pub vae: Option<PathBuf>,
 }
 
 impl Checkpoint {
@@ -73,8 +78,13 @@ pub struct Models {
     models_dir: Option<PathBuf>,
     /// Where `<lora:NAME>` is looked up (`--lora-dir`, or `Lora/` under `--models-dir`).
     lora_dir: Option<PathBuf>,
-    /// `ControlNet/` under `--models-dir`.
+    /// `ControlNet/` and `VAE/` under `--models-dir`.
     controlnet_dir: Option<PathBuf>,
+    vae_dir: Option<PathBuf>,
+    vaes: RwLock<Vec<LoraFile>>,
+    /// The VAE requests run with unless they name another (`sd_vae`); `None`: the
+    /// checkpoint's own ("Automatic").
+    selected_vae: RwLock<Option<LoraFile>>,
     checkpoints: RwLock<Vec<Checkpoint>>,
     loras: RwLock<Vec<LoraFile>>,
     controlnets: RwLock<Vec<LoraFile>>,
@@ -130,6 +140,7 @@ impl Models {
     ) -> Result<Self> {
         let lora_dir = lora_dir.or_else(|| models_dir.as_ref().map(|d| d.join("Lora")));
         let controlnet_dir = models_dir.as_ref().map(|d| d.join("ControlNet"));
+        let vae_dir = models_dir.as_ref().map(|d| d.join("VAE"));
         let loaded = Self::measure(pipeline, startup.clone())?;
         let models = Self {
             loader,
@@ -138,6 +149,9 @@ impl Models {
             models_dir,
             lora_dir,
             controlnet_dir,
+            vae_dir,
+            vaes: RwLock::new(Vec::new()),
+            selected_vae: RwLock::new(None),
             checkpoints: RwLock::new(Vec::new()),
             loras: RwLock::new(Vec::new()),
             controlnets: RwLock::new(Vec::new()),
@@ -148,10 +162,15 @@ impl Models {
         models.refresh_checkpoints()?;
         models.refresh_loras()?;
         models.refresh_controlnets()?;
+        models.refresh_vaes()?;
         Ok(models)
     }
 
-    fn measure(pipeline: Pipeline, checkpoint: Checkpoint) -> Result<Loaded> {
+    fn measure(mut pipeline: Pipeline, checkpoint: Checkpoint) -> Result<Loaded> {
+        let own_vae = pipeline.vae.clone();
+        if let Some(vae) = &checkpoint.vae {
+            pipeline.vae = replacement_vae(&own_vae, vae, &pipeline)?;
+        }
         let measuring = std::time::Instant::now();
         let cost = CostModel::measure(&pipeline)?;
         eprintln!(
@@ -163,6 +182,7 @@ impl Models {
             pipeline: Arc::new(pipeline),
             cost,
             checkpoint,
+            own_vae,
         })
     }
 
@@ -226,6 +246,7 @@ impl Models {
                     title: slashes(&relative),
                     model_name: slashes(&model_name),
                     source: path.display().to_string(),
+                    vae: None,
                 });
             }
         }
@@ -272,6 +293,59 @@ impl Models {
         }
         *write(&self.controlnets) = found;
         Ok(())
+    }
+
+    /// Rescans `VAE/` (A1111's `/sdapi/v1/refresh-vae`): single files and folders.
+    pub fn refresh_vaes(&self) -> Result<()> {
+        let mut found = Vec::new();
+        if let Some(dir) = &self.vae_dir {
+            for (relative, path) in walk(dir, model_folder)? {
+                let file = path.is_file() && has_extension(&path, &WEIGHT_EXTENSIONS);
+                let folder = path.is_dir() && path.join("config.json").is_file();
+                if file || folder {
+                    found.push(LoraFile {
+                        name: slashes(&relative),
+                        path,
+                    });
+                }
+            }
+        }
+        *write(&self.vaes) = found;
+        Ok(())
+    }
+
+    pub fn vaes(&self) -> Vec<LoraFile> {
+        read(&self.vaes).clone()
+    }
+
+    /// The VAE a client's `sd_vae` means: `None` for "Automatic" or "None" (the checkpoint's
+    /// own), else a file under `VAE/` by its name (with or without the extension).
+    pub fn find_vae(&self, name: &str) -> Result<Option<LoraFile>> {
+        let name = name.trim();
+        if name.eq_ignore_ascii_case("automatic") || name.eq_ignore_ascii_case("none") {
+            return Ok(None);
+        }
+        let vaes = read(&self.vaes);
+        vaes.iter()
+            .find(|v| v.name == name || Path::new(&v.name).with_extension("") == Path::new(name))
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "no VAE `{name}`; known: Automatic, None{}",
+                    vaes.iter()
+                        .map(|v| format!(", {}", v.name))
+                        .collect::<String>()
+                ))
+            })
+    }
+
+    pub fn selected_vae(&self) -> Option<LoraFile> {
+        read(&self.selected_vae).clone()
+    }
+
+    pub fn select_vae(&self, vae: Option<LoraFile>) {
+        *write(&self.selected_vae) = vae;
     }
 
     pub fn controlnets(&self) -> Vec<LoraFile> {
@@ -372,6 +446,29 @@ impl Models {
             if loaded.checkpoint == *checkpoint {
                 return Ok(loaded);
             }
+            if loaded.checkpoint.source == checkpoint.source {
+                // The same model with another VAE: only the VAE changes.
+                let mut pipeline = (*loaded.pipeline).clone();
+                pipeline.vae = match &checkpoint.vae {
+                    None => loaded.own_vae.clone(),
+                    Some(vae) => replacement_vae(&loaded.own_vae, vae, &pipeline).map_err(|e| {
+                        Error::InvalidRequest(format!(
+                            "cannot load VAE {}: {}",
+                            vae.display(),
+                            e.message()
+                        ))
+                    })?,
+                };
+                let swapped = Arc::new(Loaded {
+                    pipeline: Arc::new(pipeline),
+                    cost: loaded.cost.clone(),
+                    checkpoint: checkpoint.clone(),
+                    own_vae: loaded.own_vae.clone(),
+                });
+                *self.lora_copy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *write(&self.loaded) = Some(swapped.clone());
+                return Ok(swapped);
+            }
         }
         // Let the old model go first: two at once may not fit.
         *write(&self.loaded) = None;
@@ -441,6 +538,21 @@ impl Models {
         *cached = Some((key, copy.clone()));
         Ok((copy, warnings))
     }
+}
+
+/// The VAE at `path` in place of `own` (which gives the config a single file lacks).
+fn replacement_vae(own: &Vae, path: &Path, pipeline: &Pipeline) -> Result<Vae> {
+    let Vae::Kl(kl) = own else {
+        return Err(Error::InvalidRequest(
+            "the model's own VAE is a tiny one: its full config is unknown".into(),
+        ));
+    };
+    crate::vae::replacement::load(
+        path,
+        &kl.config,
+        pipeline.unet.weight_dtype(),
+        &candle_core::Device::Cpu,
+    )
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -523,6 +635,7 @@ mod tests {
             title: "sd15/dreamy.safetensors".into(),
             model_name: "sd15/dreamy".into(),
             source: "/m/Stable-diffusion/sd15/dreamy.safetensors".into(),
+            vae: None,
         };
         assert!(c.answers_to("sd15/dreamy.safetensors"));
         assert!(c.answers_to("sd15/dreamy"));

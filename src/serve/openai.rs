@@ -71,7 +71,7 @@ async fn handle(
 
 /// Runs a request and answers in OpenAI's shape.
 async fn respond(app: &AppState, asked: &Asked) -> Result<Json<Value>, ApiError> {
-    let loaded = model_for(app, asked.checkpoint.as_deref()).await?;
+    let loaded = model_for(app, asked.checkpoint.as_deref(), asked.vae.as_deref()).await?;
     let plan = plan_on(app, &loaded, asked)?;
     let output = run_plan(app, &loaded, &plan).await?;
     let created = SystemTime::now()

@@ -57,6 +57,8 @@ pub struct Asked {
     /// The checkpoint to run on (`override_settings.sd_model_checkpoint`); `None`: the
     /// selected one.
     pub checkpoint: Option<String>,
+    /// The VAE to run with (`override_settings.sd_vae`); `None`: the selected one.
+    pub vae: Option<String>,
     /// ControlNet units (`alwayson_scripts.controlnet`); each `net` indexes `controlnets`.
     pub controls: Vec<ControlUnit>,
     pub controlnets: Vec<PathBuf>,
