@@ -137,6 +137,14 @@ impl LayerMut<'_> {
         }
     }
 
+    /// The weight in the checkpoint's layout, as f32.
+    pub fn weight(&self) -> Result<Tensor> {
+        Ok(match self {
+            Self::Linear(l) => l.weight_t.t()?.to_dtype(DType::F32)?.contiguous()?,
+            Self::Conv(c) => c.weight.to_dtype(DType::F32)?,
+        })
+    }
+
     /// Replaces the layer by a copy with `delta` added to its weight (the original's
     /// tensors are untouched: other copies of the model that share them see no change).
     pub fn patch(&mut self, delta: &Tensor) -> Result<()> {

@@ -207,3 +207,33 @@ fn loras_applied_to_a_loaded_model_equal_loras_merged_at_load() {
         .to_string();
     assert!(err.contains("another model"), "{err}");
 }
+
+/// A DoRA LoRA without its decomposition (its `dora_scale` tensors dropped) is a plain LoRA,
+/// and misses the reference: the scales are applied, not skipped.
+#[test]
+fn dora_without_its_scales_misses_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors = candle_core::safetensors::load(
+        fixtures().join("loras/dora-sd1.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let before = tensors.len();
+    tensors.retain(|k, _| !k.ends_with(".dora_scale"));
+    assert!(tensors.len() < before);
+    let plain = dir.path().join("plain.safetensors");
+    candle_core::safetensors::save(&tensors, &plain).unwrap();
+    let (reference, ..) = read_png(&fixtures().join("reference/lora-sd1-dora.png"));
+    let pipeline = with_loras(
+        "sd1-tiny",
+        vec![LoraSpec {
+            path: plain,
+            text_weight: 0.8,
+            unet_weight: 0.8,
+        }],
+    )
+    .unwrap();
+    let db = psnr(&render(&pipeline), &reference);
+    eprintln!("sd1-dora without dora_scale: {db:.1} dB");
+    assert!(db < 45.0, "{db:.1} dB");
+}

@@ -42,7 +42,18 @@ impl LoraLoad {
         if self.loras.is_empty() {
             return Ok(());
         }
-        let deltas = self.deltas(part, &weights.named_shapes())?;
+        let shapes = weights.named_shapes();
+        let original = |name: &str| -> Result<Tensor> {
+            let shape = shapes
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default();
+            Ok(weights
+                .get(name, &shape)?
+                .to_dtype(candle_core::DType::F32)?)
+        };
+        let deltas = self.deltas(part, &shapes, &original)?;
         weights.patch(deltas);
         Ok(())
     }
@@ -59,7 +70,15 @@ impl LoraLoad {
             .iter()
             .map(|l| (l.name().to_string(), l.shape()))
             .collect();
-        let deltas = self.deltas(part, &shapes)?;
+        let original = |name: &str| -> Result<Tensor> {
+            layers
+                .iter()
+                .find(|l| l.name() == name)
+                .map(|l| l.weight())
+                .transpose()?
+                .ok_or_else(|| Error::InvalidRequest(format!("no layer `{name}`")))
+        };
+        let deltas = self.deltas(part, &shapes, &original)?;
         for layer in &mut layers {
             if let Some(delta) = deltas.get(layer.name()) {
                 layer.patch(delta)?;
@@ -73,13 +92,14 @@ impl LoraLoad {
         &mut self,
         part: Part,
         shapes: &[(String, Vec<usize>)],
+        original: &dyn Fn(&str) -> Result<Tensor>,
     ) -> Result<HashMap<String, Tensor>> {
         let weight = |s: &LoraSpec| match part {
             Part::Unet => s.unet_weight,
             Part::TextEncoder(_) => s.text_weight,
         };
         let set: Vec<(&Lora, f64)> = self.loras.iter().map(|(l, s)| (l, weight(s))).collect();
-        let patches = lora::patches(&set, part, shapes)?;
+        let patches = lora::patches(&set, part, shapes, original)?;
         for (all, found) in self.matched.iter_mut().zip(patches.matched) {
             all.extend(found);
         }

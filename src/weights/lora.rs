@@ -83,6 +83,13 @@ impl Lora {
                 None => other.push(stored),
             }
         }
+        // PEFT's DoRA: merged as a plain LoRA it would give another image, silently.
+        if let Some(magnitude) = other.iter().find(|n| n.contains("lora_magnitude_vector")) {
+            return Err(Error::config(
+                path,
+                format!("`{magnitude}`: PEFT's DoRA (lora_magnitude_vector) is not supported; kohya/LyCORIS DoRA (dora_scale) is"),
+            ));
+        }
         if modules.is_empty() {
             other.truncate(3);
             return Err(Error::config(
@@ -109,6 +116,62 @@ impl Lora {
     /// The module keys, as stored.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.modules.keys().map(String::as_str)
+    }
+
+    /// What one module adds to its weight (of `shape`) at `multiplier`. A DoRA module
+    /// (`dora_scale`) rescales the changed weight's norms, so its change depends on the
+    /// weight itself (`original`), as A1111 and ComfyUI merge it:
+    /// multiplier x (dora_scale x (W + D) / ||W + D|| - W), the norm per input channel when
+    /// dora_scale is (1, in, ...), per output channel when it is (out, 1, ...).
+    fn change(
+        &self,
+        key: &str,
+        shape: &[usize],
+        multiplier: f64,
+        original: &dyn Fn() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let delta = self.delta(key, shape)?;
+        let Some(scale) = self.modules[key].get("dora_scale") else {
+            return Ok((delta * multiplier)?);
+        };
+        let w = original()?.to_dtype(DType::F32)?;
+        let merged = (&w + &delta)?;
+        let (out, inp) = (shape[0], shape.get(1).copied().unwrap_or(1));
+        let ones = vec![1usize; shape.len().saturating_sub(1)];
+        let on_output = scale.dim(0)? == out && scale.elem_count() == out;
+        let norm = if on_output {
+            let mut s = vec![out];
+            s.extend(&ones);
+            merged
+                .reshape((out, ()))?
+                .sqr()?
+                .sum_keepdim(1)?
+                .sqrt()?
+                .reshape(s)?
+        } else {
+            let mut s = vec![1, inp];
+            s.extend(&ones[1..]);
+            merged
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((inp, ()))?
+                .sqr()?
+                .sum_keepdim(1)?
+                .sqrt()?
+                .reshape(s)?
+        };
+        if scale.elem_count() != norm.elem_count() {
+            return Err(Error::config(
+                &self.path,
+                format!(
+                    "`{key}`: dora_scale has shape {:?}; the weight {shape:?} needs ({out}, 1) or (1, {inp})",
+                    scale.dims()
+                ),
+            ));
+        }
+        let scale = scale.reshape(norm.dims())?;
+        let decomposed = merged.broadcast_mul(&scale.broadcast_div(&norm)?)?;
+        Ok(((decomposed - w)? * multiplier)?)
     }
 
     /// The change one module's weight (of `shape`) gets at multiplier 1.
@@ -400,10 +463,13 @@ pub struct Patches {
 
 /// The deltas `loras` (each with its multiplier) make to the weights named `names` of `part`
 /// (`shapes` gives each weight's shape); modules are matched by their names in LoRA files.
+/// `original` gives a weight as the model has it (f32), which a DoRA module's change depends
+/// on; it is asked for those only.
 pub fn patches(
     loras: &[(&Lora, f64)],
     part: Part,
     weights: &[(String, Vec<usize>)],
+    original: &dyn Fn(&str) -> Result<Tensor>,
 ) -> Result<Patches> {
     let mut deltas: HashMap<String, Tensor> = HashMap::new();
     let mut matched = vec![std::collections::HashSet::new(); loras.len()];
@@ -419,7 +485,7 @@ pub fn patches(
             else {
                 continue;
             };
-            let delta = (lora.delta(&key, shape)? * *multiplier)?;
+            let delta = lora.change(&key, shape, *multiplier, &|| original(name))?;
             matched[i].insert(key);
             let total = match deltas.remove(name) {
                 Some(d) => (d + delta)?,
