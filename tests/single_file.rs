@@ -54,6 +54,7 @@ fn each_layout_gives_the_folders_image_bit_for_bit() {
         ("sd1-tiny", "Sd1"),
         ("sd2-tiny", "Sd2"),
         ("sdxl-tiny", "Sdxl"),
+        ("sdxl-refiner-tiny", "SdxlRefiner"),
     ] {
         let single = Pipeline::load_single_file(&checkpoint(name), &options(Some(name))).unwrap();
         let folder = load_local(&model_dir(name), &LoadOptions::default()).unwrap();

@@ -191,7 +191,7 @@ pub struct ModelArgs {
     /// original or diffusers layout (e.g. vae-ft-mse-840000-ema-pruned.safetensors).
     #[arg(long, value_name = "DIR|FILE")]
     pub vae: Option<std::path::PathBuf>,
-    /// An SDXL refiner (a diffusers folder) that finishes the steps after the handover
+    /// An SDXL refiner (a diffusers folder or a single file) that finishes the steps after the handover
     /// (--refiner-start, or a request's refiner_switch_at; default 0.8).
     #[arg(long, value_name = "DIR")]
     pub refiner: Option<std::path::PathBuf>,
@@ -277,8 +277,16 @@ impl ModelArgs {
                 weight_dtype: self.dtype.dtype(),
                 ..Default::default()
             };
-            let refiner = text2img::pipeline::load_local(dir, &options)
-                .with_context(|| format!("loading refiner {}", dir.display()))?;
+            let refiner = if dir.is_file() {
+                let options = text2img::pipeline::SingleFileOptions {
+                    load: options,
+                    ..Default::default()
+                };
+                text2img::Pipeline::load_single_file(dir, &options)
+            } else {
+                text2img::pipeline::load_local(dir, &options)
+            }
+            .with_context(|| format!("loading refiner {}", dir.display()))?;
             pipeline.set_refiner(refiner)?;
         }
         for warning in &pipeline.load_warnings {

@@ -69,10 +69,11 @@ impl Pipeline {
             &configs.path("model_index.json"),
         )?;
         let encoders = arch.text_encoders().len();
-        let wanted = if family == Family::StableDiffusionXl {
-            2
-        } else {
-            1
+        let first = arch.first_encoder_slot();
+        // An SDXL pipeline has both encoders, its refiner the second alone.
+        let wanted = match family {
+            Family::StableDiffusionXl if configs.has("text_encoder") => 2,
+            _ => 1,
         };
         if encoders != wanted {
             return Err(Error::config(
@@ -114,11 +115,16 @@ impl Pipeline {
         };
 
         let mut text_encoders = Vec::new();
-        for (i, (tokenizer, encoder)) in TEXT_ENCODERS.into_iter().take(encoders).enumerate() {
+        for (i, (tokenizer, encoder)) in TEXT_ENCODERS
+            .into_iter()
+            .enumerate()
+            .skip(first)
+            .take(encoders)
+        {
             let file = format!("{encoder}/config.json");
             let config = ClipTextConfig::from_json(&configs.require(&file)?, &configs.path(&file))?;
             let projection = i == 1;
-            let mut weights = checkpoint.text_encoder(i, &config, projection)?;
+            let mut weights = checkpoint.text_encoder(i - first, &config, projection)?;
             weights.store_matrices_as(wd);
             loras.patch(&mut weights, Part::TextEncoder(i))?;
             let model = ClipTextModel::from_weights(config, &weights)?;
@@ -188,7 +194,10 @@ impl Pipeline {
             load_warnings,
             preview_vae: None,
             controlnets: Vec::new(),
-            aesthetic_time_ids: false,
+            aesthetic_time_ids: index
+                .get("requires_aesthetics_score")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             refiner: None,
             device: device.clone(),
         };

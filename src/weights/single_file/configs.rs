@@ -26,6 +26,11 @@ const SDXL: &[(&str, &str)] = files!("sdxl": "model_index.json", "scheduler/sche
     "tokenizer/special_tokens_map.json", "tokenizer_2/tokenizer_config.json",
     "tokenizer_2/special_tokens_map.json");
 
+const SDXL_REFINER: &[(&str, &str)] = files!("sdxl-refiner": "model_index.json",
+    "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json",
+    "text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json",
+    "tokenizer_2/special_tokens_map.json");
+
 const VOCAB: &str = include_str!("../../../assets/clip-tokenizer/vocab.json");
 const MERGES: &str = include_str!("../../../assets/clip-tokenizer/merges.txt");
 
@@ -43,6 +48,7 @@ impl ConfigFiles {
             Architecture::Sd1 => SD1,
             Architecture::Sd2 => SD2,
             Architecture::Sdxl => SDXL,
+            Architecture::SdxlRefiner => SDXL_REFINER,
         }
     }
 

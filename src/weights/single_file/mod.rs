@@ -29,6 +29,9 @@ pub enum Architecture {
     Sd2,
     /// SDXL base: CLIP ViT-L and OpenCLIP ViT-bigG.
     Sdxl,
+    /// SDXL's refiner: OpenCLIP ViT-bigG alone (SDXL's second encoder), aesthetic-score
+    /// conditioning.
+    SdxlRefiner,
 }
 
 impl Architecture {
@@ -37,6 +40,7 @@ impl Architecture {
             Architecture::Sd1 => "sd1",
             Architecture::Sd2 => "sd2",
             Architecture::Sdxl => "sdxl",
+            Architecture::SdxlRefiner => "sdxl-refiner",
         }
     }
 
@@ -45,6 +49,7 @@ impl Architecture {
             Architecture::Sd1 => "Stable Diffusion 1.x",
             Architecture::Sd2 => "Stable Diffusion 2.x",
             Architecture::Sdxl => "Stable Diffusion XL (base)",
+            Architecture::SdxlRefiner => "Stable Diffusion XL refiner",
         }
     }
 
@@ -60,6 +65,18 @@ impl Architecture {
                 ),
                 ("conditioner.embedders.1.model.", TextLayout::OpenClip),
             ],
+            Architecture::SdxlRefiner => {
+                &[("conditioner.embedders.0.model.", TextLayout::OpenClip)]
+            }
+        }
+    }
+
+    /// The pipeline's text encoder slot (`TEXT_ENCODERS`) of the file's first encoder: the
+    /// refiner's only encoder is SDXL's second.
+    pub fn first_encoder_slot(self) -> usize {
+        match self {
+            Architecture::SdxlRefiner => 1,
+            _ => 0,
         }
     }
 }
@@ -261,7 +278,7 @@ pub fn detect(shapes: &HashMap<&str, &[usize]>) -> Result<(Architecture, bool), 
     let architecture = if has("conditioner.embedders.1.model.ln_final.weight") {
         Architecture::Sdxl
     } else if has("conditioner.embedders.0.model.ln_final.weight") {
-        return Err("an SDXL refiner checkpoint (one OpenCLIP text encoder); text2img loads SDXL base checkpoints".into());
+        Architecture::SdxlRefiner
     } else if has("cond_stage_model.model.ln_final.weight") {
         Architecture::Sd2
     } else if has("cond_stage_model.transformer.text_model.final_layer_norm.weight")
@@ -314,7 +331,7 @@ mod tests {
             (CONV_IN, &[384, 4, 3, 3]),
             ("conditioner.embedders.0.model.ln_final.weight", &[1280]),
         ]);
-        assert!(detect(&refiner).unwrap_err().contains("refiner"));
+        assert_eq!(detect(&refiner), Ok((Architecture::SdxlRefiner, false)));
         let sd3 = shapes(&[(
             "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
             &[4, 4],
