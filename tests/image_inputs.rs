@@ -208,6 +208,7 @@ fn an_inpainting_single_file_checkpoint_inpaints() {
         config: Some(model_dir("sd1-tiny")),
         prediction_type: None,
         ema: false,
+        original_config: None,
     };
     let file = model_dir("single-file").join("sd1-inpaint-tiny.safetensors");
     let single = Pipeline::load_single_file(&file, &options).unwrap();

@@ -226,3 +226,52 @@ fn convert_writes_a_folder_with_the_same_image() {
         .collect();
     assert_eq!(left.len(), 2, "{left:?}");
 }
+
+/// The original yaml beside a checkpoint (A1111's NAME.yaml) or named by --original-config:
+/// its `parameterization: "v"` makes the file v-prediction (the image of
+/// `--prediction-type v_prediction`, not the epsilon one); a yaml for another model is refused.
+#[test]
+fn the_original_yaml_sets_the_prediction_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sd2-fine-tune.safetensors");
+    std::fs::copy(checkpoint("sd2-tiny"), &file).unwrap();
+    let yaml = |parameterization: &str, channels: usize| {
+        format!(
+            "model:\n  params:\n    parameterization: \"{parameterization}\"\n    unet_config:\n      params:\n        model_channels: {channels}\n        context_dim: 32\n"
+        )
+    };
+    let with = |prediction: &str| {
+        let options = SingleFileOptions {
+            prediction_type: Some(prediction.into()),
+            ..options(Some("sd2-tiny"))
+        };
+        image(&Pipeline::load_single_file(&file, &options).unwrap())
+    };
+    let (v, eps) = (with("v_prediction"), with("epsilon"));
+    assert!(v != eps);
+    // Beside the file.
+    std::fs::write(file.with_extension("yaml"), yaml("v", 32)).unwrap();
+    let beside = Pipeline::load_single_file(&file, &options(Some("sd2-tiny"))).unwrap();
+    assert!(
+        image(&beside) == v,
+        "NAME.yaml's v-prediction was not applied"
+    );
+    std::fs::write(file.with_extension("yaml"), yaml("eps", 32)).unwrap();
+    let beside = Pipeline::load_single_file(&file, &options(Some("sd2-tiny"))).unwrap();
+    assert!(image(&beside) == eps);
+    // Named, over the one beside.
+    let named = dir.path().join("other.yaml");
+    std::fs::write(&named, yaml("v", 32)).unwrap();
+    let options_named = SingleFileOptions {
+        original_config: Some(named.clone()),
+        ..options(Some("sd2-tiny"))
+    };
+    assert!(image(&Pipeline::load_single_file(&file, &options_named).unwrap()) == v);
+    // For another model: refused, naming both widths.
+    std::fs::write(&named, yaml("v", 320)).unwrap();
+    let err = load_error(&file, &options_named);
+    assert!(
+        err.contains("320 wide") && err.contains("another model"),
+        "{err}"
+    );
+}

@@ -167,6 +167,10 @@ pub struct ModelArgs {
     /// probed, as A1111 does).
     #[arg(long, value_parser = ["epsilon", "v_prediction"])]
     pub prediction_type: Option<String>,
+    /// For a single file: the original training code's yaml (default: NAME.yaml beside the
+    /// file, as A1111 reads it); its `parameterization: "v"` makes it v-prediction.
+    #[arg(long, value_name = "FILE.yaml")]
+    pub original_config: Option<std::path::PathBuf>,
     /// For a single file: load the U-Net's EMA weights (`model_ema.*`).
     #[arg(long)]
     pub ema: bool,
@@ -339,15 +343,20 @@ impl ModelArgs {
                     config: self.config.clone(),
                     prediction_type: self.prediction_type.clone(),
                     ema: self.ema,
+                    original_config: self.original_config.clone(),
                 };
                 let pipeline = text2img::Pipeline::load_single_file(path, &options)
                     .with_context(|| format!("loading checkpoint {}", path.display()))?;
                 Ok((pipeline, path.display().to_string()))
             }
             None => {
-                if self.config.is_some() || self.prediction_type.is_some() || self.ema {
+                if self.config.is_some()
+                    || self.prediction_type.is_some()
+                    || self.ema
+                    || self.original_config.is_some()
+                {
                     anyhow::bail!(
-                        "--config, --prediction-type and --ema apply to a single-file --model"
+                        "--config, --original-config, --prediction-type and --ema apply to a single-file --model"
                     );
                 }
                 load_model(

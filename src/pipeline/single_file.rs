@@ -18,6 +18,7 @@ use crate::vae::config::VaeConfig;
 use crate::vae::AutoencoderKl;
 use crate::weights::lora::Part;
 use crate::weights::single_file::configs::ConfigFiles;
+use crate::weights::single_file::original_config::OriginalConfig;
 use crate::weights::single_file::{Architecture, Checkpoint};
 use crate::weights::Weights;
 
@@ -33,6 +34,9 @@ pub struct SingleFileOptions {
     pub prediction_type: Option<String>,
     /// Load the U-Net's EMA copy (`model_ema.*`) instead of its weights.
     pub ema: bool,
+    /// The original training code's yaml (`None`: `NAME.yaml` beside the file, if there is
+    /// one, as A1111 reads it): its `parameterization` sets the prediction type.
+    pub original_config: Option<PathBuf>,
 }
 
 impl Pipeline {
@@ -142,8 +146,33 @@ impl Pipeline {
             &configs.require("scheduler/scheduler_config.json")?,
             &scheduler_path,
         )?;
+        // The yaml beside the checkpoint, or the one named, as A1111 reads it.
+        let yaml = options.original_config.clone().or_else(|| {
+            let beside = path.with_extension("yaml");
+            beside.is_file().then_some(beside)
+        });
+        let original = yaml
+            .as_ref()
+            .map(|y| {
+                let config = OriginalConfig::read(y)?;
+                let text_width = unet.config.cross_attention_dim().unwrap_or(0);
+                match config.mismatch(unet.config.block_out_channels[0], text_width) {
+                    Some(why) => Err(Error::config(y, why)),
+                    None => Ok(config),
+                }
+            })
+            .transpose()?;
         let prediction = match &options.prediction_type {
             Some(p) => Some(p.clone()),
+            None if original
+                .as_ref()
+                .is_some_and(|o| o.prediction_type.is_some()) =>
+            {
+                original
+                    .as_ref()
+                    .and_then(|o| o.prediction_type)
+                    .map(str::to_string)
+            }
             None if arch == Architecture::Sd2 && options.config.is_none() => {
                 Some(probe_prediction_type(&unet, device)?.to_string())
             }

@@ -9,6 +9,7 @@
 
 pub mod configs;
 pub mod layout;
+pub mod original_config;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
