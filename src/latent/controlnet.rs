@@ -16,9 +16,8 @@ use crate::error::{Error, Result};
 use crate::nn::Conv2d;
 use crate::weights::{Vb, Weights};
 
-use super::unet::blocks::{DownBlock, MidBlock};
-use super::unet::embeddings::TimestepEmbedding;
-use super::unet::{embed_time, ControlResiduals, ExtraConditions, UNetConfig};
+use super::unet::encoder::EncoderHalf;
+use super::unet::{ControlResiduals, ExtraConditions, ShardConditions, UNetConfig};
 
 /// ControlNet's own config fields (the rest are the U-Net's).
 #[derive(Clone, Debug, Deserialize)]
@@ -94,12 +93,9 @@ pub struct ControlNet {
     /// How much smaller the latents are than the control image (2 per stride-2 pair).
     pub downscale: usize,
     conditioning_channels: usize,
-    time_embedding: TimestepEmbedding,
-    add_embedding: Option<TimestepEmbedding>,
-    conv_in: Conv2d,
+    /// The U-Net's first half, copied (its time embedding, conv_in, down and mid blocks).
+    encoder: EncoderHalf,
     cond_embedding: ConditioningEmbedding,
-    down_blocks: Vec<DownBlock>,
-    mid_block: Option<MidBlock>,
     /// One 1x1 convolution per skip connection, and one for the mid block.
     down_outputs: Vec<Conv2d>,
     mid_output: Conv2d,
@@ -258,7 +254,6 @@ impl ControlNet {
         }
         let c = &config;
         let ch0 = c.block_out_channels[0];
-        let mut down_blocks = Vec::new();
         let mut down_outputs = vec![Conv2d::load(
             &vb.pp("controlnet_down_blocks").pp(0),
             ch0,
@@ -267,10 +262,7 @@ impl ControlNet {
             1,
             0,
         )?];
-        let mut in_ch = ch0;
         for (i, &out_ch) in c.block_out_channels.iter().enumerate() {
-            down_blocks.push(DownBlock::load(&vb.pp("down_blocks").pp(i), c, i, in_ch)?);
-            in_ch = out_ch;
             let last = i + 1 == c.block_out_channels.len();
             let outputs = c.down_blocks[i].layers + usize::from(!last);
             for _ in 0..outputs {
@@ -285,49 +277,18 @@ impl ControlNet {
                 )?);
             }
         }
-        let mid_block = c
-            .mid_block
-            .as_ref()
-            .map(|m| MidBlock::load(&vb.pp("mid_block"), c, m))
-            .transpose()?;
         let last = *c.block_out_channels.last().expect("config has blocks");
         Ok(Self {
             global_pool: fields.global_pool_conditions,
             downscale: 1 << (widths.len() - 1),
             conditioning_channels: fields.conditioning_channels,
-            time_embedding: TimestepEmbedding::load_with_cond(
-                &vb.pp("time_embedding"),
-                ch0,
-                c.time_embedding_dim,
-                c.time_cond_proj_dim,
-            )?,
-            add_embedding: c
-                .text_time
-                .as_ref()
-                .map(|tt| {
-                    TimestepEmbedding::load(
-                        &vb.pp("add_embedding"),
-                        tt.input_dim,
-                        c.time_embedding_dim,
-                    )
-                })
-                .transpose()?,
-            conv_in: Conv2d::load(
-                &vb.pp("conv_in"),
-                c.in_channels,
-                ch0,
-                c.conv_in_kernel,
-                1,
-                c.conv_in_kernel / 2,
-            )?,
+            encoder: EncoderHalf::load(vb, c)?,
             cond_embedding: ConditioningEmbedding::load(
                 &vb.pp("controlnet_cond_embedding"),
                 fields.conditioning_channels,
                 widths,
                 ch0,
             )?,
-            down_blocks,
-            mid_block,
             down_outputs,
             mid_output: Conv2d::load(&vb.pp("controlnet_mid_block"), last, last, 1, 1, 0)?,
             device: vb.device().clone(),
@@ -352,16 +313,8 @@ impl ControlNet {
                 return self.forward(sample, timesteps, context, extra, image);
             }
             let rows = |t: &Tensor| t.narrow(0, start, len);
-            let text_time = match extra.text_time {
-                Some((embeds, ids)) => Some((rows(embeds)?, rows(ids)?)),
-                None => None,
-            };
-            let timestep_cond = extra.timestep_cond.map(rows).transpose()?;
-            let extra = ExtraConditions {
-                text_time: text_time.as_ref().map(|(e, i)| (e, i)),
-                timestep_cond: timestep_cond.as_ref(),
-                control: None,
-            };
+            let shard = ShardConditions::of(extra, start, len)?;
+            let extra = shard.view();
             self.forward(
                 &rows(sample)?,
                 &timesteps[start..start + len],
@@ -413,22 +366,14 @@ impl ControlNet {
             control: None,
             ..*extra
         };
-        let temb = embed_time(
-            &self.config,
-            &self.time_embedding,
-            self.add_embedding.as_ref(),
-            timesteps,
-            &extra,
-            &self.device,
-        )?;
-        let mut x = (self.conv_in.forward(sample)? + self.cond_embedding.forward(image)?)?;
-        let mut skips = vec![x.clone()];
-        for block in &self.down_blocks {
-            x = block.forward(&x, &temb, context, &mut skips)?;
-        }
-        if let Some(mid) = &self.mid_block {
-            x = mid.forward(&x, &temb, context)?;
-        }
+        let temb = self
+            .encoder
+            .embed_time(&self.config, timesteps, &extra, &self.device)?;
+        let hint = self.cond_embedding.forward(image)?;
+        let mut skips = Vec::new();
+        let x = self
+            .encoder
+            .forward(sample, &temb, context, Some(&hint), &mut skips)?;
         let pool = |t: Tensor| -> Result<Tensor> {
             Ok(if self.global_pool {
                 t.mean_keepdim(3)?.mean_keepdim(2)?
@@ -479,4 +424,4 @@ impl ControlNet {
     }
 }
 
-crate::impl_layers!(ControlNet: time_embedding, add_embedding, conv_in, cond_embedding, down_blocks, mid_block, down_outputs, mid_output);
+crate::impl_layers!(ControlNet: encoder, cond_embedding, down_outputs, mid_output);

@@ -4,6 +4,7 @@
 pub mod blocks;
 pub mod config;
 pub mod embeddings;
+pub mod encoder;
 pub mod resnet;
 pub mod transformer;
 
@@ -14,9 +15,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::nn::{Conv2d, GroupNorm};
 use crate::weights::{Vb, Weights};
-use blocks::{DownBlock, MidBlock, UpBlock};
+use blocks::UpBlock;
 pub use config::UNetConfig;
-use embeddings::{timestep_features, TimestepEmbedding};
+use encoder::EncoderHalf;
 
 /// Conditioning beyond the timestep and the text context, for the U-Nets that take it.
 #[derive(Clone, Copy, Debug, Default)]
@@ -36,6 +37,35 @@ pub struct ExtraConditions<'a> {
 pub struct ControlResiduals {
     pub down: Vec<Tensor>,
     pub mid: Tensor,
+}
+
+/// Rows `start..start + len` of a batch's extra conditions, for one shard of it.
+pub(crate) struct ShardConditions {
+    text_time: Option<(Tensor, Tensor)>,
+    timestep_cond: Option<Tensor>,
+    control: Option<ControlResiduals>,
+}
+
+impl ShardConditions {
+    pub fn of(extra: &ExtraConditions, start: usize, len: usize) -> Result<Self> {
+        let rows = |t: &Tensor| t.narrow(0, start, len);
+        Ok(Self {
+            text_time: match extra.text_time {
+                Some((embeds, ids)) => Some((rows(embeds)?, rows(ids)?)),
+                None => None,
+            },
+            timestep_cond: extra.timestep_cond.map(rows).transpose()?,
+            control: extra.control.map(|c| c.rows(start, len)).transpose()?,
+        })
+    }
+
+    pub fn view(&self) -> ExtraConditions<'_> {
+        ExtraConditions {
+            text_time: self.text_time.as_ref().map(|(e, i)| (e, i)),
+            timestep_cond: self.timestep_cond.as_ref(),
+            control: self.control.as_ref(),
+        }
+    }
 }
 
 impl ControlResiduals {
@@ -68,12 +98,8 @@ impl ControlResiduals {
 #[derive(Clone)]
 pub struct UNet {
     pub config: UNetConfig,
-    time_embedding: TimestepEmbedding,
-    /// SDXL's `add_embedding` (over `text_embeds` and the time ids' features).
-    add_embedding: Option<TimestepEmbedding>,
-    conv_in: Conv2d,
-    down_blocks: Vec<DownBlock>,
-    mid_block: Option<MidBlock>,
+    /// Time embedding, conv_in, down blocks and mid block (what a ControlNet copies).
+    encoder: EncoderHalf,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -116,48 +142,13 @@ impl UNet {
     pub fn from_weights(config: UNetConfig, vb: &Vb) -> Result<Self> {
         let c = &config;
         let ch0 = c.block_out_channels[0];
-        let mut down_blocks = Vec::new();
-        let mut in_ch = ch0;
-        for i in 0..c.block_out_channels.len() {
-            down_blocks.push(DownBlock::load(&vb.pp("down_blocks").pp(i), c, i, in_ch)?);
-            in_ch = c.block_out_channels[i];
-        }
-        let mid_block = c
-            .mid_block
-            .as_ref()
-            .map(|m| MidBlock::load(&vb.pp("mid_block"), c, m))
-            .transpose()?;
+        // The down path first: a mismatch is reported where the weights begin.
+        let encoder = EncoderHalf::load(vb, c)?;
         let up_blocks = (0..c.up_blocks.len())
             .map(|i| UpBlock::load(&vb.pp("up_blocks").pp(i), c, i))
             .collect::<Result<_>>()?;
         Ok(Self {
-            time_embedding: TimestepEmbedding::load_with_cond(
-                &vb.pp("time_embedding"),
-                ch0,
-                c.time_embedding_dim,
-                c.time_cond_proj_dim,
-            )?,
-            add_embedding: c
-                .text_time
-                .as_ref()
-                .map(|tt| {
-                    TimestepEmbedding::load(
-                        &vb.pp("add_embedding"),
-                        tt.input_dim,
-                        c.time_embedding_dim,
-                    )
-                })
-                .transpose()?,
-            conv_in: Conv2d::load(
-                &vb.pp("conv_in"),
-                c.in_channels,
-                ch0,
-                c.conv_in_kernel,
-                1,
-                c.conv_in_kernel / 2,
-            )?,
-            down_blocks,
-            mid_block,
+            encoder,
             up_blocks,
             conv_norm_out: GroupNorm::load(
                 &vb.pp("conv_norm_out"),
@@ -180,7 +171,7 @@ impl UNet {
 
     /// The dtype its weight matrices and kernels are kept in (`--dtype`).
     pub fn weight_dtype(&self) -> DType {
-        self.conv_in.dtype()
+        self.encoder.conv_in.dtype()
     }
 
     /// Predicts the noise (or v) for `sample` (batch, in_channels, h, w) at `timestep`, with
@@ -218,17 +209,8 @@ impl UNet {
                 return self.forward_conditioned(sample, timesteps, context, extra);
             }
             let rows = |t: &Tensor| t.narrow(0, start, len);
-            let text_time = match extra.text_time {
-                Some((embeds, ids)) => Some((rows(embeds)?, rows(ids)?)),
-                None => None,
-            };
-            let timestep_cond = extra.timestep_cond.map(rows).transpose()?;
-            let control = extra.control.map(|c| c.rows(start, len)).transpose()?;
-            let extra = ExtraConditions {
-                text_time: text_time.as_ref().map(|(e, i)| (e, i)),
-                timestep_cond: timestep_cond.as_ref(),
-                control: control.as_ref(),
-            };
+            let shard = ShardConditions::of(extra, start, len)?;
+            let extra = shard.view();
             self.forward_conditioned(
                 &rows(sample)?,
                 &timesteps[start..start + len],
@@ -267,14 +249,9 @@ impl UNet {
                 self.config.in_channels
             )));
         }
-        let temb = embed_time(
-            &self.config,
-            &self.time_embedding,
-            self.add_embedding.as_ref(),
-            timesteps,
-            extra,
-            &self.device,
-        )?;
+        let temb = self
+            .encoder
+            .embed_time(&self.config, timesteps, extra, &self.device)?;
 
         let sample = if self.config.center_input_sample {
             sample.affine(2.0, -1.0)?
@@ -288,14 +265,10 @@ impl UNet {
         let (_, _, h, w) = sample.dims4()?;
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
 
-        let mut x = self.conv_in.forward(&sample)?;
-        let mut skips = vec![x.clone()];
-        for block in &self.down_blocks {
-            x = block.forward(&x, &temb, context, &mut skips)?;
-        }
-        if let Some(mid) = &self.mid_block {
-            x = mid.forward(&x, &temb, context)?;
-        }
+        let mut skips = Vec::new();
+        let mut x = self
+            .encoder
+            .forward(&sample, &temb, context, None, &mut skips)?;
         if let Some(control) = extra.control {
             if control.down.len() != skips.len() {
                 return Err(Error::InvalidRequest(format!(
@@ -324,66 +297,4 @@ impl UNet {
     }
 }
 
-/// The timestep embedding every block reads: the timesteps' features through
-/// `time_embedding`, plus (SDXL) `add_embedding` of the pooled text embedding and the time
-/// ids. Shared by the U-Net and its ControlNets, which embed time alike.
-pub(crate) fn embed_time(
-    config: &UNetConfig,
-    time_embedding: &TimestepEmbedding,
-    add_embedding: Option<&TimestepEmbedding>,
-    timesteps: &[f64],
-    extra: &ExtraConditions,
-    device: &Device,
-) -> Result<Tensor> {
-    let batch = timesteps.len();
-    let features = timestep_features(
-        timesteps,
-        config.block_out_channels[0],
-        config.flip_sin_to_cos,
-        config.freq_shift,
-        device,
-    )?;
-    if let (Some(cond), Some(dim)) = (extra.timestep_cond, config.time_cond_proj_dim) {
-        if cond.dims() != [batch, dim] {
-            return Err(Error::InvalidRequest(format!(
-                "the guidance embedding has shape {:?}; the U-Net takes ({batch}, {dim})",
-                cond.dims()
-            )));
-        }
-    }
-    let mut temb = time_embedding.forward_cond(&features, extra.timestep_cond)?;
-    if let (Some(add), Some(tt)) = (add_embedding, &config.text_time) {
-        let Some((text_embeds, time_ids)) = extra.text_time else {
-            return Err(Error::InvalidRequest(
-                "this U-Net (SDXL) needs the pooled text embedding and the time ids".into(),
-            ));
-        };
-        let count = time_ids.dim(1)?;
-        let want = tt.text_embeds_dim_with(count);
-        if text_embeds.dims() != [batch, want] || time_ids.dims() != [batch, count] {
-            return Err(Error::InvalidRequest(format!(
-                    "text embeddings {:?} and time ids {:?}: the U-Net takes ({batch}, {want}) with {count} time ids",
-                    text_embeds.dims(),
-                    time_ids.dims()
-                )));
-        }
-        let ids: Vec<f64> = time_ids
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec1()?;
-        let time_features = timestep_features(
-            &ids,
-            tt.time_embed_dim,
-            config.flip_sin_to_cos,
-            config.freq_shift,
-            device,
-        )?
-        .reshape((batch, count * tt.time_embed_dim))?;
-        let text_embeds = text_embeds.to_dtype(time_features.dtype())?;
-        let added = add.forward(&Tensor::cat(&[&text_embeds, &time_features], 1)?)?;
-        temb = (temb + added)?;
-    }
-    Ok(temb)
-}
-
-crate::impl_layers!(UNet: time_embedding, add_embedding, conv_in, down_blocks, mid_block, up_blocks, conv_out);
+crate::impl_layers!(UNet: encoder, up_blocks, conv_out);
