@@ -273,31 +273,7 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
             Some(json!({})),
         );
 
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let src = loop {
-            let v = driver.script(
-                &session,
-                "const i = document.querySelector('#gallery img.result'); return i ? i.src : null;",
-            );
-            if let Some(src) = v.as_str() {
-                break src.to_string();
-            }
-            let status = driver.script(
-                &session,
-                "return document.getElementById('status').textContent;",
-            );
-            assert!(
-                Instant::now() < deadline,
-                "no image appeared; status: {status}"
-            );
-            thread::sleep(Duration::from_millis(200));
-        };
-        let b64 = src
-            .strip_prefix("data:image/png;base64,")
-            .expect("a PNG data URL");
-        let png = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .unwrap();
+        let png = wait_for_result(&driver, &session, 1, "no image appeared");
         let (rgb, w, h, texts) = decode_png(&png);
         assert_eq!((w, h), (64, 48));
         assert_eq!(rgb.len(), 64 * 48 * 3);
@@ -404,28 +380,7 @@ fn inpaint_through_the_page(driver: &Driver, session: &str, first: &[u8]) {
         &format!("/session/{session}/element/{button}/click"),
         Some(json!({})),
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let src = loop {
-        let v = driver.script(
-            session,
-            "const i = document.querySelectorAll('#gallery img.result'); return i.length > 1 ? i[0].src : null;",
-        );
-        if let Some(src) = v.as_str() {
-            break src.to_string();
-        }
-        let status = driver.script(
-            session,
-            "return document.getElementById('status').textContent;",
-        );
-        assert!(
-            Instant::now() < deadline,
-            "no inpainted image; status: {status}"
-        );
-        thread::sleep(Duration::from_millis(200));
-    };
-    let png = base64::engine::general_purpose::STANDARD
-        .decode(src.strip_prefix("data:image/png;base64,").unwrap())
-        .unwrap();
+    let png = wait_for_result(driver, session, 2, "no inpainted image");
     let (rgb, w, h, texts) = decode_png(&png);
     assert_eq!((w, h), (64, 48));
     assert!(
@@ -502,28 +457,7 @@ fn controlnet_through_the_page(driver: &Driver, session: &str, site: &str, key: 
         &format!("/session/{session}/element/{button}/click"),
         Some(json!({})),
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let src = loop {
-        let v = driver.script(
-            session,
-            "const i = document.querySelectorAll('#gallery img.result'); return i.length > 2 ? i[0].src : null;",
-        );
-        if let Some(src) = v.as_str() {
-            break src.to_string();
-        }
-        let status = driver.script(
-            session,
-            "return document.getElementById('status').textContent;",
-        );
-        assert!(
-            Instant::now() < deadline,
-            "no controlled image; status: {status}"
-        );
-        thread::sleep(Duration::from_millis(200));
-    };
-    let png = base64::engine::general_purpose::STANDARD
-        .decode(src.strip_prefix("data:image/png;base64,").unwrap())
-        .unwrap();
+    let png = wait_for_result(driver, session, 3, "no controlled image");
     let (rgb, ..) = decode_png(&png);
     let unit = json!({
         "enabled": true, "model": "edges", "module": "none", "weight": 0.8,
@@ -548,6 +482,31 @@ fn controlnet_through_the_page(driver: &Driver, session: &str, site: &str, key: 
         rgb,
         "the page's image is not the API's"
     );
+}
+
+/// Waits for the gallery's `count`-th result and returns its PNG (the newest is first).
+fn wait_for_result(driver: &Driver, session: &str, count: usize, what: &str) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let script = format!(
+        "const i = document.querySelectorAll('#gallery img.result'); return i.length >= {count} ? i[0].src : null;"
+    );
+    let src = loop {
+        if let Some(src) = driver.script(session, &script).as_str() {
+            break src.to_string();
+        }
+        let status = driver.script(
+            session,
+            "return document.getElementById('status').textContent;",
+        );
+        assert!(Instant::now() < deadline, "{what}; status: {status}");
+        thread::sleep(Duration::from_millis(200));
+    };
+    let b64 = src
+        .strip_prefix("data:image/png;base64,")
+        .expect("a PNG data URL");
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
 }
 
 /// Waits until the mask canvas has the width of the picture just given to the page.
