@@ -208,32 +208,63 @@ fn loras_applied_to_a_loaded_model_equal_loras_merged_at_load() {
     assert!(err.contains("another model"), "{err}");
 }
 
-/// A DoRA LoRA without its decomposition (its `dora_scale` tensors dropped) is a plain LoRA,
-/// and misses the reference: the scales are applied, not skipped.
+/// A DoRA LoRA without its decomposition (its `dora_scale` or `lora_magnitude_vector`
+/// tensors dropped) is a plain LoRA, and misses the reference: the scales are applied, not
+/// skipped. PEFT's magnitudes under their newer name (`lora_magnitude_vector.weight`) give
+/// the same image.
 #[test]
 fn dora_without_its_scales_misses_the_reference() {
     let dir = tempfile::tempdir().unwrap();
-    let mut tensors = candle_core::safetensors::load(
-        fixtures().join("loras/dora-sd1.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let before = tensors.len();
-    tensors.retain(|k, _| !k.ends_with(".dora_scale"));
-    assert!(tensors.len() < before);
-    let plain = dir.path().join("plain.safetensors");
-    candle_core::safetensors::save(&tensors, &plain).unwrap();
-    let (reference, ..) = read_png(&fixtures().join("reference/lora-sd1-dora.png"));
-    let pipeline = with_loras(
-        "sd1-tiny",
-        vec![LoraSpec {
-            path: plain,
-            text_weight: 0.8,
-            unet_weight: 0.8,
-        }],
-    )
-    .unwrap();
-    let db = psnr(&render(&pipeline), &reference);
-    eprintln!("sd1-dora without dora_scale: {db:.1} dB");
-    assert!(db < 45.0, "{db:.1} dB");
+    for (file, image, scale_suffix, weight) in [
+        (
+            "dora-sd1.safetensors",
+            "lora-sd1-dora.png",
+            ".dora_scale",
+            0.8,
+        ),
+        (
+            "peft-dora-sd1.safetensors",
+            "lora-sd1-peft-dora.png",
+            ".lora_magnitude_vector",
+            0.7,
+        ),
+    ] {
+        let tensors = candle_core::safetensors::load(
+            fixtures().join("loras").join(file),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let (reference, ..) = read_png(&fixtures().join("reference").join(image));
+        let render_file = |tensors: &std::collections::HashMap<String, candle_core::Tensor>| {
+            let path = dir.path().join(file);
+            candle_core::safetensors::save(tensors, &path).unwrap();
+            let pipeline = with_loras(
+                "sd1-tiny",
+                vec![LoraSpec {
+                    path,
+                    text_weight: weight,
+                    unet_weight: weight,
+                }],
+            )
+            .unwrap();
+            psnr(&render(&pipeline), &reference)
+        };
+        let mut plain = tensors.clone();
+        plain.retain(|k, _| !k.ends_with(scale_suffix));
+        assert!(plain.len() < tensors.len());
+        let db = render_file(&plain);
+        eprintln!("{file} without {scale_suffix}: {db:.1} dB");
+        assert!(db < 45.0, "{file}: {db:.1} dB");
+        if scale_suffix == ".lora_magnitude_vector" {
+            let renamed: std::collections::HashMap<_, _> = tensors
+                .into_iter()
+                .map(|(k, v)| match k.strip_suffix(scale_suffix) {
+                    Some(stem) => (format!("{stem}{scale_suffix}.weight"), v),
+                    None => (k, v),
+                })
+                .collect();
+            let db = render_file(&renamed);
+            assert!(db >= parity::MATCH_DB, "{file} renamed: {db:.1} dB");
+        }
+    }
 }

@@ -55,6 +55,8 @@ const SUFFIXES: &[&str] = &[
     "lokr_w2_b",
     "alpha",
     "dora_scale",
+    "lora_magnitude_vector.weight",
+    "lora_magnitude_vector",
 ];
 
 impl Lora {
@@ -82,13 +84,6 @@ impl Lora {
                 }
                 None => other.push(stored),
             }
-        }
-        // PEFT's DoRA: merged as a plain LoRA it would give another image, silently.
-        if let Some(magnitude) = other.iter().find(|n| n.contains("lora_magnitude_vector")) {
-            return Err(Error::config(
-                path,
-                format!("`{magnitude}`: PEFT's DoRA (lora_magnitude_vector) is not supported; kohya/LyCORIS DoRA (dora_scale) is"),
-            ));
         }
         if modules.is_empty() {
             other.truncate(3);
@@ -131,6 +126,13 @@ impl Lora {
         original: &dyn Fn() -> Result<Tensor>,
     ) -> Result<Tensor> {
         let delta = self.delta(key, shape)?;
+        let module = &self.modules[key];
+        if let Some(magnitude) = module
+            .get("lora_magnitude_vector")
+            .or(module.get("lora_magnitude_vector.weight"))
+        {
+            return self.peft_dora(key, shape, &delta, magnitude, multiplier, original);
+        }
         let Some(scale) = self.modules[key].get("dora_scale") else {
             return Ok((delta * multiplier)?);
         };
@@ -172,6 +174,43 @@ impl Lora {
         let scale = scale.reshape(norm.dims())?;
         let decomposed = merged.broadcast_mul(&scale.broadcast_div(&norm)?)?;
         Ok(((decomposed - w)? * multiplier)?)
+    }
+
+    /// PEFT's DoRA (`lora_magnitude_vector`, one value per output channel), merged as PEFT
+    /// merges it: W' = m / ||W + multiplier x D|| x (W + multiplier x D), the norm per output
+    /// channel; the multiplier scales the low-rank part inside the norm.
+    fn peft_dora(
+        &self,
+        key: &str,
+        shape: &[usize],
+        delta: &Tensor,
+        magnitude: &Tensor,
+        multiplier: f64,
+        original: &dyn Fn() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let out = shape[0];
+        if magnitude.elem_count() != out {
+            return Err(Error::config(
+                &self.path,
+                format!(
+                    "`{key}`: lora_magnitude_vector has {} values; the weight {shape:?} has {out} output channels",
+                    magnitude.elem_count()
+                ),
+            ));
+        }
+        let w = original()?.to_dtype(DType::F32)?;
+        let merged = (&w + (delta * multiplier)?)?;
+        let mut per_channel = vec![out];
+        per_channel.extend(vec![1usize; shape.len() - 1]);
+        let norm = merged
+            .reshape((out, ()))?
+            .sqr()?
+            .sum_keepdim(1)?
+            .sqrt()?
+            .reshape(per_channel.as_slice())?;
+        let magnitude = magnitude.reshape(per_channel.as_slice())?;
+        let decomposed = merged.broadcast_mul(&magnitude.broadcast_div(&norm)?)?;
+        Ok((decomposed - w)?)
     }
 
     /// The change one module's weight (of `shape`) gets at multiplier 1.
