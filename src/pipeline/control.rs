@@ -62,6 +62,7 @@ impl ControlUnit {
         }
     }
 
+    /// The unit names one of `nets` loaded ControlNets, and [`ControlUnit::check_values`].
     pub fn check(&self, nets: usize) -> Result<()> {
         if self.net >= nets {
             return Err(Error::InvalidRequest(format!(
@@ -69,6 +70,11 @@ impl ControlUnit {
                 self.net
             )));
         }
+        self.check_values()
+    }
+
+    /// Its scale is a number and its interval lies in 0..1, start before end.
+    pub fn check_values(&self) -> Result<()> {
         if !(self.scale.is_finite()) {
             return Err(Error::InvalidRequest(
                 "the ControlNet's scale must be a number".into(),

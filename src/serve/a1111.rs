@@ -380,7 +380,7 @@ pub async fn sd_vae(State(app): State<Arc<AppState>>) -> Json<Value> {
 pub async fn refresh_vae(State(app): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     app.models
         .refresh_vaes()
-        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.message()))?;
+        .map_err(|e| ApiError::internal(e.message()))?;
     Ok(Json(Value::Null))
 }
 
@@ -401,14 +401,14 @@ pub async fn refresh_checkpoints(
 ) -> Result<Json<Value>, ApiError> {
     app.models
         .refresh_checkpoints()
-        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.message()))?;
+        .map_err(|e| ApiError::internal(e.message()))?;
     Ok(Json(Value::Null))
 }
 
 pub async fn refresh_loras(State(app): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     app.models
         .refresh_loras()
-        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.message()))?;
+        .map_err(|e| ApiError::internal(e.message()))?;
     Ok(Json(Value::Null))
 }
 

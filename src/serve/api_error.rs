@@ -39,6 +39,11 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
 
+    /// A 500: the server failed at something that is not the request's fault.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
     /// A 400 about one field; the message starts with the field's name.
     pub fn field(field: &str, message: impl AsRef<str>) -> Self {
         Self {

@@ -163,7 +163,7 @@ fn one_unit(
         resize,
         ..ControlUnit::new(net, image)
     };
-    unit.check(usize::MAX)
+    unit.check_values()
         .map_err(|e| ApiError::field("guidance_start", e.message()))?;
     Ok(Some((unit, file.path)))
 }
@@ -172,7 +172,7 @@ fn one_unit(
 pub async fn model_list(State(app): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     app.models
         .refresh_controlnets()
-        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.message()))?;
+        .map_err(|e| ApiError::internal(e.message()))?;
     let names: Vec<String> = app
         .models
         .controlnets()
@@ -233,9 +233,7 @@ pub async fn detect(
                     out.height() as usize,
                     None,
                 )
-                .map_err(|e| {
-                    ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-                })?;
+                .map_err(|e| ApiError::internal(e.to_string()))?;
                 Ok(base64::engine::general_purpose::STANDARD.encode(png))
             })
             .collect::<Result<Vec<_>, ApiError>>()

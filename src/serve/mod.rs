@@ -222,16 +222,10 @@ fn job_error(e: JobError) -> ApiError {
         JobError::ShuttingDown => shutting_down(),
         JobError::Cancelled => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
         JobError::Invalid(m) => ApiError::bad_request(m),
-        JobError::Overrun { ran, estimate } => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!(
-                "cancelled after {ran:.0} s: more than {OVERRUN_FACTOR}x its estimate of {estimate:.1} s (the server may be overloaded)"
-            ),
-        ),
-        JobError::Failed(m) => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("generation failed: {m}"),
-        ),
+        JobError::Overrun { ran, estimate } => ApiError::internal(format!(
+            "cancelled after {ran:.0} s: more than {OVERRUN_FACTOR}x its estimate of {estimate:.1} s (the server may be overloaded)"
+        )),
+        JobError::Failed(m) => ApiError::internal(format!("generation failed: {m}")),
     }
 }
 
@@ -326,7 +320,7 @@ pub(crate) fn encode_images(output: &JobOutput, model: &str) -> Result<Vec<Strin
             .map(|(image, req, resolved)| {
                 let parameters = a1111_parameters(req, resolved, image.seed, model);
                 let png = encode_png(image, &parameters)
-                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
                 Ok(base64::engine::general_purpose::STANDARD.encode(png))
             })
             .collect()

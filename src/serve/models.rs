@@ -50,19 +50,17 @@ impl Checkpoint {
     /// A1111 accepts) the title followed by a hash in brackets.
     fn answers_to(&self, name: &str) -> bool {
         let name = name.trim();
-        let bare = match name.rsplit_once(" [") {
-            Some((title, hash)) if hash.ends_with(']') => title,
-            _ => name,
-        };
+        let bare = without_hash(name);
         [name, bare]
             .iter()
             .any(|n| *n == self.title || *n == self.model_name)
     }
 }
 
-/// A LoRA file a prompt may name as `<lora:NAME:W>`.
+/// A file (or model folder) under one of `--models-dir`'s folders, by the name clients
+/// use for it: a LoRA, a ControlNet, a VAE.
 #[derive(Clone, Debug)]
-pub struct LoraFile {
+pub struct NamedFile {
     pub name: String,
     pub path: PathBuf,
 }
@@ -81,13 +79,13 @@ pub struct Models {
     /// `ControlNet/` and `VAE/` under `--models-dir`.
     controlnet_dir: Option<PathBuf>,
     vae_dir: Option<PathBuf>,
-    vaes: RwLock<Vec<LoraFile>>,
+    vaes: RwLock<Vec<NamedFile>>,
     /// The VAE requests run with unless they name another (`sd_vae`); `None`: the
     /// checkpoint's own ("Automatic").
-    selected_vae: RwLock<Option<LoraFile>>,
+    selected_vae: RwLock<Option<NamedFile>>,
     checkpoints: RwLock<Vec<Checkpoint>>,
-    loras: RwLock<Vec<LoraFile>>,
-    controlnets: RwLock<Vec<LoraFile>>,
+    loras: RwLock<Vec<NamedFile>>,
+    controlnets: RwLock<Vec<NamedFile>>,
     /// The ControlNets loaded for the loaded model, kept for the next request that uses them
     /// (dropped with the model).
     loaded_controlnets: Mutex<Vec<(PathBuf, ControlNet)>>,
@@ -203,7 +201,7 @@ impl Models {
         read(&self.checkpoints).clone()
     }
 
-    pub fn loras(&self) -> Vec<LoraFile> {
+    pub fn loras(&self) -> Vec<NamedFile> {
         read(&self.loras).clone()
     }
 
@@ -256,71 +254,30 @@ impl Models {
 
     /// Rescans the LoRA folder (A1111's `/sdapi/v1/refresh-loras`).
     pub fn refresh_loras(&self) -> Result<()> {
-        let mut found = Vec::new();
-        if let Some(dir) = &self.lora_dir {
-            for (relative, path) in walk(dir, |_| false)? {
-                if path.is_file() && has_extension(&path, &WEIGHT_EXTENSIONS[..3]) {
-                    found.push(LoraFile {
-                        name: slashes(&relative.with_extension("")),
-                        path,
-                    });
-                }
-            }
-        }
-        *write(&self.loras) = found;
+        *write(&self.loras) = named_files(self.lora_dir.as_deref(), &Scan::LORAS)?;
         Ok(())
     }
 
     /// Rescans `ControlNet/`: single files and diffusers folders (with a `config.json`).
     pub fn refresh_controlnets(&self) -> Result<()> {
-        let mut found = Vec::new();
-        if let Some(dir) = &self.controlnet_dir {
-            for (relative, path) in walk(dir, model_folder)? {
-                let file = path.is_file() && has_extension(&path, &WEIGHT_EXTENSIONS);
-                let folder = path.is_dir() && path.join("config.json").is_file();
-                if file || folder {
-                    let name = if file {
-                        relative.with_extension("")
-                    } else {
-                        relative
-                    };
-                    found.push(LoraFile {
-                        name: slashes(&name),
-                        path,
-                    });
-                }
-            }
-        }
-        *write(&self.controlnets) = found;
+        *write(&self.controlnets) =
+            named_files(self.controlnet_dir.as_deref(), &Scan::CONTROLNETS)?;
         Ok(())
     }
 
     /// Rescans `VAE/` (A1111's `/sdapi/v1/refresh-vae`): single files and folders.
     pub fn refresh_vaes(&self) -> Result<()> {
-        let mut found = Vec::new();
-        if let Some(dir) = &self.vae_dir {
-            for (relative, path) in walk(dir, model_folder)? {
-                let file = path.is_file() && has_extension(&path, &WEIGHT_EXTENSIONS);
-                let folder = path.is_dir() && path.join("config.json").is_file();
-                if file || folder {
-                    found.push(LoraFile {
-                        name: slashes(&relative),
-                        path,
-                    });
-                }
-            }
-        }
-        *write(&self.vaes) = found;
+        *write(&self.vaes) = named_files(self.vae_dir.as_deref(), &Scan::VAES)?;
         Ok(())
     }
 
-    pub fn vaes(&self) -> Vec<LoraFile> {
+    pub fn vaes(&self) -> Vec<NamedFile> {
         read(&self.vaes).clone()
     }
 
     /// The VAE a client's `sd_vae` means: `None` for "Automatic" or "None" (the checkpoint's
     /// own), else a file under `VAE/` by its name (with or without the extension).
-    pub fn find_vae(&self, name: &str) -> Result<Option<LoraFile>> {
+    pub fn find_vae(&self, name: &str) -> Result<Option<NamedFile>> {
         let name = name.trim();
         if name.eq_ignore_ascii_case("automatic") || name.eq_ignore_ascii_case("none") {
             return Ok(None);
@@ -340,25 +297,22 @@ impl Models {
             })
     }
 
-    pub fn selected_vae(&self) -> Option<LoraFile> {
+    pub fn selected_vae(&self) -> Option<NamedFile> {
         read(&self.selected_vae).clone()
     }
 
-    pub fn select_vae(&self, vae: Option<LoraFile>) {
+    pub fn select_vae(&self, vae: Option<NamedFile>) {
         *write(&self.selected_vae) = vae;
     }
 
-    pub fn controlnets(&self) -> Vec<LoraFile> {
+    pub fn controlnets(&self) -> Vec<NamedFile> {
         read(&self.controlnets).clone()
     }
 
     /// The ControlNet a request's `model` names: its name under `ControlNet/`, with or
     /// without A1111's ` [hash]` suffix.
-    pub fn find_controlnet(&self, name: &str) -> Result<LoraFile> {
-        let bare = match name.trim().rsplit_once(" [") {
-            Some((n, hash)) if hash.ends_with(']') => n,
-            _ => name.trim(),
-        };
+    pub fn find_controlnet(&self, name: &str) -> Result<NamedFile> {
+        let bare = without_hash(name.trim());
         let find = || {
             read(&self.controlnets)
                 .iter()
@@ -418,7 +372,7 @@ impl Models {
 
     /// The LoRA a prompt's `<lora:NAME>` means (its file name without the extension, or its
     /// path under the LoRA folder).
-    pub fn find_lora(&self, name: &str) -> Result<LoraFile> {
+    pub fn find_lora(&self, name: &str) -> Result<NamedFile> {
         let Some(dir) = &self.lora_dir else {
             return Err(Error::InvalidRequest(format!(
                 "names <lora:{name}>; this server has no LoRA folder (start it with --models-dir or --lora-dir)"
@@ -553,6 +507,72 @@ fn replacement_vae(own: &Vae, path: &Path, pipeline: &Pipeline) -> Result<Vae> {
         pipeline.unet.weight_dtype(),
         &candle_core::Device::Cpu,
     )
+}
+
+/// A1111 names a model by its title followed by a hash in brackets (`x.safetensors [6ce0161689]`).
+fn without_hash(name: &str) -> &str {
+    match name.rsplit_once(" [") {
+        Some((title, hash)) if hash.ends_with(']') => title,
+        _ => name,
+    }
+}
+
+/// What one of `--models-dir`'s folders holds, and how its entries are named.
+struct Scan {
+    extensions: &'static [&'static str],
+    /// Diffusers model folders (with a `config.json`) count, and are not walked into.
+    folders: bool,
+    /// The name keeps the file's extension (A1111 lists VAEs by file name).
+    keep_extension: bool,
+}
+
+impl Scan {
+    const LORAS: Scan = Scan {
+        extensions: &["safetensors", "ckpt", "pt"],
+        folders: false,
+        keep_extension: false,
+    };
+    const CONTROLNETS: Scan = Scan {
+        extensions: &WEIGHT_EXTENSIONS,
+        folders: true,
+        keep_extension: false,
+    };
+    const VAES: Scan = Scan {
+        extensions: &WEIGHT_EXTENSIONS,
+        folders: true,
+        keep_extension: true,
+    };
+}
+
+/// The files (and, where `scan` says, model folders) under `dir`, by name; none without a
+/// folder.
+fn named_files(dir: Option<&Path>, scan: &Scan) -> Result<Vec<NamedFile>> {
+    let Some(dir) = dir else {
+        return Ok(Vec::new());
+    };
+    let is_model: fn(&Path) -> bool = if scan.folders {
+        model_folder
+    } else {
+        |_| false
+    };
+    let mut found = Vec::new();
+    for (relative, path) in walk(dir, is_model)? {
+        let file = path.is_file() && has_extension(&path, scan.extensions);
+        let folder = scan.folders && path.is_dir() && model_folder(&path);
+        if !(file || folder) {
+            continue;
+        }
+        let name = if file && !scan.keep_extension {
+            relative.with_extension("")
+        } else {
+            relative
+        };
+        found.push(NamedFile {
+            name: slashes(&name),
+            path,
+        });
+    }
+    Ok(found)
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
