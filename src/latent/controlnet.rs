@@ -17,7 +17,7 @@ use crate::nn::Conv2d;
 use crate::weights::{Vb, Weights};
 
 use super::unet::encoder::EncoderHalf;
-use super::unet::{ControlResiduals, ExtraConditions, ShardConditions, UNetConfig};
+use super::unet::{in_row_shards, ControlResiduals, ExtraConditions, ShardConditions, UNetConfig};
 
 /// ControlNet's own config fields (the rest are the U-Net's).
 #[derive(Clone, Debug, Deserialize)]
@@ -308,24 +308,17 @@ impl ControlNet {
         image: &Tensor,
     ) -> Result<ControlResiduals> {
         let batch = sample.dim(0)?;
-        let shard = |start: usize, len: usize| -> Result<ControlResiduals> {
-            if (start, len) == (0, batch) {
-                return self.forward(sample, timesteps, context, extra, image);
-            }
+        let parts = in_row_shards(batch, &|start, len| {
             let rows = |t: &Tensor| t.narrow(0, start, len);
             let shard = ShardConditions::of(extra, start, len)?;
-            let extra = shard.view();
             self.forward(
                 &rows(sample)?,
                 &timesteps[start..start + len],
                 &rows(context)?,
-                &extra,
+                &shard.view(),
                 &rows(image)?,
             )
-        };
-        let parts = crate::kernels::parallel::in_shards(batch, &shard)
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
+        })?;
         if parts.len() == 1 {
             return Ok(parts.into_iter().next().expect("one shard"));
         }

@@ -39,6 +39,18 @@ pub struct ControlResiduals {
     pub mid: Tensor,
 }
 
+/// `run(start, len)` over `batch` rows split into one shard per thread, side by side
+/// ([`crate::kernels::parallel::in_shards`]), the shards' results in order: the U-Net's and
+/// the ControlNet's guidance halves. One shard gets the whole batch.
+pub(crate) fn in_row_shards<R: Send>(
+    batch: usize,
+    run: &(dyn Fn(usize, usize) -> Result<R> + Sync),
+) -> Result<Vec<R>> {
+    crate::kernels::parallel::in_shards(batch, run)
+        .into_iter()
+        .collect()
+}
+
 /// Rows `start..start + len` of a batch's extra conditions, for one shard of it.
 pub(crate) struct ShardConditions {
     text_time: Option<(Tensor, Tensor)>,
@@ -204,23 +216,16 @@ impl UNet {
         if timesteps.len() != batch {
             return self.forward_conditioned(sample, timesteps, context, extra);
         }
-        let shard = |start: usize, len: usize| -> Result<Tensor> {
-            if (start, len) == (0, batch) {
-                return self.forward_conditioned(sample, timesteps, context, extra);
-            }
+        let parts = in_row_shards(batch, &|start, len| {
             let rows = |t: &Tensor| t.narrow(0, start, len);
             let shard = ShardConditions::of(extra, start, len)?;
-            let extra = shard.view();
             self.forward_conditioned(
                 &rows(sample)?,
                 &timesteps[start..start + len],
                 &rows(context)?,
-                &extra,
+                &shard.view(),
             )
-        };
-        let parts = crate::kernels::parallel::in_shards(batch, &shard)
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
+        })?;
         if parts.len() == 1 {
             return Ok(parts.into_iter().next().expect("one shard"));
         }
