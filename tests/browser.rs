@@ -278,23 +278,8 @@ fn the_page_asks_for_the_key_once_and_generates_a_png() {
         assert_eq!((w, h), (64, 48));
         assert_eq!(rgb.len(), 64 * 48 * 3);
         // The API's image for the same request and seed.
-        let api = ureq::post(&format!("{site}/sdapi/v1/txt2img"))
-            .set("Authorization", &format!("Bearer {key}"))
-            .send_json(
-                json!({"prompt": "a red circle on a blue background", "width": 64,
-                              "height": 48, "steps": 3, "seed": 7, "autoguidance": 2}),
-            )
-            .unwrap()
-            .into_json::<Value>()
-            .unwrap();
-        let api_png = base64::engine::general_purpose::STANDARD
-            .decode(api["images"][0].as_str().unwrap())
-            .unwrap();
-        assert_eq!(
-            decode_png(&api_png).0,
-            rgb,
-            "the page's image is not the API's"
-        );
+        let api = api_image(&site, key, json!({}));
+        assert_eq!(api, rgb, "the page's image is not the API's");
         assert!(
             texts.iter().any(|(k, v)| k == "parameters"
                 && v.contains("Seed: 7")
@@ -464,24 +449,32 @@ fn controlnet_through_the_page(driver: &Driver, session: &str, site: &str, key: 
         "guidance_start": 0, "guidance_end": 0.7, "control_mode": "Balanced",
         "image": base64::engine::general_purpose::STANDARD.encode(std::fs::read(&control).unwrap()),
     });
+    let api = api_image(
+        site,
+        key,
+        json!({"alwayson_scripts": {"controlnet": {"args": [unit]}}}),
+    );
+    assert_eq!(api, rgb, "the page's image is not the API's");
+}
+
+/// The API's image (its pixels) for the page's request (the prompt, 64x48, 3 steps, seed 7,
+/// autoguidance 2) with `extra` fields added.
+fn api_image(site: &str, key: &str, extra: Value) -> Vec<u8> {
+    let mut body = json!({"prompt": "a red circle on a blue background", "width": 64,
+                          "height": 48, "steps": 3, "seed": 7, "autoguidance": 2});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
     let api = ureq::post(&format!("{site}/sdapi/v1/txt2img"))
         .set("Authorization", &format!("Bearer {key}"))
-        .send_json(
-            json!({"prompt": "a red circle on a blue background", "width": 64,
-                          "height": 48, "steps": 3, "seed": 7, "autoguidance": 2,
-                          "alwayson_scripts": {"controlnet": {"args": [unit]}}}),
-        )
+        .send_json(body)
         .unwrap()
         .into_json::<Value>()
         .unwrap();
-    let api_png = base64::engine::general_purpose::STANDARD
+    let png = base64::engine::general_purpose::STANDARD
         .decode(api["images"][0].as_str().unwrap())
         .unwrap();
-    assert_eq!(
-        decode_png(&api_png).0,
-        rgb,
-        "the page's image is not the API's"
-    );
+    decode_png(&png).0
 }
 
 /// Waits for the gallery's `count`-th result and returns its PNG (the newest is first).

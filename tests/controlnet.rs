@@ -5,7 +5,7 @@
 
 mod parity;
 
-use parity::{fixtures, model_dir, psnr, read_png};
+use parity::{fixtures, model_dir, psnr};
 use serde_json::Value;
 use text2img::latent::schedulers::SchedulerKind;
 use text2img::pipeline::{load_local, ControlMode, ControlUnit, GenerateRequest, Pipeline};
@@ -98,19 +98,8 @@ fn request(case: &Value) -> GenerateRequest {
 
 fn psnrs(pipeline: &Pipeline, case: &Value, req: &GenerateRequest) -> Vec<f64> {
     let generation = pipeline.generate(req, &mut |_| true).unwrap();
-    let files = case["images"].as_array().unwrap();
-    assert_eq!(generation.images.len(), files.len());
-    generation
-        .images
-        .iter()
-        .zip(files)
-        .map(|(image, file)| {
-            let path = fixtures()
-                .join("reference/controlnet")
-                .join(file.as_str().unwrap());
-            psnr(&image.rgb, &read_png(&path).0)
-        })
-        .collect()
+    let dir = fixtures().join("reference/controlnet");
+    parity::psnrs_against(&generation.images, &dir, &case["images"])
 }
 
 /// A near miss: what it changes, and the change.

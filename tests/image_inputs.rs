@@ -115,19 +115,8 @@ fn psnrs(case: &Value, req: &GenerateRequest) -> Vec<f64> {
     };
     let pipeline = pipeline(model);
     let generation = pipeline.generate(req, &mut |_| true).unwrap();
-    let files = case["images"].as_array().unwrap();
-    assert_eq!(generation.images.len(), files.len());
-    generation
-        .images
-        .iter()
-        .zip(files)
-        .map(|(image, file)| {
-            let dir = fixtures().join("reference/image_inputs");
-            let (rgb, w, h, _) = read_png(&dir.join(file.as_str().unwrap()));
-            assert_eq!((image.width, image.height), (w, h), "size");
-            psnr(&image.rgb, &rgb)
-        })
-        .collect()
+    let dir = fixtures().join("reference/image_inputs");
+    parity::psnrs_against(&generation.images, &dir, &case["images"])
 }
 
 /// The case matches diffusers (>= MATCH_DB) and the near miss does not (< 45 dB).

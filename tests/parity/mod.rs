@@ -69,6 +69,26 @@ pub fn psnr(a: &[u8], b: &[u8]) -> f64 {
     }
 }
 
+/// The PSNR of each generated image against the reference PNG of the same index among
+/// `files` (names in `dir`); as many images as files, each of the reference's size.
+pub fn psnrs_against(
+    images: &[text2img::pipeline::GeneratedImage],
+    dir: &Path,
+    files: &serde_json::Value,
+) -> Vec<f64> {
+    let files = files.as_array().expect("a list of reference files");
+    assert_eq!(images.len(), files.len(), "images against references");
+    images
+        .iter()
+        .zip(files)
+        .map(|(image, file)| {
+            let (rgb, w, h, _) = read_png(&dir.join(file.as_str().unwrap()));
+            assert_eq!((image.width, image.height), (w, h), "size");
+            psnr(&image.rgb, &rgb)
+        })
+        .collect()
+}
+
 /// Reads an 8-bit RGB PNG: (rgb, width, height, text chunks).
 pub fn read_png(path: &Path) -> (Vec<u8>, usize, usize, Vec<(String, String)>) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -124,13 +144,7 @@ pub fn check_cases(
         if !name.starts_with(prefix) || name.contains("probe") {
             continue;
         }
-        let images = generate(case);
-        let files = case["images"].as_array().unwrap();
-        assert_eq!(images.len(), files.len(), "{name}: image count");
-        for (image, file) in images.iter().zip(files) {
-            let (rgb, w, h, _) = read_png(&dir.join(file.as_str().unwrap()));
-            assert_eq!((image.width, image.height), (w, h), "{name}: size");
-            let db = psnr(&image.rgb, &rgb);
+        for db in psnrs_against(&generate(case), dir, &case["images"]) {
             eprintln!("{name}: {db:.1} dB");
             assert!(
                 db >= MATCH_DB,
