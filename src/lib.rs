@@ -48,6 +48,7 @@ pub mod png_out;
 pub mod process;
 pub mod profile;
 pub mod rng;
+pub mod scale;
 pub mod serve;
 pub mod text;
 pub mod train;

@@ -466,6 +466,16 @@ fn a_public_address_needs_a_key_and_cors_only_when_asked() {
         .call()
         .unwrap();
     assert!(r.header("access-control-allow-origin").is_none());
+    // Another site's page may not make the server generate, and a keyless loopback server
+    // does not answer to other host names (a DNS-rebinding page).
+    let r = ureq::post(&server.url("/sdapi/v1/txt2img"))
+        .set("Origin", "http://evil.test")
+        .send_string("{}");
+    assert!(matches!(r, Err(ureq::Error::Status(403, _))), "{r:?}");
+    let r = ureq::get(&server.url("/sdapi/v1/sd-models"))
+        .set("Host", "evil.test")
+        .call();
+    assert!(matches!(r, Err(ureq::Error::Status(403, _))), "{r:?}");
 
     let server = Server::start(&["--cors-origin", "http://app.test"]);
     let r = ureq::request("OPTIONS", &server.url("/sdapi/v1/txt2img"))
@@ -764,7 +774,7 @@ fn slow_and_hostile_clients_are_cut_off() {
     let mut slow: Vec<_> = (0..2)
         .map(|_| {
             let mut s = raw_connection(&server);
-            s.write_all(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\n")
+            s.write_all(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: localhost\r\n")
                 .unwrap();
             s
         })
@@ -772,7 +782,7 @@ fn slow_and_hostile_clients_are_cut_off() {
     thread::sleep(Duration::from_millis(200));
     // ...a third place is still free, and a fourth connection is turned away at once.
     let mut held = raw_connection(&server);
-    held.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    held.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
         .unwrap();
     thread::sleep(Duration::from_millis(100));
     let mut over = raw_connection(&server);
@@ -794,7 +804,7 @@ fn slow_and_hostile_clients_are_cut_off() {
     // A body that stops arriving: 408 once the body timeout passes.
     let mut s = raw_connection(&server);
     s.write_all(
-        b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\":",
+        b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\":",
     )
     .unwrap();
     let answer = read_to_close(&mut s);
@@ -805,7 +815,7 @@ fn slow_and_hostile_clients_are_cut_off() {
     // back after the first few chunks of a body meant to be 1 MB.
     let mut s = raw_connection(&server);
     s.write_all(
-        b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
     )
     .unwrap();
     s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();

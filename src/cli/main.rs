@@ -52,6 +52,8 @@ enum Command {
     Grid(eval::GridArgs),
     /// Serve an HTTP API (A1111- and OpenAI-compatible) and a web page.
     Serve(serve::ServeArgs),
+    /// Run the jobs of a Redis queue that `serve --redis` front ends fill.
+    Worker(serve::WorkerArgs),
     /// Time the parts of a generation (load, text, U-Net step, VAE decode) and sgemm.
     Bench(bench::BenchArgs),
     /// Write a single-file checkpoint (.safetensors, .ckpt) as a diffusers folder.
@@ -202,6 +204,7 @@ fn main() -> ExitCode {
         Command::Evaluate(args) => eval::evaluate_cmd(args),
         Command::Grid(args) => eval::grid_cmd(args),
         Command::Serve(args) => serve::serve_cmd(args),
+        Command::Worker(args) => serve::worker_cmd(args),
         Command::Bench(args) => bench::bench_cmd(args),
         Command::Convert(args) => convert(args),
         Command::Preprocess(args) => control_args::preprocess_cmd(args),

@@ -11,7 +11,13 @@ use text2img::serve::{serve, ServeOptions};
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
-    model: crate::assets::ModelArgs,
+    models: ModelsArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// Serve in front of a Redis queue (redis://HOST:PORT, unix:///PATH) instead of running
+    /// jobs here: `text2img worker` processes run them. This process loads no model.
+    #[arg(long, value_name = "URL", env = "TEXT2IMG_REDIS")]
+    redis: Option<String>,
     /// The address to listen on; one that is not loopback needs --api-key (or --insecure).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -29,15 +35,6 @@ pub struct ServeArgs {
     /// pictures come in the body: a 1024x1024 PNG is 2-3 MB in base64.
     #[arg(long, default_value = "16MB", value_parser = parse_bytes)]
     max_body: usize,
-    /// Largest width or height a request may ask for.
-    #[arg(long, default_value_t = 1024)]
-    max_size: usize,
-    /// Most steps a request may ask for.
-    #[arg(long, default_value_t = 150)]
-    max_steps: usize,
-    /// Most images one request may ask for (batch_size x n_iter, or n).
-    #[arg(long, default_value_t = 8)]
-    max_images: usize,
     /// Let pages from this origin call the API (e.g. https://example.org, or *).
     #[arg(long)]
     cors_origin: Option<String>,
@@ -56,9 +53,13 @@ pub struct ServeArgs {
     /// Seconds a client has to send a request's body, and to start reading an answer.
     #[arg(long, default_value_t = 30.0)]
     body_timeout: f64,
-    /// Refuse (413) a request estimated to take longer on this machine; 0: no limit.
-    #[arg(long, default_value_t = 600.0)]
-    max_job_seconds: f64,
+}
+
+/// The model a process runs on: what `serve` and `worker` load.
+#[derive(Args)]
+pub struct ModelsArgs {
+    #[command(flatten)]
+    model: crate::assets::ModelArgs,
     /// A folder in A1111's layout: `Stable-diffusion/` holds checkpoints requests may switch
     /// to (`sd_model_checkpoint`), `Lora/` the LoRAs prompts name (`<lora:NAME:W>`, applied
     /// per request), `embeddings/` textual inversions.
@@ -68,6 +69,23 @@ pub struct ServeArgs {
     /// previews at full size instead of one pixel per latent.
     #[arg(long, value_name = "DIR")]
     preview_vae: Option<std::path::PathBuf>,
+}
+
+/// What one request may ask for.
+#[derive(Args)]
+pub struct LimitArgs {
+    /// Largest width or height a request may ask for.
+    #[arg(long, default_value_t = 1024)]
+    max_size: usize,
+    /// Most steps a request may ask for.
+    #[arg(long, default_value_t = 150)]
+    max_steps: usize,
+    /// Most images one request may ask for (batch_size x n_iter, or n).
+    #[arg(long, default_value_t = 8)]
+    max_images: usize,
+    /// Refuse (413) a request estimated to take longer on this machine; 0: no limit.
+    #[arg(long, default_value_t = 600.0)]
+    max_job_seconds: f64,
 }
 
 /// `1MB` -> 1048576; binary units, as people mean them for request sizes.
@@ -91,91 +109,199 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("`{text}` is not a usable size"))
 }
 
-pub fn serve_cmd(a: ServeArgs) -> Result<()> {
-    if !(a.max_job_seconds.is_finite() && a.max_job_seconds >= 0.0) {
-        bail!("--max-job-seconds must be a number of seconds >= 0 (0: no limit)");
-    }
-    if !(a.shutdown_grace.is_finite() && (0.0..=86_400.0).contains(&a.shutdown_grace)) {
-        bail!("--shutdown-grace must be a number of seconds from 0 to 86400");
-    }
-    for (flag, v) in [
-        ("--header-timeout", a.header_timeout),
-        ("--body-timeout", a.body_timeout),
-    ] {
-        if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
-            bail!("{flag} must be a number of seconds above 0 (at most a day)");
+impl LimitArgs {
+    fn check(&self) -> Result<()> {
+        if !(self.max_job_seconds.is_finite() && self.max_job_seconds >= 0.0) {
+            bail!("--max-job-seconds must be a number of seconds >= 0 (0: no limit)");
         }
+        for (flag, v) in [
+            ("--max-size", self.max_size),
+            ("--max-steps", self.max_steps),
+            ("--max-images", self.max_images),
+        ] {
+            if v == 0 {
+                bail!("{flag} must be at least 1");
+            }
+        }
+        Ok(())
     }
+
+    fn apply(&self, options: &mut ServeOptions) {
+        options.max_size = self.max_size;
+        options.max_steps = self.max_steps;
+        options.max_images = self.max_images;
+        options.max_job_seconds = (self.max_job_seconds > 0.0).then_some(self.max_job_seconds);
+    }
+}
+
+fn seconds(flag: &str, v: f64, zero_ok: bool) -> Result<Duration> {
+    let ok = v.is_finite() && v <= 86_400.0 && (v > 0.0 || (zero_ok && v == 0.0));
+    if !ok {
+        let low = if zero_ok { "from 0" } else { "above 0" };
+        bail!("{flag} must be a number of seconds {low} to 86400");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+pub fn serve_cmd(a: ServeArgs) -> Result<()> {
+    a.limits.check()?;
     for (flag, v) in [
         ("--max-queue", a.max_queue),
-        ("--max-size", a.max_size),
-        ("--max-steps", a.max_steps),
-        ("--max-images", a.max_images),
         ("--max-connections", a.max_connections),
     ] {
         if v == 0 {
             bail!("{flag} must be at least 1");
         }
     }
-    let options = ServeOptions {
+    let mut options = ServeOptions {
         host: a.host,
         port: a.port,
         api_key: a.api_key,
         max_queue: a.max_queue,
         max_body: a.max_body,
-        max_size: a.max_size,
-        max_steps: a.max_steps,
-        max_images: a.max_images,
         cors_origin: a.cors_origin,
         insecure: a.insecure,
-        shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
+        shutdown_grace: seconds("--shutdown-grace", a.shutdown_grace, true)?,
         max_connections: a.max_connections,
-        header_timeout: Duration::from_secs_f64(a.header_timeout),
-        body_timeout: Duration::from_secs_f64(a.body_timeout),
-        max_job_seconds: (a.max_job_seconds > 0.0).then_some(a.max_job_seconds),
+        header_timeout: seconds("--header-timeout", a.header_timeout, false)?,
+        body_timeout: seconds("--body-timeout", a.body_timeout, false)?,
+        ..ServeOptions::default()
     };
+    a.limits.apply(&mut options);
     // Refuse a bad address before the (slow) model load.
     text2img::serve::check_bind(&options)?;
-    let mut model = a.model;
-    if let Some(dir) = &a.models_dir {
-        if !dir.is_dir() {
-            bail!("--models-dir {}: no such folder", dir.display());
+    if let Some(url) = &a.redis {
+        if a.models.model.model.is_some() || a.models.models_dir.is_some() {
+            bail!(
+                "with --redis this process only answers HTTP and loads no model: give \
+                 --model and --models-dir to the `text2img worker` processes"
+            );
         }
-        let embeddings = dir.join("embeddings");
-        if model.embeddings_dir.is_none() && embeddings.is_dir() {
-            model.embeddings_dir = Some(embeddings);
-        }
+        text2img::scale::front::serve(url, options)?;
+        return Ok(());
     }
-    let preview_vae = a.preview_vae;
-    let load = move |model: &crate::assets::ModelArgs| -> Result<text2img::Pipeline> {
-        let (mut pipeline, _) = model.load()?;
-        if let Some(dir) = &preview_vae {
-            pipeline.set_preview_vae(dir)?;
-        }
-        Ok(pipeline)
-    };
-    let source = model.source()?;
-    let pipeline = load(&model)?;
-    eprintln!("model {} loaded from {source}", pipeline.name);
-    let startup = Checkpoint {
-        title: pipeline.name.clone(),
-        model_name: pipeline.name.clone(),
-        source,
-        vae: None,
-    };
-    let lora_dir = model.lora_dir.clone();
-    let startup_source = startup.source.clone();
-    let loader: Loader = Box::new(move |source: &str| {
-        let mut args = model.clone();
-        // The startup model loads as it did at the start (the built-in one by its name).
-        if source != startup_source {
-            args.model = Some(source.to_string());
-        }
-        load(&args).map_err(|e| text2img::Error::InvalidRequest(format!("{e:#}")))
-    });
-    let models = Models::new(loader, pipeline, startup, a.models_dir, lora_dir)?;
-    serve(models, options)?;
+    serve(a.models.load()?, options)?;
     Ok(())
+}
+
+impl ModelsArgs {
+    /// Loads the model and scans `--models-dir`.
+    pub fn load(self) -> Result<Models> {
+        let mut model = self.model;
+        if let Some(dir) = &self.models_dir {
+            if !dir.is_dir() {
+                bail!("--models-dir {}: no such folder", dir.display());
+            }
+            let embeddings = dir.join("embeddings");
+            if model.embeddings_dir.is_none() && embeddings.is_dir() {
+                model.embeddings_dir = Some(embeddings);
+            }
+        }
+        let preview_vae = self.preview_vae;
+        let load = move |model: &crate::assets::ModelArgs| -> Result<text2img::Pipeline> {
+            let (mut pipeline, _) = model.load()?;
+            if let Some(dir) = &preview_vae {
+                pipeline.set_preview_vae(dir)?;
+            }
+            Ok(pipeline)
+        };
+        let source = model.source()?;
+        let pipeline = load(&model)?;
+        eprintln!("model {} loaded from {source}", pipeline.name);
+        let startup = Checkpoint {
+            title: pipeline.name.clone(),
+            model_name: pipeline.name.clone(),
+            source,
+            vae: None,
+        };
+        let lora_dir = model.lora_dir.clone();
+        let startup_source = startup.source.clone();
+        let loader: Loader = Box::new(move |source: &str| {
+            let mut args = model.clone();
+            // The startup model loads as it did at the start (the built-in one by its name).
+            if source != startup_source {
+                args.model = Some(source.to_string());
+            }
+            load(&args).map_err(|e| text2img::Error::InvalidRequest(format!("{e:#}")))
+        });
+        Ok(Models::new(
+            loader,
+            pipeline,
+            startup,
+            self.models_dir,
+            lora_dir,
+        )?)
+    }
+}
+
+/// `text2img worker`: runs the jobs of a Redis queue.
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    models: ModelsArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// The queue's Redis (redis://HOST:PORT/DB, redis://:PASSWORD@HOST, unix:///PATH).
+    #[arg(long, value_name = "URL", env = "TEXT2IMG_REDIS")]
+    redis: String,
+    /// This worker's name in the consumer group (default: host name and process id); a
+    /// worker restarted under the same name takes back its unfinished entry at once.
+    #[arg(long)]
+    name: Option<String>,
+    /// Seconds after which a job whose worker stopped heartbeating is taken over by another.
+    #[arg(long, default_value_t = 60.0)]
+    claim_idle: f64,
+    /// Deliveries after which a failing job goes to the dead-letter stream `text2img:dead`.
+    #[arg(long, default_value_t = 3)]
+    max_deliveries: u64,
+    /// Seconds the running job may go on after SIGTERM before it is handed back to the queue.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_grace: f64,
+}
+
+pub fn worker_cmd(a: WorkerArgs) -> Result<()> {
+    a.limits.check()?;
+    if a.max_deliveries == 0 {
+        bail!("--max-deliveries must be at least 1");
+    }
+    let claim_idle = seconds("--claim-idle", a.claim_idle, false)?;
+    if claim_idle < Duration::from_secs(1) {
+        bail!("--claim-idle must be at least 1 second (running jobs heartbeat at a quarter of it)");
+    }
+    let name = match a.name {
+        Some(name) if !name.is_empty() && !name.chars().any(char::is_whitespace) => name,
+        Some(name) => bail!("--name `{name}` must be a non-empty word"),
+        None => format!("{}-{}", host_name(), std::process::id()),
+    };
+    let mut options = ServeOptions {
+        // One job at a time: a model switch and the job behind it.
+        max_queue: 2,
+        ..ServeOptions::default()
+    };
+    a.limits.apply(&mut options);
+    // Refuse a bad address before the (slow) model load.
+    text2img::scale::connection::client(&a.redis)?;
+    let models = a.models.load()?;
+    text2img::scale::worker::run(
+        models,
+        options,
+        &a.redis,
+        text2img::scale::worker::WorkerOptions {
+            name,
+            claim_idle,
+            max_deliveries: a.max_deliveries,
+            shutdown_grace: seconds("--shutdown-grace", a.shutdown_grace, true)?,
+        },
+    )?;
+    Ok(())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into())
 }
 
 #[cfg(test)]

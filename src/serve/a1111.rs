@@ -19,28 +19,18 @@ use super::plan::{a1111_aliases, a1111_sampler, Asked};
 use super::{encode_images, model_for, plan_on, run_plan, AppState};
 
 /// `POST /sdapi/v1/txt2img` (with hires fix).
-pub async fn txt2img(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<Value>, ApiError> {
-    let fields = super::request_fields(&app, &headers, body).await?;
-    let mut asked = common_fields(&fields)?;
-    asked.hires = hires_fix(&fields, app.limits.max_steps)?;
+pub async fn txt2img(app: &AppState, fields: &Fields) -> Result<Value, ApiError> {
+    let mut asked = common_fields(fields)?;
+    asked.hires = hires_fix(fields, app.limits.max_steps)?;
     // As A1111, which ignores the switch point without a refiner to switch to.
     asked.refiner_start = fields.number("refiner_switch_at")?;
-    (asked.controls, asked.controlnets) = super::controlnet::units(&app, &fields, None)?;
-    respond(&app, &asked).await
+    (asked.controls, asked.controlnets) = super::controlnet::units(app, fields, None)?;
+    respond(app, &asked).await
 }
 
 /// `POST /sdapi/v1/img2img`: img2img, and inpainting with a `mask`, with A1111's options.
-pub async fn img2img(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<Value>, ApiError> {
-    let fields = super::request_fields(&app, &headers, body).await?;
-    let mut asked = common_fields(&fields)?;
+pub async fn img2img(app: &AppState, fields: &Fields) -> Result<Value, ApiError> {
+    let mut asked = common_fields(fields)?;
     let max_side = app.limits.max_size;
     let mut pictures = fields.images("init_images", max_side)?;
     let picture = match pictures.len() {
@@ -55,7 +45,7 @@ pub async fn img2img(
     };
     asked.init_image = Some(image_in::rgb(&picture));
     (asked.controls, asked.controlnets) =
-        super::controlnet::units(&app, &fields, asked.init_image.as_ref())?;
+        super::controlnet::units(app, fields, asked.init_image.as_ref())?;
     asked.strength = Some(fields.number("denoising_strength")?.unwrap_or(0.75));
     asked.resize_mode = match fields.integer_in("resize_mode", 0, 3)?.unwrap_or(0) {
         0 => ResizeMode::Stretch,
@@ -96,7 +86,7 @@ pub async fn img2img(
             keep_original: true,
         };
     }
-    respond(&app, &asked).await
+    respond(app, &asked).await
 }
 
 /// A1111's mask: a picture with transparency masks by its alpha (opaque repaints), any
@@ -210,7 +200,7 @@ fn hires_fix(fields: &Fields, max_steps: usize) -> Result<Option<HiresFix>, ApiE
 }
 
 /// Runs a request and answers as A1111 does: the images, the parameters, the info.
-async fn respond(app: &AppState, asked: &Asked) -> Result<Json<Value>, ApiError> {
+async fn respond(app: &AppState, asked: &Asked) -> Result<Value, ApiError> {
     let loaded = model_for(app, asked.checkpoint.as_deref(), asked.vae.as_deref()).await?;
     let mut asked = asked.clone();
     // As A1111, which ignores the switch point without a refiner to switch to.
@@ -280,11 +270,11 @@ async fn respond(app: &AppState, asked: &Asked) -> Result<Json<Value>, ApiError>
         "warnings": output.warnings,
         "version": concat!("text2img ", env!("CARGO_PKG_VERSION")),
     });
-    Ok(Json(json!({
+    Ok(json!({
         "images": encode_images(&output, model_name)?,
         "parameters": parameters,
         "info": info.to_string(),
-    })))
+    }))
 }
 
 /// `GET /sdapi/v1/upscalers`: hires fix's latent upscalers.

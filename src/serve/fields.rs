@@ -79,6 +79,20 @@ impl Fields {
         self.0.get(name).filter(|v| !v.is_null())
     }
 
+    pub fn from_map(map: Map<String, Value>) -> Self {
+        Self(map)
+    }
+
+    /// The object itself (what a queued job carries).
+    pub fn to_value(&self) -> Value {
+        Value::Object(self.0.clone())
+    }
+
+    /// Sets a field (the front end of a queue pins a random seed before it enqueues).
+    pub fn set(&mut self, name: &str, value: Value) {
+        self.0.insert(name.to_string(), value);
+    }
+
     /// An array of objects (A1111's `alwayson_scripts.controlnet.args`), each as fields.
     pub fn objects(&self, name: &str) -> Result<Vec<Fields>, ApiError> {
         match self.get(name) {

@@ -10,7 +10,40 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 
 use super::api_error::{ApiError, Flavor};
-use super::AppState;
+use super::ServeOptions;
+
+/// Who may call the server: what the middleware checks, shared by the in-process server and
+/// the front end of a Redis queue.
+#[derive(Clone, Debug)]
+pub struct Access {
+    pub api_key: Option<String>,
+    pub cors_origin: Option<String>,
+    /// Bound to a loopback address (then, without a key, only loopback host names answer).
+    pub loopback: bool,
+}
+
+impl Access {
+    pub fn new(options: &ServeOptions) -> Self {
+        Self {
+            api_key: options.api_key.clone(),
+            cors_origin: options.cors_origin.clone(),
+            loopback: super::is_loopback_bind(options),
+        }
+    }
+}
+
+/// Wraps a router in the layers every request passes, outside-in: the log line, CORS, the
+/// origin and host check, the API key.
+pub fn wrap(router: axum::Router, access: Arc<Access>) -> axum::Router {
+    router
+        .layer(axum::middleware::from_fn_with_state(access.clone(), auth))
+        .layer(axum::middleware::from_fn_with_state(
+            access.clone(),
+            guard_origin,
+        ))
+        .layer(axum::middleware::from_fn_with_state(access, cors))
+        .layer(axum::middleware::from_fn(log))
+}
 
 /// One line per request: method, path, status, time. Never headers (they carry the key),
 /// never the query string. A request whose client went away before the answer is logged
@@ -48,8 +81,8 @@ impl Drop for LogLine {
 
 /// With `--cors-origin`, lets pages from that origin call the API (and answers their
 /// preflight requests); without it, browsers keep other origins out.
-pub async fn cors(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let Some(allowed) = app.options.cors_origin.as_deref() else {
+pub async fn cors(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
+    let Some(allowed) = access.cors_origin.as_deref() else {
         return next.run(request).await;
     };
     let origin = request
@@ -98,7 +131,7 @@ pub async fn cors(State(app): State<Arc<AppState>>, request: Request, next: Next
 /// bound to loopback without a key answers only to loopback host names, so a DNS-rebinding
 /// page cannot reach it under its own name.
 pub async fn guard_origin(
-    State(app): State<Arc<AppState>>,
+    State(access): State<Arc<Access>>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -108,7 +141,7 @@ pub async fn guard_origin(
         .and_then(|h| h.to_str().ok())
         .unwrap_or("")
         .to_string();
-    if app.options.api_key.is_none() && app.loopback && !is_loopback_host(&host) {
+    if access.api_key.is_none() && access.loopback && !is_loopback_host(&host) {
         return ApiError::new(
             StatusCode::FORBIDDEN,
             format!("host `{host}` is not allowed: this server answers to localhost names only"),
@@ -128,8 +161,7 @@ pub async fn guard_origin(
             let same = origin
                 .split_once("://")
                 .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(&host));
-            let allowed = app
-                .options
+            let allowed = access
                 .cors_origin
                 .as_deref()
                 .is_some_and(|o| o == "*" || o == origin);
@@ -163,8 +195,8 @@ fn is_loopback_host(host: &str) -> bool {
 /// With `--api-key`, every `/sdapi` and `/v1` call needs the key: `Authorization: Bearer KEY`,
 /// or HTTP Basic with KEY as the password (what A1111 clients send). `/` and `/health` stay
 /// open so the page can load and ask for the key.
-pub async fn auth(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let Some(key) = app.options.api_key.as_deref() else {
+pub async fn auth(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
+    let Some(key) = access.api_key.as_deref() else {
         return next.run(request).await;
     };
     let path = request.uri().path();

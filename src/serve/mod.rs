@@ -93,8 +93,6 @@ pub struct AppState {
     pub queue: Arc<Queue>,
     pub options: ServeOptions,
     pub limits: Limits,
-    /// Bound to a loopback address (then, without a key, only loopback host names answer).
-    pub loopback: bool,
 }
 
 /// A request's JSON object, read within the server's body limits.
@@ -341,11 +339,22 @@ async fn not_found() -> ApiError {
 }
 
 pub fn router(app: Arc<AppState>) -> Router {
-    Router::new()
+    let access = Arc::new(middleware::Access::new(&app.options));
+    let generate = |endpoint: Endpoint| {
+        post(
+            move |axum::extract::State(app): axum::extract::State<Arc<AppState>>,
+                  headers: axum::http::HeaderMap,
+                  body: axum::body::Body| async move {
+                let fields = endpoint.read(&app.options, headers, body).await?;
+                answer(&app, endpoint, fields).await.map(Json)
+            },
+        )
+    };
+    let routes = Router::new()
         .route("/", get(page::index))
         .route("/health", get(health))
-        .route("/sdapi/v1/txt2img", post(a1111::txt2img))
-        .route("/sdapi/v1/img2img", post(a1111::img2img))
+        .route("/sdapi/v1/txt2img", generate(Endpoint::Txt2img))
+        .route("/sdapi/v1/img2img", generate(Endpoint::Img2img))
         .route("/sdapi/v1/upscalers", get(a1111::upscalers))
         .route("/sdapi/v1/progress", get(a1111::progress))
         .route("/sdapi/v1/interrupt", post(a1111::interrupt))
@@ -368,24 +377,93 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/controlnet/module_list", get(controlnet::module_list))
         .route("/controlnet/detect", post(controlnet::detect))
         .route("/sdapi/v1/embeddings", get(a1111::embeddings))
-        .route("/v1/images/generations", post(openai::generations))
-        .route("/v1/images/edits", post(openai::edits))
+        .route(
+            "/v1/images/generations",
+            generate(Endpoint::OpenAiGenerations),
+        )
+        .route("/v1/images/edits", generate(Endpoint::OpenAiEdits))
         .fallback(not_found)
-        // Layers run outside-in from the last: log, then CORS, then auth.
-        .layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            middleware::auth,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            middleware::cors,
-        ))
-        .layer(axum::middleware::from_fn(middleware::log))
-        .with_state(app)
+        .with_state(app);
+    middleware::wrap(routes, access)
+}
+
+/// The requests that make images. In-process they run on this server's worker; behind a
+/// Redis queue the front end reads them and a worker process answers them
+/// ([`crate::scale`]), through the same [`answer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Txt2img,
+    Img2img,
+    OpenAiGenerations,
+    OpenAiEdits,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 4] = [
+        Endpoint::Txt2img,
+        Endpoint::Img2img,
+        Endpoint::OpenAiGenerations,
+        Endpoint::OpenAiEdits,
+    ];
+
+    /// The name a queued job carries.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Txt2img => "txt2img",
+            Endpoint::Img2img => "img2img",
+            Endpoint::OpenAiGenerations => "openai-generations",
+            Endpoint::OpenAiEdits => "openai-edits",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.name() == name)
+    }
+
+    /// OpenAI's clients expect its error shape.
+    pub fn flavor(self) -> api_error::Flavor {
+        match self {
+            Endpoint::OpenAiGenerations | Endpoint::OpenAiEdits => api_error::Flavor::OpenAi,
+            _ => api_error::Flavor::A1111,
+        }
+    }
+
+    /// The request's fields, read within the server's body limits: a JSON object, or for
+    /// OpenAI's edits a multipart form turned into one (pictures as base64).
+    pub async fn read(
+        self,
+        options: &ServeOptions,
+        headers: axum::http::HeaderMap,
+        body: axum::body::Body,
+    ) -> Result<fields::Fields, ApiError> {
+        let bytes = fields::read_body(&headers, body, options.max_body, options.body_timeout)
+            .await
+            .map_err(|e| e.flavor(self.flavor()))?;
+        match self {
+            Endpoint::OpenAiEdits => openai::edit_form(headers, bytes).await,
+            _ => fields::Fields::parse(&bytes),
+        }
+        .map_err(|e| e.flavor(self.flavor()))
+    }
+}
+
+/// Runs a generation request on this process's models and answers in its API's shape.
+pub async fn answer(
+    app: &AppState,
+    endpoint: Endpoint,
+    fields: fields::Fields,
+) -> Result<Value, ApiError> {
+    match endpoint {
+        Endpoint::Txt2img => a1111::txt2img(app, &fields).await,
+        Endpoint::Img2img => a1111::img2img(app, &fields).await,
+        Endpoint::OpenAiGenerations => openai::generations(app, &fields).await,
+        Endpoint::OpenAiEdits => openai::edits(app, &fields).await,
+    }
+    .map_err(|e| e.flavor(endpoint.flavor()))
 }
 
 /// Checks the address before binding: a non-loopback one needs an API key (or `--insecure`).
-fn is_loopback_bind(options: &ServeOptions) -> bool {
+pub(crate) fn is_loopback_bind(options: &ServeOptions) -> bool {
     options.host == "localhost"
         || options
             .host
@@ -408,6 +486,96 @@ pub fn check_bind(options: &ServeOptions) -> Result<()> {
     Ok(())
 }
 
+/// Binds the server's address and serves `router` until SIGTERM or Ctrl-C; then stops
+/// accepting, runs `drain` (what the process owes the requests it took), lets the answers
+/// reach their clients, and returns, whichever connections are still open. A second signal
+/// exits at once.
+pub(crate) async fn listen(
+    options: &ServeOptions,
+    router: Router,
+    drain: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let host = if options.host == "localhost" {
+        "127.0.0.1"
+    } else {
+        options.host.as_str()
+    };
+    let ip: IpAddr = host.parse().map_err(|_| {
+        Error::InvalidRequest(format!("--host `{}` is not an IP address", options.host))
+    })?;
+    let addr = SocketAddr::new(ip, options.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
+    println!("listening on http://{bound}");
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let stopping = async move {
+        let _ = stopping_rx.wait_for(|&stopping| stopping).await;
+    };
+    let limits = listener::ConnectionLimits {
+        max_connections: options.max_connections,
+        header_timeout: options.header_timeout,
+        write_timeout: options.body_timeout,
+    };
+    let server = listener::serve(listener, router, limits, stopping);
+    // The server ends when its last connection closes; the shutdown sequence ends when
+    // the process must exit, whichever connections are still open.
+    let sequence = shutdown::sequence(drain, stopping_tx);
+    tokio::select! {
+        () = server => Ok(()),
+        () = sequence => {
+            eprintln!("some connections did not close; exiting anyway");
+            Ok(())
+        }
+    }
+}
+
+/// The models and the one thread that runs their jobs, without HTTP: what `serve`, a queue
+/// worker and a local batch run on.
+pub struct Local {
+    pub app: Arc<AppState>,
+    worker: std::thread::JoinHandle<()>,
+}
+
+impl Local {
+    pub fn start(models: Models, options: ServeOptions) -> Result<Self> {
+        let models = Arc::new(models);
+        let queue = Queue::new(options.max_queue);
+        queue.start_watchdog();
+        let worker = {
+            let (queue, models) = (queue.clone(), models.clone());
+            std::thread::Builder::new()
+                .name("text2img-worker".into())
+                .spawn(move || queue.run_worker(&models))
+                .map_err(|e| Error::InvalidRequest(format!("cannot start the worker: {e}")))?
+        };
+        let app = Arc::new(AppState {
+            models,
+            queue,
+            limits: Limits {
+                max_size: options.max_size,
+                max_steps: options.max_steps,
+                max_images: options.max_images,
+            },
+            options,
+        });
+        Ok(Self { app, worker })
+    }
+
+    /// Closes the queue and gives a busy worker a second to notice its cancel flag (the
+    /// process exits without it otherwise).
+    pub fn stop(self) {
+        self.app.queue.close();
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while !self.worker.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// Serves until SIGTERM or Ctrl-C, then stops as promised ([`shutdown`]): no new connections,
 /// queued requests answered 503, the running one given `shutdown_grace` to finish, then
 /// cancelled; a second signal exits at once.
@@ -419,72 +587,16 @@ pub fn serve(models: Models, options: ServeOptions) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|e| Error::InvalidRequest(format!("cannot start the runtime: {e}")))?;
-    let models = Arc::new(models);
-    let queue = Queue::new(options.max_queue);
-    queue.start_watchdog();
-    let worker = {
-        let (queue, models) = (queue.clone(), models.clone());
-        std::thread::Builder::new()
-            .name("text2img-worker".into())
-            .spawn(move || queue.run_worker(&models))
-            .map_err(|e| Error::InvalidRequest(format!("cannot start the worker: {e}")))?
-    };
-    let app = Arc::new(AppState {
-        models,
-        queue: queue.clone(),
-        limits: Limits {
-            max_size: options.max_size,
-            max_steps: options.max_steps,
-            max_images: options.max_images,
-        },
-        loopback: is_loopback_bind(&options),
-        options: options.clone(),
-    });
-    let shutdown_queue = queue.clone();
-    let result = runtime.block_on(async move {
-        let host = if options.host == "localhost" {
-            "127.0.0.1"
-        } else {
-            options.host.as_str()
-        };
-        let ip: IpAddr = host.parse().map_err(|_| {
-            Error::InvalidRequest(format!("--host `{}` is not an IP address", options.host))
-        })?;
-        let addr = SocketAddr::new(ip, options.port);
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
-        let bound = listener
-            .local_addr()
-            .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
-        println!("listening on http://{bound}");
-        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-        let stopping = async move {
-            let _ = stopping_rx.wait_for(|&stopping| stopping).await;
-        };
-        let limits = listener::ConnectionLimits {
-            max_connections: options.max_connections,
-            header_timeout: options.header_timeout,
-            write_timeout: options.body_timeout,
-        };
-        let server = listener::serve(listener, router(app), limits, stopping);
-        // The server ends when its last connection closes; the shutdown sequence ends when
-        // the process must exit, whichever connections are still open.
-        let sequence = shutdown::sequence(shutdown_queue, options.shutdown_grace, stopping_tx);
-        tokio::select! {
-            () = server => Ok(()),
-            () = sequence => {
-                eprintln!("some connections did not close; exiting anyway");
-                Ok(())
-            }
-        }
-    });
-    queue.close();
-    // A worker still busy here did not see its cancel flag: the process exits without it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(1);
-    while !worker.is_finished() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let local = Local::start(models, options.clone())?;
+    let app = local.app.clone();
+    let queue = app.queue.clone();
+    let grace = options.shutdown_grace;
+    let result = runtime.block_on(listen(
+        &options,
+        router(app),
+        shutdown::drain_queue(queue, grace),
+    ));
+    local.stop();
     runtime.shutdown_timeout(Duration::from_millis(200));
     result
 }

@@ -48,7 +48,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Whether a client's name means this checkpoint: its title or model name, or (as
     /// A1111 accepts) the title followed by a hash in brackets.
-    fn answers_to(&self, name: &str) -> bool {
+    pub fn answers_to(&self, name: &str) -> bool {
         let name = name.trim();
         let bare = without_hash(name);
         [name, bare]

@@ -1,38 +1,23 @@
 //! OpenAI's image API (`POST /v1/images/generations`, `POST /v1/images/edits`), for clients
 //! written against it.
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::body::Body;
-use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::Json;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use serde_json::{json, Value};
 
-use super::api_error::{ApiError, Flavor};
-use super::fields::{image_bytes, read_body};
+use super::api_error::ApiError;
+use super::fields::Fields;
 use super::plan::Asked;
 use super::{encode_images, model_for, plan_on, run_plan, AppState};
 use crate::image_in;
 use crate::pipeline::InpaintOptions;
 
-pub async fn generations(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<Value>, ApiError> {
-    handle(app, headers, body)
-        .await
-        .map_err(|e| e.flavor(Flavor::OpenAi))
-}
-
-async fn handle(
-    app: Arc<AppState>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<Value>, ApiError> {
-    let fields = super::request_fields(&app, &headers, body).await?;
+/// `POST /v1/images/generations`.
+pub async fn generations(app: &AppState, fields: &Fields) -> Result<Value, ApiError> {
     let prompt = fields
         .string("prompt")?
         .ok_or_else(|| ApiError::field("prompt", "is required"))?;
@@ -66,11 +51,11 @@ async fn handle(
         count_field: "n",
         ..Asked::default()
     };
-    respond(&app, &asked).await
+    respond(app, &asked).await
 }
 
 /// Runs a request and answers in OpenAI's shape.
-async fn respond(app: &AppState, asked: &Asked) -> Result<Json<Value>, ApiError> {
+async fn respond(app: &AppState, asked: &Asked) -> Result<Value, ApiError> {
     let loaded = model_for(app, asked.checkpoint.as_deref(), asked.vae.as_deref()).await?;
     let plan = plan_on(app, &loaded, asked)?;
     let output = run_plan(app, &loaded, &plan).await?;
@@ -81,7 +66,7 @@ async fn respond(app: &AppState, asked: &Asked) -> Result<Json<Value>, ApiError>
         .into_iter()
         .map(|b64| json!({ "b64_json": b64 }))
         .collect();
-    Ok(Json(json!({ "created": created, "data": data })))
+    Ok(json!({ "created": created, "data": data }))
 }
 
 /// `"WxH"` to (W, H) as the request's integer fields.
@@ -90,36 +75,17 @@ fn parse_size(size: &str) -> Option<(i64, i64)> {
     Some((i64::try_from(w).ok()?, i64::try_from(h).ok()?))
 }
 
-/// `POST /v1/images/edits` (multipart): `image`, an optional `mask` whose transparent pixels
-/// are the area to edit (without one, the image's own transparency is), `prompt`, `n`,
-/// `size`. The edit is inpainting at full strength, the rest of the picture kept.
-pub async fn edits(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<Value>, ApiError> {
-    edit(app, headers, body)
-        .await
-        .map_err(|e| e.flavor(Flavor::OpenAi))
-}
-
-async fn edit(app: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Json<Value>, ApiError> {
+/// `POST /v1/images/edits`'s multipart form as fields: the pictures (`image`, `mask`) as
+/// base64, the rest as the strings they came as. Fields are what a queued job carries, so
+/// an edit reads the same in-process and from the queue.
+pub async fn edit_form(headers: HeaderMap, bytes: Vec<u8>) -> Result<Fields, ApiError> {
     use axum::extract::FromRequest;
-    let bytes = read_body(
-        &headers,
-        body,
-        app.options.max_body,
-        app.options.body_timeout,
-    )
-    .await?;
     let mut request = axum::http::Request::new(Body::from(bytes));
     *request.headers_mut() = headers;
     let mut form = axum::extract::Multipart::from_request(request, &())
         .await
         .map_err(|e| ApiError::bad_request(format!("the body must be multipart/form-data: {e}")))?;
-    let max_side = app.limits.max_size;
-    let (mut image, mut mask) = (None, None);
-    let mut text = std::collections::HashMap::new();
+    let mut fields = serde_json::Map::new();
     loop {
         let field = match form.next_field().await {
             Ok(Some(field)) => field,
@@ -135,20 +101,40 @@ async fn edit(app: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Json
             .bytes()
             .await
             .map_err(|e| ApiError::field(&name, format!("could not be read: {e}")))?;
-        match name.as_str() {
+        let (name, value) = match name.as_str() {
             "image" | "image[]" => {
-                if image.is_some() {
+                if fields.contains_key("image") {
                     return Err(ApiError::field("image", "takes one picture"));
                 }
-                image = Some(image_bytes("image", &data, max_side)?);
+                ("image".to_string(), STANDARD.encode(&data))
             }
-            "mask" => mask = Some(image_bytes("mask", &data, max_side)?),
+            "mask" => (name, STANDARD.encode(&data)),
             _ => {
                 let value = String::from_utf8(data.to_vec())
                     .map_err(|_| ApiError::field(&name, "must be UTF-8 text"))?;
-                text.insert(name, value);
+                (name, value)
             }
-        }
+        };
+        fields.insert(name, Value::String(value));
+    }
+    Ok(Fields::from_map(fields))
+}
+
+/// `POST /v1/images/edits` (multipart, read by [`edit_form`]): `image`, an optional `mask`
+/// whose transparent pixels are the area to edit (without one, the image's own
+/// transparency is), `prompt`, `n`, `size`. The edit is inpainting at full strength, the
+/// rest of the picture kept.
+pub async fn edits(app: &AppState, fields: &Fields) -> Result<Value, ApiError> {
+    let max_side = app.limits.max_size;
+    let image = fields.image("image", max_side)?;
+    let mask = fields.image("mask", max_side)?;
+    let mut text = std::collections::HashMap::new();
+    for name in fields.names().filter(|n| !["image", "mask"].contains(n)) {
+        let value = match fields.string(name)? {
+            Some(v) => v,
+            None => continue,
+        };
+        text.insert(name.to_string(), value);
     }
     let image = image.ok_or_else(|| ApiError::field("image", "is required"))?;
     let prompt = text
@@ -221,5 +207,5 @@ async fn edit(app: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Json
         },
         ..Asked::default()
     };
-    respond(&app, &asked).await
+    respond(app, &asked).await
 }

@@ -14,22 +14,33 @@ const DRAIN: Duration = Duration::from_millis(500);
 const CANCEL_WAIT: Duration = Duration::from_secs(1);
 
 /// Runs the whole shutdown: returns when the process should exit, whatever connections are
-/// still open. `stopping` is told when the first signal arrives (the server stops accepting).
+/// still open. `stopping` is told when the first signal arrives (the server stops
+/// accepting); then `drain` runs.
 pub async fn sequence(
-    queue: Arc<Queue>,
-    grace: Duration,
+    drain: impl std::future::Future<Output = ()>,
     stopping: tokio::sync::watch::Sender<bool>,
 ) {
     let mut signals = Signals::new();
     signals.next().await;
     let _ = stopping.send(true);
-    // From here on a signal means "now": the default action is gone once a handler exists,
-    // so without this a second SIGTERM would do nothing.
+    exit_on_second_signal(signals);
+    drain.await;
+    tokio::time::sleep(DRAIN).await;
+}
+
+/// From here on a signal means "now": the default action is gone once a handler exists,
+/// so without this a second SIGTERM would do nothing.
+pub fn exit_on_second_signal(mut signals: Signals) {
     tokio::spawn(async move {
         let code = signals.next().await;
         eprintln!("second signal: exiting now");
         std::process::exit(code);
     });
+}
+
+/// What an in-process server owes its requests: queued ones answered 503, the running one
+/// given the grace period, then cancelled.
+pub async fn drain_queue(queue: Arc<Queue>, grace: Duration) {
     eprintln!("shutting down: answering queued requests 503");
     if queue.close() {
         eprintln!(
@@ -44,7 +55,6 @@ pub async fn sequence(
             }
         }
     }
-    tokio::time::sleep(DRAIN).await;
 }
 
 /// Whether the worker is idle within `limit`.
@@ -63,15 +73,21 @@ async fn idle_within(queue: &Queue, limit: Duration) -> bool {
 
 /// SIGTERM and SIGINT (Ctrl-C), each answering with the exit code a shell gives a process
 /// that such a signal ended (128 + its number).
-struct Signals {
+pub struct Signals {
     #[cfg(unix)]
     term: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
     int: Option<tokio::signal::unix::Signal>,
 }
 
+impl Default for Signals {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Signals {
-    fn new() -> Self {
+    pub fn new() -> Self {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
@@ -84,7 +100,7 @@ impl Signals {
         Self {}
     }
 
-    async fn next(&mut self) -> i32 {
+    pub async fn next(&mut self) -> i32 {
         #[cfg(unix)]
         {
             async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {

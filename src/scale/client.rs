@@ -1,0 +1,226 @@
+//! The queue as its clients see it: add a job, wait for its answer, cancel it, read its
+//! progress. The HTTP front end (`serve --redis`) and `text2img batch --redis` both use it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, RedisResult};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use super::connection::{self, Backoff};
+use super::job::{QueuedJob, StoredResult};
+use super::{keys, GROUP};
+use crate::error::Result;
+
+/// How often the answers of the jobs waited for are looked up: one `MGET` for all of them,
+/// so the load on Redis does not grow with the number of waiting clients, and the delay
+/// this adds to a job (half of it on average) is small beside a generation.
+const POLL: Duration = Duration::from_millis(50);
+
+/// How long a job's answer, its cancel flag and its error are kept.
+pub const RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+pub struct QueueClient {
+    conn: ConnectionManager,
+    url: String,
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<StoredResult>>>>,
+    /// Streams whose consumer group this process has made sure of.
+    grouped: Mutex<HashSet<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl QueueClient {
+    /// Sets up the connection (made on first use) and starts the task that delivers
+    /// answers. Must be called inside a Tokio runtime.
+    pub fn new(url: &str) -> Result<Arc<Self>> {
+        let client = connection::client(url)?;
+        let this = Arc::new(Self {
+            conn: connection::commands(&client)?,
+            url: url.to_string(),
+            waiters: Mutex::new(HashMap::new()),
+            grouped: Mutex::new(HashSet::new()),
+        });
+        tokio::spawn(deliver_answers(Arc::downgrade(&this)));
+        Ok(this)
+    }
+
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    pub async fn wait_until_up(&self, give_up: Option<Duration>) -> Result<()> {
+        connection::wait_until_up(&mut self.conn.clone(), &self.url, give_up).await
+    }
+
+    /// Jobs queued and not yet taken by a worker, over every job stream (each stream's
+    /// consumer-group lag).
+    pub async fn waiting(&self) -> RedisResult<usize> {
+        let mut conn = self.conn.clone();
+        let streams: Vec<String> = conn.smembers(keys::STREAMS).await?;
+        let mut total = 0;
+        for stream in streams {
+            total += stream_waiting(&mut conn, &stream).await?;
+        }
+        Ok(total)
+    }
+
+    /// Adds a job to a stream (its consumer group made first, from the stream's start, so
+    /// that no entry is missed by a group made later).
+    pub async fn submit(&self, stream: &str, job: &QueuedJob) -> RedisResult<()> {
+        let mut conn = self.conn.clone();
+        if !lock(&self.grouped).contains(stream) {
+            ensure_group(&mut conn, stream).await?;
+            let _: () = conn.sadd(keys::STREAMS, stream).await?;
+            lock(&self.grouped).insert(stream.to_string());
+        }
+        let _: String = conn.xadd(stream, "*", &job.fields()).await?;
+        Ok(())
+    }
+
+    /// A job's answer, if it has one.
+    pub async fn stored(&self, job: &str) -> RedisResult<Option<StoredResult>> {
+        let text: Option<String> = self.conn.clone().get(keys::result(job)).await?;
+        Ok(text.map(|t| decode(&t)))
+    }
+
+    /// Waits for a job's answer (however long the queue takes: a client that gives up drops
+    /// this and cancels the job itself).
+    pub async fn wait(&self, job: &str) -> StoredResult {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters)
+            .entry(job.to_string())
+            .or_default()
+            .push(tx);
+        rx.await.unwrap_or_else(|_| StoredResult {
+            status: 503,
+            body: json!({"error": "unavailable", "detail": "the queue client stopped"}),
+        })
+    }
+
+    /// Asks the job to stop: `interrupt` answers with the images made so far, `cancel`
+    /// answers nothing. A job not yet started is then skipped.
+    pub async fn stop(&self, job: &str, how: Stop) -> RedisResult<()> {
+        let value = match how {
+            Stop::Cancel => "cancel",
+            Stop::Interrupt => "interrupt",
+        };
+        self.conn
+            .clone()
+            .set_ex(keys::cancel(job), value, RESULT_TTL.as_secs())
+            .await
+    }
+
+    /// A running job's progress as its worker last wrote it.
+    pub async fn progress(&self, job: &str) -> RedisResult<Option<Value>> {
+        let text: Option<String> = self.conn.clone().get(keys::progress(job)).await?;
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    Cancel,
+    Interrupt,
+}
+
+fn decode(text: &str) -> StoredResult {
+    StoredResult::decode(text).unwrap_or_else(|e| StoredResult {
+        status: 500,
+        body: json!({"error": "server_error", "detail": e}),
+    })
+}
+
+/// Creates the consumer group on a stream (and the stream), unless it is there.
+pub async fn ensure_group(conn: &mut ConnectionManager, stream: &str) -> RedisResult<()> {
+    let made: RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match made {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}
+
+/// Entries of one stream not yet delivered to the group: the group's lag, or when Redis
+/// cannot tell it (entries deleted past the group's position), the stream's length,
+/// which counts the running entries too.
+async fn stream_waiting(conn: &mut ConnectionManager, stream: &str) -> RedisResult<usize> {
+    let info: RedisResult<redis::streams::StreamInfoGroupsReply> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await;
+    let info = match info {
+        Ok(info) => info,
+        // The stream is gone (Redis restarted without its data): nothing waits there.
+        Err(e) if e.to_string().contains("no such key") => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    match info.groups.iter().find(|g| g.name == GROUP) {
+        Some(group) => match group.lag {
+            Some(lag) => Ok(lag),
+            None => conn.xlen(stream).await,
+        },
+        None => conn.xlen(stream).await,
+    }
+}
+
+/// The task that hands answers to their waiters: every [`POLL`], one `MGET` of the result
+/// keys of all the jobs waited for.
+async fn deliver_answers(client: Weak<QueueClient>) {
+    let mut backoff = Backoff::new("waiting for answers");
+    loop {
+        tokio::time::sleep(POLL).await;
+        let Some(client) = client.upgrade() else {
+            return;
+        };
+        let ids: Vec<String> = {
+            let mut waiters = lock(&client.waiters);
+            // Waiters whose client left.
+            waiters.retain(|_, senders| {
+                senders.retain(|tx| !tx.is_closed());
+                !senders.is_empty()
+            });
+            waiters.keys().cloned().collect()
+        };
+        if ids.is_empty() {
+            continue;
+        }
+        let mut conn = client.conn.clone();
+        for chunk in ids.chunks(512) {
+            let result_keys: Vec<String> = chunk.iter().map(|id| keys::result(id)).collect();
+            let found: RedisResult<Vec<Option<String>>> = redis::cmd("MGET")
+                .arg(&result_keys)
+                .query_async(&mut conn)
+                .await;
+            match found {
+                Ok(found) => {
+                    backoff.succeeded();
+                    for (id, text) in chunk.iter().zip(found) {
+                        let Some(text) = text else { continue };
+                        let result = decode(&text);
+                        let senders = lock(&client.waiters).remove(id).unwrap_or_default();
+                        for tx in senders {
+                            let _ = tx.send(result.clone());
+                        }
+                    }
+                }
+                Err(e) => {
+                    backoff.failed(&e).await;
+                    break;
+                }
+            }
+        }
+    }
+}
