@@ -15,6 +15,7 @@ use guidance_args::GuidanceArgs;
 use text2img::png_out::{a1111_parameters, encode_png, numbered_path, write_atomic};
 
 mod assets;
+mod batch;
 mod bench;
 mod control_args;
 mod eval;
@@ -52,6 +53,8 @@ enum Command {
     Grid(eval::GridArgs),
     /// Serve an HTTP API (A1111- and OpenAI-compatible) and a web page.
     Serve(serve::ServeArgs),
+    /// Run one txt2img request per line of a JSON-lines file, here or through a Redis queue.
+    Batch(batch::BatchArgs),
     /// Run the jobs of a Redis queue that `serve --redis` front ends fill.
     Worker(serve::WorkerArgs),
     /// Time the parts of a generation (load, text, U-Net step, VAE decode) and sgemm.
@@ -205,6 +208,7 @@ fn main() -> ExitCode {
         Command::Grid(args) => eval::grid_cmd(args),
         Command::Serve(args) => serve::serve_cmd(args),
         Command::Worker(args) => serve::worker_cmd(args),
+        Command::Batch(args) => batch::batch_cmd(args),
         Command::Bench(args) => bench::bench_cmd(args),
         Command::Convert(args) => convert(args),
         Command::Preprocess(args) => control_args::preprocess_cmd(args),

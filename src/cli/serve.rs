@@ -110,7 +110,7 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
 }
 
 impl LimitArgs {
-    fn check(&self) -> Result<()> {
+    pub fn check(&self) -> Result<()> {
         if !(self.max_job_seconds.is_finite() && self.max_job_seconds >= 0.0) {
             bail!("--max-job-seconds must be a number of seconds >= 0 (0: no limit)");
         }
@@ -126,7 +126,7 @@ impl LimitArgs {
         Ok(())
     }
 
-    fn apply(&self, options: &mut ServeOptions) {
+    pub fn apply(&self, options: &mut ServeOptions) {
         options.max_size = self.max_size;
         options.max_steps = self.max_steps;
         options.max_images = self.max_images;
@@ -171,7 +171,7 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
     // Refuse a bad address before the (slow) model load.
     text2img::serve::check_bind(&options)?;
     if let Some(url) = &a.redis {
-        if a.models.model.model.is_some() || a.models.models_dir.is_some() {
+        if a.models.names_a_model() {
             bail!(
                 "with --redis this process only answers HTTP and loads no model: give \
                  --model and --models-dir to the `text2img worker` processes"
@@ -185,6 +185,11 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
 }
 
 impl ModelsArgs {
+    /// Whether a model or models folder was named (the built-in model is the default).
+    pub fn names_a_model(&self) -> bool {
+        self.model.model.is_some() || self.models_dir.is_some()
+    }
+
     /// Loads the model and scans `--models-dir`.
     pub fn load(self) -> Result<Models> {
         let mut model = self.model;

@@ -11,9 +11,14 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::connection::{self, Backoff};
+use super::inventory;
 use super::job::{QueuedJob, StoredResult};
 use super::{keys, GROUP};
 use crate::error::Result;
+use crate::serve::api_error::ApiError;
+use crate::serve::fields::Fields;
+use crate::serve::Endpoint;
+use axum::http::StatusCode;
 
 /// How often the answers of the jobs waited for are looked up: one `MGET` for all of them,
 /// so the load on Redis does not grow with the number of waiting clients, and the delay
@@ -116,11 +121,84 @@ impl QueueClient {
             .await
     }
 
+    /// The stream a job goes to: its checkpoint's (`override_settings.sd_model_checkpoint`, or
+    /// the one `POST /sdapi/v1/options` selected), which only workers that have it read; else
+    /// the shared one.
+    pub async fn route(&self, endpoint: Endpoint, fields: &mut Fields) -> Result<String, ApiError> {
+        if !matches!(endpoint, Endpoint::Txt2img | Endpoint::Img2img) {
+            return Ok(keys::JOBS.to_string());
+        }
+        let mut overrides =
+            fields
+                .object("override_settings")?
+                .map_or_else(serde_json::Map::new, |o| match o.to_value() {
+                    Value::Object(map) => map,
+                    _ => serde_json::Map::new(),
+                });
+        let mut conn = self.connection();
+        let selected: HashMap<String, String> =
+            conn.hgetall(keys::OPTIONS).await.map_err(unavailable)?;
+        let named = match overrides.get("sd_model_checkpoint") {
+            Some(Value::String(name)) => Some(name.clone()),
+            Some(_) => {
+                return Err(ApiError::field(
+                    "override_settings.sd_model_checkpoint",
+                    "must be a string",
+                ))
+            }
+            None => selected.get("sd_model_checkpoint").cloned(),
+        };
+        if !overrides.contains_key("sd_vae") {
+            if let Some(vae) = selected.get("sd_vae") {
+                overrides.insert("sd_vae".into(), json!(vae));
+            }
+        }
+        let Some(name) = named else {
+            if !overrides.is_empty() {
+                fields.set("override_settings", Value::Object(overrides));
+            }
+            return Ok(keys::JOBS.to_string());
+        };
+        let workers = inventory::live(&mut conn).await.map_err(unavailable)?;
+        let lists: Vec<Value> = workers.iter().map(|w| w["lists"].clone()).collect();
+        let (title, model_name) = inventory::find_checkpoint(&lists, &name).ok_or_else(|| {
+            let known = inventory::union(&lists, "sd-models", Some("title"));
+            let titles: Vec<&str> = known
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["title"].as_str())
+                .collect();
+            ApiError::field(
+                "sd_model_checkpoint",
+                format!(
+                    "`{name}` is on no live worker; the workers have: {}",
+                    if titles.is_empty() {
+                        "(no worker is running)".to_string()
+                    } else {
+                        titles.join(", ")
+                    }
+                ),
+            )
+        })?;
+        overrides.insert("sd_model_checkpoint".into(), json!(title));
+        fields.set("override_settings", Value::Object(overrides));
+        Ok(keys::jobs_for(&model_name))
+    }
+
     /// A running job's progress as its worker last wrote it.
     pub async fn progress(&self, job: &str) -> RedisResult<Option<Value>> {
         let text: Option<String> = self.conn.clone().get(keys::progress(job)).await?;
         Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
     }
+}
+
+/// A Redis failure as the client's answer.
+pub fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the queue is unavailable: {e}"),
+    )
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

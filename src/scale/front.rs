@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 
-use super::client::{QueueClient, Stop};
+use super::client::{unavailable, QueueClient, Stop};
 use super::inventory;
 use super::job::{check_id, pin_seed, random_id, QueuedJob};
 use super::keys;
@@ -125,13 +125,6 @@ pub fn router(app: Arc<FrontState>) -> Router {
     middleware::wrap(routes, access)
 }
 
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("the queue is unavailable: {e}"),
-    )
-}
-
 /// Cancels its job if the client leaves before the answer (the handler is dropped).
 struct CancelOnDrop {
     app: Arc<FrontState>,
@@ -165,7 +158,7 @@ async fn run(
         None => random_id(),
     };
     pin_seed(&mut fields, &id);
-    let stream = stream_for(app, endpoint, &mut fields).await?;
+    let stream = app.queue.route(endpoint, &mut fields).await?;
     let waiting = app.queue.waiting().await.map_err(unavailable)?;
     if waiting >= app.options.max_queue {
         return Err(ApiError {
@@ -202,75 +195,6 @@ async fn run(
         response.headers_mut().insert("x-text2img-job", v);
     }
     Ok(response)
-}
-
-/// The stream a job goes to: its checkpoint's (`override_settings.sd_model_checkpoint`, or
-/// the one `POST /sdapi/v1/options` selected), which only workers that have it read; else
-/// the shared one.
-async fn stream_for(
-    app: &FrontState,
-    endpoint: Endpoint,
-    fields: &mut Fields,
-) -> Result<String, ApiError> {
-    if !matches!(endpoint, Endpoint::Txt2img | Endpoint::Img2img) {
-        return Ok(keys::JOBS.to_string());
-    }
-    let mut overrides =
-        fields
-            .object("override_settings")?
-            .map_or_else(serde_json::Map::new, |o| match o.to_value() {
-                Value::Object(map) => map,
-                _ => serde_json::Map::new(),
-            });
-    let mut conn = app.queue.connection();
-    let selected: HashMap<String, String> =
-        conn.hgetall(keys::OPTIONS).await.map_err(unavailable)?;
-    let named = match overrides.get("sd_model_checkpoint") {
-        Some(Value::String(name)) => Some(name.clone()),
-        Some(_) => {
-            return Err(ApiError::field(
-                "override_settings.sd_model_checkpoint",
-                "must be a string",
-            ))
-        }
-        None => selected.get("sd_model_checkpoint").cloned(),
-    };
-    if !overrides.contains_key("sd_vae") {
-        if let Some(vae) = selected.get("sd_vae") {
-            overrides.insert("sd_vae".into(), json!(vae));
-        }
-    }
-    let Some(name) = named else {
-        if !overrides.is_empty() {
-            fields.set("override_settings", Value::Object(overrides));
-        }
-        return Ok(keys::JOBS.to_string());
-    };
-    let workers = inventory::live(&mut conn).await.map_err(unavailable)?;
-    let lists: Vec<Value> = workers.iter().map(|w| w["lists"].clone()).collect();
-    let (title, model_name) = inventory::find_checkpoint(&lists, &name).ok_or_else(|| {
-        let known = inventory::union(&lists, "sd-models", Some("title"));
-        let titles: Vec<&str> = known
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|m| m["title"].as_str())
-            .collect();
-        ApiError::field(
-            "sd_model_checkpoint",
-            format!(
-                "`{name}` is on no live worker; the workers have: {}",
-                if titles.is_empty() {
-                    "(no worker is running)".to_string()
-                } else {
-                    titles.join(", ")
-                }
-            ),
-        )
-    })?;
-    overrides.insert("sd_model_checkpoint".into(), json!(title));
-    fields.set("override_settings", Value::Object(overrides));
-    Ok(keys::jobs_for(&model_name))
 }
 
 /// `GET /sdapi/v1/progress[?id_task=ID]`: a job's progress as its worker wrote it; without

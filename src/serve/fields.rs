@@ -58,7 +58,7 @@ pub async fn read_body(
 }
 
 /// The fields of a JSON object body.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Fields(Map<String, Value>);
 
 impl Fields {
