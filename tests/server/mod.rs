@@ -32,7 +32,7 @@ impl Server {
         Self::start_with(extra)
     }
 
-    fn start_with(args: &[&str]) -> Self {
+    pub fn start_with(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_text2img"))
             .args(["serve", "--port", "0"])
             .args(args)
