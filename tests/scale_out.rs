@@ -331,7 +331,7 @@ fn a_redis_restart_loses_no_queued_job_and_batches_match_local_runs() {
         .collect();
     std::fs::write(&prompts, lines.join("\n")).unwrap();
     let queued = dir.path().join("queued");
-    let mut batch = std::process::Command::new(env!("CARGO_BIN_EXE_text2img"))
+    let batch = std::process::Command::new(env!("CARGO_BIN_EXE_text2img"))
         .args(["batch", "--prompts"])
         .arg(&prompts)
         .arg("--out")
