@@ -137,11 +137,8 @@ pub fn batch_cmd(a: BatchArgs) -> Result<()> {
                     let started = Instant::now();
                     let result =
                         match text2img::serve::answer(&app, Endpoint::Txt2img, line.fields).await {
-                            Ok(body) => StoredResult { status: 200, body },
-                            Err(e) => StoredResult {
-                                status: e.status.as_u16(),
-                                body: e.body(),
-                            },
+                            Ok(body) => StoredResult::new(200, body),
+                            Err(e) => StoredResult::new(e.status.as_u16(), e.body()),
                         };
                     record(
                         line.number,
@@ -213,10 +210,7 @@ async fn through_queue(queue: &Arc<QueueClient>, line: &Line) -> StoredResult {
                 Ok(stream) => stream,
                 // A checkpoint no worker has: the line's own fault.
                 Err(e) if e.status.is_client_error() => {
-                    return Ok(Some(StoredResult {
-                        status: e.status.as_u16(),
-                        body: e.body(),
-                    }))
+                    return Ok(Some(StoredResult::new(e.status.as_u16(), e.body())))
                 }
                 Err(e) => return Err(e.message),
             };

@@ -102,9 +102,11 @@ impl QueueClient {
             .entry(job.to_string())
             .or_default()
             .push(tx);
-        rx.await.unwrap_or_else(|_| StoredResult {
-            status: 503,
-            body: json!({"error": "unavailable", "detail": "the queue client stopped"}),
+        rx.await.unwrap_or_else(|_| {
+            StoredResult::new(
+                503,
+                json!({"error": "unavailable", "detail": "the queue client stopped"}),
+            )
         })
     }
 
@@ -208,10 +210,8 @@ pub enum Stop {
 }
 
 fn decode(text: &str) -> StoredResult {
-    StoredResult::decode(text).unwrap_or_else(|e| StoredResult {
-        status: 500,
-        body: json!({"error": "server_error", "detail": e}),
-    })
+    StoredResult::decode(text)
+        .unwrap_or_else(|e| StoredResult::new(500, json!({"error": "server_error", "detail": e})))
 }
 
 /// Creates the consumer group on a stream (and the stream), unless it is there.

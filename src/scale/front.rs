@@ -191,8 +191,25 @@ async fn run(
     drop(guard);
     let status = StatusCode::from_u16(result.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, Json(result.body)).into_response();
+    let headers = response.headers_mut();
     if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
-        response.headers_mut().insert("x-text2img-job", v);
+        headers.insert("x-text2img-job", v);
+    }
+    // Where and how long: the time in the queue and running, for clients and load tests.
+    let meta = &result.meta;
+    if let Some(worker) = meta["worker"]
+        .as_str()
+        .and_then(|w| axum::http::HeaderValue::from_str(w).ok())
+    {
+        headers.insert("x-text2img-worker", worker);
+    }
+    if let (Some(q), Some(s), Some(f)) = (
+        meta["queued_ms"].as_u64(),
+        meta["started_ms"].as_u64(),
+        meta["finished_ms"].as_u64(),
+    ) {
+        headers.insert("x-text2img-queue-ms", s.saturating_sub(q).into());
+        headers.insert("x-text2img-run-ms", f.saturating_sub(s).into());
     }
     Ok(response)
 }

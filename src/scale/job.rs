@@ -103,16 +103,26 @@ impl QueuedJob {
     }
 }
 
-/// A job's answer: the HTTP status and JSON body its client gets.
+/// A job's answer: the HTTP status and JSON body its client gets, and where and when it
+/// ran (`meta`: the worker, the times it was queued, started and finished, in ms).
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredResult {
     pub status: u16,
     pub body: Value,
+    pub meta: Value,
 }
 
 impl StoredResult {
+    pub fn new(status: u16, body: Value) -> Self {
+        Self {
+            status,
+            body,
+            meta: Value::Null,
+        }
+    }
+
     pub fn encode(&self) -> String {
-        json!({ "status": self.status, "body": self.body }).to_string()
+        json!({ "status": self.status, "body": self.body, "meta": self.meta }).to_string()
     }
 
     pub fn decode(text: &str) -> Result<Self, String> {
@@ -126,6 +136,7 @@ impl StoredResult {
         Ok(Self {
             status,
             body: v.get("body").cloned().unwrap_or(Value::Null),
+            meta: v.get("meta").cloned().unwrap_or(Value::Null),
         })
     }
 }
@@ -164,6 +175,7 @@ mod tests {
         let r = StoredResult {
             status: 400,
             body: json!({"detail": "x"}),
+            meta: json!({"worker": "w"}),
         };
         assert_eq!(StoredResult::decode(&r.encode()).unwrap(), r);
         assert!(StoredResult::decode("{}").is_err());

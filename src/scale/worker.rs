@@ -73,6 +73,15 @@ struct Taken {
     entry: String,
     fields: HashMap<String, redis::Value>,
     deliveries: u64,
+    /// When this worker took it (ms since the epoch).
+    taken_ms: u64,
+}
+
+impl Taken {
+    /// When the entry was added: the first part of its id (`XADD *` ids are times in ms).
+    fn queued_ms(&self) -> Option<u64> {
+        self.entry.split('-').next()?.parse().ok()
+    }
 }
 
 /// How a run ended.
@@ -340,6 +349,7 @@ impl Worker {
             entry: entry.id,
             fields: entry.map,
             deliveries,
+            taken_ms: now_ms(),
         }))
     }
 
@@ -373,6 +383,7 @@ impl Worker {
                     entry: id.id,
                     fields: id.map,
                     deliveries: 1,
+                    taken_ms: now_ms(),
                 })
             })
             .collect())
@@ -536,6 +547,16 @@ impl Worker {
     async fn finish(&self, taken: &Taken, answer: Option<(String, StoredResult)>) {
         let mut conn = self.conn.clone();
         let mut backoff = Backoff::new("storing an answer");
+        let answer = answer.map(|(id, mut result)| {
+            result.meta = json!({
+                "worker": self.options.name,
+                "queued_ms": taken.queued_ms(),
+                "started_ms": taken.taken_ms,
+                "finished_ms": now_ms(),
+                "deliveries": taken.deliveries,
+            });
+            (id, result)
+        });
         loop {
             let stored: RedisResult<()> = async {
                 if let Some((id, result)) = &answer {
@@ -653,10 +674,7 @@ impl Worker {
             .flavor(flavor);
             (
                 id.to_string(),
-                StoredResult {
-                    status: e.status.as_u16(),
-                    body: e.body(),
-                },
+                StoredResult::new(e.status.as_u16(), e.body()),
             )
         });
         self.finish(taken, answer).await;
@@ -668,10 +686,7 @@ fn cancelled(job: &QueuedJob) -> (String, StoredResult) {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cancelled").flavor(job.endpoint.flavor());
     (
         job.id.clone(),
-        StoredResult {
-            status: e.status.as_u16(),
-            body: e.body(),
-        },
+        StoredResult::new(e.status.as_u16(), e.body()),
     )
 }
 
@@ -679,11 +694,8 @@ fn cancelled(job: &QueuedJob) -> (String, StoredResult) {
 /// server error may not happen on another try.
 fn outcome(answer: std::result::Result<Value, ApiError>) -> Outcome {
     match answer {
-        Ok(body) => Outcome::Answer(StoredResult { status: 200, body }),
+        Ok(body) => Outcome::Answer(StoredResult::new(200, body)),
         Err(e) if e.status.is_server_error() => Outcome::Retry(e.message),
-        Err(e) => Outcome::Answer(StoredResult {
-            status: e.status.as_u16(),
-            body: e.body(),
-        }),
+        Err(e) => Outcome::Answer(StoredResult::new(e.status.as_u16(), e.body())),
     }
 }
