@@ -197,20 +197,26 @@ pub fn batch_cmd(a: BatchArgs) -> Result<()> {
 }
 
 /// A line through the queue: its answer if it has one already (it finished while the
-/// batch was away), else queued, retried while Redis is away, and waited for.
+/// batch was away), else queued, retried while Redis is away, and waited for. A failure
+/// stored by an earlier run is cleared so that the line runs again; a job lost from the
+/// queue (a Redis crash) is queued again.
 async fn through_queue(queue: &Arc<QueueClient>, line: &Line) -> StoredResult {
     let mut delay = Duration::from_millis(100);
     let mut fields = line.fields.clone();
+    let mut first = true;
     loop {
         let attempt = async {
             if let Some(answer) = queue.stored(&line.id).await.map_err(|e| e.to_string())? {
-                return Ok(Some(answer));
+                if answer.status == 200 || !first {
+                    return Ok(Err(answer));
+                }
+                queue.forget(&line.id).await.map_err(|e| e.to_string())?;
             }
             let stream = match queue.route(Endpoint::Txt2img, &mut fields).await {
                 Ok(stream) => stream,
                 // A checkpoint no worker has: the line's own fault.
                 Err(e) if e.status.is_client_error() => {
-                    return Ok(Some(StoredResult::new(e.status.as_u16(), e.body())))
+                    return Ok(Err(StoredResult::new(e.status.as_u16(), e.body())))
                 }
                 Err(e) => return Err(e.message),
             };
@@ -219,15 +225,25 @@ async fn through_queue(queue: &Arc<QueueClient>, line: &Line) -> StoredResult {
                 endpoint: Endpoint::Txt2img,
                 body: fields.to_value(),
             };
-            queue
+            let entry = queue
                 .submit(&stream, &job)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok(None)
+            Ok(Ok((stream, entry)))
         };
         match attempt.await {
-            Ok(Some(answer)) => return answer,
-            Ok(None) => return queue.wait(&line.id).await,
+            Ok(Err(answer)) => return answer,
+            Ok(Ok(entry)) => {
+                first = false;
+                let answer = queue.wait(&line.id, Some(entry)).await;
+                if answer.meta["lost"] != json!(true) {
+                    return answer;
+                }
+                eprintln!(
+                    "line {}: its job was lost from the queue; queueing it again",
+                    line.number
+                );
+            }
             Err(e) => {
                 eprintln!("line {}: {e}; retrying", line.number);
                 tokio::time::sleep(delay).await;

@@ -28,10 +28,17 @@ const POLL: Duration = Duration::from_millis(50);
 /// How long a job's answer, its cancel flag and its error are kept.
 pub const RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// The clients waiting for one job's answer, and where the job's entry is.
+#[derive(Default)]
+struct Waiting {
+    senders: Vec<oneshot::Sender<StoredResult>>,
+    entry: Option<(String, String)>,
+}
+
 pub struct QueueClient {
     conn: ConnectionManager,
     url: String,
-    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<StoredResult>>>>,
+    waiters: Mutex<HashMap<String, Waiting>>,
     /// Streams whose consumer group this process has made sure of.
     grouped: Mutex<HashSet<String>>,
 }
@@ -76,16 +83,15 @@ impl QueueClient {
     }
 
     /// Adds a job to a stream (its consumer group made first, from the stream's start, so
-    /// that no entry is missed by a group made later).
-    pub async fn submit(&self, stream: &str, job: &QueuedJob) -> RedisResult<()> {
+    /// that no entry is missed by a group made later). Returns the entry's id.
+    pub async fn submit(&self, stream: &str, job: &QueuedJob) -> RedisResult<String> {
         let mut conn = self.conn.clone();
         if !lock(&self.grouped).contains(stream) {
             ensure_group(&mut conn, stream).await?;
             let _: () = conn.sadd(keys::STREAMS, stream).await?;
             lock(&self.grouped).insert(stream.to_string());
         }
-        let _: String = conn.xadd(stream, "*", &job.fields()).await?;
-        Ok(())
+        conn.xadd(stream, "*", &job.fields()).await
     }
 
     /// A job's answer, if it has one.
@@ -94,14 +100,29 @@ impl QueueClient {
         Ok(text.map(|t| decode(&t)))
     }
 
+    /// Clears a job's stored answer, error and cancel flag, so that the job can run again
+    /// under the same id (a batch rerunning a line that failed).
+    pub async fn forget(&self, job: &str) -> RedisResult<()> {
+        self.conn
+            .clone()
+            .del(&[keys::result(job), keys::error(job), keys::cancel(job)])
+            .await
+    }
+
     /// Waits for a job's answer (however long the queue takes: a client that gives up drops
-    /// this and cancels the job itself).
-    pub async fn wait(&self, job: &str) -> StoredResult {
+    /// this and cancels the job itself). With the job's entry (`(stream, entry id)`), an
+    /// entry that vanishes without an answer (a Redis that lost its last second of writes
+    /// in a crash) ends the wait with a 503 whose `meta.lost` is true: send the job again.
+    pub async fn wait(&self, job: &str, entry: Option<(String, String)>) -> StoredResult {
         let (tx, rx) = oneshot::channel();
-        lock(&self.waiters)
-            .entry(job.to_string())
-            .or_default()
-            .push(tx);
+        {
+            let mut waiters = lock(&self.waiters);
+            let waiting = waiters.entry(job.to_string()).or_default();
+            waiting.senders.push(tx);
+            if entry.is_some() {
+                waiting.entry = entry;
+            }
+        }
         rx.await.unwrap_or_else(|_| {
             StoredResult::new(
                 503,
@@ -231,8 +252,8 @@ pub async fn ensure_group(conn: &mut ConnectionManager, stream: &str) -> RedisRe
 }
 
 /// Entries of one stream not yet delivered to the group: the group's lag, or when Redis
-/// cannot tell it (entries deleted past the group's position), the stream's length,
-/// which counts the running entries too.
+/// cannot tell it (an entry deleted past an older running one), the stream's length less
+/// the running entries.
 async fn stream_waiting(conn: &mut ConnectionManager, stream: &str) -> RedisResult<usize> {
     let info: RedisResult<redis::streams::StreamInfoGroupsReply> = redis::cmd("XINFO")
         .arg("GROUPS")
@@ -248,16 +269,26 @@ async fn stream_waiting(conn: &mut ConnectionManager, stream: &str) -> RedisResu
     match info.groups.iter().find(|g| g.name == GROUP) {
         Some(group) => match group.lag {
             Some(lag) => Ok(lag),
-            None => conn.xlen(stream).await,
+            // Entries leave the stream when they are acknowledged (in the same transaction),
+            // so what is in it is either waiting or running.
+            None => {
+                let len: usize = conn.xlen(stream).await?;
+                Ok(len.saturating_sub(group.pending))
+            }
         },
         None => conn.xlen(stream).await,
     }
 }
 
+/// How often the entries of the jobs waited for are checked to be still in their streams.
+const CHECK_ENTRIES_EVERY: u32 = 20;
+
 /// The task that hands answers to their waiters: every [`POLL`], one `MGET` of the result
-/// keys of all the jobs waited for.
+/// keys of all the jobs waited for; every [`CHECK_ENTRIES_EVERY`] polls, a look at whether
+/// the entries of those without answers are still queued.
 async fn deliver_answers(client: Weak<QueueClient>) {
     let mut backoff = Backoff::new("waiting for answers");
+    let mut polls = 0u32;
     loop {
         tokio::time::sleep(POLL).await;
         let Some(client) = client.upgrade() else {
@@ -266,39 +297,92 @@ async fn deliver_answers(client: Weak<QueueClient>) {
         let ids: Vec<String> = {
             let mut waiters = lock(&client.waiters);
             // Waiters whose client left.
-            waiters.retain(|_, senders| {
-                senders.retain(|tx| !tx.is_closed());
-                !senders.is_empty()
+            waiters.retain(|_, waiting| {
+                waiting.senders.retain(|tx| !tx.is_closed());
+                !waiting.senders.is_empty()
             });
             waiters.keys().cloned().collect()
         };
         if ids.is_empty() {
             continue;
         }
+        polls = polls.wrapping_add(1);
         let mut conn = client.conn.clone();
-        for chunk in ids.chunks(512) {
-            let result_keys: Vec<String> = chunk.iter().map(|id| keys::result(id)).collect();
-            let found: RedisResult<Vec<Option<String>>> = redis::cmd("MGET")
-                .arg(&result_keys)
-                .query_async(&mut conn)
-                .await;
-            match found {
-                Ok(found) => {
-                    backoff.succeeded();
-                    for (id, text) in chunk.iter().zip(found) {
-                        let Some(text) = text else { continue };
-                        let result = decode(&text);
-                        let senders = lock(&client.waiters).remove(id).unwrap_or_default();
-                        for tx in senders {
-                            let _ = tx.send(result.clone());
-                        }
-                    }
-                }
-                Err(e) => {
-                    backoff.failed(&e).await;
-                    break;
-                }
+        let checked = async {
+            if polls.is_multiple_of(CHECK_ENTRIES_EVERY) {
+                find_lost(&client, &mut conn, &ids).await?;
+            }
+            deliver(&client, &mut conn, &ids).await
+        };
+        match checked.await {
+            Ok(()) => backoff.succeeded(),
+            Err(e) => backoff.failed(&e).await,
+        }
+    }
+}
+
+/// Hands the answers there are to their waiters.
+async fn deliver(
+    client: &QueueClient,
+    conn: &mut ConnectionManager,
+    ids: &[String],
+) -> RedisResult<()> {
+    for chunk in ids.chunks(512) {
+        let result_keys: Vec<String> = chunk.iter().map(|id| keys::result(id)).collect();
+        let found: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&result_keys)
+            .query_async(conn)
+            .await?;
+        for (id, text) in chunk.iter().zip(found) {
+            if let Some(text) = text {
+                answer(client, id, decode(&text));
             }
         }
     }
+    Ok(())
+}
+
+fn answer(client: &QueueClient, id: &str, result: StoredResult) {
+    let waiting = lock(&client.waiters).remove(id).unwrap_or_default();
+    for tx in waiting.senders {
+        let _ = tx.send(result.clone());
+    }
+}
+
+/// Ends the waits of jobs whose entries left their streams without an answer. The worker
+/// stores the answer before it deletes the entry, so the answer is looked for after the
+/// entry is found missing.
+async fn find_lost(
+    client: &QueueClient,
+    conn: &mut ConnectionManager,
+    ids: &[String],
+) -> RedisResult<()> {
+    let entries: Vec<(String, (String, String))> = {
+        let waiters = lock(&client.waiters);
+        ids.iter()
+            .filter_map(|id| Some((id.clone(), waiters.get(id)?.entry.clone()?)))
+            .collect()
+    };
+    for (id, (stream, entry)) in entries {
+        let there: redis::streams::StreamRangeReply = conn.xrange(&stream, &entry, &entry).await?;
+        if !there.ids.is_empty() {
+            continue;
+        }
+        let stored: Option<String> = conn.get(keys::result(&id)).await?;
+        let result = match stored {
+            Some(text) => decode(&text),
+            None => StoredResult {
+                meta: json!({ "lost": true }),
+                ..StoredResult::new(
+                    503,
+                    json!({
+                        "error": "unavailable",
+                        "detail": "the job was lost from the queue (Redis restarted without it); send it again",
+                    }),
+                )
+            },
+        };
+        answer(client, &id, result);
+    }
+    Ok(())
 }

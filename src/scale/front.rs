@@ -177,16 +177,22 @@ async fn run(
         endpoint,
         body: fields.to_value(),
     };
-    // A job the client may already have been told of is never lost to a failed add: the
-    // add either happened (and its answer comes) or the client gets this 503.
-    app.queue.submit(&stream, &job).await.map_err(unavailable)?;
+    // The guard comes first: a client that leaves while the job is being added still
+    // cancels it. The add either happens (and its answer comes) or the client gets a 503.
     lock(&app.in_flight).push(id.clone());
     let mut guard = CancelOnDrop {
         app: app.clone(),
         id: id.clone(),
         armed: true,
     };
-    let result = app.queue.wait(&id).await;
+    let entry = match app.queue.submit(&stream, &job).await {
+        Ok(entry) => entry,
+        Err(e) => {
+            guard.armed = false;
+            return Err(unavailable(e));
+        }
+    };
+    let result = app.queue.wait(&id, Some((stream, entry))).await;
     guard.armed = false;
     drop(guard);
     let status = StatusCode::from_u16(result.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

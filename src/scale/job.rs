@@ -44,7 +44,11 @@ pub fn random_id() -> String {
 pub fn pin_seed(fields: &mut Fields, job_id: &str) {
     let random = match fields.to_value().get("seed") {
         None | Some(Value::Null) => true,
-        Some(v) => v.as_i64() == Some(-1) || v.as_str().is_some_and(|s| s.trim() == "-1"),
+        Some(v) => {
+            v.as_f64() == Some(-1.0)
+                || v.as_str()
+                    .is_some_and(|s| s.trim().parse::<f64>() == Ok(-1.0))
+        }
     };
     if random {
         fields.set("seed", json!(seed_from_id(job_id)));
@@ -165,9 +169,15 @@ mod tests {
         let mut f = Fields::parse(br#"{"seed": 7}"#).unwrap();
         pin_seed(&mut f, "job-1");
         assert_eq!(f.to_value()["seed"], json!(7));
-        let mut f = Fields::parse(br#"{"seed": -1}"#).unwrap();
-        pin_seed(&mut f, "job-2");
-        assert_eq!(f.to_value()["seed"], json!(seed_from_id("job-2")));
+        for random in ["-1", "-1.0", "\"-1\"", "null"] {
+            let mut f = Fields::parse(format!(r#"{{"seed": {random}}}"#).as_bytes()).unwrap();
+            pin_seed(&mut f, "job-2");
+            assert_eq!(
+                f.to_value()["seed"],
+                json!(seed_from_id("job-2")),
+                "{random}"
+            );
+        }
     }
 
     #[test]

@@ -67,6 +67,18 @@ end
 return 0
 ";
 
+/// Hands an entry back (to the `RELEASED` consumer, long idle, with the given delivery
+/// count), but only while this worker still holds it: one that lost it to another worker
+/// must not take it from the worker now running it.
+const HAND_BACK_SCRIPT: &str = r"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if p[1] and p[1][2] == ARGV[2] then
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[4], 0, ARGV[3], 'IDLE', ARGV[5], 'RETRYCOUNT', ARGV[6], 'JUSTID')
+  return 1
+end
+return 0
+";
+
 /// An entry this worker took.
 struct Taken {
     stream: String,
@@ -104,6 +116,10 @@ pub struct Worker {
     stopping: Arc<AtomicBool>,
     stop_at: std::sync::Mutex<Option<Instant>>,
     heartbeat: redis::Script,
+    hand_back: redis::Script,
+    /// Whether this worker's own pending entries (from a run under the same name that
+    /// stopped) have been taken back.
+    resumed: AtomicBool,
 }
 
 /// Runs a worker until SIGTERM or Ctrl-C: the running job gets `shutdown_grace` to finish,
@@ -134,6 +150,8 @@ pub fn run(
             stopping: Arc::new(AtomicBool::new(false)),
             stop_at: std::sync::Mutex::new(None),
             heartbeat: redis::Script::new(HEARTBEAT_SCRIPT),
+            hand_back: redis::Script::new(HAND_BACK_SCRIPT),
+            resumed: AtomicBool::new(false),
         });
         let signals = {
             let worker = worker.clone();
@@ -282,6 +300,15 @@ impl Worker {
     async fn next_entry(&self) -> RedisResult<Option<Taken>> {
         let streams = self.streams();
         let mut conn = self.conn.clone();
+        // A worker restarted under its old name takes back what it held at once.
+        if !self.resumed.load(Ordering::SeqCst) {
+            for stream in &streams {
+                if let Some(taken) = self.own_pending(&mut conn, stream).await? {
+                    return Ok(Some(taken));
+                }
+            }
+            self.resumed.store(true, Ordering::SeqCst);
+        }
         for stream in &streams {
             if let Some(taken) = self.reclaim(&mut conn, stream).await? {
                 return Ok(Some(taken));
@@ -309,37 +336,95 @@ impl Worker {
         Ok(Some(first))
     }
 
+    /// An entry delivered to this consumer name and never acknowledged (its last run
+    /// stopped), with its delivery count.
+    async fn own_pending(
+        &self,
+        conn: &mut ConnectionManager,
+        stream: &str,
+    ) -> RedisResult<Option<Taken>> {
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.options.name)
+            .arg("COUNT")
+            .arg(1)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg("0")
+            .query_async(conn)
+            .await?;
+        let Some(entry) = reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .next()
+        else {
+            return Ok(None);
+        };
+        let deliveries = self.deliveries(conn, stream, &entry.id).await?;
+        eprintln!(
+            "taking back job entry {} of {stream} (delivery {deliveries})",
+            entry.id
+        );
+        Ok(Some(Taken {
+            stream: stream.to_string(),
+            entry: entry.id,
+            fields: entry.map,
+            deliveries,
+            taken_ms: now_ms(),
+        }))
+    }
+
+    async fn deliveries(
+        &self,
+        conn: &mut ConnectionManager,
+        stream: &str,
+        entry: &str,
+    ) -> RedisResult<u64> {
+        let pending: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(GROUP)
+            .arg(entry)
+            .arg(entry)
+            .arg(1)
+            .query_async(conn)
+            .await?;
+        Ok(pending.ids.first().map_or(1, |p| p.times_delivered as u64))
+    }
+
     async fn reclaim(
         &self,
         conn: &mut ConnectionManager,
         stream: &str,
     ) -> RedisResult<Option<Taken>> {
-        let reply: redis::streams::StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-            .arg(stream)
-            .arg(GROUP)
-            .arg(&self.options.name)
-            .arg(self.options.claim_idle.as_millis() as u64)
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(conn)
-            .await?;
-        // Entries deleted while pending (acknowledged elsewhere): nothing to run.
-        if !reply.deleted_ids.is_empty() {
-            let _: () = conn.xack(stream, GROUP, &reply.deleted_ids).await?;
-        }
-        let Some(entry) = reply.claimed.into_iter().next() else {
-            return Ok(None);
+        // Each call scans a bounded part of the pending list: follow its cursor through
+        // the whole list, or an idle entry behind many running ones would wait.
+        let mut cursor = "0-0".to_string();
+        let entry = loop {
+            let reply: redis::streams::StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(stream)
+                .arg(GROUP)
+                .arg(&self.options.name)
+                .arg(self.options.claim_idle.as_millis() as u64)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(1)
+                .query_async(conn)
+                .await?;
+            // Entries deleted while pending (acknowledged elsewhere): nothing to run.
+            if !reply.deleted_ids.is_empty() {
+                let _: () = conn.xack(stream, GROUP, &reply.deleted_ids).await?;
+            }
+            if let Some(entry) = reply.claimed.into_iter().next() {
+                break entry;
+            }
+            if reply.next_stream_id == "0-0" {
+                return Ok(None);
+            }
+            cursor = reply.next_stream_id;
         };
-        let pending: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
-            .arg(stream)
-            .arg(GROUP)
-            .arg(&entry.id)
-            .arg(&entry.id)
-            .arg(1)
-            .query_async(conn)
-            .await?;
-        let deliveries = pending.ids.first().map_or(1, |p| p.times_delivered as u64);
+        let deliveries = self.deliveries(conn, stream, &entry.id).await?;
         eprintln!(
             "claimed job entry {} of {stream} (delivery {deliveries})",
             entry.id
@@ -422,7 +507,7 @@ impl Worker {
             }
         };
         let stop: Option<String> = conn.get(keys::cancel(&job.id)).await.unwrap_or(None);
-        if stop.is_some() {
+        if stop.as_deref() == Some("cancel") {
             eprintln!("job {} was cancelled before it started", job.id);
             self.finish(&taken, Some(cancelled(&job))).await;
             return;
@@ -530,7 +615,7 @@ impl Worker {
                     .await;
                 if let Ok(0) = still_ours {
                     eprintln!(
-                        "job {}: another worker claimed it meanwhile; finishing anyway (one answer is kept)",
+                        "job {}: its entry is no longer this worker's (another took it over or finished it); finishing anyway (one answer is kept)",
                         job.id
                     );
                 }
@@ -572,14 +657,17 @@ impl Worker {
                         eprintln!("job {id} ran twice; its first answer is kept");
                     }
                 }
-                redis::pipe()
-                    .atomic()
+                let mut pipe = redis::pipe();
+                pipe.atomic()
                     .xack(&taken.stream, GROUP, &[&taken.entry])
                     .ignore()
                     .xdel(&taken.stream, &[&taken.entry])
-                    .ignore()
-                    .query_async::<()>(&mut conn)
-                    .await
+                    .ignore();
+                if let Some((id, _)) = &answer {
+                    // An interrupt's flag has done its work.
+                    pipe.del(keys::cancel(id)).ignore();
+                }
+                pipe.query_async::<()>(&mut conn).await
             }
             .await;
             match stored {
@@ -601,18 +689,16 @@ impl Worker {
         let mut conn = self.conn.clone();
         let mut backoff = Backoff::new("handing a job back");
         for _ in 0..20 {
-            let r: RedisResult<redis::Value> = redis::cmd("XCLAIM")
-                .arg(&taken.stream)
+            let r: RedisResult<i64> = self
+                .hand_back
+                .key(&taken.stream)
                 .arg(GROUP)
-                .arg(RELEASED)
-                .arg(0)
+                .arg(&self.options.name)
                 .arg(&taken.entry)
-                .arg("IDLE")
+                .arg(RELEASED)
                 .arg(RELEASED_IDLE_MS)
-                .arg("RETRYCOUNT")
                 .arg(retry_count)
-                .arg("JUSTID")
-                .query_async(&mut conn)
+                .invoke_async(&mut conn)
                 .await;
             match r {
                 Ok(_) => return,
@@ -637,47 +723,54 @@ impl Worker {
             .get("endpoint")
             .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
             .unwrap_or_default();
+        let flavor = crate::serve::Endpoint::from_name(&endpoint)
+            .map(|e| e.flavor())
+            .unwrap_or_default();
+        let failure = ApiError::internal(format!(
+            "the job failed {} times; the last error: {error}",
+            taken.deliveries - 1
+        ))
+        .flavor(flavor);
+        let answer = StoredResult::new(failure.status.as_u16(), failure.body());
         let mut conn = self.conn.clone();
         let mut backoff = Backoff::new("dead-lettering a job");
+        // One transaction: the dead letter, the client's answer and the acknowledgement
+        // happen together or not at all (a crash between them would repeat the letter).
         loop {
-            let moved: RedisResult<()> = redis::pipe()
-                .atomic()
-                .xadd(
-                    keys::DEAD,
-                    "*",
-                    &[
-                        ("job", id.unwrap_or("")),
-                        ("endpoint", &endpoint),
-                        ("stream", &taken.stream),
-                        ("entry", &taken.entry),
-                        ("deliveries", &(taken.deliveries - 1).to_string()),
-                        ("error", error),
-                        ("at_ms", &now_ms().to_string()),
-                    ],
-                )
-                .ignore()
-                .query_async(&mut conn)
-                .await;
-            match moved {
-                Ok(()) => break,
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            if let Some(id) = id {
+                pipe.cmd("SET")
+                    .arg(keys::result(id))
+                    .arg(answer.encode())
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(RESULT_TTL.as_secs())
+                    .ignore();
+            }
+            pipe.xadd(
+                keys::DEAD,
+                "*",
+                &[
+                    ("job", id.unwrap_or("")),
+                    ("endpoint", &endpoint),
+                    ("stream", &taken.stream),
+                    ("entry", &taken.entry),
+                    ("deliveries", &(taken.deliveries - 1).to_string()),
+                    ("error", error),
+                    ("at_ms", &now_ms().to_string()),
+                ],
+            )
+            .ignore()
+            .xack(&taken.stream, GROUP, &[&taken.entry])
+            .ignore()
+            .xdel(&taken.stream, &[&taken.entry])
+            .ignore();
+            match pipe.query_async::<()>(&mut conn).await {
+                Ok(()) => return,
                 Err(e) => backoff.failed(&e).await,
             }
         }
-        let answer = id.map(|id| {
-            let flavor = crate::serve::Endpoint::from_name(&endpoint)
-                .map(|e| e.flavor())
-                .unwrap_or_default();
-            let e = ApiError::internal(format!(
-                "the job failed {} times; the last error: {error}",
-                taken.deliveries - 1
-            ))
-            .flavor(flavor);
-            (
-                id.to_string(),
-                StoredResult::new(e.status.as_u16(), e.body()),
-            )
-        });
-        self.finish(taken, answer).await;
     }
 }
 
@@ -695,7 +788,10 @@ fn cancelled(job: &QueuedJob) -> (String, StoredResult) {
 fn outcome(answer: std::result::Result<Value, ApiError>) -> Outcome {
     match answer {
         Ok(body) => Outcome::Answer(StoredResult::new(200, body)),
-        Err(e) if e.status.is_server_error() => Outcome::Retry(e.message),
+        // A full local queue is this worker's state, not the request's fault.
+        Err(e) if e.status.is_server_error() || e.status == StatusCode::TOO_MANY_REQUESTS => {
+            Outcome::Retry(e.message)
+        }
         Err(e) => Outcome::Answer(StoredResult::new(e.status.as_u16(), e.body())),
     }
 }

@@ -89,6 +89,17 @@ impl Redis {
             .expect("a connection to the test Redis")
     }
 
+    /// Kills the server (SIGKILL: no shutdown, no last rewrite of its files) and starts it
+    /// again on the same socket and files after `down`.
+    pub fn crash(&mut self, down: Duration) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        thread::sleep(down);
+        self.launch();
+    }
+
     /// Stops the server as a shutdown does (SIGTERM: the append-only file is flushed) and
     /// starts it again on the same socket and files, after `down` without a server.
     pub fn restart(&mut self, down: Duration) {
