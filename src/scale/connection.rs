@@ -19,12 +19,34 @@ pub fn client(url: &str) -> Result<redis::Client> {
     } else {
         url.to_string()
     };
-    redis::Client::open(url.as_str()).map_err(|e| {
+    let bad = |e: redis::RedisError| {
         Error::InvalidRequest(format!(
             "--redis `{}`: {e} (use redis://HOST:PORT or unix:///PATH)",
             redacted(&url)
         ))
-    })
+    };
+    let info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).map_err(bad)?;
+    let info = info.set_tcp_settings(tcp_settings());
+    redis::Client::open(info).map_err(bad)
+}
+
+/// A TCP connection to a Redis that vanished without closing it (its machine lost power, a
+/// partition) would only time out command by command; keepalive probes and a limit on
+/// unacknowledged data make it fail as a broken connection, which reconnects, within
+/// about 20 s.
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    use redis::io::tcp::socket2::TcpKeepalive;
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5));
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let keepalive = keepalive.with_retries(2);
+    let settings = redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let settings = settings.set_user_timeout(Duration::from_secs(20));
+    settings
 }
 
 /// The address without its password, for messages and logs.
