@@ -733,15 +733,27 @@ mod tests {
         let big: Vec<f32> = (0..n).map(|i| (i as f32).mul_add(0.5, -7.0)).collect();
         let small: Vec<half::f16> = (0..7).map(|i| half::f16::from_f32(i as f32)).collect();
         let tensors = HashMap::from([
-            ("big", Tensor::from_vec(big.clone(), n, &Device::Cpu).unwrap()),
-            ("small", Tensor::from_vec(small.clone(), 7, &Device::Cpu).unwrap()),
+            (
+                "big",
+                Tensor::from_vec(big.clone(), n, &Device::Cpu).unwrap(),
+            ),
+            (
+                "small",
+                Tensor::from_vec(small.clone(), 7, &Device::Cpu).unwrap(),
+            ),
         ]);
         candle_core::safetensors::save(&tensors, &path).unwrap();
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
         pool.install(|| {
             let weights = Weights::open_files(&[path.clone()], &Device::Cpu).unwrap();
             let read: Vec<f32> = weights.get("big", &[n]).unwrap().to_vec1().unwrap();
-            assert!(read == big, "the parts of a large tensor came back out of place");
+            assert!(
+                read == big,
+                "the parts of a large tensor came back out of place"
+            );
             let read = weights.get_as("small", &[7], DType::F16).unwrap();
             assert_eq!(read.to_vec1::<half::f16>().unwrap(), small);
         });
