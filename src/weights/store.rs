@@ -748,7 +748,7 @@ mod tests {
             .build()
             .unwrap();
         pool.install(|| {
-            let weights = Weights::open_files(&[path.clone()], &Device::Cpu).unwrap();
+            let weights = Weights::open_files(std::slice::from_ref(&path), &Device::Cpu).unwrap();
             let read: Vec<f32> = weights.get("big", &[n]).unwrap().to_vec1().unwrap();
             assert!(
                 read == big,
