@@ -362,18 +362,32 @@ impl Worker {
         else {
             return Ok(None);
         };
+        self.taken(conn, stream, entry, "taking back")
+            .await
+            .map(Some)
+    }
+
+    /// An entry this worker now holds again (its own from before, or an idle one it
+    /// claimed), with its delivery count.
+    async fn taken(
+        &self,
+        conn: &mut ConnectionManager,
+        stream: &str,
+        entry: redis::streams::StreamId,
+        how: &str,
+    ) -> RedisResult<Taken> {
         let deliveries = self.deliveries(conn, stream, &entry.id).await?;
         eprintln!(
-            "taking back job entry {} of {stream} (delivery {deliveries})",
+            "{how} job entry {} of {stream} (delivery {deliveries})",
             entry.id
         );
-        Ok(Some(Taken {
+        Ok(Taken {
             stream: stream.to_string(),
             entry: entry.id,
             fields: entry.map,
             deliveries,
             taken_ms: now_ms(),
-        }))
+        })
     }
 
     async fn deliveries(
@@ -424,18 +438,7 @@ impl Worker {
             }
             cursor = reply.next_stream_id;
         };
-        let deliveries = self.deliveries(conn, stream, &entry.id).await?;
-        eprintln!(
-            "claimed job entry {} of {stream} (delivery {deliveries})",
-            entry.id
-        );
-        Ok(Some(Taken {
-            stream: stream.to_string(),
-            entry: entry.id,
-            fields: entry.map,
-            deliveries,
-            taken_ms: now_ms(),
-        }))
+        self.taken(conn, stream, entry, "claimed").await.map(Some)
     }
 
     async fn read(
