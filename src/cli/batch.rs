@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use text2img::png_out::write_atomic;
 use text2img::scale::client::QueueClient;
-use text2img::scale::job::{pin_seed, QueuedJob, StoredResult};
+use text2img::scale::job::{fnv1a, pin_seed, QueuedJob, StoredResult};
 use text2img::serve::fields::Fields;
 use text2img::serve::{Endpoint, Local, ServeOptions};
 
@@ -263,7 +263,7 @@ fn parse_lines(text: &str, path: &Path) -> Result<Vec<Line>> {
         }
         let mut fields = Fields::parse(raw.as_bytes())
             .map_err(|e| anyhow::anyhow!("{}: line {number}: {}", path.display(), e.message))?;
-        let id = format!("batch-{:016x}-{number}", fnv64(raw));
+        let id = format!("batch-{:016x}-{number}", fnv1a(raw));
         pin_seed(&mut fields, &id);
         lines.push(Line { number, id, fields });
     }
@@ -271,15 +271,6 @@ fn parse_lines(text: &str, path: &Path) -> Result<Vec<Line>> {
         bail!("{}: no requests (one JSON object per line)", path.display());
     }
     Ok(lines)
-}
-
-fn fnv64(text: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 fn record_path(out: &Path, number: usize) -> PathBuf {

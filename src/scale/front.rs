@@ -220,18 +220,23 @@ async fn run(
     Ok(response)
 }
 
+/// The jobs `progress` and `interrupt` mean: the one `id_task` names, else those this front
+/// end waits for, oldest first (A1111's "the running job").
+fn meant_jobs(app: &FrontState, query: &HashMap<String, String>) -> Vec<String> {
+    match query.get("id_task") {
+        Some(id) => vec![id.clone()],
+        None => lock(&app.in_flight).clone(),
+    }
+}
+
 /// `GET /sdapi/v1/progress[?id_task=ID]`: a job's progress as its worker wrote it; without
 /// an id, the oldest job this front end waits for that is running.
 async fn progress(
     State(app): State<Arc<FrontState>>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let candidates = match query.get("id_task") {
-        Some(id) => vec![id.clone()],
-        None => lock(&app.in_flight).clone(),
-    };
     let mut found = None;
-    for id in candidates {
+    for id in meant_jobs(&app, &query) {
         if let Some(p) = app.queue.progress(&id).await.map_err(unavailable)? {
             found = Some(p);
             break;
@@ -265,12 +270,8 @@ async fn interrupt(
     State(app): State<Arc<FrontState>>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let ids = match query.get("id_task") {
-        Some(id) => vec![id.clone()],
-        None => lock(&app.in_flight).clone(),
-    };
     let mut interrupted = false;
-    for id in ids {
+    for id in meant_jobs(&app, &query) {
         let running = app
             .queue
             .progress(&id)
@@ -355,23 +356,8 @@ async fn set_options(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let bytes = crate::serve::fields::read_body(
-        &headers,
-        body,
-        app.options.max_body,
-        app.options.body_timeout,
-    )
-    .await?;
-    let fields = Fields::parse(&bytes)?;
-    if let Some(other) = fields
-        .names()
-        .find(|n| !["sd_model_checkpoint", "sd_vae"].contains(n))
-    {
-        return Err(ApiError::field(
-            other,
-            "is not a setting this server changes (only sd_model_checkpoint and sd_vae)",
-        ));
-    }
+    let fields = crate::serve::request_fields(&app.options, &headers, body).await?;
+    a1111::only_model_settings(&fields)?;
     let lists = live_lists(&app).await?;
     let mut settings: Vec<(&str, String)> = Vec::new();
     if let Some(name) = fields.string("sd_model_checkpoint")? {

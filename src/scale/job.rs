@@ -55,14 +55,20 @@ pub fn pin_seed(fields: &mut Fields, job_id: &str) {
     }
 }
 
-/// A seed in A1111's range (0..2^32) from the job id (FNV-1a; it only has to spread ids).
+/// A seed in A1111's range (0..2^32) from the job id (it only has to spread ids).
 pub fn seed_from_id(id: &str) -> u32 {
+    let h = fnv1a(id);
+    (h ^ (h >> 32)) as u32
+}
+
+/// 64-bit FNV-1a of a text: job ids' seeds, and batch lines' job ids.
+pub fn fnv1a(text: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.bytes() {
+    for b in text.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    (h ^ (h >> 32)) as u32
+    h
 }
 
 impl QueuedJob {

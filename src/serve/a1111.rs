@@ -439,6 +439,21 @@ pub async fn options(State(app): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
+/// The settings `POST /sdapi/v1/options` changes, in-process or through a queue; naming any
+/// other is an error rather than silence.
+pub(crate) fn only_model_settings(fields: &Fields) -> Result<(), ApiError> {
+    match fields
+        .names()
+        .find(|n| !["sd_model_checkpoint", "sd_vae"].contains(n))
+    {
+        Some(other) => Err(ApiError::field(
+            other,
+            "is not a setting this server changes (only sd_model_checkpoint and sd_vae)",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `POST /sdapi/v1/options`: `sd_model_checkpoint` switches the model requests run on (the
 /// load waits behind the jobs queued before it, and the answer waits for the load). Other
 /// settings are not kept; naming them is an error rather than silence.
@@ -447,16 +462,8 @@ pub async fn set_options(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let fields = super::request_fields(&app, &headers, body).await?;
-    if let Some(other) = fields
-        .names()
-        .find(|n| !["sd_model_checkpoint", "sd_vae"].contains(n))
-    {
-        return Err(ApiError::field(
-            other,
-            "is not a setting this server changes (only sd_model_checkpoint and sd_vae)",
-        ));
-    }
+    let fields = super::request_fields(&app.options, &headers, body).await?;
+    only_model_settings(&fields)?;
     // Both checked before either changes.
     let checkpoint = fields
         .string("sd_model_checkpoint")?

@@ -194,7 +194,7 @@ pub async fn detect(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let fields = super::request_fields(&app, &headers, body).await?;
+    let fields = super::request_fields(&app.options, &headers, body).await?;
     let module = fields
         .string("controlnet_module")?
         .unwrap_or_else(|| "none".into());

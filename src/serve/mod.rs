@@ -97,17 +97,11 @@ pub struct AppState {
 
 /// A request's JSON object, read within the server's body limits.
 pub(crate) async fn request_fields(
-    app: &AppState,
+    options: &ServeOptions,
     headers: &axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<fields::Fields, ApiError> {
-    let bytes = fields::read_body(
-        headers,
-        body,
-        app.options.max_body,
-        app.options.body_timeout,
-    )
-    .await?;
+    let bytes = fields::read_body(headers, body, options.max_body, options.body_timeout).await?;
     fields::Fields::parse(&bytes)
 }
 
