@@ -275,3 +275,204 @@ fn the_original_yaml_sets_the_prediction_type() {
         "{err}"
     );
 }
+
+fn yaml_fixture(name: &str) -> PathBuf {
+    model_dir("single-file").join("yamls").join(name)
+}
+
+/// diffusers' configs for each released yaml (and the tiny one), written by
+/// scripts/fixtures/original_yaml.py with `create_unet_diffusers_config_from_ldm` and friends.
+fn diffusers_configs() -> serde_json::Value {
+    let text = std::fs::read_to_string(yaml_fixture("diffusers-configs.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Every key diffusers derives from a yaml (but the sample size, which it takes from the
+/// checkpoint's type), text2img derives alike; and 32 groups in every norm, the original
+/// code's constant. The released yamls describe exactly the built-in configs.
+#[test]
+fn the_released_yamls_describe_what_diffusers_derives() {
+    use text2img::weights::single_file::original_config::OriginalConfig;
+    let configs = diffusers_configs();
+    for (name, built_in) in [
+        ("v1-inference", "sd1"),
+        ("v2-inference-v", "sd2"),
+        ("sd_xl_base", "sdxl"),
+        ("sd_xl_refiner", "sdxl-refiner"),
+        ("yaml-sd1-tiny", ""),
+    ] {
+        let path = match built_in {
+            "" => checkpoint_file("yaml-sd1-tiny.yaml"),
+            _ => yaml_fixture(&format!("{name}.yaml")),
+        };
+        let yaml = OriginalConfig::read(&path).unwrap().architecture;
+        for (part, derived) in [
+            ("unet", yaml.unet.as_ref()),
+            ("vae", yaml.vae.as_ref()),
+            ("scheduler", yaml.scheduler.as_ref()),
+        ] {
+            let derived = derived.unwrap_or_else(|| panic!("{name}: no {part} read"));
+            let want = configs[name][part].as_object().unwrap();
+            for (key, value) in want {
+                if key == "sample_size" {
+                    continue;
+                }
+                assert_eq!(derived.get(key), Some(value), "{name} {part}.{key}");
+            }
+            if part != "scheduler" {
+                assert_eq!(derived["norm_num_groups"], 32, "{name} {part}");
+            }
+            if built_in.is_empty() {
+                continue;
+            }
+            let file = match part {
+                "scheduler" => "scheduler/scheduler_config.json".to_string(),
+                _ => format!("{part}/config.json"),
+            };
+            let text = std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("assets/configs")
+                    .join(built_in)
+                    .join(&file),
+            )
+            .unwrap();
+            let released: serde_json::Value = serde_json::from_str(&text).unwrap();
+            for (key, value) in derived {
+                // A key the released file leaves out has diffusers' default.
+                let default = match key.as_str() {
+                    "transformer_layers_per_block" => serde_json::json!(1),
+                    "use_linear_projection" => serde_json::json!(false),
+                    _ => serde_json::Value::Null,
+                };
+                let is = released.get(key).unwrap_or(&default);
+                assert_eq!(is, value, "{name}: built-in {built_in}/{file} {key}");
+            }
+        }
+    }
+}
+
+/// A checkpoint whose architecture no built-in config has (two attention levels of two
+/// transformer layers, one resnet per level, its own schedule and latent scale) loads with its
+/// yaml: the image of the same file loaded through the configs diffusers derives from that
+/// yaml. Without the yaml it does not load; with a yaml saying another head count it loads
+/// to another image. `--config` gives only what a yaml does not describe (the text encoder
+/// and tokenizer of the tiny model).
+#[test]
+fn a_yaml_describes_an_architecture_no_built_in_config_has() {
+    let file = checkpoint("yaml-sd1-tiny");
+    let yaml = checkpoint_file("yaml-sd1-tiny.yaml");
+    let small = |pipeline: &Pipeline| {
+        let request = GenerateRequest {
+            prompts: vec!["a red circle".into()],
+            negative_prompts: Some(vec!["blurry".into()]),
+            seed: Some(7),
+            steps: Some(3),
+            width: Some(64),
+            height: Some(64),
+            scheduler: Some(SchedulerKind::Euler),
+            ..Default::default()
+        };
+        pipeline.generate(&request, &mut |_| true).unwrap().images[0]
+            .rgb
+            .clone()
+    };
+    let with_yaml = |yaml: &Path| SingleFileOptions {
+        original_config: Some(yaml.to_path_buf()),
+        ..options(Some("sd1-tiny"))
+    };
+    let from_yaml = small(&Pipeline::load_single_file(&file, &with_yaml(&yaml)).unwrap());
+
+    // The same weights through diffusers' configs of the yaml.
+    let dir = tempfile::tempdir().unwrap();
+    let configs = diffusers_configs();
+    let tiny = model_dir("sd1-tiny");
+    for part in ["text_encoder", "tokenizer"] {
+        std::fs::create_dir_all(dir.path().join(part)).unwrap();
+        for entry in std::fs::read_dir(tiny.join(part)).unwrap() {
+            let entry = entry.unwrap().path();
+            if entry.extension().is_some_and(|e| e == "json" || e == "txt") {
+                std::fs::copy(
+                    &entry,
+                    dir.path().join(part).join(entry.file_name().unwrap()),
+                )
+                .unwrap();
+            }
+        }
+    }
+    std::fs::copy(
+        tiny.join("model_index.json"),
+        dir.path().join("model_index.json"),
+    )
+    .unwrap();
+    for (part, file) in [
+        ("unet", "unet/config.json"),
+        ("vae", "vae/config.json"),
+        ("scheduler", "scheduler/scheduler_config.json"),
+    ] {
+        // diffusers' keys over the tiny folder's file, as text2img sets the yaml's; groups
+        // are diffusers' default (32) where the yaml has no say.
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(tiny.join(file)).unwrap()).unwrap();
+        for (key, value) in configs["yaml-sd1-tiny"][part].as_object().unwrap() {
+            config[key] = value.clone();
+        }
+        if part != "scheduler" {
+            config["norm_num_groups"] = 32.into();
+        }
+        let path = dir.path().join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, config.to_string()).unwrap();
+    }
+    let through_diffusers = SingleFileOptions {
+        config: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    };
+    let reference = small(&Pipeline::load_single_file(&file, &through_diffusers).unwrap());
+    assert!(
+        from_yaml == reference,
+        "the yaml's image differs from diffusers' configs'"
+    );
+
+    // Converted with the yaml: a folder that loads to the same image.
+    let out = dir.path().join("converted");
+    text2img::pipeline::single_file::convert_single_file(&file, &with_yaml(&yaml), &out).unwrap();
+    let converted = load_local(&out, &LoadOptions::default()).unwrap();
+    assert!(
+        small(&converted) == from_yaml,
+        "the converted folder differs"
+    );
+
+    // The yaml beside the file (A1111's NAME.yaml) is read without being named.
+    let beside = small(&Pipeline::load_single_file(&file, &options(Some("sd1-tiny"))).unwrap());
+    assert!(
+        beside == from_yaml,
+        "NAME.yaml beside the file was not read"
+    );
+
+    // Near misses: no yaml (the released sizes do not fit), and another head count.
+    let alone = dir.path().join("alone.safetensors");
+    std::fs::copy(&file, &alone).unwrap();
+    let err = load_error(&alone, &options(Some("sd1-tiny")));
+    assert!(err.contains("--original-config"), "{err}");
+    let two_heads = dir.path().join("one-head.yaml");
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    assert!(text.contains("num_heads: 2"));
+    std::fs::write(&two_heads, text.replace("num_heads: 2", "num_heads: 1")).unwrap();
+    let other = small(&Pipeline::load_single_file(&file, &with_yaml(&two_heads)).unwrap());
+    assert!(
+        other != from_yaml,
+        "the yaml's head count made no difference"
+    );
+    // A yaml whose layers do not fit the file: refused, naming the yaml.
+    let wide = dir.path().join("wide.yaml");
+    std::fs::write(
+        &wide,
+        text.replace("channel_mult: [ 1, 2, 2 ]", "channel_mult: [ 1, 2, 4 ]"),
+    )
+    .unwrap();
+    let err = load_error(&file, &with_yaml(&wide));
+    assert!(
+        err.contains("wide.yaml") && err.contains("does not describe"),
+        "{err}"
+    );
+}

@@ -168,7 +168,8 @@ pub struct ModelArgs {
     #[arg(long, value_parser = ["epsilon", "v_prediction"])]
     pub prediction_type: Option<String>,
     /// For a single file: the original training code's yaml (default: NAME.yaml beside the
-    /// file, as A1111 reads it); its `parameterization: "v"` makes it v-prediction.
+    /// file, as A1111 reads it). It gives the U-Net's and VAE's layout, the noise schedule and
+    /// the prediction type (`parameterization: "v"`), over --config's or the built-in ones.
     #[arg(long, value_name = "FILE.yaml")]
     pub original_config: Option<std::path::PathBuf>,
     /// For a single file: load the U-Net's EMA weights (`model_ema.*`).

@@ -42,27 +42,47 @@ pub struct SingleFileOptions {
 impl Pipeline {
     /// Loads a single-file checkpoint (`.safetensors`).
     pub fn load_single_file(path: &Path, options: &SingleFileOptions) -> Result<Self> {
-        Self::load_single_file_as_is(path, options).map_err(|e| match (&options.config, e) {
-            // The weights do not fit the released architecture's numbers.
-            (None, e @ (Error::ShapeMismatch { .. } | Error::MissingTensor { .. })) => {
-                Error::config(
-                    path,
-                    format!("{e}; the file is not the released architecture: give its diffusers configs with --config DIR"),
-                )
+        let checkpoint = Checkpoint::open(path, &options.load.device)?;
+        let (configs, original) = configs_for(path, options, checkpoint.architecture)?;
+        let yaml = configs.unet_from_yaml().map(Path::to_path_buf);
+        Self::load_single_file_as_is(path, options, checkpoint, configs, original).map_err(|e| {
+            match (&yaml, &options.config, e) {
+                // The weights do not fit the layout the yaml gives.
+                (Some(yaml), _, e @ (Error::ShapeMismatch { .. } | Error::MissingTensor { .. })) => {
+                    Error::config(
+                        path,
+                        format!("{e}; {} does not describe this checkpoint", yaml.display()),
+                    )
+                }
+                // The weights do not fit the released architecture's numbers.
+                (None, None, e @ (Error::ShapeMismatch { .. } | Error::MissingTensor { .. })) => {
+                    Error::config(
+                        path,
+                        format!("{e}; the file is not the released architecture: give its original yaml with --original-config FILE, or its diffusers configs with --config DIR"),
+                    )
+                }
+                // Nor to those of the folder given.
+                (None, Some(dir), e @ (Error::ShapeMismatch { .. } | Error::MissingTensor { .. })) => {
+                    Error::config(
+                        path,
+                        format!("{e}; the configs in {} do not describe this checkpoint: give its original yaml with --original-config FILE, or another --config", dir.display()),
+                    )
+                }
+                (.., e) => e,
             }
-            (_, e) => e,
         })
     }
 
-    fn load_single_file_as_is(path: &Path, options: &SingleFileOptions) -> Result<Self> {
+    fn load_single_file_as_is(
+        path: &Path,
+        options: &SingleFileOptions,
+        mut checkpoint: Checkpoint,
+        configs: ConfigFiles,
+        original: Option<(PathBuf, OriginalConfig)>,
+    ) -> Result<Self> {
         let load = &options.load;
         let (device, wd) = (&load.device, load.weight_dtype);
-        let mut checkpoint = Checkpoint::open(path, device)?;
         let arch = checkpoint.architecture;
-        let configs = match &options.config {
-            Some(dir) => ConfigFiles::Folder(dir.clone()),
-            None => ConfigFiles::BuiltIn(arch),
-        };
         let index: Value = parse_json(
             &configs.require("model_index.json")?,
             &configs.path("model_index.json"),
@@ -146,15 +166,8 @@ impl Pipeline {
             &configs.require("scheduler/scheduler_config.json")?,
             &scheduler_path,
         )?;
-        // The yaml beside the checkpoint, or the one named, as A1111 reads it.
-        let yaml = options.original_config.clone().or_else(|| {
-            let beside = path.with_extension("yaml");
-            beside.is_file().then_some(beside)
-        });
-        let original = yaml
-            .as_ref()
-            .map(|y| {
-                let config = OriginalConfig::read(y)?;
+        let original = original
+            .map(|(y, config)| {
                 let text_width = unet.config.cross_attention_dim().unwrap_or(0);
                 match config.mismatch(unet.config.block_out_channels[0], text_width) {
                     Some(why) => Err(Error::config(y, why)),
@@ -269,10 +282,7 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
     drop(pipeline);
     let mut checkpoint = Checkpoint::open(path, &options.load.device)?;
     let arch = checkpoint.architecture;
-    let configs = match &options.config {
-        Some(dir) => ConfigFiles::Folder(dir.clone()),
-        None => ConfigFiles::BuiltIn(arch),
-    };
+    let (configs, _) = configs_for(path, options, arch)?;
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -359,6 +369,27 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
         let _ = std::fs::remove_dir_all(&staging);
         Error::io(out, e)
     })
+}
+
+/// Where a checkpoint's configs come from: `--config`'s folder or the released architecture's,
+/// with the layout and schedule of its original yaml (the one named, or `NAME.yaml` beside
+/// the file, as A1111 reads it) over them.
+fn configs_for(
+    path: &Path,
+    options: &SingleFileOptions,
+    arch: Architecture,
+) -> Result<(ConfigFiles, Option<(PathBuf, OriginalConfig)>)> {
+    let configs = ConfigFiles::new(options.config.clone(), arch);
+    let yaml = options.original_config.clone().or_else(|| {
+        let beside = path.with_extension("yaml");
+        beside.is_file().then_some(beside)
+    });
+    let Some(yaml) = yaml else {
+        return Ok((configs, None));
+    };
+    let original = OriginalConfig::read(&yaml)?;
+    let configs = configs.described_by(&yaml, &original.architecture);
+    Ok((configs, Some((yaml, original))))
 }
 
 /// The U-Net's config: an inpainting checkpoint (9 input channels: the latents, the mask and

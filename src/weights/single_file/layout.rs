@@ -420,7 +420,7 @@ mod tests {
     use crate::weights::single_file::Architecture;
 
     fn built_in_unet(arch: Architecture) -> UNetConfig {
-        let files = ConfigFiles::BuiltIn(arch);
+        let files = ConfigFiles::built_in(arch);
         let text = files.require("unet/config.json").unwrap();
         UNetConfig::from_json(&text, &files.path("unet/config.json")).unwrap()
     }
@@ -594,7 +594,7 @@ mod tests {
             assert_eq!(layout[0].0, diffusers);
             assert_eq!(matches!(layout[0].1, Piece::Matrix(_)), matrix, "{ldm}");
         }
-        let files = ConfigFiles::BuiltIn(Architecture::Sd2);
+        let files = ConfigFiles::built_in(Architecture::Sd2);
         let config = ClipTextConfig::from_json(
             &files.require("text_encoder/config.json").unwrap(),
             &files.path("text_encoder/config.json"),

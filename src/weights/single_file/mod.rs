@@ -10,6 +10,7 @@
 pub mod configs;
 pub mod layout;
 pub mod original_config;
+pub mod yaml_architecture;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

@@ -1,13 +1,15 @@
 //! The original training code's yaml for a checkpoint: `--original-config FILE.yaml`, or
-//! `NAME.yaml` beside `NAME.safetensors` as A1111 reads it. What it says that the weights do
-//! not is the prediction type (`model.params.parameterization: "v"`, the SD 2.x 768 models and
-//! their fine-tunes); its U-Net width and text width are checked against the file, so a yaml
-//! for another model is an error rather than a silent misreading.
+//! `NAME.yaml` beside `NAME.safetensors` as A1111 reads it. It says what the weights do not:
+//! the prediction type (`model.params.parameterization: "v"`, the SD 2.x 768 models and their
+//! fine-tunes) and the layers' layout and schedule ([`yaml_architecture`]). Its U-Net width and
+//! text width are checked against the file, so a yaml for another model is an error rather
+//! than a silent misreading.
 
 use std::path::Path;
 
 use yaml_rust2::{Yaml, YamlLoader};
 
+use super::yaml_architecture::{self, YamlArchitecture};
 use crate::error::{Error, Result};
 
 /// What text2img takes from an original config.
@@ -19,6 +21,8 @@ pub struct OriginalConfig {
     pub model_channels: Option<usize>,
     /// The U-Net's `context_dim` (its text width; SGM lists one per level).
     pub context_dim: Option<usize>,
+    /// The layers and schedule it describes, when it holds them.
+    pub architecture: YamlArchitecture,
 }
 
 impl OriginalConfig {
@@ -61,6 +65,7 @@ impl OriginalConfig {
             prediction_type,
             model_channels: int(&unet["model_channels"]),
             context_dim,
+            architecture: yaml_architecture::read(params)?,
         })
     }
 
