@@ -49,25 +49,39 @@ fn embeddings_give_diffusers_image() {
 #[test]
 fn an_embedding_of_another_width_is_refused_or_left_out() {
     let mut sd1 = load_local(&model_dir("sd1-tiny"), &LoadOptions::default()).unwrap();
+    // A shared folder as people keep one: sorted into subfolders by model, with a file that
+    // is not an embedding and a hidden folder.
     let dir = tempfile::tempdir().unwrap();
+    for sub in ["sd15", "sdxl", ".trash"] {
+        std::fs::create_dir(dir.path().join(sub)).unwrap();
+    }
     for entry in std::fs::read_dir(fixtures().join("embeddings")).unwrap() {
         let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        std::fs::copy(
+            &path,
+            dir.path().join("sd15").join(path.file_name().unwrap()),
+        )
+        .unwrap();
     }
+    std::fs::write(dir.path().join("broken.safetensors"), b"not a file").unwrap();
+    std::fs::write(dir.path().join(".trash/old.pt"), b"not a file").unwrap();
     // An embedding 48 wide, for an SD 1.x model whose text encoder is 32 wide.
     let wide =
         candle_core::Tensor::zeros((2, 48), candle_core::DType::F32, &candle_core::Device::Cpu)
             .unwrap();
-    let wide_file = dir.path().join("wide48.safetensors");
+    let wide_file = dir.path().join("sdxl/wide48.safetensors");
     candle_core::safetensors::save(&[("emb_params".to_string(), wide)].into(), &wide_file).unwrap();
     let err = sd1
         .add_embeddings(vec![Embedding::load(&wide_file).unwrap()], true)
         .unwrap_err()
         .to_string();
     assert!(err.contains("wide48") && err.contains("takes 32"), "{err}");
-    // From a folder: left out with a warning, the rest kept.
-    let all = Embedding::load_dir(dir.path()).unwrap();
+    // From a folder and its subfolders: the broken file and the one of another width left
+    // out with warnings, the hidden folder not read, the rest kept.
+    let (all, unread) = Embedding::load_dir(dir.path()).unwrap();
     assert_eq!(all.len(), 5);
+    assert_eq!(unread.len(), 1, "{unread:?}");
+    assert!(unread[0].contains("broken.safetensors"), "{unread:?}");
     let warnings = sd1.add_embeddings(all, false).unwrap();
     let kept: Vec<&str> = sd1.embeddings.iter().map(|e| e.name.as_str()).collect();
     // (An SDXL embedding's clip_l vectors fit a CLIP ViT-L text encoder: kept.)
@@ -77,6 +91,14 @@ fn an_embedding_of_another_width_is_refused_or_left_out() {
         "{warnings:?}"
     );
     assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(
+        sd1.skipped_embeddings,
+        [text2img::pipeline::SkippedEmbedding {
+            name: "wide48".into(),
+            vectors: Some(2),
+            width: Some(48)
+        }]
+    );
     // Not an embedding at all.
     let err =
         Embedding::load(&model_dir("sd1-tiny").join("vae/diffusion_pytorch_model.safetensors"))

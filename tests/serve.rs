@@ -844,13 +844,35 @@ fn slow_and_hostile_clients_are_cut_off() {
 
 #[test]
 fn embeddings_are_listed_and_used_in_prompts() {
-    let dir = parity::fixtures().join("embeddings");
-    let server = Server::start(&["--embeddings-dir", dir.to_str().unwrap()]);
+    // The fixtures in a subfolder, beside one 48 wide (for another model).
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sd15");
+    std::fs::create_dir(&sub).unwrap();
+    for entry in std::fs::read_dir(parity::fixtures().join("embeddings")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, sub.join(path.file_name().unwrap())).unwrap();
+    }
+    let wide =
+        candle_core::Tensor::zeros((3, 48), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+    candle_core::safetensors::save(
+        &[("emb_params".to_string(), wide)].into(),
+        dir.path().join("other48.safetensors"),
+    )
+    .unwrap();
+    let server = Server::start(&["--embeddings-dir", dir.path().to_str().unwrap()]);
     let (status, body) = server.get("/sdapi/v1/embeddings");
     assert_eq!(status, 200, "{body}");
     let loaded = body["loaded"].as_object().unwrap();
     assert_eq!(loaded["shinyemb"]["vectors"], 2, "{body}");
     assert_eq!(loaded["wideemb"]["shape"], 32, "{body}");
+    let skipped = body["skipped"].as_object().unwrap();
+    assert_eq!(skipped.len(), 1, "{body}");
+    assert_eq!(
+        (&skipped["other48"]["shape"], &skipped["other48"]["vectors"]),
+        (&json!(48), &json!(3)),
+        "{body}"
+    );
     // A prompt naming an embedding gives another image than on a server without it, and the
     // same image where the prompt does not name it.
     let plain = Server::start(&[]);

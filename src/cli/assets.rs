@@ -298,9 +298,9 @@ impl ModelArgs {
             eprintln!("warning: {warning}");
         }
         if let Some(dir) = &self.embeddings_dir {
-            let found = text2img::text::embeddings::Embedding::load_dir(dir)
+            let (found, unread) = text2img::text::embeddings::Embedding::load_dir(dir)
                 .with_context(|| format!("--embeddings-dir {}", dir.display()))?;
-            for warning in pipeline.add_embeddings(found, false)? {
+            for warning in unread.iter().chain(&pipeline.add_embeddings(found, false)?) {
                 eprintln!("warning: {warning}");
             }
         }

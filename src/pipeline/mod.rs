@@ -469,6 +469,15 @@ pub struct Generation {
     pub completed_steps: usize,
 }
 
+/// An embedding left out because its width fits none of the model's text encoders.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SkippedEmbedding {
+    pub name: String,
+    /// Its token count and width, where it has vectors.
+    pub vectors: Option<usize>,
+    pub width: Option<usize>,
+}
+
 /// A loaded model: load once, serve many requests.
 #[derive(Clone)]
 pub struct Pipeline {
@@ -493,6 +502,9 @@ pub struct Pipeline {
     pub defaults: ModelDefaults,
     /// Textual-inversion embeddings the prompts may name ([`Pipeline::add_embeddings`]).
     pub embeddings: Vec<Embedding>,
+    /// Embeddings offered from a shared folder that do not fit this model's text encoders
+    /// (A1111's "skipped"), by name and shape.
+    pub skipped_embeddings: Vec<SkippedEmbedding>,
     /// What the user should know about the load (LoRA modules that matched no layer).
     pub load_warnings: Vec<String>,
     /// A tiny autoencoder (TAESD) for full-size step previews.
@@ -614,6 +626,7 @@ impl Pipeline {
             refiner: None,
             defaults,
             embeddings: Vec::new(),
+            skipped_embeddings: Vec::new(),
             load_warnings,
             preview_vae: None,
             controlnets: Vec::new(),
@@ -796,10 +809,19 @@ impl Pipeline {
             match fits {
                 Ok(()) => {
                     self.embeddings.retain(|e| e.name != embedding.name);
+                    self.skipped_embeddings.retain(|e| e.name != embedding.name);
                     self.embeddings.push(embedding);
                 }
                 Err(e) if strict => return Err(e),
-                Err(e) => warnings.push(format!("{e}; left out")),
+                Err(e) => {
+                    warnings.push(format!("{e}; left out"));
+                    self.skipped_embeddings.retain(|e| e.name != embedding.name);
+                    self.skipped_embeddings.push(SkippedEmbedding {
+                        name: embedding.name.clone(),
+                        vectors: embedding.vectors.first().and_then(|v| v.dim(0).ok()),
+                        width: embedding.vectors.first().and_then(|v| v.dim(1).ok()),
+                    });
+                }
             }
         }
         Ok(warnings)

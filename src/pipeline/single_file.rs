@@ -233,6 +233,7 @@ impl Pipeline {
                 .unwrap_or(family == Family::StableDiffusionXl),
             defaults,
             embeddings: Vec::new(),
+            skipped_embeddings: Vec::new(),
             load_warnings,
             preview_vae: None,
             controlnets: Vec::new(),

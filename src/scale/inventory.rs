@@ -100,17 +100,24 @@ pub fn union(inventories: &[Value], list: &str, key: Option<&str>) -> Value {
     Value::Array(out)
 }
 
-/// The embeddings of all workers, as one A1111 answer.
+/// The embeddings of all workers, as one A1111 answer: loaded where any worker loaded it,
+/// skipped where every worker that has it skipped it.
 pub fn embeddings(inventories: &[Value]) -> Value {
-    let mut loaded = serde_json::Map::new();
+    let mut lists = [serde_json::Map::new(), serde_json::Map::new()];
     for inventory in inventories {
-        if let Some(map) = inventory["embeddings"]["loaded"].as_object() {
-            for (name, v) in map {
-                loaded.entry(name.clone()).or_insert(v.clone());
+        for (list, key) in lists.iter_mut().zip(["loaded", "skipped"]) {
+            for (name, v) in inventory["embeddings"][key]
+                .as_object()
+                .into_iter()
+                .flatten()
+            {
+                list.entry(name.clone()).or_insert(v.clone());
             }
         }
     }
-    json!({ "loaded": loaded, "skipped": {} })
+    let [loaded, mut skipped] = lists;
+    skipped.retain(|name, _| !loaded.contains_key(name));
+    json!({ "loaded": loaded, "skipped": skipped })
 }
 
 /// The checkpoint a name means among the workers' checkpoints (as A1111 matches names),
@@ -135,6 +142,18 @@ pub fn find_checkpoint(inventories: &[Value], name: &str) -> Option<(String, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_embedding_is_skipped_only_where_no_worker_loaded_it() {
+        let sd15 = json!({"embeddings": {"loaded": {"neg": {"shape": 768}}, "skipped": {"xl": {"shape": 1280}}}});
+        let sdxl = json!({"embeddings": {"loaded": {"xl": {"shape": 1280}}, "skipped": {"neg": {"shape": 768}, "odd": {"shape": 48}}}});
+        let all = embeddings(&[sd15, sdxl]);
+        let names = |list: &str| -> Vec<String> {
+            all[list].as_object().unwrap().keys().cloned().collect()
+        };
+        assert_eq!(names("loaded"), ["neg", "xl"]);
+        assert_eq!(names("skipped"), ["odd"]);
+    }
 
     #[test]
     fn unions_and_names() {

@@ -403,30 +403,40 @@ pub async fn refresh_loras(State(app): State<Arc<AppState>>) -> Result<Json<Valu
 }
 
 /// `GET /sdapi/v1/embeddings`: the textual-inversion embeddings prompts may name (the
-/// server's `--embedding` and `--embeddings-dir`), as A1111 lists them.
+/// server's `--embedding` and `--embeddings-dir`), and those of the folder that do not fit
+/// the loaded model (`skipped`), as A1111 lists them.
 pub async fn embeddings(State(app): State<Arc<AppState>>) -> Json<Value> {
     let Some(model) = app.models.loaded() else {
         return Json(json!({ "loaded": {}, "skipped": {} }));
     };
-    let loaded: serde_json::Map<String, Value> = model
-        .pipeline
+    let entry = |vectors: Option<usize>, width: Option<usize>| {
+        json!({
+            "step": null,
+            "sd_checkpoint": null,
+            "sd_checkpoint_name": null,
+            "shape": width,
+            "vectors": vectors,
+        })
+    };
+    let pipeline = &model.pipeline;
+    let loaded: serde_json::Map<String, Value> = pipeline
         .embeddings
         .iter()
         .map(|e| {
             let first = e.vectors.first();
-            (
-                e.name.clone(),
-                json!({
-                    "step": null,
-                    "sd_checkpoint": null,
-                    "sd_checkpoint_name": null,
-                    "shape": first.and_then(|v| v.dim(1).ok()),
-                    "vectors": first.and_then(|v| v.dim(0).ok()),
-                }),
-            )
+            let (vectors, width) = (
+                first.and_then(|v| v.dim(0).ok()),
+                first.and_then(|v| v.dim(1).ok()),
+            );
+            (e.name.clone(), entry(vectors, width))
         })
         .collect();
-    Json(json!({ "loaded": loaded, "skipped": {} }))
+    let skipped: serde_json::Map<String, Value> = pipeline
+        .skipped_embeddings
+        .iter()
+        .map(|e| (e.name.clone(), entry(e.vectors, e.width)))
+        .collect();
+    Json(json!({ "loaded": loaded, "skipped": skipped }))
 }
 
 /// `GET /sdapi/v1/options`: the few settings clients read before they generate.

@@ -83,23 +83,27 @@ impl Embedding {
         })
     }
 
-    /// Every embedding file (`.pt`, `.bin`, `.safetensors`) in a folder, by name.
-    pub fn load_dir(dir: &Path) -> Result<Vec<Self>> {
-        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.is_file()
-                    && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                        matches!(
-                            e.to_ascii_lowercase().as_str(),
-                            "pt" | "bin" | "safetensors"
-                        )
-                    })
+    /// Every embedding file (`.pt`, `.bin`, `.safetensors`) in a folder and its subfolders
+    /// (people sort theirs by model: `embeddings/sdxl/`, `embeddings/sd15/`), in path order,
+    /// as A1111 reads it. A file that does not read as an embedding is left out with a
+    /// warning, so one bad download does not take the others with it; a folder that cannot be
+    /// read is an error.
+    pub fn load_dir(dir: &Path) -> Result<(Vec<Self>, Vec<String>)> {
+        let mut paths = Vec::new();
+        collect_files(dir, &mut paths, 0)?;
+        paths.sort();
+        let mut warnings = Vec::new();
+        let embeddings = paths
+            .iter()
+            .filter_map(|p| match Self::load(p) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    warnings.push(format!("{e}; left out"));
+                    None
+                }
             })
             .collect();
-        paths.sort();
-        paths.iter().map(|p| Self::load(p)).collect()
+        Ok((embeddings, warnings))
     }
 
     /// The vectors for a text encoder of `width` features.
@@ -116,4 +120,35 @@ impl Embedding {
                 ))
             })
     }
+}
+
+/// The embedding files under `dir`, hidden entries left out. Below the top, an unreadable
+/// folder is skipped rather than failing the rest; links are followed, so the depth is
+/// bounded (a link to a parent would otherwise never end).
+fn collect_files(dir: &Path, into: &mut Vec<PathBuf>, depth: usize) -> Result<()> {
+    const MAX_DEPTH: usize = 8;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if depth == 0 => return Err(Error::io(dir, e)),
+        Err(_) => return Ok(()),
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        if path.is_dir() {
+            if depth < MAX_DEPTH {
+                collect_files(&path, into, depth + 1)?;
+            }
+        } else if path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+            matches!(
+                e.to_ascii_lowercase().as_str(),
+                "pt" | "bin" | "safetensors"
+            )
+        }) {
+            into.push(path);
+        }
+    }
+    Ok(())
 }
