@@ -405,6 +405,82 @@ fn a_repo_id_resolves_in_the_hub_cache() {
     );
 }
 
+/// `--config ORG/NAME` for a single file, as diffusers' `from_single_file(config=...)`: the
+/// repo's configs from the hub cache (a snapshot of configs only, as a config download
+/// leaves it), the same image as `--config DIR`; offline and not cached, a clear error.
+#[test]
+fn a_single_files_config_may_be_a_repo_id() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--someone--tiny-configs");
+    let snapshot = repo.join("snapshots").join("0123abcd");
+    copy_dir(&model_dir("sd1-tiny"), &snapshot);
+    for entry in walk(&snapshot) {
+        if entry
+            .extension()
+            .is_some_and(|e| e == "safetensors" || e == "bin")
+        {
+            std::fs::remove_file(entry).unwrap();
+        }
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = model_dir("single-file").join("sd1-tiny.safetensors");
+    let run = |config: &str, out: &Path| {
+        text2img(
+            &[
+                "generate",
+                "--model",
+                file.to_str().unwrap(),
+                "--config",
+                config,
+                "--prompt",
+                "x",
+                "--steps",
+                "1",
+                "--seed",
+                "1",
+                "--output",
+                out.to_str().unwrap(),
+            ],
+            &[
+                ("HF_HUB_CACHE", cache.path()),
+                ("HF_HUB_OFFLINE", Path::new("1")),
+            ],
+        )
+    };
+    let (by_id, by_dir) = (dir.path().join("id.png"), dir.path().join("dir.png"));
+    let result = run("someone/tiny-configs", &by_id);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let result = run(model_dir("sd1-tiny").to_str().unwrap(), &by_dir);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(
+        read_png(&by_id).0 == read_png(&by_dir).0,
+        "the images differ"
+    );
+    let missing = dir.path().join("missing.png");
+    let result = run("someone/not-cached", &missing);
+    assert!(!result.status.success() && !missing.exists());
+    assert!(
+        stderr(&result).contains("someone/not-cached"),
+        "{}",
+        stderr(&result)
+    );
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
 #[test]
 fn sdxl_from_the_command_line_with_two_prompts_and_turbo_settings() {
     let dir = tempfile::tempdir().unwrap();

@@ -159,9 +159,10 @@ pub struct ModelArgs {
     /// data set).
     #[arg(long)]
     pub model: Option<String>,
-    /// For a single file: a diffusers folder whose configs describe it (for architectures
-    /// other than the released SD 1.x/2.x/XL ones).
-    #[arg(long, value_name = "DIR")]
+    /// For a single file: a diffusers folder, or a Hugging Face repo id (ORG/NAME: its
+    /// configs only, from the cache or downloaded), whose configs describe it (for
+    /// architectures other than the released SD 1.x/2.x/XL ones).
+    #[arg(long, value_name = "DIR|ORG/NAME")]
     pub config: Option<std::path::PathBuf>,
     /// For a single file: what the U-Net predicts (default: the config's; SD 2.x files are
     /// probed, as A1111 does).
@@ -341,7 +342,12 @@ impl ModelArgs {
                         vae: self.vae.clone(),
                         ..Default::default()
                     },
-                    config: self.config.clone(),
+                    config: self
+                        .config
+                        .as_deref()
+                        .map(text2img::weights::folder::config_folder)
+                        .transpose()
+                        .context("--config")?,
                     prediction_type: self.prediction_type.clone(),
                     ema: self.ema,
                     original_config: self.original_config.clone(),

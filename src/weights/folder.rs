@@ -105,6 +105,20 @@ pub fn resolve(model: &str, variant: Option<&str>) -> Result<ModelFolder> {
     Ok(folder)
 }
 
+/// Resolves `--config` for a single file: an existing path is a folder; otherwise `ORG/NAME`
+/// is a repo id whose configs (not weights) are taken from the Hugging Face cache, or
+/// downloaded, as diffusers' `from_single_file(config=...)` does.
+pub fn config_folder(spec: &Path) -> Result<PathBuf> {
+    let text = spec.to_string_lossy();
+    if spec.exists() || !looks_like_repo_id(&text) {
+        return Ok(spec.to_path_buf());
+    }
+    match cached_snapshot(&text)? {
+        Some(dir) => Ok(dir),
+        None => download_configs(&text),
+    }
+}
+
 fn looks_like_repo_id(s: &str) -> bool {
     let mut parts = s.split('/');
     let valid = |p: &str| {
@@ -148,7 +162,41 @@ fn cached_snapshot(repo: &str) -> Result<Option<PathBuf>> {
         .find(|dir| dir.join("model_index.json").is_file()))
 }
 
-fn download(repo: &str, variant: Option<&str>) -> Result<PathBuf> {
+/// A repo's configuration files: `model_index.json`, then each component's config (and a
+/// tokenizer's vocabulary), no weights.
+fn download_configs(repo: &str) -> Result<PathBuf> {
+    let (fetch, root) = hub_fetcher(repo)?;
+    let index_path = root.join("model_index.json");
+    let index: Value = crate::error::parse_json(
+        &std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?,
+        &index_path,
+    )?;
+    let components = index.as_object().into_iter().flatten().filter(|(name, v)| {
+        !name.starts_with('_') && v.as_array().is_some_and(|a| !a[0].is_null())
+    });
+    for (name, _) in components {
+        if name == "scheduler" {
+            fetch("scheduler/scheduler_config.json")?;
+        } else if name.starts_with("tokenizer") {
+            for file in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
+                fetch(&format!("{name}/{file}"))?;
+            }
+            // Optional in newer tokenizer folders.
+            let _ = fetch(&format!("{name}/special_tokens_map.json"));
+        } else if !matches!(
+            name.as_str(),
+            "safety_checker" | "feature_extractor" | "image_encoder"
+        ) {
+            fetch(&format!("{name}/config.json"))?;
+        }
+    }
+    Ok(root)
+}
+
+/// A fetcher of one repo's files into the hub cache, and the snapshot folder they land in
+/// (known once `model_index.json` is fetched).
+#[allow(clippy::type_complexity)]
+fn hub_fetcher(repo: &str) -> Result<(Box<dyn Fn(&str) -> Result<PathBuf>>, PathBuf)> {
     let cache = hub_cache_dir();
     let hub_err = |message: String| Error::Hub {
         repo: repo.to_string(),
@@ -167,12 +215,14 @@ fn download(repo: &str, variant: Option<&str>) -> Result<PathBuf> {
         .build()
         .map_err(|e| hub_err(e.to_string()))?;
     let remote = api.model(repo.to_string());
-    let fetch = |file: &str| {
-        remote.get(file).map_err(|e| {
-            hub_err(format!(
+    let repo = repo.to_string();
+    let fetch = move |file: &str| {
+        remote.get(file).map_err(|e| Error::Hub {
+            repo: repo.clone(),
+            message: format!(
                 "not in the Hugging Face cache ({}) and downloading `{file}` failed: {e}",
                 cache.display()
-            ))
+            ),
         })
     };
     let index_path = fetch("model_index.json")?;
@@ -180,6 +230,11 @@ fn download(repo: &str, variant: Option<&str>) -> Result<PathBuf> {
         .parent()
         .ok_or_else(|| hub_err("bad cache path".into()))?
         .to_path_buf();
+    Ok((Box::new(fetch), root))
+}
+
+fn download(repo: &str, variant: Option<&str>) -> Result<PathBuf> {
+    let (fetch, root) = hub_fetcher(repo)?;
     for file in CONFIG_FILES.iter().skip(1) {
         fetch(file)?;
     }
