@@ -9,10 +9,9 @@ use crate::weights::Vb;
 
 #[derive(Clone, Debug)]
 pub struct Linear {
-    /// (in, out): transposed once at load for inference; for a trainable weight, a transposed
-    /// view of the parameter itself (a copy would freeze the forward pass at the initial
-    /// weights while the optimizer updates the parameter).
-    weight_t: Tensor,
+    /// (out, in), as checkpoints store it: the products read it as the transposed (in, out)
+    /// operand in place (their packing reads either layout), so loading copies nothing.
+    weight: Tensor,
     bias: Option<Tensor>,
     /// The weight's name in the checkpoint (what a LoRA names it by).
     name: std::sync::Arc<str>,
@@ -26,14 +25,8 @@ impl Linear {
         } else {
             None
         };
-        // Transposed once at load so every forward is a plain (.., in) x (in, out) matmul.
-        let weight_t = if weight.track_op() {
-            weight.t()?
-        } else {
-            crate::kernels::transpose::transpose_matrix(&weight)?
-        };
         Ok(Self {
-            weight_t,
+            weight,
             bias,
             name: vb.name("weight").into(),
         })
@@ -43,40 +36,39 @@ impl Linear {
     /// weight, in the weight's own dtype: the same arithmetic as a LoRA merged at load, so the
     /// two give the same image where the weights are kept as loaded (f32 or f16 files).
     pub fn patched(&self, delta: &Tensor) -> Result<Self> {
-        // Added in the kept (in, out) layout: one transpose of the delta, and every sum is
-        // the same pair of numbers as in the (out, in) layout.
-        let delta_t = crate::kernels::transpose::transpose_matrix(&delta.to_dtype(DType::F32)?)?;
-        let weight_t =
-            (self.weight_t.to_dtype(DType::F32)? + delta_t)?.to_dtype(self.weight_t.dtype())?;
+        let weight = (self.weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?
+            .to_dtype(self.weight.dtype())?;
         Ok(Self {
-            weight_t,
+            weight,
             ..self.clone()
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::cancel::check()?;
-        let (k, n) = (self.weight_t.dim(0)?, self.weight_t.dim(1)?);
+        let (n, k) = (self.weight.dim(0)?, self.weight.dim(1)?);
         crate::flops::add(
             crate::flops::Kind::Dense,
             2.0 * (x.elem_count() / k.max(1) * k * n) as f64,
         );
-        let bf16 = bf16_products(&self.weight_t, x);
+        let bf16 = bf16_products(&self.weight, x);
         let _span = crate::profile::span(if bf16 { "linear (bf16)" } else { "linear" });
         let y = if bf16 {
-            crate::kernels::matmul_bf16::linear(x, &self.weight_t)?
+            crate::kernels::matmul_bf16::linear(x, &self.weight)?
         } else {
             // A weight stored in f16/bf16 is widened first, so it takes the same product.
-            let weight = widen(&self.weight_t, x)?;
+            let weight = widen(&self.weight, x)?;
             if f32_row_split(&weight, x) {
                 crate::kernels::linear::linear(x, &weight)?
             } else {
+                let weight_t = weight.t()?;
                 match x.dims() {
-                    [b, n, k] => x
-                        .reshape((b * n, *k))?
-                        .matmul(&weight)?
-                        .reshape((*b, *n, ()))?,
-                    _ => x.matmul(&weight)?,
+                    [b, n, k] => {
+                        x.reshape((b * n, *k))?
+                            .matmul(&weight_t)?
+                            .reshape((*b, *n, ()))?
+                    }
+                    _ => x.matmul(&weight_t)?,
                 }
             }
         };
@@ -132,7 +124,7 @@ impl LayerMut<'_> {
     /// The weight's shape as the checkpoint stores it: (out, in) or (out, in, k, k).
     pub fn shape(&self) -> Vec<usize> {
         match self {
-            Self::Linear(l) => l.weight_t.dims().iter().rev().copied().collect(),
+            Self::Linear(l) => l.weight.dims().to_vec(),
             Self::Conv(c) => c.weight.dims().to_vec(),
         }
     }
@@ -140,7 +132,7 @@ impl LayerMut<'_> {
     /// The weight in the checkpoint's layout, as f32.
     pub fn weight(&self) -> Result<Tensor> {
         Ok(match self {
-            Self::Linear(l) => l.weight_t.t()?.to_dtype(DType::F32)?.contiguous()?,
+            Self::Linear(l) => l.weight.to_dtype(DType::F32)?,
             Self::Conv(c) => c.weight.to_dtype(DType::F32)?,
         })
     }

@@ -7,7 +7,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::matmul::{product_split, Strided};
 
-/// `x . w` for f32 `x` (.., k) and a row-major f32 `w` (k, n); the result is (.., n).
+/// `x . w^T` for f32 `x` (.., k) and a row-major f32 `w` (n, k), a layer's weight as
+/// checkpoints store it (read in place as the (k, n) operand); the result is (.., n).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     super::require_supported(x, "linear")?;
     super::require_supported(w, "linear")?;
@@ -37,14 +38,15 @@ impl CustomOp2 for LinearRows {
         if m * n == 0 {
             return Ok((CpuStorage::F32(y), shape));
         }
-        // SAFETY: x is m x k, w k x n and y m x n, all row-major and contiguous.
+        // SAFETY: x is m x k, w n x k and y m x n, all row-major and contiguous; w's rows
+        // are the columns of the k x n operand.
         unsafe {
             product_split(
                 (m, n, k),
                 Strided::rows(y.as_mut_ptr(), n),
                 false,
                 Strided::rows(x.as_ptr(), k),
-                Strided::rows(w.as_ptr(), n),
+                Strided::columns(w.as_ptr(), k),
                 super::parallel::threads_for(usize::MAX),
             );
         }
@@ -52,19 +54,19 @@ impl CustomOp2 for LinearRows {
     }
 }
 
-/// The sizes of a linear layer's product for an input laid out as `xl` (.., k) and a (k, n)
-/// weight `wl`: (m, n, k), m the input's rows, and the output's shape (.., n). `op` names
-/// the kernel in the error for a weight that does not fit.
+/// The sizes of a linear layer's product for an input laid out as `xl` (.., k) and an
+/// (n, k) weight `wl`: (m, n, k), m the input's rows, and the output's shape (.., n). `op`
+/// names the kernel in the error for a weight that does not fit.
 pub(super) fn product_shape(
     op: &str,
     xl: &Layout,
     wl: &Layout,
 ) -> Result<((usize, usize, usize), Shape)> {
-    let (k, n) = wl.shape().dims2()?;
+    let (n, k) = wl.shape().dims2()?;
     let dims = xl.shape().dims();
     let lead = match dims.split_last() {
         Some((&last, lead)) if last == k => lead,
-        _ => candle_core::bail!("{op}: a {dims:?} input does not fit a ({k}, {n}) weight"),
+        _ => candle_core::bail!("{op}: a {dims:?} input does not fit a ({n}, {k}) weight"),
     };
     let m: usize = lead.iter().product();
     let mut shape = lead.to_vec();
@@ -90,11 +92,11 @@ mod tests {
             (3, 1000, 19, 96),
         ] {
             let x = Tensor::randn(0f32, 1.0, (lead, m, k), &dev).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (k, n), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let want = x
                 .reshape((lead * m, k))
                 .unwrap()
-                .matmul(&w)
+                .matmul(&w.t().unwrap())
                 .unwrap()
                 .reshape((lead, m, n))
                 .unwrap();
@@ -110,8 +112,11 @@ mod tests {
             }
         }
         let flat = Tensor::randn(0f32, 1.0, (70, 9), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (9, 4), &dev).unwrap();
-        let diff = max_diff(&linear(&flat, &w).unwrap(), &flat.matmul(&w).unwrap());
+        let w = Tensor::randn(0f32, 1.0, (4, 9), &dev).unwrap();
+        let diff = max_diff(
+            &linear(&flat, &w).unwrap(),
+            &flat.matmul(&w.t().unwrap()).unwrap(),
+        );
         assert!(diff < 1e-4);
     }
 
@@ -119,7 +124,7 @@ mod tests {
     fn a_weight_that_does_not_fit_is_an_error() {
         let dev = Device::Cpu;
         let x = Tensor::zeros((4, 6), candle_core::DType::F32, &dev).unwrap();
-        let w = Tensor::zeros((5, 2), candle_core::DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((2, 5), candle_core::DType::F32, &dev).unwrap();
         let err = linear(&x, &w).unwrap_err().to_string();
         assert!(err.contains("does not fit"), "{err}");
     }

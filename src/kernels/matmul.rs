@@ -99,6 +99,44 @@ pub(super) unsafe fn product(
     rhs: Strided<*const f32>,
     parallelism: Parallelism,
 ) {
+    // With lhs row-major and rhs column-major (a layer's weight read as stored), gemm takes
+    // other code for a single row or a tiny product (m * n <= 256): dot products whose sums
+    // run in another order than its kernels'. A row's result would then depend on how many
+    // rows share the product (a U-Net's shards, a batch of one against two), so such products
+    // run with zero rows added past those sizes.
+    if rhs.row_stride == 1 && lhs.col_stride == 1 && m > 0 && (m <= 1 || m * n <= 256) {
+        let rows = (256 / n.max(1) + 1).max(2);
+        let mut a = vec![0f32; rows * k];
+        let mut c = vec![0f32; rows * n];
+        for i in 0..m {
+            for j in 0..k {
+                a[i * k + j] = *lhs.ptr.offset(i as isize * lhs.row_stride + j as isize);
+            }
+            if accumulate {
+                for j in 0..n {
+                    c[i * n + j] = *dst
+                        .ptr
+                        .offset(i as isize * dst.row_stride + j as isize * dst.col_stride);
+                }
+            }
+        }
+        product(
+            (rows, n, k),
+            Strided::rows(c.as_mut_ptr(), n),
+            accumulate,
+            Strided::rows(a.as_ptr(), k),
+            rhs,
+            Parallelism::None,
+        );
+        for i in 0..m {
+            for j in 0..n {
+                *dst.ptr
+                    .offset(i as isize * dst.row_stride + j as isize * dst.col_stride) =
+                    c[i * n + j];
+            }
+        }
+        return;
+    }
     // gemm computes dst = alpha * dst + beta * lhs . rhs, reading dst only when asked.
     gemm::gemm(
         m,
@@ -193,6 +231,46 @@ fn split_enabled() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A row's product with a column-major weight is the same bits however many rows share
+    /// the product (one, a few, a tiny m * n, many), and what the definition gives.
+    #[test]
+    fn a_rows_product_does_not_depend_on_the_rows_beside_it() {
+        for (n, k) in [(4, 7), (40, 33), (300, 20), (7, 129)] {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0)
+                .collect();
+            let x: Vec<f32> = (0..200 * k)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 29.0)
+                .collect();
+            let run = |m: usize, accumulate: bool| {
+                let mut y = vec![0.5f32; m * n];
+                // SAFETY: x has at least m rows of k, w is n x k, y m x n.
+                unsafe {
+                    product(
+                        (m, n, k),
+                        Strided::rows(y.as_mut_ptr(), n),
+                        accumulate,
+                        Strided::rows(x.as_ptr(), k),
+                        Strided::columns(w.as_ptr(), k),
+                        Parallelism::None,
+                    );
+                }
+                y
+            };
+            let many = run(200, false);
+            let w_t: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            let want = reference(200, n, k, &x, &w_t);
+            for (got, want) in many.iter().zip(&want) {
+                assert!((got - want).abs() < 1e-3, "{n} {k}: {got} vs {want}");
+            }
+            for m in [1, 2, 3, 5] {
+                assert_eq!(run(m, false), many[..m * n], "{n} {k}: {m} rows");
+                let added: Vec<f32> = many[..m * n].iter().map(|v| v + 0.5).collect();
+                assert_eq!(run(m, true), added, "{n} {k}: {m} rows, accumulated");
+            }
+        }
+    }
 
     /// dst = lhs . rhs by the definition, for row-major operands.
     fn reference(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {

@@ -115,13 +115,14 @@ pub fn supported() -> bool {
     }
 }
 
-/// `x (.., k) . w_t` for f32 activations and a bf16 (k, n) weight, in bf16 products with f32
-/// sums: a linear layer's product without widening its weight. Inference only (no gradient).
-pub fn linear(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
+/// `x (.., k) . w^T` for f32 activations and a bf16 (n, k) weight (a layer's, as checkpoints
+/// store it), in bf16 products with f32 sums: a linear layer's product without widening its
+/// weight. Inference only (no gradient).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     super::require_supported(x, "bf16 linear")?;
     let x = x.contiguous()?;
-    let w_t = w_t.contiguous()?;
-    x.apply_op2_no_bwd(&w_t, &LinearBf16)
+    let w = w.contiguous()?;
+    x.apply_op2_no_bwd(&w, &LinearBf16)
 }
 
 struct LinearBf16;
@@ -145,14 +146,15 @@ impl CustomOp2 for LinearBf16 {
         let ((m, n, k), shape) = super::linear::product_shape("bf16 linear", xl, wl)?;
         let w = &w[w0..w1];
         let mut y = super::parallel::zeroed(m * n);
-        // SAFETY: x is m x k, w k x n and y m x n, all row-major and contiguous.
+        // SAFETY: x is m x k, w n x k and y m x n, all row-major and contiguous; w's rows
+        // are the columns of the k x n operand.
         unsafe {
             product(
                 (m, n, k),
                 Strided::rows(y.as_mut_ptr(), n),
                 false,
                 Operand::f32(Strided::rows(x.as_ptr(), k)),
-                Operand::bf16(Strided::rows(w.as_ptr() as *const u16, n)),
+                Operand::bf16(Strided::columns(w.as_ptr() as *const u16, k)),
                 threads_for(usize::MAX),
             );
         }
@@ -414,6 +416,29 @@ unsafe fn pack_right(
         }
     }
     let _ = kernel;
+    // A layer's (n, k) weight read as the (k, n) operand: each column's values lie in a row,
+    // and a pair is two neighbours.
+    if let Operand::Bf16(p, 1, cs) = rhs {
+        for jp in 0..nc.div_ceil(NR) {
+            let panel = &mut bp[jp * panel_pairs * 2 * NR..][..pairs * 2 * NR];
+            let cols = NR.min(nc - jp * NR);
+            for c in 0..NR {
+                if c >= cols {
+                    for pair in panel.chunks_exact_mut(2 * NR) {
+                        pair[2 * c] = 0;
+                        pair[2 * c + 1] = 0;
+                    }
+                    continue;
+                }
+                let column = std::slice::from_raw_parts(p.offset((jp * NR + c) as isize * cs), kc);
+                for (pr, pair) in panel.chunks_exact_mut(2 * NR).enumerate() {
+                    pair[2 * c] = column[2 * pr];
+                    pair[2 * c + 1] = column.get(2 * pr + 1).copied().unwrap_or(0);
+                }
+            }
+        }
+        return;
+    }
     for jp in 0..nc.div_ceil(NR) {
         let panel = &mut bp[jp * panel_pairs * 2 * NR..][..pairs * 2 * NR];
         let cols = NR.min(nc - jp * NR);
@@ -737,7 +762,12 @@ mod tests {
         let x = random(&mut rng, 2 * 5 * k);
         let w = random(&mut rng, k * n);
         let xt = Tensor::from_vec(x.clone(), (2, 5, k), &Device::Cpu).unwrap();
+        // The layer's (n, k) weight: the transpose of the (k, n) operand `w`.
         let wt = Tensor::from_vec(w.clone(), (k, n), &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap()
+            .contiguous()
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
@@ -749,7 +779,7 @@ mod tests {
             assert!((*got as f64 - want).abs() < 1e-4, "{got} vs {want}");
         }
         // A weight that does not fit the input is an error, not a panic.
-        let narrow = wt.narrow(0, 0, k - 1).unwrap();
+        let narrow = wt.narrow(1, 0, k - 1).unwrap();
         assert!(linear(&xt, &narrow).is_err());
     }
 
