@@ -367,35 +367,47 @@ fn a_repo_id_offline_without_cache_is_a_clear_error() {
     );
 }
 
-#[test]
-fn a_repo_id_resolves_in_the_hub_cache() {
+/// A hub cache holding the tiny SD 1.x folder as the snapshot of `someone/NAME` (its
+/// weights left out where `weights` is false, as a config-only download leaves it).
+fn hub_cache_with(name: &str, weights: bool) -> tempfile::TempDir {
     let cache = tempfile::tempdir().unwrap();
-    let repo = cache.path().join("models--someone--tiny");
+    let repo = cache.path().join(format!("models--someone--{name}"));
     let snapshot = repo.join("snapshots").join("0123abcd");
     copy_dir(&model_dir("sd1-tiny"), &snapshot);
+    if !weights {
+        for entry in walk(&snapshot) {
+            if entry
+                .extension()
+                .is_some_and(|e| e == "safetensors" || e == "bin")
+            {
+                std::fs::remove_file(entry).unwrap();
+            }
+        }
+    }
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    cache
+}
+
+/// A one-step generation offline against the hub cache `cache`, with `model` and `extra`.
+fn generate_offline(cache: &Path, model: &str, extra: &[&str], out: &Path) -> Output {
+    let mut args = vec![
+        "generate", "--model", model, "--prompt", "x", "--steps", "1",
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["--seed", "1", "--output", out.to_str().unwrap()]);
+    text2img(
+        &args,
+        &[("HF_HUB_CACHE", cache), ("HF_HUB_OFFLINE", Path::new("1"))],
+    )
+}
+
+#[test]
+fn a_repo_id_resolves_in_the_hub_cache() {
+    let cache = hub_cache_with("tiny", true);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("hub.png");
-    let result = text2img(
-        &[
-            "generate",
-            "--model",
-            "someone/tiny",
-            "--prompt",
-            "x",
-            "--steps",
-            "1",
-            "--seed",
-            "1",
-            "--output",
-            out.to_str().unwrap(),
-        ],
-        &[
-            ("HF_HUB_CACHE", cache.path()),
-            ("HF_HUB_OFFLINE", Path::new("1")),
-        ],
-    );
+    let result = generate_offline(cache.path(), "someone/tiny", &[], &out);
     assert!(result.status.success(), "{}", stderr(&result));
     let (_, _, _, texts) = read_png(&out);
     assert!(
@@ -410,43 +422,15 @@ fn a_repo_id_resolves_in_the_hub_cache() {
 /// leaves it), the same image as `--config DIR`; offline and not cached, a clear error.
 #[test]
 fn a_single_files_config_may_be_a_repo_id() {
-    let cache = tempfile::tempdir().unwrap();
-    let repo = cache.path().join("models--someone--tiny-configs");
-    let snapshot = repo.join("snapshots").join("0123abcd");
-    copy_dir(&model_dir("sd1-tiny"), &snapshot);
-    for entry in walk(&snapshot) {
-        if entry
-            .extension()
-            .is_some_and(|e| e == "safetensors" || e == "bin")
-        {
-            std::fs::remove_file(entry).unwrap();
-        }
-    }
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let cache = hub_cache_with("tiny-configs", false);
     let dir = tempfile::tempdir().unwrap();
     let file = model_dir("single-file").join("sd1-tiny.safetensors");
     let run = |config: &str, out: &Path| {
-        text2img(
-            &[
-                "generate",
-                "--model",
-                file.to_str().unwrap(),
-                "--config",
-                config,
-                "--prompt",
-                "x",
-                "--steps",
-                "1",
-                "--seed",
-                "1",
-                "--output",
-                out.to_str().unwrap(),
-            ],
-            &[
-                ("HF_HUB_CACHE", cache.path()),
-                ("HF_HUB_OFFLINE", Path::new("1")),
-            ],
+        generate_offline(
+            cache.path(),
+            file.to_str().unwrap(),
+            &["--config", config],
+            out,
         )
     };
     let (by_id, by_dir) = (dir.path().join("id.png"), dir.path().join("dir.png"));
