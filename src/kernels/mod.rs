@@ -54,7 +54,6 @@ mod matmul_amx;
 pub mod matmul_bf16;
 pub mod parallel;
 pub mod softmax;
-pub mod transpose;
 pub mod winograd;
 
 /// Whether these kernels apply to `x`: they take f32 tensors on the CPU (other dtypes and
