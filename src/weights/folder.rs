@@ -165,78 +165,87 @@ fn cached_snapshot(repo: &str) -> Result<Option<PathBuf>> {
 /// A repo's configuration files: `model_index.json`, then each component's config (and a
 /// tokenizer's vocabulary), no weights.
 fn download_configs(repo: &str) -> Result<PathBuf> {
-    let (fetch, root) = hub_fetcher(repo)?;
-    let index_path = root.join("model_index.json");
-    let index: Value = crate::error::parse_json(
-        &std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?,
-        &index_path,
-    )?;
+    let hub = HubRepo::open(repo)?;
+    let index: Value = read_json(&hub.root.join("model_index.json"))?;
     let components = index.as_object().into_iter().flatten().filter(|(name, v)| {
-        !name.starts_with('_') && v.as_array().is_some_and(|a| !a[0].is_null())
+        !name.starts_with('_') && v.is_array() && !declared_absent(&index, name)
     });
     for (name, _) in components {
         if name == "scheduler" {
-            fetch("scheduler/scheduler_config.json")?;
+            hub.fetch("scheduler/scheduler_config.json")?;
         } else if name.starts_with("tokenizer") {
             for file in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
-                fetch(&format!("{name}/{file}"))?;
+                hub.fetch(&format!("{name}/{file}"))?;
             }
             // Optional in newer tokenizer folders.
-            let _ = fetch(&format!("{name}/special_tokens_map.json"));
+            let _ = hub.fetch(&format!("{name}/special_tokens_map.json"));
         } else if !matches!(
             name.as_str(),
             "safety_checker" | "feature_extractor" | "image_encoder"
         ) {
-            fetch(&format!("{name}/config.json"))?;
+            hub.fetch(&format!("{name}/config.json"))?;
         }
     }
-    Ok(root)
+    Ok(hub.root)
 }
 
-/// A fetcher of one repo's files into the hub cache, and the snapshot folder they land in
-/// (known once `model_index.json` is fetched).
-#[allow(clippy::type_complexity)]
-fn hub_fetcher(repo: &str) -> Result<(Box<dyn Fn(&str) -> Result<PathBuf>>, PathBuf)> {
-    let cache = hub_cache_dir();
-    let hub_err = |message: String| Error::Hub {
-        repo: repo.to_string(),
-        message,
-    };
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v != "0" && !v.is_empty());
-    if offline {
-        return Err(hub_err(format!(
-            "not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set",
-            cache.display()
-        )));
+/// One repo on the hub, its files fetched into the hub cache; `root` is the snapshot folder
+/// they land in (known once `model_index.json` is fetched).
+struct HubRepo {
+    repo: String,
+    cache: PathBuf,
+    remote: hf_hub::api::sync::ApiRepo,
+    root: PathBuf,
+}
+
+impl HubRepo {
+    fn open(repo: &str) -> Result<Self> {
+        let cache = hub_cache_dir();
+        let hub_err = |message: String| Error::Hub {
+            repo: repo.to_string(),
+            message,
+        };
+        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v != "0" && !v.is_empty());
+        if offline {
+            return Err(hub_err(format!(
+                "not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set",
+                cache.display()
+            )));
+        }
+        let api = hf_hub::api::sync::ApiBuilder::new()
+            .with_cache_dir(cache.clone())
+            .with_progress(true)
+            .build()
+            .map_err(|e| hub_err(e.to_string()))?;
+        let mut hub = Self {
+            repo: repo.to_string(),
+            cache,
+            remote: api.model(repo.to_string()),
+            root: PathBuf::new(),
+        };
+        let index_path = hub.fetch("model_index.json")?;
+        hub.root = index_path
+            .parent()
+            .ok_or_else(|| hub_err("bad cache path".into()))?
+            .to_path_buf();
+        Ok(hub)
     }
-    let api = hf_hub::api::sync::ApiBuilder::new()
-        .with_cache_dir(cache.clone())
-        .with_progress(true)
-        .build()
-        .map_err(|e| hub_err(e.to_string()))?;
-    let remote = api.model(repo.to_string());
-    let repo = repo.to_string();
-    let fetch = move |file: &str| {
-        remote.get(file).map_err(|e| Error::Hub {
-            repo: repo.clone(),
+
+    fn fetch(&self, file: &str) -> Result<PathBuf> {
+        self.remote.get(file).map_err(|e| Error::Hub {
+            repo: self.repo.clone(),
             message: format!(
                 "not in the Hugging Face cache ({}) and downloading `{file}` failed: {e}",
-                cache.display()
+                self.cache.display()
             ),
         })
-    };
-    let index_path = fetch("model_index.json")?;
-    let root = index_path
-        .parent()
-        .ok_or_else(|| hub_err("bad cache path".into()))?
-        .to_path_buf();
-    Ok((Box::new(fetch), root))
+    }
 }
 
 fn download(repo: &str, variant: Option<&str>) -> Result<PathBuf> {
-    let (fetch, root) = hub_fetcher(repo)?;
+    let hub = HubRepo::open(repo)?;
     for file in CONFIG_FILES.iter().skip(1) {
-        fetch(file)?;
+        hub.fetch(file)?;
     }
     let weights = match variant {
         Some(v) => format!(".{v}.safetensors"),
@@ -247,9 +256,9 @@ fn download(repo: &str, variant: Option<&str>) -> Result<PathBuf> {
         ("unet", "diffusion_pytorch_model"),
         ("vae", "diffusion_pytorch_model"),
     ] {
-        fetch(&format!("{component}/{stem}{weights}"))?;
+        hub.fetch(&format!("{component}/{stem}{weights}"))?;
     }
-    Ok(root)
+    Ok(hub.root)
 }
 
 #[cfg(test)]
