@@ -29,11 +29,18 @@ fn options(config: Option<&str>) -> SingleFileOptions {
 }
 
 fn image(pipeline: &Pipeline) -> Vec<u8> {
+    image_sized(pipeline, None)
+}
+
+/// The test image at `size` x `size` (`None`: the model's default size).
+fn image_sized(pipeline: &Pipeline, size: Option<usize>) -> Vec<u8> {
     let request = GenerateRequest {
         prompts: vec!["a red circle".into()],
         negative_prompts: Some(vec!["blurry".into()]),
         seed: Some(7),
         steps: Some(3),
+        width: size,
+        height: size,
         scheduler: Some(SchedulerKind::Euler),
         ..Default::default()
     };
@@ -361,21 +368,8 @@ fn the_released_yamls_describe_what_diffusers_derives() {
 fn a_yaml_describes_an_architecture_no_built_in_config_has() {
     let file = checkpoint("yaml-sd1-tiny");
     let yaml = checkpoint_file("yaml-sd1-tiny.yaml");
-    let small = |pipeline: &Pipeline| {
-        let request = GenerateRequest {
-            prompts: vec!["a red circle".into()],
-            negative_prompts: Some(vec!["blurry".into()]),
-            seed: Some(7),
-            steps: Some(3),
-            width: Some(64),
-            height: Some(64),
-            scheduler: Some(SchedulerKind::Euler),
-            ..Default::default()
-        };
-        pipeline.generate(&request, &mut |_| true).unwrap().images[0]
-            .rgb
-            .clone()
-    };
+    // The size is given: diffusers' derived configs default to 512x512.
+    let small = |pipeline: &Pipeline| image_sized(pipeline, Some(64));
     let with_yaml = |yaml: &Path| SingleFileOptions {
         original_config: Some(yaml.to_path_buf()),
         ..options(Some("sd1-tiny"))

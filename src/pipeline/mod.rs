@@ -816,10 +816,11 @@ impl Pipeline {
                 Err(e) => {
                     warnings.push(format!("{e}; left out"));
                     self.skipped_embeddings.retain(|e| e.name != embedding.name);
+                    let (vectors, width) = embedding.shape();
                     self.skipped_embeddings.push(SkippedEmbedding {
                         name: embedding.name.clone(),
-                        vectors: embedding.vectors.first().and_then(|v| v.dim(0).ok()),
-                        width: embedding.vectors.first().and_then(|v| v.dim(1).ok()),
+                        vectors,
+                        width,
                     });
                 }
             }

@@ -46,30 +46,16 @@ impl Pipeline {
         let (configs, original) = configs_for(path, options, checkpoint.architecture)?;
         let yaml = configs.unet_from_yaml().map(Path::to_path_buf);
         Self::load_single_file_as_is(path, options, checkpoint, configs, original).map_err(|e| {
-            match (&yaml, &options.config, e) {
-                // The weights do not fit the layout the yaml gives.
-                (Some(yaml), _, e @ (Error::ShapeMismatch { .. } | Error::MissingTensor { .. })) => {
-                    Error::config(
-                        path,
-                        format!("{e}; {} does not describe this checkpoint", yaml.display()),
-                    )
-                }
-                // The weights do not fit the released architecture's numbers.
-                (None, None, e @ (Error::ShapeMismatch { .. } | Error::MissingTensor { .. })) => {
-                    Error::config(
-                        path,
-                        format!("{e}; the file is not the released architecture: give its original yaml with --original-config FILE, or its diffusers configs with --config DIR"),
-                    )
-                }
-                // Nor to those of the folder given.
-                (None, Some(dir), e @ (Error::ShapeMismatch { .. } | Error::MissingTensor { .. })) => {
-                    Error::config(
-                        path,
-                        format!("{e}; the configs in {} do not describe this checkpoint: give its original yaml with --original-config FILE, or another --config", dir.display()),
-                    )
-                }
-                (.., e) => e,
+            if !matches!(e, Error::ShapeMismatch { .. } | Error::MissingTensor { .. }) {
+                return e;
             }
+            // The weights do not fit the layout the configs give: say whose.
+            let why = match (&yaml, &options.config) {
+                (Some(yaml), _) => format!("{} does not describe this checkpoint", yaml.display()),
+                (None, None) => "the file is not the released architecture: give its original yaml with --original-config FILE, or its diffusers configs with --config DIR".to_string(),
+                (None, Some(dir)) => format!("the configs in {} do not describe this checkpoint: give its original yaml with --original-config FILE, or another --config", dir.display()),
+            };
+            Error::config(path, format!("{e}; {why}"))
         })
     }
 

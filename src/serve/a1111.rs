@@ -423,11 +423,7 @@ pub async fn embeddings(State(app): State<Arc<AppState>>) -> Json<Value> {
         .embeddings
         .iter()
         .map(|e| {
-            let first = e.vectors.first();
-            let (vectors, width) = (
-                first.and_then(|v| v.dim(0).ok()),
-                first.and_then(|v| v.dim(1).ok()),
-            );
+            let (vectors, width) = e.shape();
             (e.name.clone(), entry(vectors, width))
         })
         .collect();

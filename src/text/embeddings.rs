@@ -106,6 +106,15 @@ impl Embedding {
         Ok((embeddings, warnings))
     }
 
+    /// Its token count and width (of its first encoder's vectors), as A1111 lists them.
+    pub fn shape(&self) -> (Option<usize>, Option<usize>) {
+        let first = self.vectors.first();
+        (
+            first.and_then(|v| v.dim(0).ok()),
+            first.and_then(|v| v.dim(1).ok()),
+        )
+    }
+
     /// The vectors for a text encoder of `width` features.
     pub fn for_width(&self, width: usize) -> Result<&Tensor> {
         self.vectors

@@ -75,10 +75,15 @@ impl ConfigFiles {
 
     /// Whether the U-Net's layout comes from a yaml.
     pub fn unet_from_yaml(&self) -> Option<&Path> {
+        self.described("unet/config.json").map(|(yaml, _)| yaml)
+    }
+
+    /// The yaml that describes `file`, and the keys it sets there.
+    fn described(&self, file: &str) -> Option<(&Path, &Map<String, Value>)> {
         self.described
             .iter()
-            .find(|(file, ..)| *file == "unet/config.json")
-            .map(|(_, yaml, _)| yaml.as_path())
+            .find(|(f, ..)| *f == file)
+            .map(|(_, yaml, keys)| (yaml.as_path(), keys))
     }
 
     fn built_in_files(arch: Architecture) -> &'static [(&'static str, &'static str)] {
@@ -93,7 +98,7 @@ impl ConfigFiles {
     /// The path a file stands for, in errors (`built-in sd2 config/unet/config.json`,
     /// `v1-inference.yaml (as unet/config.json)`).
     pub fn path(&self, file: &str) -> PathBuf {
-        if let Some((_, yaml, _)) = self.described.iter().find(|(f, ..)| *f == file) {
+        if let Some((yaml, _)) = self.described(file) {
             return PathBuf::from(format!("{} (as {file})", yaml.display()));
         }
         self.source_path(file)
@@ -102,14 +107,18 @@ impl ConfigFiles {
     fn source_path(&self, file: &str) -> PathBuf {
         match &self.folder {
             Some(dir) => dir.join(file),
-            None => PathBuf::from(format!("built-in {} config", self.arch.name())).join(file),
+            None => self.built_in_path(file),
         }
+    }
+
+    fn built_in_path(&self, file: &str) -> PathBuf {
+        PathBuf::from(format!("built-in {} config", self.arch.name())).join(file)
     }
 
     /// A file's text; `None` when it does not exist.
     pub fn text(&self, file: &str) -> Result<Option<String>> {
         let source = self.source_text(file)?;
-        let Some((_, _, keys)) = self.described.iter().find(|(f, ..)| *f == file) else {
+        let Some((_, keys)) = self.described(file) else {
             return Ok(source);
         };
         // The yaml's keys over the folder's (or the released architecture's) file, which
@@ -117,7 +126,7 @@ impl ConfigFiles {
         let (base_path, base) = match source {
             Some(text) => (self.source_path(file), text),
             None => (
-                PathBuf::from(format!("built-in {} config", self.arch.name())).join(file),
+                self.built_in_path(file),
                 Self::built_in_text(self.arch, file)
                     .ok_or_else(|| Error::config(self.path(file), "no released config to fill in"))?
                     .to_string(),

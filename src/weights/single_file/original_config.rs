@@ -48,14 +48,7 @@ impl OriginalConfig {
                 ))
             }
         };
-        // SD 1.x/2.x name the U-Net `unet_config`, SGM (SDXL) `network_config`.
-        let unet = match (
-            &params["unet_config"]["params"],
-            &params["network_config"]["params"],
-        ) {
-            (u, _) if !u.is_badvalue() => u,
-            (_, n) => n,
-        };
+        let unet = yaml_architecture::unet_params(params).map_or(&Yaml::BadValue, |(u, _)| u);
         let int = |y: &Yaml| y.as_i64().and_then(|v| usize::try_from(v).ok());
         let context_dim = match &unet["context_dim"] {
             Yaml::Array(levels) => levels.iter().filter_map(int).max(),

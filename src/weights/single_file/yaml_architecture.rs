@@ -47,15 +47,7 @@ const DEFAULT_SCALE_FACTOR: f64 = 0.18215;
 /// `attention_resolutions`, a VAE's `ddconfig`); a yaml holding less (only the
 /// parameterization, say) describes no layers.
 pub fn read(params: &Yaml) -> Result<YamlArchitecture, String> {
-    let unet_params = match (
-        &params["unet_config"]["params"],
-        &params["network_config"]["params"],
-    ) {
-        (u, _) if u.as_hash().is_some() => Some((u, "unet_config")),
-        (_, n) if n.as_hash().is_some() => Some((n, "network_config")),
-        _ => None,
-    };
-    let unet = match unet_params {
+    let unet = match unet_params(params) {
         Some((u, section)) if has(u, "num_res_blocks") && has(u, "attention_resolutions") => {
             Some(unet(u).map_err(|e| format!("`model.params.{section}.params`: {e}"))?)
         }
@@ -77,6 +69,15 @@ pub fn read(params: &Yaml) -> Result<YamlArchitecture, String> {
         vae,
         scheduler,
     })
+}
+
+/// The U-Net's parameters under `model.params` and the section holding them: SD 1.x/2.x
+/// name it `unet_config`, SGM (SDXL) `network_config`.
+pub fn unet_params(params: &Yaml) -> Option<(&Yaml, &'static str)> {
+    ["unet_config", "network_config"]
+        .into_iter()
+        .map(|section| (&params[section]["params"], section))
+        .find(|(p, _)| p.as_hash().is_some())
 }
 
 fn has(y: &Yaml, key: &str) -> bool {
