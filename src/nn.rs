@@ -5,13 +5,13 @@ use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 use crate::kernels::im2col::ConvGeometry;
-use crate::weights::Vb;
+use crate::weights::{Matrix, MatrixDtype, Vb};
 
 #[derive(Clone, Debug)]
 pub struct Linear {
     /// (out, in), as checkpoints store it: the products read it as the transposed (in, out)
     /// operand in place (their packing reads either layout), so loading copies nothing.
-    weight: Tensor,
+    weight: Matrix,
     bias: Option<Tensor>,
     /// The weight's name in the checkpoint (what a LoRA names it by).
     name: std::sync::Arc<str>,
@@ -33,31 +33,29 @@ impl Linear {
     }
 
     /// This layer with `delta` (in the checkpoint's (out, in) layout, f32) added to its
-    /// weight, in the weight's own dtype: the same arithmetic as a LoRA merged at load, so the
-    /// two give the same image where the weights are kept as loaded (f32 or f16 files).
+    /// weight, kept as before: the same arithmetic as a LoRA merged at load, so the two give
+    /// the same image where the weights are kept as loaded (f32 or f16 files).
     pub fn patched(&self, delta: &Tensor) -> Result<Self> {
-        let weight = (self.weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?
-            .to_dtype(self.weight.dtype())?;
         Ok(Self {
-            weight,
+            weight: self.weight.patched(delta)?,
             ..self.clone()
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::cancel::check()?;
-        let (n, k) = (self.weight.dim(0)?, self.weight.dim(1)?);
+        let (n, k) = (self.weight.dims()[0], self.weight.dims()[1]);
         crate::flops::add(
             crate::flops::Kind::Dense,
             2.0 * (x.elem_count() / k.max(1) * k * n) as f64,
         );
         let bf16 = bf16_products(&self.weight, x);
         let _span = crate::profile::span(if bf16 { "linear (bf16)" } else { "linear" });
-        let y = if bf16 {
-            crate::kernels::matmul_bf16::linear(x, &self.weight)?
+        let y = if let (true, Some(weight)) = (bf16, self.weight.float()) {
+            crate::kernels::matmul_bf16::linear(x, weight)?
         } else {
-            // A weight stored in f16/bf16 is widened first, so it takes the same product.
-            let weight = widen(&self.weight, x)?;
+            // A weight kept in f16/bf16/q8 is widened first, so it takes the same product.
+            let weight = self.weight.widened(x.dtype())?;
             if f32_row_split(&weight, x) {
                 crate::kernels::linear::linear(x, &weight)?
             } else {
@@ -82,8 +80,8 @@ impl Linear {
 /// Whether a layer's products run in bf16: its weight is stored in bf16, the activations are
 /// f32 on the CPU and need no gradient (the bf16 product has none), and bf16 products are
 /// enabled and supported (elsewhere the weight is widened).
-fn bf16_products(weight: &Tensor, x: &Tensor) -> bool {
-    weight.dtype() == candle_core::DType::BF16
+fn bf16_products(weight: &Matrix, x: &Tensor) -> bool {
+    weight.dtype() == MatrixDtype::Bf16
         && !x.track_op()
         && crate::kernels::supports(x)
         && crate::kernels::matmul_bf16::available()
@@ -96,15 +94,6 @@ fn f32_row_split(weight: &Tensor, x: &Tensor) -> bool {
         && !x.track_op()
         && !weight.track_op()
         && crate::kernels::supports(x)
-}
-
-/// A weight kept in a narrower storage dtype, widened to the activations' dtype for one use.
-fn widen(weight: &Tensor, x: &Tensor) -> Result<Tensor> {
-    Ok(if weight.dtype() == x.dtype() {
-        weight.clone()
-    } else {
-        weight.to_dtype(x.dtype())?
-    })
 }
 
 /// A layer whose weight a LoRA may change, reached by its weight's checkpoint name.
@@ -132,8 +121,8 @@ impl LayerMut<'_> {
     /// The weight in the checkpoint's layout, as f32.
     pub fn weight(&self) -> Result<Tensor> {
         Ok(match self {
-            Self::Linear(l) => l.weight.to_dtype(DType::F32)?,
-            Self::Conv(c) => c.weight.to_dtype(DType::F32)?,
+            Self::Linear(l) => l.weight.to_f32()?,
+            Self::Conv(c) => c.weight.to_f32()?,
         })
     }
 
@@ -215,7 +204,7 @@ pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
 
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    weight: Tensor,
+    weight: Matrix,
     bias: Tensor,
     stride: usize,
     padding: usize,
@@ -252,7 +241,7 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = vb.get_matrix("weight", &[out_channels, in_channels, kernel, kernel])?;
         Ok(Self {
-            bias: Tensor::zeros(out_channels, DType::F32, weight.device())?,
+            bias: Tensor::zeros(out_channels, DType::F32, vb.device())?,
             weight,
             stride,
             padding,
@@ -260,17 +249,16 @@ impl Conv2d {
         })
     }
 
-    /// The dtype its kernel is kept in.
-    pub fn dtype(&self) -> DType {
+    /// How its kernel is kept.
+    pub fn dtype(&self) -> MatrixDtype {
         self.weight.dtype()
     }
 
-    /// This convolution with `delta` (f32, the kernel's shape) added to its kernel, in the
-    /// kernel's own dtype (see [`Linear::patched`]).
+    /// This convolution with `delta` (f32, the kernel's shape) added to its kernel, kept as
+    /// before (see [`Linear::patched`]).
     pub fn patched(&self, delta: &Tensor) -> Result<Self> {
-        let weight = (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(self.weight.dtype())?;
         Ok(Self {
-            weight,
+            weight: self.weight.patched(delta)?,
             ..self.clone()
         })
     }
@@ -292,7 +280,7 @@ impl Conv2d {
     fn convolve(&self, x: &Tensor, up: usize) -> Result<Tensor> {
         crate::cancel::check()?;
         let bf16 = bf16_products(&self.weight, x);
-        let weight = widen(&self.weight, x)?;
+        let weight = self.weight.widened(x.dtype())?;
         let (b, c, h, w) = x.dims4()?;
         let k = weight.dim(2)?;
         let geometry = ConvGeometry::new(k, self.stride, self.padding, h * up, w * up);

@@ -36,7 +36,7 @@ fn pipeline(case: &Value) -> Pipeline {
         pipeline
             .add_controlnet(
                 &model_dir(unit["net"].as_str().unwrap()),
-                candle_core::DType::F32,
+                text2img::weights::MatrixDtype::F32,
             )
             .unwrap();
     }
@@ -259,7 +259,10 @@ fn sdxl_controlnet() {
 fn a_controlnet_for_another_base_model_is_refused() {
     let mut sd1 = load_local(&model_dir("sd1-tiny"), &Default::default()).unwrap();
     let err = sd1
-        .add_controlnet(&model_dir("controlnet-sdxl-tiny"), candle_core::DType::F32)
+        .add_controlnet(
+            &model_dir("controlnet-sdxl-tiny"),
+            text2img::weights::MatrixDtype::F32,
+        )
         .unwrap_err()
         .to_string();
     assert!(err.contains("made for another base model"), "{err}");
@@ -269,8 +272,11 @@ fn a_controlnet_for_another_base_model_is_refused() {
     req.controls = vec![ControlUnit::new(0, image::RgbImage::new(64, 64))];
     let err = sd1.generate(&req, &mut |_| true).err().unwrap().to_string();
     assert!(err.contains("ControlNet 0 asked for; 0 loaded"), "{err}");
-    sd1.add_controlnet(&model_dir("controlnet-sd1-tiny"), candle_core::DType::F32)
-        .unwrap();
+    sd1.add_controlnet(
+        &model_dir("controlnet-sd1-tiny"),
+        text2img::weights::MatrixDtype::F32,
+    )
+    .unwrap();
     req.controls[0].start = 0.8;
     req.controls[0].end = 0.2;
     let err = sd1.generate(&req, &mut |_| true).err().unwrap().to_string();
@@ -298,7 +304,7 @@ fn single_file_controlnets_equal_their_folder() {
     ] {
         let mut pipeline = load_local(&model_dir("sd1-tiny"), &Default::default()).unwrap();
         pipeline
-            .add_controlnet(&file, candle_core::DType::F32)
+            .add_controlnet(&file, text2img::weights::MatrixDtype::F32)
             .unwrap();
         let single = pipeline.generate(&req, &mut |_| true).unwrap();
         assert!(
@@ -312,7 +318,7 @@ fn single_file_controlnets_equal_their_folder() {
     let err = sdxl
         .add_controlnet(
             &model_dir("single-file").join("controlnet-sd1-tiny.safetensors"),
-            candle_core::DType::F32,
+            text2img::weights::MatrixDtype::F32,
         )
         .unwrap_err()
         .to_string();
@@ -322,7 +328,7 @@ fn single_file_controlnets_equal_their_folder() {
     let err = sd1
         .add_controlnet(
             &fixtures().join("loras/kohya-sd1.safetensors"),
-            candle_core::DType::F32,
+            text2img::weights::MatrixDtype::F32,
         )
         .unwrap_err()
         .to_string();

@@ -415,14 +415,19 @@ pub enum WeightDtype {
     F16,
     /// Half the memory, f32's range; computation stays f32 (see `--compute`).
     Bf16,
+    /// int8 with a scale per output channel: a quarter of f32's memory; computation stays
+    /// f32. A model that `convert --dtype q8` wrote is q8 whatever this says.
+    Q8,
 }
 
 impl WeightDtype {
-    pub fn dtype(self) -> candle_core::DType {
+    pub fn dtype(self) -> text2img::weights::MatrixDtype {
+        use text2img::weights::MatrixDtype;
         match self {
-            Self::F32 => candle_core::DType::F32,
-            Self::F16 => candle_core::DType::F16,
-            Self::Bf16 => candle_core::DType::BF16,
+            Self::F32 => MatrixDtype::F32,
+            Self::F16 => MatrixDtype::F16,
+            Self::Bf16 => MatrixDtype::Bf16,
+            Self::Q8 => MatrixDtype::Q8,
         }
     }
 }

@@ -244,7 +244,7 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
                 "model": source, "size": a.size, "threads": threads, "load_s": load_s,
                 "text_s": text_s, "unet_step_cfg_s": unet_s, "vae_decode_s": decode_s,
                 "sgemm_2048_gflops": gflops, "bf16_gemm_2048_gflops": bf16_gflops,
-                "dtype": format!("{:?}", a.model.dtype.dtype()).to_lowercase(),
+                "dtype": a.model.dtype.dtype().name(),
                 "bf16_products": text2img::kernels::matmul_bf16::available(),
                 "request_loras_s": lora_s,
                 "controlnet_step_cfg_s": controlnet_s,

@@ -111,7 +111,11 @@ impl ControlArgs {
     }
 
     /// Loads the ControlNets into the pipeline, in the order of the flags.
-    pub fn load(&self, pipeline: &mut Pipeline, dtype: candle_core::DType) -> Result<()> {
+    pub fn load(
+        &self,
+        pipeline: &mut Pipeline,
+        dtype: text2img::weights::MatrixDtype,
+    ) -> Result<()> {
         for dir in &self.controlnets {
             pipeline
                 .add_controlnet(dir, dtype)

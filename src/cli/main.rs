@@ -82,6 +82,10 @@ struct ConvertArgs {
     /// Write the U-Net's EMA weights (`model_ema.*`) instead of its weights.
     #[arg(long)]
     ema: bool,
+    /// Write the weight matrices and convolution kernels as this (q8: int8 with a scale per
+    /// output channel, which then loads as q8 with no quantizing); default: as stored.
+    #[arg(long, value_enum)]
+    dtype: Option<assets::WeightDtype>,
 }
 
 fn convert(a: ConvertArgs) -> Result<()> {
@@ -89,6 +93,10 @@ fn convert(a: ConvertArgs) -> Result<()> {
         config: a.config,
         prediction_type: a.prediction_type,
         ema: a.ema,
+        load: text2img::LoadOptions {
+            weight_dtype: a.dtype.unwrap_or_default().dtype(),
+            ..Default::default()
+        },
         ..Default::default()
     };
     text2img::pipeline::single_file::convert_single_file(&a.file, &options, &a.out)

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -105,7 +105,11 @@ pub struct ControlNet {
 impl ControlNet {
     /// Loads a diffusers `ControlNetModel` folder (`config.json` and its weights); every
     /// stored tensor must be used.
-    pub fn load(dir: &Path, device: &Device, matrix_dtype: DType) -> Result<Self> {
+    pub fn load(
+        dir: &Path,
+        device: &Device,
+        matrix_dtype: crate::weights::MatrixDtype,
+    ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let mut weights = Weights::open_component(dir, None, device)?;
@@ -169,7 +173,7 @@ impl ControlNet {
         path: &Path,
         base: &UNetConfig,
         device: &Device,
-        matrix_dtype: DType,
+        matrix_dtype: crate::weights::MatrixDtype,
     ) -> Result<Self> {
         let weights = Weights::open_single(path, &["ckpt", "pt", "pth"], device)?
             .ok_or_else(|| {

@@ -68,7 +68,7 @@ pub struct LoadOptions {
     pub device: Device,
     /// Storage dtype of the weight matrices and convolution kernels: f32, or f16/bf16 for
     /// half the memory (computation stays f32; each layer widens its weight as it runs).
-    pub weight_dtype: DType,
+    pub weight_dtype: crate::weights::MatrixDtype,
     /// LoRA files merged into the weights as they load.
     pub loras: Vec<LoraSpec>,
     /// Another autoencoder in place of the model's own (see [`crate::vae::replacement`]).
@@ -80,7 +80,7 @@ impl Default for LoadOptions {
         Self {
             variant: None,
             device: Device::Cpu,
-            weight_dtype: DType::F32,
+            weight_dtype: crate::weights::MatrixDtype::F32,
             loras: Vec::new(),
             vae: None,
         }
@@ -741,7 +741,11 @@ impl Pipeline {
     /// Loads a ControlNet (a diffusers `ControlNetModel` folder, or a single file in the
     /// original or the diffusers layout) for requests to use; returns its index for
     /// [`ControlUnit::net`]. One made for another base model is refused.
-    pub fn add_controlnet(&mut self, dir: &Path, matrix_dtype: DType) -> Result<usize> {
+    pub fn add_controlnet(
+        &mut self,
+        dir: &Path,
+        matrix_dtype: crate::weights::MatrixDtype,
+    ) -> Result<usize> {
         let net = if dir.is_file() {
             ControlNet::load_file(dir, &self.unet.config, &self.device, matrix_dtype).map_err(
                 |e| match e {
@@ -830,7 +834,7 @@ impl Pipeline {
 
     /// Draws step previews with a tiny autoencoder (a TAESD folder for this model's latents).
     pub fn set_preview_vae(&mut self, dir: &Path) -> Result<()> {
-        let tiny = AutoencoderTiny::load(dir, &self.device, DType::F32)?;
+        let tiny = AutoencoderTiny::load(dir, &self.device, crate::weights::MatrixDtype::F32)?;
         if tiny.config.latent_channels != self.vae.latent_channels()
             || tiny.config.downsampling_factor() != self.vae_scale_factor()
         {

@@ -20,7 +20,7 @@ use crate::weights::lora::Part;
 use crate::weights::single_file::configs::ConfigFiles;
 use crate::weights::single_file::original_config::OriginalConfig;
 use crate::weights::single_file::{Architecture, Checkpoint};
-use crate::weights::Weights;
+use crate::weights::{MatrixDtype, Weights};
 
 /// How to load a single file, beyond [`LoadOptions`].
 #[derive(Clone, Debug, Default)]
@@ -288,13 +288,24 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
             }
             std::fs::write(&target, text).map_err(|e| Error::io(&target, e))
         };
-        let write_weights = |component: &str, file: &str, weights: Weights| -> Result<()> {
-            let tensors: std::collections::HashMap<String, Tensor> =
-                weights.stored_tensors()?.into_iter().collect();
+        // The weight matrices (those a model asks for as such, found by loading it) in
+        // `--dtype`, the rest as stored; with f32 (the default) everything as stored.
+        let dtype = options.load.weight_dtype;
+        let write_weights = |component: &str,
+                             file: &str,
+                             mut weights: Weights,
+                             model: &dyn Fn(&Weights) -> Result<()>|
+         -> Result<()> {
+            let matrices = if dtype == MatrixDtype::F32 {
+                Default::default()
+            } else {
+                weights.store_matrices_as(dtype);
+                model(&weights)?;
+                weights.matrix_names()
+            };
             let dir = staging.join(component);
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            candle_core::safetensors::save(&tensors, dir.join(file))?;
-            Ok(())
+            crate::weights::writer::write_component(&weights, &matrices, dtype, &dir.join(file))
         };
         let copy = |file: &str| -> Result<String> {
             let text = configs.require(file)?;
@@ -310,12 +321,14 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
             "unet",
             "diffusion_pytorch_model.safetensors",
             checkpoint.unet(&unet_config, options.ema)?,
+            &|w| UNet::from_weights(unet_config.clone(), &w.root()).map(drop),
         )?;
         let vae_config = VaeConfig::from_json(&vae_text, &configs.path("vae/config.json"))?;
         write_weights(
             "vae",
             "diffusion_pytorch_model.safetensors",
             checkpoint.vae(vae_config.block_out_channels.len())?,
+            &|w| AutoencoderKl::from_weights(vae_config.clone(), &w.root()).map(drop),
         )?;
         let encoders = arch.text_encoders().len();
         for (i, (tokenizer, encoder)) in TEXT_ENCODERS.into_iter().take(encoders).enumerate() {
@@ -326,6 +339,7 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
                 encoder,
                 "model.safetensors",
                 checkpoint.text_encoder(i, &config, i == 1)?,
+                &|w| ClipTextModel::from_weights(config.clone(), w).map(drop),
             )?;
             for part in ["tokenizer_config.json", "special_tokens_map.json"] {
                 copy(&format!("{tokenizer}/{part}"))?;

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::{read_json, Error, Result};
@@ -164,7 +164,7 @@ pub struct ClipTextModel {
 impl ClipTextModel {
     /// Loads from a `text_encoder/` folder.
     pub fn load(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
-        Self::load_as(dir, variant, device, DType::F32)
+        Self::load_as(dir, variant, device, crate::weights::MatrixDtype::F32)
     }
 
     /// As [`ClipTextModel::load`], keeping weight matrices in `matrix_dtype`.
@@ -172,7 +172,7 @@ impl ClipTextModel {
         dir: &Path,
         variant: Option<&str>,
         device: &Device,
-        matrix_dtype: DType,
+        matrix_dtype: crate::weights::MatrixDtype,
     ) -> Result<Self> {
         Self::load_patched(dir, variant, device, matrix_dtype, &mut |_| Ok(()))
     }
@@ -183,7 +183,7 @@ impl ClipTextModel {
         dir: &Path,
         variant: Option<&str>,
         device: &Device,
-        matrix_dtype: DType,
+        matrix_dtype: crate::weights::MatrixDtype,
         patch: &mut dyn FnMut(&mut Weights) -> Result<()>,
     ) -> Result<Self> {
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::config::VaeConfig;
 use super::tiling::{tiled, Tiles};
@@ -243,7 +243,7 @@ const LEGACY_ATTENTION: [(&str, &str); 4] = [
 
 impl AutoencoderKl {
     pub fn load(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
-        Self::load_as(dir, variant, device, DType::F32)
+        Self::load_as(dir, variant, device, crate::weights::MatrixDtype::F32)
     }
 
     /// As [`AutoencoderKl::load`], keeping weight matrices and kernels in `matrix_dtype`.
@@ -251,7 +251,7 @@ impl AutoencoderKl {
         dir: &Path,
         variant: Option<&str>,
         device: &Device,
-        matrix_dtype: DType,
+        matrix_dtype: crate::weights::MatrixDtype,
     ) -> Result<Self> {
         let config = VaeConfig::from_file(&dir.join("config.json"))?;
         let mut weights = Weights::open_component(dir, variant, device)?;

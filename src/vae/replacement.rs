@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 
 use super::tiny::AutoencoderTiny;
 use super::{AutoencoderKl, Vae, VaeConfig};
@@ -16,7 +16,12 @@ use crate::weights::single_file::layout;
 use crate::weights::Weights;
 
 /// The replacement autoencoder at `path`, for a model whose own VAE has `model_config`.
-pub fn load(path: &Path, model_config: &VaeConfig, dtype: DType, device: &Device) -> Result<Vae> {
+pub fn load(
+    path: &Path,
+    model_config: &VaeConfig,
+    dtype: crate::weights::MatrixDtype,
+    device: &Device,
+) -> Result<Vae> {
     if path.is_dir() {
         let dir: PathBuf = if path.join("vae").join("config.json").is_file() {
             path.join("vae")

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -144,7 +144,7 @@ pub struct AutoencoderTiny {
 }
 
 impl AutoencoderTiny {
-    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load(dir: &Path, device: &Device, dtype: crate::weights::MatrixDtype) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| Error::io(config_path.clone(), e))?;

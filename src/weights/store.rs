@@ -10,19 +10,29 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
+use super::matrix::{Matrix, MatrixDtype};
 use super::params::ParamStore;
+use super::q8::{Q8Matrix, SCALE_SUFFIX};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug)]
 struct Entry {
     shard: usize,
-    dtype: DType,
+    dtype: Stored,
     shape: Vec<usize>,
     /// Byte range inside the shard's file.
     start: usize,
     end: usize,
     /// A 2-D tensor stored transposed (OpenCLIP's `text_projection`): transposed as it loads.
     transposed: bool,
+}
+
+/// How a tensor's values are stored.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Stored {
+    Float(DType),
+    /// The int8 values of a q8 weight; its scales are the f32 tensor `{name}_scale`.
+    Int8,
 }
 
 /// Where a component's tensor is in a whole checkpoint ([`Weights::component`]).
@@ -67,9 +77,13 @@ pub struct Weights {
     device: Device,
     /// The dtype every tensor is computed in.
     dtype: DType,
-    /// The dtype the large weight matrices and kernels are kept in (`get_matrix`); f16/bf16
-    /// halve a model's memory, and layers widen one weight at a time as they run.
-    matrix_dtype: DType,
+    /// How the large weight matrices and kernels are kept (`get_matrix`); f16/bf16 halve a
+    /// model's memory, q8 quarters it, and layers widen one weight at a time as they run.
+    /// Weights a file stores quantized stay so whatever this is.
+    matrix_dtype: MatrixDtype,
+    /// The stored names asked for as weight matrices (what `--dtype q8` quantizes, and so
+    /// what a converted file stores quantized).
+    matrices: Mutex<HashSet<String>>,
     /// Changes added to weights as they load (LoRAs), by name.
     patches: HashMap<String, Tensor>,
 }
@@ -103,11 +117,12 @@ impl Weights {
             let base = 8 + header_len;
             for (name, view) in parsed.tensors() {
                 let dtype = match view.dtype() {
-                    StDtype::F32 => DType::F32,
-                    StDtype::F16 => DType::F16,
-                    StDtype::BF16 => DType::BF16,
-                    StDtype::F64 => DType::F64,
-                    StDtype::I64 => DType::I64,
+                    StDtype::F32 => Stored::Float(DType::F32),
+                    StDtype::F16 => Stored::Float(DType::F16),
+                    StDtype::BF16 => Stored::Float(DType::BF16),
+                    StDtype::F64 => Stored::Float(DType::F64),
+                    StDtype::I64 => Stored::Float(DType::I64),
+                    StDtype::I8 => Stored::Int8,
                     other => {
                         return Err(bad(format!(
                             "tensor `{name}` has unsupported dtype {other:?}"
@@ -161,7 +176,7 @@ impl Weights {
             .map(|t| {
                 let entry = Entry {
                     shard: 0,
-                    dtype: t.dtype,
+                    dtype: Stored::Float(t.dtype),
                     shape: t.shape,
                     start: t.start,
                     end: t.end,
@@ -187,7 +202,8 @@ impl Weights {
             used: Mutex::new(HashSet::new()),
             device: device.clone(),
             dtype: DType::F32,
-            matrix_dtype: DType::F32,
+            matrix_dtype: MatrixDtype::F32,
+            matrices: Mutex::new(HashSet::new()),
             patches: HashMap::new(),
         }
     }
@@ -268,7 +284,7 @@ impl Weights {
         }
     }
 
-    /// Every tensor in its stored dtype, by name (to write a component out unchanged).
+    /// Every tensor in its stored float dtype (an int8 weight as its f32 values), by name.
     pub fn stored_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut names: Vec<&String> = self.entries.keys().collect();
         names.sort();
@@ -276,9 +292,44 @@ impl Weights {
             .into_iter()
             .map(|name| {
                 let entry = &self.entries[name];
-                Ok((name.clone(), self.get_as(name, &entry.shape, entry.dtype)?))
+                let dtype = match entry.dtype {
+                    Stored::Float(dtype) => dtype,
+                    Stored::Int8 => DType::F32,
+                };
+                Ok((name.clone(), self.get_as(name, &entry.shape, dtype)?))
             })
             .collect()
+    }
+
+    /// A tensor as it is stored: in its float dtype, or (int8) as its q8 weight.
+    pub fn stored(&self, name: &str) -> Result<Matrix> {
+        let entry = self.entry(name)?;
+        Ok(match entry.dtype {
+            Stored::Float(dtype) => Matrix::Float(self.get_as(name, &entry.shape, dtype)?),
+            Stored::Int8 => Matrix::Q8(Arc::new(self.read_q8(name, name, entry, &entry.shape)?)),
+        })
+    }
+
+    /// Every tensor's name, sorted.
+    pub fn names_sorted(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.entries.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// A tensor's stored float dtype (`None`: int8) and its shape.
+    pub fn layout(&self, name: &str) -> Result<(Option<DType>, Vec<usize>)> {
+        let entry = self.entry(name)?;
+        let dtype = match entry.dtype {
+            Stored::Float(dtype) => Some(dtype),
+            Stored::Int8 => None,
+        };
+        Ok((dtype, entry.shape.clone()))
+    }
+
+    /// The stored names asked for as weight matrices so far.
+    pub fn matrix_names(&self) -> HashSet<String> {
+        self.matrices.lock().unwrap().clone()
     }
 
     /// The stored tensors' names and shapes (what a checkpoint's architecture is read from).
@@ -288,8 +339,8 @@ impl Weights {
             .map(|(name, e)| (name.as_str(), e.shape.as_slice()))
     }
 
-    /// Keeps weight matrices and convolution kernels in `dtype` (f32, f16 or bf16).
-    pub fn store_matrices_as(&mut self, dtype: DType) {
+    /// Keeps weight matrices and convolution kernels as `dtype`.
+    pub fn store_matrices_as(&mut self, dtype: MatrixDtype) {
         self.matrix_dtype = dtype;
     }
 
@@ -330,18 +381,97 @@ impl Weights {
         self.get_as(name, shape, self.dtype)
     }
 
-    /// Loads a weight matrix or convolution kernel in the storage dtype for matrices.
-    pub fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.get_as(name, shape, self.matrix_dtype)
+    /// Loads a weight matrix or convolution kernel as the matrices are kept (a weight stored
+    /// quantized stays so).
+    pub fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Matrix> {
+        let stored = self.aliases.get(name).map_or(name, String::as_str);
+        let entry = self.entry(stored)?;
+        self.matrices.lock().unwrap().insert(stored.to_string());
+        if entry.dtype == Stored::Int8 {
+            let q = self.read_q8(name, stored, entry, shape)?;
+            return Ok(Matrix::Q8(Arc::new(match self.patches.get(name) {
+                Some(delta) => Q8Matrix::quantize(&(q.dequantize()? + delta)?)?,
+                None => q,
+            })));
+        }
+        Ok(match self.matrix_dtype.float() {
+            Some(dtype) => Matrix::Float(self.get_as(name, shape, dtype)?),
+            None => {
+                let weight = self.get_as(name, shape, DType::F32)?;
+                Matrix::Q8(Arc::new(Q8Matrix::quantize(&weight)?))
+            }
+        })
+    }
+
+    fn entry(&self, stored: &str) -> Result<&Entry> {
+        self.entries
+            .get(stored)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.path_of(None).to_path_buf(),
+                name: stored.to_string(),
+            })
+    }
+
+    /// A q8 weight: the int8 tensor `stored` (which must have `shape`) and its scales.
+    fn read_q8(
+        &self,
+        name: &str,
+        stored: &str,
+        entry: &Entry,
+        shape: &[usize],
+    ) -> Result<Q8Matrix> {
+        if entry.shape != shape {
+            return Err(Error::ShapeMismatch {
+                path: self.path_of(Some(stored)).to_path_buf(),
+                name: stored.to_string(),
+                expected: shape.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        let scale_name = format!("{stored}{SCALE_SUFFIX}");
+        let rows = shape.first().copied().unwrap_or(1);
+        let scales = match self.entries.get(&scale_name) {
+            Some(e) if e.dtype == Stored::Float(DType::F32) && e.shape == [rows] => {
+                self.read_f32(e)?
+            }
+            Some(e) => {
+                return Err(Error::Safetensors {
+                    path: self.path_of(Some(&scale_name)).to_path_buf(),
+                    reason: format!(
+                    "`{scale_name}` must be f32 with one scale per row ([{rows}]), not {:?} {:?}",
+                    e.dtype, e.shape
+                ),
+                })
+            }
+            None => {
+                return Err(Error::MissingTensor {
+                    path: self.path_of(Some(stored)).to_path_buf(),
+                    name: scale_name,
+                })
+            }
+        };
+        let values: Vec<i8> = self.read(entry)?.into_iter().map(|b| b as i8).collect();
+        let mut used = self.used.lock().unwrap();
+        used.insert(stored.to_string());
+        used.insert(scale_name);
+        drop(used);
+        Q8Matrix::from_parts(name, values, scales, shape, &self.device)
     }
 
     fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let stored = self.aliases.get(name).map_or(name, String::as_str);
-        let Some(entry) = self.entries.get(stored) else {
-            return Err(Error::MissingTensor {
-                path: self.path_of(None).to_path_buf(),
-                name: name.to_string(),
-            });
+        let entry = self.entry(stored)?;
+        let stored_dtype = match entry.dtype {
+            Stored::Float(dtype) => dtype,
+            // A quantized weight read as a plain tensor: its f32 values.
+            Stored::Int8 => {
+                let q = self.read_q8(name, stored, entry, shape)?;
+                let tensor = match self.patches.get(name) {
+                    Some(delta) => (q.dequantize()? + delta)?,
+                    None => q.dequantize()?,
+                };
+                return Ok(tensor.to_dtype(dtype)?);
+            }
         };
         // Old checkpoints store the VAE attention projections as 1x1 convolutions.
         let legacy_conv = stored != name
@@ -357,14 +487,14 @@ impl Weights {
             });
         }
         self.used.lock().unwrap().insert(stored.to_string());
-        let tensor = if entry.dtype == DType::F32 && cfg!(target_endian = "little") {
+        let tensor = if stored_dtype == DType::F32 && cfg!(target_endian = "little") {
             // Straight into the tensor's own buffer: no byte buffer and second copy (SD 1.5's
             // 4.3 GB of f32 weights).
             let values = self.read_f32(entry)?;
             Tensor::from_vec(values, entry.shape.as_slice(), &self.device)?
         } else {
             let bytes = self.read(entry)?;
-            Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, &self.device)?
+            Tensor::from_raw_buffer(&bytes, stored_dtype, &entry.shape, &self.device)?
         };
         let tensor = if legacy_conv {
             tensor.reshape(shape)?
@@ -525,12 +655,12 @@ impl<'a> Vb<'a> {
         }
     }
 
-    /// A weight matrix or convolution kernel: in the stored weights' matrix dtype (see
+    /// A weight matrix or convolution kernel: as the stored weights keep matrices (see
     /// [`Weights::store_matrices_as`]); fresh parameters are always f32.
-    pub fn get_matrix(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
+    pub fn get_matrix(&self, leaf: &str, shape: &[usize]) -> Result<Matrix> {
         match self.source {
             Source::Stored(w) => w.get_matrix(&self.name(leaf), shape),
-            Source::Fresh(p) => p.get_or_init(&self.name(leaf), shape),
+            Source::Fresh(p) => Ok(Matrix::Float(p.get_or_init(&self.name(leaf), shape)?)),
         }
     }
 

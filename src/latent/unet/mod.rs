@@ -10,7 +10,7 @@ pub mod transformer;
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::nn::{Conv2d, GroupNorm};
@@ -121,7 +121,7 @@ pub struct UNet {
 impl UNet {
     /// Loads from a `unet/` folder; every stored tensor must be used.
     pub fn load(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
-        Self::load_as(dir, variant, device, DType::F32)
+        Self::load_as(dir, variant, device, crate::weights::MatrixDtype::F32)
     }
 
     /// As [`UNet::load`], keeping weight matrices and kernels in `matrix_dtype`.
@@ -129,7 +129,7 @@ impl UNet {
         dir: &Path,
         variant: Option<&str>,
         device: &Device,
-        matrix_dtype: DType,
+        matrix_dtype: crate::weights::MatrixDtype,
     ) -> Result<Self> {
         Self::load_patched(dir, variant, device, matrix_dtype, &mut |_| Ok(()))
     }
@@ -139,7 +139,7 @@ impl UNet {
         dir: &Path,
         variant: Option<&str>,
         device: &Device,
-        matrix_dtype: DType,
+        matrix_dtype: crate::weights::MatrixDtype,
         patch: &mut dyn FnMut(&mut Weights) -> Result<()>,
     ) -> Result<Self> {
         let config = UNetConfig::from_file(&dir.join("config.json"))?;
@@ -182,7 +182,7 @@ impl UNet {
     }
 
     /// The dtype its weight matrices and kernels are kept in (`--dtype`).
-    pub fn weight_dtype(&self) -> DType {
+    pub fn weight_dtype(&self) -> crate::weights::MatrixDtype {
         self.encoder.conv_in.dtype()
     }
 

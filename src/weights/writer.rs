@@ -1,0 +1,140 @@
+//! Writes a component's weights as one safetensors file, one tensor at a time (a model is
+//! never held twice in memory), with its weight matrices in another form where asked:
+//! `convert --dtype q8` stores each as int8 values under its own name and its scales as
+//! `{name}_scale` (f32, one per output channel), which [`super::Weights`] reads back as the
+//! same q8 weight without quantizing again.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use safetensors::tensor::{Dtype as StDtype, View};
+
+use super::matrix::{Matrix, MatrixDtype};
+use super::q8::{Q8Matrix, SCALE_SUFFIX};
+use super::Weights;
+use crate::error::{Error, Result};
+
+/// Writes every tensor of `weights` to `path` (a new file): those named in `matrices` as
+/// `dtype` keeps weight matrices (f32: as stored), the rest as stored.
+pub fn write_component(
+    weights: &Weights,
+    matrices: &HashSet<String>,
+    dtype: MatrixDtype,
+    path: &Path,
+) -> Result<()> {
+    // The header needs every tensor's dtype and size before the first byte of data.
+    let mut planned: Vec<(String, StDtype, Vec<usize>)> = Vec::new();
+    for name in weights.names_sorted() {
+        let (stored, shape) = weights.layout(&name)?;
+        let target = match (stored, matrices.contains(&name), dtype) {
+            (None, ..) => None,
+            (Some(_), true, MatrixDtype::Q8) => None,
+            (Some(d), true, other) if other != MatrixDtype::F32 => other.float().or(Some(d)),
+            (Some(d), ..) => Some(d),
+        };
+        match target {
+            Some(d) => planned.push((name, st_dtype(d)?, shape)),
+            None => {
+                let rows = shape.first().copied().unwrap_or(1);
+                // A stored q8 weight's scales are a tensor of their own, already planned.
+                if stored.is_some() {
+                    planned.push((format!("{name}{SCALE_SUFFIX}"), StDtype::F32, vec![rows]));
+                }
+                planned.push((name, StDtype::I8, shape));
+            }
+        }
+    }
+    planned.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = BTreeMap::new();
+    let mut offset = 0usize;
+    for (name, dt, shape) in &planned {
+        let len = shape.iter().product::<usize>() * dt.bitsize() / 8;
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": dt, "shape": shape, "data_offsets": [offset, offset + len] }),
+        );
+        offset += len;
+    }
+    header.insert(
+        "__metadata__".to_string(),
+        serde_json::json!({ "format": "pt", "text2img.matrices": dtype.name() }),
+    );
+    let mut header = serde_json::to_vec(&header).map_err(|e| Error::config(path, e.to_string()))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let io = |e| Error::io(path, e);
+    let file = std::fs::File::create_new(path).map_err(io)?;
+    let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
+    out.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    out.write_all(&header).map_err(io)?;
+    // The scales of the q8 weights made here, kept until written (they sort after them).
+    let mut scales: HashMap<String, Vec<f32>> = HashMap::new();
+    for (name, dt, shape) in &planned {
+        if let Some(values) = scales.remove(name) {
+            out.write_all(&f32_bytes(&values)).map_err(io)?;
+            continue;
+        }
+        let bytes: Vec<u8> = match (weights.stored(name)?, dt) {
+            (Matrix::Q8(q), StDtype::I8) => q.values().iter().map(|v| *v as u8).collect(),
+            (Matrix::Float(t), StDtype::I8) => {
+                let q = Q8Matrix::quantize(&t)?;
+                scales.insert(format!("{name}{SCALE_SUFFIX}"), q.scales().to_vec());
+                q.values().iter().map(|v| *v as u8).collect()
+            }
+            (Matrix::Float(t), _) => tensor_bytes(&t.to_dtype(float_of(*dt)?)?),
+            (Matrix::Q8(_), _) => {
+                return Err(Error::InvalidRequest(format!(
+                    "`{name}` is stored as int8 and cannot be written as {dt:?}"
+                )))
+            }
+        };
+        debug_assert_eq!(
+            bytes.len(),
+            shape.iter().product::<usize>() * dt.bitsize() / 8
+        );
+        out.write_all(&bytes).map_err(io)?;
+    }
+    out.flush().map_err(io)?;
+    out.get_ref().sync_all().map_err(io)
+}
+
+fn st_dtype(dtype: DType) -> Result<StDtype> {
+    Ok(match dtype {
+        DType::F32 => StDtype::F32,
+        DType::F16 => StDtype::F16,
+        DType::BF16 => StDtype::BF16,
+        DType::F64 => StDtype::F64,
+        DType::I64 => StDtype::I64,
+        other => {
+            return Err(Error::InvalidRequest(format!(
+                "cannot write a {other:?} tensor"
+            )))
+        }
+    })
+}
+
+fn float_of(dtype: StDtype) -> Result<DType> {
+    Ok(match dtype {
+        StDtype::F32 => DType::F32,
+        StDtype::F16 => DType::F16,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F64 => DType::F64,
+        StDtype::I64 => DType::I64,
+        other => {
+            return Err(Error::InvalidRequest(format!(
+                "cannot write a {other:?} tensor"
+            )))
+        }
+    })
+}
+
+fn tensor_bytes(t: &Tensor) -> Vec<u8> {
+    t.data().into_owned()
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
