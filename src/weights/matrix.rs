@@ -89,8 +89,14 @@ impl Matrix {
     pub fn widened(&self, dtype: DType) -> Result<Tensor> {
         Ok(match self {
             Self::Float(t) if t.dtype() == dtype => t.clone(),
-            Self::Float(t) => t.to_dtype(dtype)?,
-            Self::Q8(q) => q.dequantize()?.to_dtype(dtype)?,
+            Self::Float(t) => {
+                let _span = crate::profile::span("widen f16/bf16");
+                t.to_dtype(dtype)?
+            }
+            Self::Q8(q) => {
+                let _span = crate::profile::span("dequantize q8");
+                q.dequantize()?.to_dtype(dtype)?
+            }
         })
     }
 
