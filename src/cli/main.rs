@@ -59,7 +59,8 @@ enum Command {
     Worker(serve::WorkerArgs),
     /// Time the parts of a generation (load, text, U-Net step, VAE decode) and sgemm.
     Bench(bench::BenchArgs),
-    /// Write a single-file checkpoint (.safetensors, .ckpt) as a diffusers folder.
+    /// Write a single-file checkpoint (.safetensors, .ckpt) or a diffusers folder as a
+    /// diffusers folder, its weight matrices in another dtype if asked (--dtype q8).
     Convert(ConvertArgs),
     /// Write the control image a ControlNet preprocessor makes (canny edges).
     Preprocess(control_args::PreprocessArgs),
@@ -67,7 +68,7 @@ enum Command {
 
 #[derive(Args)]
 struct ConvertArgs {
-    /// The checkpoint file.
+    /// The checkpoint file, or a diffusers folder.
     file: std::path::PathBuf,
     /// The diffusers folder to write (must not exist).
     #[arg(long)]
@@ -86,9 +87,30 @@ struct ConvertArgs {
     /// output channel, which then loads as q8 with no quantizing); default: as stored.
     #[arg(long, value_enum)]
     dtype: Option<assets::WeightDtype>,
+    /// A diffusers folder's weights of this variant (`fp16`: `*.fp16.safetensors`); the
+    /// folder written has them as its plain weights.
+    #[arg(long)]
+    variant: Option<String>,
 }
 
 fn convert(a: ConvertArgs) -> Result<()> {
+    if a.file.is_dir() {
+        if a.config.is_some() || a.prediction_type.is_some() || a.ema {
+            bail!("--config, --prediction-type and --ema apply to a single-file checkpoint");
+        }
+        let options = text2img::LoadOptions {
+            weight_dtype: a.dtype.unwrap_or_default().dtype(),
+            variant: a.variant,
+            ..Default::default()
+        };
+        text2img::pipeline::convert::convert_folder(&a.file, &options, &a.out)
+            .with_context(|| format!("converting {}", a.file.display()))?;
+        println!("{}", a.out.display());
+        return Ok(());
+    }
+    if a.variant.is_some() {
+        bail!("--variant applies to a diffusers folder");
+    }
     let options = text2img::pipeline::SingleFileOptions {
         config: a.config,
         prediction_type: a.prediction_type,

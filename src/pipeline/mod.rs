@@ -5,6 +5,7 @@
 
 pub mod conditioning;
 pub mod control;
+pub mod convert;
 pub mod cost;
 mod denoise;
 pub mod family;

@@ -20,7 +20,7 @@ use crate::weights::lora::Part;
 use crate::weights::single_file::configs::ConfigFiles;
 use crate::weights::single_file::original_config::OriginalConfig;
 use crate::weights::single_file::{Architecture, Checkpoint};
-use crate::weights::{MatrixDtype, Weights};
+use crate::weights::Weights;
 
 /// How to load a single file, beyond [`LoadOptions`].
 #[derive(Clone, Debug, Default)]
@@ -270,17 +270,8 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
     let mut checkpoint = Checkpoint::open(path, &options.load.device)?;
     let arch = checkpoint.architecture;
     let (configs, _) = configs_for(path, options, arch)?;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = out
-        .file_name()
-        .ok_or_else(|| Error::config(out, "not a folder name"))?
-        .to_string_lossy();
-    let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    let written = (|| -> Result<()> {
-        std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    let dtype = options.load.weight_dtype;
+    super::convert::write_staged(out, |staging| {
         let write_text = |file: &str, text: &str| -> Result<()> {
             let target = staging.join(file);
             if let Some(dir) = target.parent() {
@@ -288,24 +279,16 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
             }
             std::fs::write(&target, text).map_err(|e| Error::io(&target, e))
         };
-        // The weight matrices (those a model asks for as such, found by loading it) in
-        // `--dtype`, the rest as stored; with f32 (the default) everything as stored.
-        let dtype = options.load.weight_dtype;
         let write_weights = |component: &str,
                              file: &str,
-                             mut weights: Weights,
-                             model: &dyn Fn(&Weights) -> Result<()>|
-         -> Result<()> {
-            let matrices = if dtype == MatrixDtype::F32 {
-                Default::default()
-            } else {
-                weights.store_matrices_as(dtype);
-                model(&weights)?;
-                weights.matrix_names()
-            };
-            let dir = staging.join(component);
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            crate::weights::writer::write_component(&weights, &matrices, dtype, &dir.join(file))
+                             weights: Weights,
+                             model: &dyn Fn(&Weights) -> Result<()>| {
+            super::convert::write_weights(
+                weights,
+                dtype,
+                model,
+                &staging.join(component).join(file),
+            )
         };
         let copy = |file: &str| -> Result<String> {
             let text = configs.require(file)?;
@@ -349,7 +332,7 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
             write_text(&format!("{tokenizer}/merges.txt"), &merges)?;
         }
         let scheduler = serde_json::to_string_pretty(&scheduler_config)
-            .map_err(|e| Error::config(&staging, e.to_string()))?;
+            .map_err(|e| Error::config(staging, e.to_string()))?;
         write_text("scheduler/scheduler_config.json", &scheduler)?;
         if defaults.width.is_some() {
             // The size a v-prediction SD 2.x file defaults to, which diffusers reads from the
@@ -357,18 +340,10 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
             let mut unet: Value = parse_json(&unet_text, &configs.path("unet/config.json"))?;
             unet["sample_size"] = Value::from(defaults.width.unwrap_or(512) / 8);
             let text = serde_json::to_string_pretty(&unet)
-                .map_err(|e| Error::config(&staging, e.to_string()))?;
+                .map_err(|e| Error::config(staging, e.to_string()))?;
             write_text("unet/config.json", &text)?;
         }
         Ok(())
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(e);
-    }
-    std::fs::rename(&staging, out).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&staging);
-        Error::io(out, e)
     })
 }
 

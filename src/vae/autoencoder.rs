@@ -262,6 +262,15 @@ impl AutoencoderKl {
     /// The autoencoder from weights in diffusers' names (the legacy attention names
     /// accepted); every stored tensor must be used.
     pub fn from_stored(config: VaeConfig, mut weights: Weights) -> Result<Self> {
+        Self::accept_legacy_names(&mut weights);
+        let model = Self::from_weights(config, &weights.root())?;
+        weights.finish()?;
+        Ok(model)
+    }
+
+    /// Lets `weights` serve the mid-block attention under its legacy names too (`query`,
+    /// `proj_attn`, ...), as diffusers does.
+    pub fn accept_legacy_names(weights: &mut Weights) {
         for part in ["encoder", "decoder"] {
             for (new, old) in LEGACY_ATTENTION {
                 for leaf in ["weight", "bias"] {
@@ -275,9 +284,6 @@ impl AutoencoderKl {
                 }
             }
         }
-        let model = Self::from_weights(config, &weights.root())?;
-        weights.finish()?;
-        Ok(model)
     }
 
     pub fn from_weights(config: VaeConfig, vb: &Vb) -> Result<Self> {

@@ -1,0 +1,170 @@
+//! `text2img convert`: a model written out again as a diffusers folder, with its weight
+//! matrices in another dtype where asked (`--dtype q8`: a folder a quarter of f32's size that
+//! loads as q8 with no quantizing). Single files are converted by
+//! [`super::single_file::convert_single_file`]; this file holds the folder-to-folder
+//! conversion and what both share: the folder written beside its place and renamed into it.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use super::{Family, LoadOptions, Pipeline};
+use crate::error::{Error, Result};
+use crate::latent::unet::{UNet, UNetConfig};
+use crate::text::clip::{ClipTextConfig, ClipTextModel};
+use crate::vae::config::VaeConfig;
+use crate::vae::AutoencoderKl;
+use crate::weights::folder::ModelFolder;
+use crate::weights::{MatrixDtype, Weights};
+
+/// Writes a new folder `out` through `write(staging)`: into a hidden folder beside it, renamed
+/// into place when all is written, removed on failure (a failed conversion leaves nothing).
+pub(super) fn write_staged(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if out.exists() {
+        return Err(Error::config(out, "already exists; choose a new folder"));
+    }
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::config(out, "not a folder name"))?
+        .to_string_lossy();
+    let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let written = std::fs::create_dir_all(&staging)
+        .map_err(|e| Error::io(&staging, e))
+        .and_then(|()| write(&staging));
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    std::fs::rename(&staging, out).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staging);
+        Error::io(out, e)
+    })
+}
+
+/// Writes one component's weights to `file`: the weight matrices (the tensors `model` asks
+/// for as such, found by loading it) as `dtype` keeps them, the rest as stored; with f32 (the
+/// default) everything as stored, without loading the model again.
+pub(super) fn write_weights(
+    mut weights: Weights,
+    dtype: MatrixDtype,
+    model: &LoadModel<'_>,
+    file: &Path,
+) -> Result<()> {
+    let matrices = if dtype == MatrixDtype::F32 {
+        HashSet::new()
+    } else {
+        weights.store_matrices_as(dtype);
+        model(&weights)?;
+        weights.matrix_names()
+    };
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    crate::weights::writer::write_component(&weights, &matrices, dtype, file)
+}
+
+/// Builds a component's model from weights (to learn which tensors are its matrices).
+type LoadModel<'a> = dyn Fn(&Weights) -> Result<()> + 'a;
+
+/// Converts the diffusers folder `folder` into the new folder `out`: the U-Net's, VAE's and
+/// text encoders' weights (of `options.variant`) written with their matrices as
+/// `options.weight_dtype`; every other file copied as it is.
+pub fn convert_folder(folder: &Path, options: &LoadOptions, out: &Path) -> Result<()> {
+    if out.exists() {
+        return Err(Error::config(out, "already exists; choose a new folder"));
+    }
+    let model = ModelFolder::open(folder)?;
+    // The folder must load as it is before anything is written.
+    drop(Pipeline::load_folder(&model, options)?);
+    let family = Family::detect(&model)?;
+    let variant = options.variant.as_deref();
+    let dtype = options.weight_dtype;
+    let device = &options.device;
+    let converted: Vec<&str> = family
+        .components()
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| model.component(name).is_dir())
+        .collect();
+    write_staged(out, |staging| {
+        copy_other_files(&model.root, staging, &converted)?;
+        for &component in &converted {
+            let dir = model.component(component);
+            let weights = Weights::open_component(&dir, variant, device)?;
+            let config = dir.join("config.json");
+            let (stem, load): (&str, Box<LoadModel<'static>>) = match component {
+                "unet" => {
+                    let config = UNetConfig::from_file(&config)?;
+                    let load =
+                        move |w: &Weights| UNet::from_weights(config.clone(), &w.root()).map(drop);
+                    ("diffusion_pytorch_model", Box::new(load))
+                }
+                "vae" => {
+                    let config = VaeConfig::from_file(&config)?;
+                    let load = move |w: &Weights| {
+                        AutoencoderKl::from_weights(config.clone(), &w.root()).map(drop)
+                    };
+                    ("diffusion_pytorch_model", Box::new(load))
+                }
+                _ => {
+                    let config = ClipTextConfig::from_file(&config)?;
+                    let load =
+                        move |w: &Weights| ClipTextModel::from_weights(config.clone(), w).map(drop);
+                    ("model", Box::new(load))
+                }
+            };
+            let mut weights = weights;
+            if component == "vae" {
+                AutoencoderKl::accept_legacy_names(&mut weights);
+            }
+            let file = staging.join(component).join(format!("{stem}.safetensors"));
+            write_weights(weights, dtype, &*load, &file)?;
+        }
+        Ok(())
+    })
+}
+
+/// Copies every file under `from` to `to` except the weight files of the `converted`
+/// components (written anew, whichever variant), following no links out of the folder.
+fn copy_other_files(from: &Path, to: &Path, converted: &[&str]) -> Result<()> {
+    let mut pending: Vec<PathBuf> = vec![PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        let dir = from.join(&relative);
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        std::fs::create_dir_all(to.join(&relative)).map_err(|e| Error::io(to, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            let path = entry.path();
+            let name = relative.join(entry.file_name());
+            if path.is_dir() {
+                pending.push(name);
+                continue;
+            }
+            let in_converted = relative
+                .components()
+                .next()
+                .is_some_and(|c| converted.iter().any(|k| c.as_os_str() == *k));
+            if in_converted && is_weight_file(&path) {
+                continue;
+            }
+            let target = to.join(&name);
+            std::fs::copy(&path, &target).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// A file of weights a component folder may hold: safetensors (and their shard indexes) or
+/// PyTorch's `.bin`.
+fn is_weight_file(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    name.ends_with(".safetensors")
+        || name.ends_with(".safetensors.index.json")
+        || name.ends_with(".bin")
+}
