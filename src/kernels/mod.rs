@@ -43,6 +43,7 @@ mod attention_backward;
 mod attention_lanes;
 pub mod bias;
 pub mod conv2d;
+pub mod dequantize;
 pub mod fast_math;
 pub mod geglu;
 pub mod group_norm;

@@ -102,15 +102,8 @@ impl Q8Matrix {
 
     /// The f32 weight these values stand for (`q * scale`), spread over the threads.
     pub fn dequantize(&self) -> Result<Tensor> {
-        let row_len = self
-            .values
-            .len()
-            .checked_div(self.scales.len())
-            .unwrap_or(0);
-        let mut out = vec![0f32; self.values.len()];
-        crate::kernels::parallel::for_each_chunk(&mut out, row_len, |r, dst| {
-            dequantize_row(&self.values[r * row_len..][..row_len], self.scales[r], dst)
-        });
+        let out = crate::kernels::dequantize::dequantize(&self.values, &self.scales)
+            .ok_or(Error::Cancelled)?;
         Ok(Tensor::from_vec(out, self.shape.as_slice(), &self.device)?)
     }
 }
@@ -128,13 +121,6 @@ fn quantize_row(row: &[f32], q: &mut [i8]) -> f32 {
         *q = (v / scale).round().clamp(-127.0, 127.0) as i8;
     }
     scale
-}
-
-/// `dst = q * scale` (a loop the compiler vectorises: widen, convert, multiply).
-fn dequantize_row(q: &[i8], scale: f32, dst: &mut [f32]) {
-    for (d, &v) in dst.iter_mut().zip(q) {
-        *d = v as f32 * scale;
-    }
 }
 
 #[cfg(test)]
