@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 use parity::{copy_dir, model_dir};
 use text2img::pipeline::{load_local, LoadOptions};
 use text2img::vae::AutoencoderKl;
+use text2img::weights::MatrixDtype;
 
 fn scratch_model() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -189,13 +190,27 @@ fn a_legacy_named_vae_loads_and_decodes_the_same() {
     let z = Tensor::randn(0f32, 1f32, (1, 4, 4, 4), &Device::Cpu).unwrap();
     let a = AutoencoderKl::load(&model_dir("sd1-tiny").join("vae"), None, &Device::Cpu).unwrap();
     let b = AutoencoderKl::load(&root.join("vae"), None, &Device::Cpu).unwrap();
-    let diff = (a.decode(&z).unwrap() - b.decode(&z).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    let max_diff = |x: &AutoencoderKl, y: &AutoencoderKl| {
+        let diff = (x.decode(&z).unwrap() - y.decode(&z).unwrap()).unwrap();
+        let diff = diff.abs().unwrap().max_all().unwrap();
+        diff.to_scalar::<f32>().unwrap()
+    };
+    assert_eq!(max_diff(&a, &b), 0.0);
+
+    // Converted to q8, the legacy 1x1 kernels are stored as int8 kernels and still serve as
+    // matrices: the same decoder as the original quantized as it loads.
+    let out = _tmp.path().join("q8");
+    let options = LoadOptions {
+        weight_dtype: MatrixDtype::Q8,
+        ..Default::default()
+    };
+    text2img::pipeline::convert::convert_folder(&root, &options, &out).unwrap();
+    let q8 = |dir: &std::path::Path| {
+        AutoencoderKl::load_as(&dir.join("vae"), None, &Device::Cpu, MatrixDtype::Q8).unwrap()
+    };
+    let converted = AutoencoderKl::load(&out.join("vae"), None, &Device::Cpu).unwrap();
+    assert_eq!(max_diff(&q8(&model_dir("sd1-tiny")), &converted), 0.0);
+    assert!(max_diff(&a, &converted) > 0.0);
 }
 
 #[test]

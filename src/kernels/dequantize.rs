@@ -37,7 +37,11 @@ mod tests {
             let scales: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32 * 0.25).collect();
             let got = super::dequantize(&values, &scales).unwrap();
             for (i, (g, v)) in got.iter().zip(&values).enumerate() {
-                assert_eq!(*g, *v as f32 * scales[i / row_len], "{rows}x{row_len} at {i}");
+                assert_eq!(
+                    *g,
+                    *v as f32 * scales[i / row_len],
+                    "{rows}x{row_len} at {i}"
+                );
             }
         }
         assert!(super::dequantize(&[], &[]).unwrap().is_empty());

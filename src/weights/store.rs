@@ -420,7 +420,11 @@ impl Weights {
         entry: &Entry,
         shape: &[usize],
     ) -> Result<Q8Matrix> {
-        if entry.shape != shape {
+        // As for float weights: a 1x1 convolution kernel serves as the matrix it is (old VAE
+        // attention projections).
+        let matrix_as_conv =
+            shape.len() == 2 && entry.shape.len() == 4 && entry.shape[2..] == [1, 1];
+        if entry.shape != shape && !(matrix_as_conv && entry.shape[..2] == shape[..]) {
             return Err(Error::ShapeMismatch {
                 path: self.path_of(Some(stored)).to_path_buf(),
                 name: stored.to_string(),
