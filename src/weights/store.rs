@@ -420,18 +420,7 @@ impl Weights {
         entry: &Entry,
         shape: &[usize],
     ) -> Result<Q8Matrix> {
-        // As for float weights: a 1x1 convolution kernel serves as the matrix it is (old VAE
-        // attention projections).
-        let matrix_as_conv =
-            shape.len() == 2 && entry.shape.len() == 4 && entry.shape[2..] == [1, 1];
-        if entry.shape != shape && !(matrix_as_conv && entry.shape[..2] == shape[..]) {
-            return Err(Error::ShapeMismatch {
-                path: self.path_of(Some(stored)).to_path_buf(),
-                name: stored.to_string(),
-                expected: shape.to_vec(),
-                found: entry.shape.clone(),
-            });
-        }
+        self.check_shape(name, stored, entry, shape)?;
         let scale_name = format!("{stored}{SCALE_SUFFIX}");
         let rows = shape.first().copied().unwrap_or(1);
         let scales = match self.entries.get(&scale_name) {
@@ -462,6 +451,31 @@ impl Weights {
         Q8Matrix::from_parts(name, values, scales, shape, &self.device)
     }
 
+    /// Fails unless the stored tensor has `shape`; `Ok(true)` where it is a 1x1 convolution
+    /// kernel standing for that matrix under a legacy name (old checkpoints store the VAE
+    /// attention projections so).
+    fn check_shape(
+        &self,
+        name: &str,
+        stored: &str,
+        entry: &Entry,
+        shape: &[usize],
+    ) -> Result<bool> {
+        let legacy_conv = stored != name
+            && entry.shape.len() == 4
+            && entry.shape[2..] == [1, 1]
+            && shape.len() == 2;
+        if entry.shape != shape && !(legacy_conv && entry.shape[..2] == shape[..]) {
+            return Err(Error::ShapeMismatch {
+                path: self.path_of(Some(stored)).to_path_buf(),
+                name: stored.to_string(),
+                expected: shape.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        Ok(legacy_conv)
+    }
+
     fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let stored = self.aliases.get(name).map_or(name, String::as_str);
         let entry = self.entry(stored)?;
@@ -477,19 +491,7 @@ impl Weights {
                 return Ok(tensor.to_dtype(dtype)?);
             }
         };
-        // Old checkpoints store the VAE attention projections as 1x1 convolutions.
-        let legacy_conv = stored != name
-            && entry.shape.len() == 4
-            && entry.shape[2..] == [1, 1]
-            && shape.len() == 2;
-        if entry.shape != shape && !(legacy_conv && entry.shape[..2] == shape[..]) {
-            return Err(Error::ShapeMismatch {
-                path: self.path_of(Some(stored)).to_path_buf(),
-                name: stored.to_string(),
-                expected: shape.to_vec(),
-                found: entry.shape.clone(),
-            });
-        }
+        let legacy_conv = self.check_shape(name, stored, entry, shape)?;
         self.used.lock().unwrap().insert(stored.to_string());
         let tensor = if stored_dtype == DType::F32 && cfg!(target_endian = "little") {
             // Straight into the tensor's own buffer: no byte buffer and second copy (SD 1.5's
