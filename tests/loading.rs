@@ -204,7 +204,8 @@ fn a_legacy_named_vae_loads_and_decodes_the_same() {
         weight_dtype: MatrixDtype::Q8,
         ..Default::default()
     };
-    text2img::pipeline::convert::convert_folder(&root, &options, &out).unwrap();
+    text2img::pipeline::convert::convert_folder(&root, &options, Some(MatrixDtype::Q8), &out)
+        .unwrap();
     let q8 = |dir: &std::path::Path| {
         AutoencoderKl::load_as(&dir.join("vae"), None, &Device::Cpu, MatrixDtype::Q8).unwrap()
     };
@@ -316,4 +317,90 @@ fn a_guide_unet_that_does_not_fit_or_is_missing_is_named() {
     // A weight of 1 (off) needs none.
     std::fs::write(root.join("text2img.json"), r#"{"autoguidance": 1.0}"#).unwrap();
     load_local(&root, &LoadOptions::default()).unwrap();
+}
+
+/// `convert_folder` converts autoguidance's U-Net (`guide_unet/`) with the model's own: both
+/// load from the converted folder as q8, and no file of the folder is left behind or lost.
+/// An output folder inside the source is refused before anything is written.
+#[test]
+fn converting_a_folder_to_q8_quantizes_the_guide_unet_too() {
+    let (tmp, root) = scratch_model();
+    assert!(root.join("guide_unet").is_dir());
+    let options = LoadOptions {
+        weight_dtype: MatrixDtype::Q8,
+        ..Default::default()
+    };
+    let convert = text2img::pipeline::convert::convert_folder;
+    let inside = root.join("q8");
+    let err = convert(&root, &options, Some(MatrixDtype::Q8), &inside).unwrap_err();
+    assert!(err.to_string().contains("inside the folder"), "{err}");
+    assert!(!inside.exists());
+    let out = tmp.path().join("q8");
+    convert(&root, &options, Some(MatrixDtype::Q8), &out).unwrap();
+    let pipeline = load_local(&out, &LoadOptions::default()).unwrap();
+    assert_eq!(pipeline.unet.weight_dtype(), MatrixDtype::Q8);
+    let guide = pipeline.guide_unet.as_ref().expect("the guide U-Net loads");
+    assert_eq!(guide.weight_dtype(), MatrixDtype::Q8);
+    let files = |dir: &Path| {
+        let mut names: Vec<String> = walk(dir)
+            .into_iter()
+            .map(|p| p.strip_prefix(dir).unwrap().display().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(files(&out), files(&root));
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// A q8 folder whose int8 weight lacks its scales, or has scales of the wrong shape or dtype,
+/// fails to load with an error naming the tensor and the file, not a panic.
+#[test]
+fn a_broken_int8_weight_is_a_clear_error() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let (tmp, root) = scratch_model();
+    let q8 = tmp.path().join("q8");
+    let options = LoadOptions {
+        weight_dtype: MatrixDtype::Q8,
+        ..Default::default()
+    };
+    text2img::pipeline::convert::convert_folder(&root, &options, Some(MatrixDtype::Q8), &q8)
+        .unwrap();
+    let file = unet_file(&q8);
+    let bytes = std::fs::read(&file).unwrap();
+    let scale = "conv_in.weight_scale";
+    let rewrite = |replace: Option<TensorView>| {
+        let stored = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut views: Vec<(String, TensorView)> = stored
+            .tensors()
+            .into_iter()
+            .filter(|(name, _)| name != scale)
+            .collect();
+        views.extend(replace.map(|v| (scale.to_string(), v)));
+        std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+        load_error(&q8)
+    };
+    let err = rewrite(None);
+    assert!(err.contains(scale), "{err}");
+    let data = vec![0u8; 4 * 3];
+    let err = rewrite(Some(TensorView::new(Dtype::F32, vec![3], &data).unwrap()));
+    assert!(
+        err.contains(scale) && err.contains("one scale per row"),
+        "{err}"
+    );
+    let data = vec![0u8; 2 * 32];
+    let err = rewrite(Some(TensorView::new(Dtype::F16, vec![32], &data).unwrap()));
+    assert!(err.contains(scale) && err.contains("f32"), "{err}");
 }

@@ -204,26 +204,33 @@ fn pickled_checkpoints_are_read_and_never_run() {
     assert!(!marker.exists(), "the pickle's command ran");
 }
 
-/// `convert` writes a diffusers folder that loads to the same image (scripts/check-convert
+/// `convert` writes a diffusers folder that loads to the same image (the SDXL refiner's one
+/// encoder in its own slot, `text_encoder_2`; scripts/check-convert
 /// checks the same folders with diffusers); a failed conversion leaves nothing behind.
 #[test]
 fn convert_writes_a_folder_with_the_same_image() {
     use text2img::pipeline::single_file::convert_single_file;
     let dir = tempfile::tempdir().unwrap();
-    for name in ["sd2-tiny", "sdxl-tiny"] {
+    for name in ["sd2-tiny", "sdxl-tiny", "sdxl-refiner-tiny"] {
         let out = dir.path().join(name);
-        convert_single_file(&checkpoint(name), &options(Some(name)), &out).unwrap();
+        convert_single_file(&checkpoint(name), &options(Some(name)), None, &out).unwrap();
         let converted = load_local(&out, &LoadOptions::default()).unwrap();
         let folder = load_local(&model_dir(name), &LoadOptions::default()).unwrap();
         assert!(image(&converted) == image(&folder), "{name}");
     }
     let taken = dir.path().join("sd2-tiny");
-    let err = convert_single_file(&checkpoint("sd2-tiny"), &options(Some("sd2-tiny")), &taken);
+    let err = convert_single_file(
+        &checkpoint("sd2-tiny"),
+        &options(Some("sd2-tiny")),
+        None,
+        &taken,
+    );
     assert!(err.unwrap_err().to_string().contains("already exists"));
     let out = dir.path().join("evil");
     let err = convert_single_file(
         &checkpoint_file("evil.ckpt"),
         &options(Some("sd1-tiny")),
+        None,
         &out,
     );
     assert!(err.is_err());
@@ -231,7 +238,7 @@ fn convert_writes_a_folder_with_the_same_image() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(left.len(), 2, "{left:?}");
+    assert_eq!(left.len(), 3, "{left:?}");
 }
 
 /// `convert --dtype q8` stores the weight matrices and kernels as int8 with a scale per output
@@ -255,7 +262,7 @@ fn convert_to_q8_writes_int8_weights_that_load_as_they_were_quantized() {
         image(&Pipeline::load_single_file(&checkpoint(name), &options(Some(name))).unwrap());
     for dtype in [MatrixDtype::Q8, MatrixDtype::Bf16] {
         let out = dir.path().join(dtype.name());
-        convert_single_file(&checkpoint(name), &as_dtype(dtype), &out).unwrap();
+        convert_single_file(&checkpoint(name), &as_dtype(dtype), Some(dtype), &out).unwrap();
         let converted = image(&load_local(&out, &LoadOptions::default()).unwrap());
         let quantized =
             image(&Pipeline::load_single_file(&checkpoint(name), &as_dtype(dtype)).unwrap());
@@ -490,7 +497,8 @@ fn a_yaml_describes_an_architecture_no_built_in_config_has() {
 
     // Converted with the yaml: a folder that loads to the same image.
     let out = dir.path().join("converted");
-    text2img::pipeline::single_file::convert_single_file(&file, &with_yaml(&yaml), &out).unwrap();
+    text2img::pipeline::single_file::convert_single_file(&file, &with_yaml(&yaml), None, &out)
+        .unwrap();
     let converted = load_local(&out, &LoadOptions::default()).unwrap();
     assert!(
         small(&converted) == from_yaml,

@@ -103,7 +103,8 @@ fn convert(a: ConvertArgs) -> Result<()> {
             variant: a.variant,
             ..Default::default()
         };
-        text2img::pipeline::convert::convert_folder(&a.file, &options, &a.out)
+        let matrices = a.dtype.map(assets::WeightDtype::dtype);
+        text2img::pipeline::convert::convert_folder(&a.file, &options, matrices, &a.out)
             .with_context(|| format!("converting {}", a.file.display()))?;
         println!("{}", a.out.display());
         return Ok(());
@@ -121,7 +122,8 @@ fn convert(a: ConvertArgs) -> Result<()> {
         },
         ..Default::default()
     };
-    text2img::pipeline::single_file::convert_single_file(&a.file, &options, &a.out)
+    let matrices = a.dtype.map(assets::WeightDtype::dtype);
+    text2img::pipeline::single_file::convert_single_file(&a.file, &options, matrices, &a.out)
         .with_context(|| format!("converting {}", a.file.display()))?;
     println!("{}", a.out.display());
     Ok(())

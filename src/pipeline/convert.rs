@@ -7,13 +7,14 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use super::{Family, LoadOptions, Pipeline};
+use super::{Family, LoadOptions, Pipeline, GUIDE_UNET};
 use crate::error::{Error, Result};
 use crate::latent::unet::{UNet, UNetConfig};
 use crate::text::clip::{ClipTextConfig, ClipTextModel};
 use crate::vae::config::VaeConfig;
 use crate::vae::AutoencoderKl;
 use crate::weights::folder::ModelFolder;
+use crate::weights::store::has_weight_files;
 use crate::weights::{MatrixDtype, Weights};
 
 /// Writes a new folder `out` through `write(staging)`: into a hidden folder beside it, renamed
@@ -45,20 +46,21 @@ pub(super) fn write_staged(out: &Path, write: impl FnOnce(&Path) -> Result<()>) 
 }
 
 /// Writes one component's weights to `file`: the weight matrices (the tensors `model` asks
-/// for as such, found by loading it) as `dtype` keeps them, the rest as stored; with f32 (the
-/// default) everything as stored, without loading the model again.
+/// for as such, found by loading it) as `dtype` keeps them, the rest as stored; with `None`
+/// everything as stored, without loading the model again.
 pub(super) fn write_weights(
     mut weights: Weights,
-    dtype: MatrixDtype,
+    dtype: Option<MatrixDtype>,
     model: &LoadModel<'_>,
     file: &Path,
 ) -> Result<()> {
-    let matrices = if dtype == MatrixDtype::F32 {
-        HashSet::new()
-    } else {
-        weights.store_matrices_as(dtype);
-        model(&weights)?;
-        weights.matrix_names()
+    let matrices = match dtype {
+        None => HashSet::new(),
+        Some(dtype) => {
+            weights.store_matrices_as(dtype);
+            model(&weights)?;
+            weights.matrix_names()
+        }
     };
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -69,34 +71,47 @@ pub(super) fn write_weights(
 /// Builds a component's model from weights (to learn which tensors are its matrices).
 type LoadModel<'a> = dyn Fn(&Weights) -> Result<()> + 'a;
 
-/// Converts the diffusers folder `folder` into the new folder `out`: the U-Net's, VAE's and
-/// text encoders' weights (of `options.variant`) written with their matrices as
-/// `options.weight_dtype`; every other file copied as it is.
-pub fn convert_folder(folder: &Path, options: &LoadOptions, out: &Path) -> Result<()> {
+/// Converts the diffusers folder `folder` into the new folder `out`: the U-Nets', VAE's and
+/// text encoders' weights (of `options.variant`) written with their matrices as `matrices`
+/// (`None`: as stored); every other file copied as it is. The folder is loaded first with
+/// `options` (one that does not load is not converted).
+pub fn convert_folder(
+    folder: &Path,
+    options: &LoadOptions,
+    matrices: Option<MatrixDtype>,
+    out: &Path,
+) -> Result<()> {
     if out.exists() {
         return Err(Error::config(out, "already exists; choose a new folder"));
     }
     let model = ModelFolder::open(folder)?;
     // The folder must load as it is before anything is written.
     drop(Pipeline::load_folder(&model, options)?);
+    refuse_inside(folder, out)?;
     let family = Family::detect(&model)?;
-    let variant = options.variant.as_deref();
-    let dtype = options.weight_dtype;
     let device = &options.device;
+    // Autoguidance's U-Net too, which the pipeline loads beside the model's own.
     let converted: Vec<&str> = family
         .components()
         .iter()
         .map(|(name, _)| *name)
+        .chain([GUIDE_UNET])
         .filter(|name| model.component(name).is_dir())
         .collect();
     write_staged(out, |staging| {
         copy_other_files(&model.root, staging, &converted)?;
         for &component in &converted {
             let dir = model.component(component);
+            // As the pipeline loads it: the guide falls back to its plain weights where it
+            // lacks the variant.
+            let variant = options
+                .variant
+                .as_deref()
+                .filter(|v| component != GUIDE_UNET || has_weight_files(&dir, Some(v)));
             let weights = Weights::open_component(&dir, variant, device)?;
             let config = dir.join("config.json");
             let (stem, load): (&str, Box<LoadModel<'static>>) = match component {
-                "unet" => {
+                "unet" | GUIDE_UNET => {
                     let config = UNetConfig::from_file(&config)?;
                     let load =
                         move |w: &Weights| UNet::from_weights(config.clone(), &w.root()).map(drop);
@@ -121,14 +136,34 @@ pub fn convert_folder(folder: &Path, options: &LoadOptions, out: &Path) -> Resul
                 AutoencoderKl::accept_legacy_names(&mut weights);
             }
             let file = staging.join(component).join(format!("{stem}.safetensors"));
-            write_weights(weights, dtype, &*load, &file)?;
+            write_weights(weights, matrices, &*load, &file)?;
         }
         Ok(())
     })
 }
 
+/// Refuses an output folder inside the source (the copy would walk into itself).
+fn refuse_inside(folder: &Path, out: &Path) -> Result<()> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (Ok(source), Ok(parent)) = (folder.canonicalize(), parent.canonicalize()) else {
+        return Ok(());
+    };
+    if parent.starts_with(&source) {
+        return Err(Error::config(
+            out,
+            "is inside the folder it converts; choose a folder elsewhere",
+        ));
+    }
+    Ok(())
+}
+
 /// Copies every file under `from` to `to` except the weight files of the `converted`
-/// components (written anew, whichever variant), following no links out of the folder.
+/// components (written anew, whichever variant) and hidden folders (`.git`, `.cache`).
+/// Links to files are copied as the files they point to (a Hugging Face snapshot's links to
+/// its blobs); links to folders are not followed.
 fn copy_other_files(from: &Path, to: &Path, converted: &[&str]) -> Result<()> {
     let mut pending: Vec<PathBuf> = vec![PathBuf::new()];
     while let Some(relative) = pending.pop() {
@@ -139,8 +174,14 @@ fn copy_other_files(from: &Path, to: &Path, converted: &[&str]) -> Result<()> {
             let entry = entry.map_err(|e| Error::io(&dir, e))?;
             let path = entry.path();
             let name = relative.join(entry.file_name());
-            if path.is_dir() {
-                pending.push(name);
+            let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
+            if kind.is_dir() {
+                if !entry.file_name().to_string_lossy().starts_with('.') {
+                    pending.push(name);
+                }
+                continue;
+            }
+            if kind.is_symlink() && path.is_dir() {
                 continue;
             }
             let in_converted = relative

@@ -20,7 +20,7 @@ use crate::weights::lora::Part;
 use crate::weights::single_file::configs::ConfigFiles;
 use crate::weights::single_file::original_config::OriginalConfig;
 use crate::weights::single_file::{Architecture, Checkpoint};
-use crate::weights::Weights;
+use crate::weights::{MatrixDtype, Weights};
 
 /// How to load a single file, beyond [`LoadOptions`].
 #[derive(Clone, Debug, Default)]
@@ -255,11 +255,17 @@ fn probe_prediction_type(unet: &UNet, device: &Device) -> Result<&'static str> {
 }
 
 /// Writes a single-file checkpoint as a diffusers folder at `out`: each component's weights
-/// under diffusers' names in their stored dtype, the configs it was loaded with (the
+/// under diffusers' names in their stored dtype (the weight matrices as `matrices` where it
+/// is given), the configs it was loaded with (the
 /// scheduler's prediction type as resolved), and the tokenizer files. The checkpoint is
 /// loaded first, so a file that does not load is not converted; the folder is written beside
 /// `out` and renamed into place, so a failed conversion leaves nothing behind.
-pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path) -> Result<()> {
+pub fn convert_single_file(
+    path: &Path,
+    options: &SingleFileOptions,
+    matrices: Option<MatrixDtype>,
+    out: &Path,
+) -> Result<()> {
     if out.exists() {
         return Err(Error::config(out, "already exists; choose a new folder"));
     }
@@ -270,7 +276,6 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
     let mut checkpoint = Checkpoint::open(path, &options.load.device)?;
     let arch = checkpoint.architecture;
     let (configs, _) = configs_for(path, options, arch)?;
-    let dtype = options.load.weight_dtype;
     super::convert::write_staged(out, |staging| {
         let write_text = |file: &str, text: &str| -> Result<()> {
             let target = staging.join(file);
@@ -283,12 +288,8 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
                              file: &str,
                              weights: Weights,
                              model: &dyn Fn(&Weights) -> Result<()>| {
-            super::convert::write_weights(
-                weights,
-                dtype,
-                model,
-                &staging.join(component).join(file),
-            )
+            let file = staging.join(component).join(file);
+            super::convert::write_weights(weights, matrices, model, &file)
         };
         let copy = |file: &str| -> Result<String> {
             let text = configs.require(file)?;
@@ -313,15 +314,22 @@ pub fn convert_single_file(path: &Path, options: &SingleFileOptions, out: &Path)
             checkpoint.vae(vae_config.block_out_channels.len())?,
             &|w| AutoencoderKl::from_weights(vae_config.clone(), &w.root()).map(drop),
         )?;
-        let encoders = arch.text_encoders().len();
-        for (i, (tokenizer, encoder)) in TEXT_ENCODERS.into_iter().take(encoders).enumerate() {
+        // The encoders' slots as the load fills them: the refiner's one encoder is the
+        // second (`text_encoder_2`, with its projection).
+        let (encoders, first) = (arch.text_encoders().len(), arch.first_encoder_slot());
+        for (i, (tokenizer, encoder)) in TEXT_ENCODERS
+            .into_iter()
+            .enumerate()
+            .skip(first)
+            .take(encoders)
+        {
             let file = format!("{encoder}/config.json");
             let text = copy(&file)?;
             let config = ClipTextConfig::from_json(&text, &configs.path(&file))?;
             write_weights(
                 encoder,
                 "model.safetensors",
-                checkpoint.text_encoder(i, &config, i == 1)?,
+                checkpoint.text_encoder(i - first, &config, i == 1)?,
                 &|w| ClipTextModel::from_weights(config.clone(), w).map(drop),
             )?;
             for part in ["tokenizer_config.json", "special_tokens_map.json"] {

@@ -27,7 +27,9 @@ pub struct Q8Matrix {
 }
 
 impl Q8Matrix {
-    /// Quantizes a weight (any float dtype; its first dimension the output channels).
+    /// Quantizes a weight (any float dtype; its first dimension the output channels). A
+    /// weight with a NaN or infinite value is refused (no scale stands for it); the error
+    /// names the channel, the caller the tensor.
     pub fn quantize(weight: &Tensor) -> Result<Self> {
         let shape = weight.dims().to_vec();
         let rows = shape.first().copied().unwrap_or(1);
@@ -42,6 +44,11 @@ impl Q8Matrix {
                 .zip(values.par_chunks(row_len))
                 .for_each(|((q, scale), row)| *scale = quantize_row(row, q));
         }
+        if let Some(channel) = scales.iter().position(|s| !s.is_finite()) {
+            return Err(Error::InvalidRequest(format!(
+                "output channel {channel} has a NaN or infinite weight, which int8 cannot hold"
+            )));
+        }
         Ok(Self {
             values: quantized,
             scales,
@@ -51,9 +58,9 @@ impl Q8Matrix {
     }
 
     /// A quantized weight as a file stores it: `values` row-major in `shape`, one scale per
-    /// row of the first dimension. `name` is the tensor's, for the error.
+    /// row of the first dimension. The error says what does not fit (the caller names the
+    /// tensor).
     pub fn from_parts(
-        name: &str,
         values: Vec<i8>,
         scales: Vec<f32>,
         shape: &[usize],
@@ -63,15 +70,13 @@ impl Q8Matrix {
         let len: usize = shape.iter().product();
         if values.len() != len || scales.len() != rows {
             return Err(Error::InvalidRequest(format!(
-                "int8 tensor `{name}` {shape:?} has {} values and {} scales (one per row: {rows})",
+                "has {} int8 values and {} scales for its shape {shape:?} (one scale per row: {rows})",
                 values.len(),
                 scales.len()
             )));
         }
         if let Some(bad) = scales.iter().find(|s| !s.is_finite() || **s < 0.0) {
-            return Err(Error::InvalidRequest(format!(
-                "int8 tensor `{name}` has a scale of {bad}"
-            )));
+            return Err(Error::InvalidRequest(format!("has a scale of {bad}")));
         }
         Ok(Self {
             values,
@@ -108,13 +113,19 @@ impl Q8Matrix {
     }
 }
 
-/// Quantizes one output channel into `q` and returns its scale (0 for an all-zero channel,
-/// whose values are then all 0).
+/// Quantizes one output channel into `q` and returns its scale: 0 for an all-zero channel
+/// (whose values are then all 0), NaN for one holding a NaN or an infinity.
 fn quantize_row(row: &[f32], q: &mut [i8]) -> f32 {
-    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-    if max == 0.0 || !max.is_finite() {
+    let mut max = 0f32;
+    for v in row {
+        if !v.is_finite() {
+            return f32::NAN;
+        }
+        max = max.max(v.abs());
+    }
+    if max == 0.0 {
         q.fill(0);
-        return if max.is_finite() { 0.0 } else { f32::NAN };
+        return 0.0;
     }
     let scale = max / 127.0;
     for (q, v) in q.iter_mut().zip(row) {
@@ -161,20 +172,25 @@ mod tests {
     }
 
     #[test]
+    fn a_weight_with_a_nan_or_an_infinity_is_refused() {
+        for bad in [f32::NAN, f32::INFINITY] {
+            let w = Tensor::new(&[[1f32, 2.0], [bad, 0.5]], &Device::Cpu).unwrap();
+            let err = Q8Matrix::quantize(&w).unwrap_err().to_string();
+            assert!(err.contains("channel 1"), "{err}");
+        }
+    }
+
+    #[test]
     fn parts_that_do_not_fit_their_shape_are_refused() {
         let err =
-            Q8Matrix::from_parts("w", vec![0; 6], vec![1.0; 2], &[3, 2], &Device::Cpu).unwrap_err();
-        assert!(err.to_string().contains("`w`"), "{err}");
-        let err = Q8Matrix::from_parts(
-            "w",
-            vec![0; 6],
-            vec![1.0, f32::NAN, 1.0],
-            &[3, 2],
-            &Device::Cpu,
+            Q8Matrix::from_parts(vec![0; 6], vec![1.0; 2], &[3, 2], &Device::Cpu).unwrap_err();
+        assert!(
+            err.to_string().contains("6 int8 values and 2 scales"),
+            "{err}"
         );
+        let err = Q8Matrix::from_parts(vec![0; 6], vec![1.0, f32::NAN, 1.0], &[3, 2], &Device::Cpu);
         assert!(err.unwrap_err().to_string().contains("scale"));
         let ok = Q8Matrix::from_parts(
-            "w",
             vec![1, -2, 3, 4, 5, 127],
             vec![0.5, 1.0, 2.0],
             &[3, 2],

@@ -238,6 +238,12 @@ impl Weights {
                     name: stored.to_string(),
                 });
             };
+            if entry.dtype == Stored::Int8 {
+                return Err(self.bad_piece(
+                    stored,
+                    "is int8: quantized weights are read from diffusers folders (`text2img convert --dtype q8`), not from single files",
+                ));
+            }
             let mut entry = entry.clone();
             match piece {
                 Piece::Whole(_) => {}
@@ -390,7 +396,7 @@ impl Weights {
         if entry.dtype == Stored::Int8 {
             let q = self.read_q8(name, stored, entry, shape)?;
             return Ok(Matrix::Q8(Arc::new(match self.patches.get(name) {
-                Some(delta) => Q8Matrix::quantize(&(q.dequantize()? + delta)?)?,
+                Some(delta) => self.quantize(stored, &(q.dequantize()? + delta)?)?,
                 None => q,
             })));
         }
@@ -398,9 +404,15 @@ impl Weights {
             Some(dtype) => Matrix::Float(self.get_as(name, shape, dtype)?),
             None => {
                 let weight = self.get_as(name, shape, DType::F32)?;
-                Matrix::Q8(Arc::new(Q8Matrix::quantize(&weight)?))
+                Matrix::Q8(Arc::new(self.quantize(stored, &weight)?))
             }
         })
+    }
+
+    /// [`Q8Matrix::quantize`], its error naming the tensor and its file.
+    fn quantize(&self, stored: &str, weight: &Tensor) -> Result<Q8Matrix> {
+        Q8Matrix::quantize(weight)
+            .map_err(|e| self.bad_piece(stored, &format!("cannot be quantized: {}", e.message())))
     }
 
     fn entry(&self, stored: &str) -> Result<&Entry> {
@@ -421,19 +433,28 @@ impl Weights {
         shape: &[usize],
     ) -> Result<Q8Matrix> {
         self.check_shape(name, stored, entry, shape)?;
+        if entry.transposed {
+            return Err(self.bad_piece(stored, "is int8 and cannot be read transposed"));
+        }
         let scale_name = format!("{stored}{SCALE_SUFFIX}");
         let rows = shape.first().copied().unwrap_or(1);
         let scales = match self.entries.get(&scale_name) {
-            Some(e) if e.dtype == Stored::Float(DType::F32) && e.shape == [rows] => {
-                self.read_f32(e)?
-            }
+            Some(e) if e.dtype == Stored::Float(DType::F32) && e.shape == [rows] => self
+                .read(e)?
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
             Some(e) => {
                 return Err(Error::Safetensors {
                     path: self.path_of(Some(&scale_name)).to_path_buf(),
                     reason: format!(
-                    "`{scale_name}` must be f32 with one scale per row ([{rows}]), not {:?} {:?}",
-                    e.dtype, e.shape
-                ),
+                        "`{scale_name}` must be f32 with one scale per row ([{rows}]), not {} {:?}",
+                        match e.dtype {
+                            Stored::Float(d) => d.as_str(),
+                            Stored::Int8 => "i8",
+                        },
+                        e.shape
+                    ),
                 })
             }
             None => {
@@ -448,7 +469,8 @@ impl Weights {
         used.insert(stored.to_string());
         used.insert(scale_name);
         drop(used);
-        Q8Matrix::from_parts(name, values, scales, shape, &self.device)
+        Q8Matrix::from_parts(values, scales, shape, &self.device)
+            .map_err(|e| self.bad_piece(stored, &e.message()))
     }
 
     /// Fails unless the stored tensor has `shape`; `Ok(true)` where it is a 1x1 convolution

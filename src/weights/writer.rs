@@ -17,30 +17,50 @@ use super::Weights;
 use crate::error::{Error, Result};
 
 /// Writes every tensor of `weights` to `path` (a new file): those named in `matrices` as
-/// `dtype` keeps weight matrices (f32: as stored), the rest as stored.
+/// `dtype` keeps weight matrices, the rest as stored (everything, for `None`). A weight stored
+/// as int8 stays so for q8 and is refused for a float dtype (its values are the quantized
+/// ones; no float file of them is made).
 pub fn write_component(
     weights: &Weights,
     matrices: &HashSet<String>,
-    dtype: MatrixDtype,
+    dtype: Option<MatrixDtype>,
     path: &Path,
 ) -> Result<()> {
+    let refuse = |why: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        reason: why,
+    };
     // The header needs every tensor's dtype and size before the first byte of data.
     let mut planned: Vec<(String, StDtype, Vec<usize>)> = Vec::new();
     for name in weights.names_sorted() {
         let (stored, shape) = weights.layout(&name)?;
-        let target = match (stored, matrices.contains(&name), dtype) {
-            (None, ..) => None,
-            (Some(_), true, MatrixDtype::Q8) => None,
-            (Some(d), true, other) if other != MatrixDtype::F32 => other.float().or(Some(d)),
-            (Some(d), ..) => Some(d),
+        let matrix = matrices.contains(&name);
+        let target = match (stored, dtype) {
+            (None, Some(d)) if matrix && d != MatrixDtype::Q8 => {
+                return Err(refuse(format!(
+                    "`{name}` is stored as int8: it is not written as {}",
+                    d.name()
+                )))
+            }
+            (None, _) => None,
+            (Some(_), Some(MatrixDtype::Q8)) if matrix => None,
+            (Some(d), Some(other)) if matrix => other.float().or(Some(d)),
+            (Some(d), _) => Some(d),
         };
         match target {
             Some(d) => planned.push((name, st_dtype(d)?, shape)),
             None => {
-                let rows = shape.first().copied().unwrap_or(1);
-                // A stored q8 weight's scales are a tensor of their own, already planned.
+                // A weight quantized here gets its scales; a stored int8 weight's are a
+                // tensor of their own, planned as such.
                 if stored.is_some() {
-                    planned.push((format!("{name}{SCALE_SUFFIX}"), StDtype::F32, vec![rows]));
+                    let scale = format!("{name}{SCALE_SUFFIX}");
+                    if weights.contains(&scale) {
+                        return Err(refuse(format!(
+                            "`{scale}` exists already: `{name}` cannot be stored as int8"
+                        )));
+                    }
+                    let rows = shape.first().copied().unwrap_or(1);
+                    planned.push((scale, StDtype::F32, vec![rows]));
                 }
                 planned.push((name, StDtype::I8, shape));
             }
@@ -59,7 +79,10 @@ pub fn write_component(
     }
     header.insert(
         "__metadata__".to_string(),
-        serde_json::json!({ "format": "pt", "text2img.matrices": dtype.name() }),
+        serde_json::json!({
+            "format": "pt",
+            "text2img.matrices": dtype.map_or("as stored", MatrixDtype::name),
+        }),
     );
     let mut header = serde_json::to_vec(&header).map_err(|e| Error::config(path, e.to_string()))?;
     header.resize(header.len().next_multiple_of(8), b' ');
@@ -80,7 +103,9 @@ pub fn write_component(
         let bytes: Vec<u8> = match (weights.stored(name)?, dt) {
             (Matrix::Q8(q), StDtype::I8) => q.values().iter().map(|v| *v as u8).collect(),
             (Matrix::Float(t), StDtype::I8) => {
-                let q = Q8Matrix::quantize(&t)?;
+                let q = Q8Matrix::quantize(&t).map_err(|e| {
+                    refuse(format!("`{name}` cannot be quantized: {}", e.message()))
+                })?;
                 scales.insert(format!("{name}{SCALE_SUFFIX}"), q.scales().to_vec());
                 q.values().iter().map(|v| *v as u8).collect()
             }
@@ -91,10 +116,12 @@ pub fn write_component(
                 )))
             }
         };
-        debug_assert_eq!(
-            bytes.len(),
-            shape.iter().product::<usize>() * dt.bitsize() / 8
-        );
+        if bytes.len() != shape.iter().product::<usize>() * dt.bitsize() / 8 {
+            return Err(refuse(format!(
+                "`{name}`: {} bytes for a {dt:?} tensor of {shape:?}",
+                bytes.len()
+            )));
+        }
         out.write_all(&bytes).map_err(io)?;
     }
     out.flush().map_err(io)?;
