@@ -123,3 +123,35 @@ impl Matrix {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A q8 weight patched (a per-request LoRA) is the dequantized weight plus the delta,
+    /// quantized again: new scales follow the new values; a float weight keeps its dtype.
+    #[test]
+    fn a_patch_keeps_how_the_weight_is_held() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 10), &dev).unwrap();
+        let delta = Tensor::randn(0f32, 3.0, (6, 10), &dev).unwrap();
+        let q = Matrix::Q8(Arc::new(Q8Matrix::quantize(&w).unwrap()));
+        let patched = q.patched(&delta).unwrap();
+        assert_eq!(patched.dtype(), MatrixDtype::Q8);
+        let want = Q8Matrix::quantize(&(q.to_f32().unwrap() + &delta).unwrap()).unwrap();
+        let Matrix::Q8(got) = &patched else {
+            unreachable!()
+        };
+        assert_eq!(got.values(), want.values());
+        assert_eq!(got.scales(), want.scales());
+        let Matrix::Q8(before) = &q else {
+            unreachable!()
+        };
+        assert_ne!(got.scales(), before.scales());
+        let half = Matrix::Float(w.to_dtype(DType::BF16).unwrap());
+        assert_eq!(half.patched(&delta).unwrap().dtype(), MatrixDtype::Bf16);
+        assert_eq!(half.widened(DType::F32).unwrap().dtype(), DType::F32);
+        assert_eq!(q.bytes(), 60 + 6 * 4);
+    }
+}
