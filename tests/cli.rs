@@ -6,7 +6,7 @@ mod parity;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use parity::{copy_dir, fixtures, model_dir, psnr, read_png};
+use parity::{copy_dir, fixtures, model_dir, psnr, read_png, walk};
 
 fn text2img(args: &[&str], envs: &[(&str, &Path)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_text2img"));
@@ -549,19 +549,6 @@ fn convert_writes_a_q8_folder_that_generates_the_q8_image() {
         &[],
     );
     assert!(!ema.status.success() && !other.exists(), "{}", stderr(&ema));
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use parity::{copy_dir, model_dir};
+use parity::{copy_dir, model_dir, walk};
 use text2img::pipeline::{load_local, LoadOptions};
 use text2img::vae::AutoencoderKl;
 use text2img::weights::MatrixDtype;
@@ -350,19 +350,6 @@ fn converting_a_folder_to_q8_quantizes_the_guide_unet_too() {
         names
     };
     assert_eq!(files(&out), files(&root));
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            found.extend(walk(&path));
-        } else {
-            found.push(path);
-        }
-    }
-    found
 }
 
 /// A q8 folder whose int8 weight lacks its scales, or has scales of the wrong shape or dtype,

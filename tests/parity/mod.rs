@@ -174,3 +174,17 @@ pub fn render_fixture_case(pipeline: &text2img::Pipeline, prompt: &str) -> Vec<u
         .rgb
         .clone()
 }
+
+/// Every file under `dir`, at any depth.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
