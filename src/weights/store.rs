@@ -292,17 +292,16 @@ impl Weights {
 
     /// Every tensor in its stored float dtype (an int8 weight as its f32 values), by name.
     pub fn stored_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut names: Vec<&String> = self.entries.keys().collect();
-        names.sort();
-        names
+        self.names_sorted()
             .into_iter()
             .map(|name| {
-                let entry = &self.entries[name];
+                let entry = &self.entries[&name];
                 let dtype = match entry.dtype {
                     Stored::Float(dtype) => dtype,
                     Stored::Int8 => DType::F32,
                 };
-                Ok((name.clone(), self.get_as(name, &entry.shape, dtype)?))
+                let tensor = self.get_as(&name, &entry.shape, dtype)?;
+                Ok((name, tensor))
             })
             .collect()
     }
@@ -393,14 +392,14 @@ impl Weights {
         let stored = self.aliases.get(name).map_or(name, String::as_str);
         let entry = self.entry(stored)?;
         self.matrices.lock().unwrap().insert(stored.to_string());
-        if entry.dtype == Stored::Int8 {
-            let q = self.read_q8(name, stored, entry, shape)?;
-            return Ok(Matrix::Q8(Arc::new(match self.patches.get(name) {
-                Some(delta) => self.quantize(stored, &(q.dequantize()? + delta)?)?,
-                None => q,
-            })));
+        let int8 = entry.dtype == Stored::Int8;
+        if int8 && !self.patches.contains_key(name) {
+            return Ok(Matrix::Q8(Arc::new(
+                self.read_q8(name, stored, entry, shape)?,
+            )));
         }
-        Ok(match self.matrix_dtype.float() {
+        // A patched int8 weight is its f32 values plus the patch (`get_as`), quantized again.
+        Ok(match self.matrix_dtype.float().filter(|_| !int8) {
             Some(dtype) => Matrix::Float(self.get_as(name, shape, dtype)?),
             None => {
                 let weight = self.get_as(name, shape, DType::F32)?;
