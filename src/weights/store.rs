@@ -29,10 +29,52 @@ struct Entry {
 
 /// How a tensor's values are stored.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Stored {
+pub enum Stored {
     Float(DType),
     /// The int8 values of a q8 weight; its scales are the f32 tensor `{name}_scale`.
     Int8,
+}
+
+impl Stored {
+    /// The safetensors dtypes read and written, both ways; `None` for the others.
+    const SAFETENSORS: [(StDtype, Stored); 6] = [
+        (StDtype::F32, Stored::Float(DType::F32)),
+        (StDtype::F16, Stored::Float(DType::F16)),
+        (StDtype::BF16, Stored::Float(DType::BF16)),
+        (StDtype::F64, Stored::Float(DType::F64)),
+        (StDtype::I64, Stored::Float(DType::I64)),
+        (StDtype::I8, Stored::Int8),
+    ];
+
+    fn from_safetensors(dtype: StDtype) -> Option<Self> {
+        Self::SAFETENSORS
+            .iter()
+            .find(|(st, _)| *st == dtype)
+            .map(|(_, stored)| *stored)
+    }
+
+    /// The safetensors dtype of a tensor stored so (`None`: one safetensors has no name for).
+    pub fn safetensors(self) -> Option<StDtype> {
+        Self::SAFETENSORS
+            .iter()
+            .find(|(_, stored)| *stored == self)
+            .map(|(st, _)| *st)
+    }
+
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            Self::Float(dtype) => dtype.size_in_bytes(),
+            Self::Int8 => 1,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Float(dtype) => dtype.as_str(),
+            Self::Int8 => "i8",
+        }
+    }
 }
 
 /// Where a component's tensor is in a whole checkpoint ([`Weights::component`]).
@@ -116,18 +158,11 @@ impl Weights {
                 SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
             let base = 8 + header_len;
             for (name, view) in parsed.tensors() {
-                let dtype = match view.dtype() {
-                    StDtype::F32 => Stored::Float(DType::F32),
-                    StDtype::F16 => Stored::Float(DType::F16),
-                    StDtype::BF16 => Stored::Float(DType::BF16),
-                    StDtype::F64 => Stored::Float(DType::F64),
-                    StDtype::I64 => Stored::Float(DType::I64),
-                    StDtype::I8 => Stored::Int8,
-                    other => {
-                        return Err(bad(format!(
-                            "tensor `{name}` has unsupported dtype {other:?}"
-                        )))
-                    }
+                let Some(dtype) = Stored::from_safetensors(view.dtype()) else {
+                    return Err(bad(format!(
+                        "tensor `{name}` has unsupported dtype {:?}",
+                        view.dtype()
+                    )));
                 };
                 let data = view.data();
                 let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
@@ -322,14 +357,10 @@ impl Weights {
         names
     }
 
-    /// A tensor's stored float dtype (`None`: int8) and its shape.
-    pub fn layout(&self, name: &str) -> Result<(Option<DType>, Vec<usize>)> {
+    /// How a tensor is stored, and its shape.
+    pub fn layout(&self, name: &str) -> Result<(Stored, Vec<usize>)> {
         let entry = self.entry(name)?;
-        let dtype = match entry.dtype {
-            Stored::Float(dtype) => Some(dtype),
-            Stored::Int8 => None,
-        };
-        Ok((dtype, entry.shape.clone()))
+        Ok((entry.dtype, entry.shape.clone()))
     }
 
     /// The stored names asked for as weight matrices so far.
@@ -448,10 +479,7 @@ impl Weights {
                     path: self.path_of(Some(&scale_name)).to_path_buf(),
                     reason: format!(
                         "`{scale_name}` must be f32 with one scale per row ([{rows}]), not {} {:?}",
-                        match e.dtype {
-                            Stored::Float(d) => d.as_str(),
-                            Stored::Int8 => "i8",
-                        },
+                        e.dtype.name(),
                         e.shape
                     ),
                 })

@@ -8,11 +8,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
-use safetensors::tensor::{Dtype as StDtype, View};
+use candle_core::DType;
+use safetensors::tensor::View;
 
 use super::matrix::{Matrix, MatrixDtype};
 use super::q8::{Q8Matrix, SCALE_SUFFIX};
+use super::store::Stored;
 use super::Weights;
 use crate::error::{Error, Result};
 
@@ -31,59 +32,51 @@ pub fn write_component(
         reason: why,
     };
     // The header needs every tensor's dtype and size before the first byte of data.
-    let mut planned: Vec<(String, StDtype, Vec<usize>)> = Vec::new();
+    let mut planned: Vec<(String, Stored, Vec<usize>)> = Vec::new();
     for name in weights.names_sorted() {
         let (stored, shape) = weights.layout(&name)?;
         let matrix = matrices.contains(&name);
         let target = match (stored, dtype) {
-            (None, Some(d)) if matrix && d != MatrixDtype::Q8 => {
+            (Stored::Int8, Some(d)) if matrix && d != MatrixDtype::Q8 => {
                 return Err(refuse(format!(
                     "`{name}` is stored as int8: it is not written as {}",
                     d.name()
                 )))
             }
-            (None, _) => None,
-            (Some(_), Some(MatrixDtype::Q8)) if matrix => None,
-            (Some(d), Some(other)) if matrix => other.float().or(Some(d)),
-            (Some(d), _) => Some(d),
-        };
-        match target {
-            Some(d) => planned.push((name, st_dtype(d)?, shape)),
-            None => {
-                // A weight quantized here gets its scales; a stored int8 weight's are a
-                // tensor of their own, planned as such.
-                if stored.is_some() {
-                    let scale = format!("{name}{SCALE_SUFFIX}");
-                    if weights.contains(&scale) {
-                        return Err(refuse(format!(
-                            "`{scale}` exists already: `{name}` cannot be stored as int8"
-                        )));
-                    }
-                    let rows = shape.first().copied().unwrap_or(1);
-                    planned.push((scale, StDtype::F32, vec![rows]));
-                }
-                planned.push((name, StDtype::I8, shape));
+            (Stored::Float(_), Some(MatrixDtype::Q8)) if matrix => Stored::Int8,
+            (Stored::Float(_), Some(other)) if matrix => {
+                other.float().map_or(stored, Stored::Float)
             }
+            _ => stored,
+        };
+        // A weight quantized here gets its scales; a stored int8 weight's are a tensor of
+        // their own, planned as such.
+        if target == Stored::Int8 && stored != Stored::Int8 {
+            let scale = format!("{name}{SCALE_SUFFIX}");
+            if weights.contains(&scale) {
+                return Err(refuse(format!(
+                    "`{scale}` exists already: `{name}` cannot be stored as int8"
+                )));
+            }
+            let rows = shape.first().copied().unwrap_or(1);
+            planned.push((scale, Stored::Float(DType::F32), vec![rows]));
         }
+        planned.push((name, target, shape));
     }
     planned.sort_by(|a, b| a.0.cmp(&b.0));
     let mut header = BTreeMap::new();
     let mut offset = 0usize;
     for (name, dt, shape) in &planned {
-        let len = shape.iter().product::<usize>() * dt.bitsize() / 8;
+        let len = shape.iter().product::<usize>() * dt.size();
+        let st = dt
+            .safetensors()
+            .ok_or_else(|| refuse(format!("`{name}`: safetensors has no dtype for {dt:?}")))?;
         header.insert(
             name.clone(),
-            serde_json::json!({ "dtype": dt, "shape": shape, "data_offsets": [offset, offset + len] }),
+            serde_json::json!({ "dtype": st, "shape": shape, "data_offsets": [offset, offset + len] }),
         );
         offset += len;
     }
-    header.insert(
-        "__metadata__".to_string(),
-        serde_json::json!({
-            "format": "pt",
-            "text2img.matrices": dtype.map_or("as stored", MatrixDtype::name),
-        }),
-    );
     let mut header = serde_json::to_vec(&header).map_err(|e| Error::config(path, e.to_string()))?;
     header.resize(header.len().next_multiple_of(8), b' ');
 
@@ -101,22 +94,23 @@ pub fn write_component(
             continue;
         }
         let bytes: Vec<u8> = match (weights.stored(name)?, dt) {
-            (Matrix::Q8(q), StDtype::I8) => q.values().iter().map(|v| *v as u8).collect(),
-            (Matrix::Float(t), StDtype::I8) => {
+            (Matrix::Q8(q), Stored::Int8) => q.values().iter().map(|v| *v as u8).collect(),
+            (Matrix::Float(t), Stored::Int8) => {
                 let q = Q8Matrix::quantize(&t).map_err(|e| {
                     refuse(format!("`{name}` cannot be quantized: {}", e.message()))
                 })?;
                 scales.insert(format!("{name}{SCALE_SUFFIX}"), q.scales().to_vec());
                 q.values().iter().map(|v| *v as u8).collect()
             }
-            (Matrix::Float(t), _) => tensor_bytes(&t.to_dtype(float_of(*dt)?)?),
-            (Matrix::Q8(_), _) => {
-                return Err(Error::InvalidRequest(format!(
-                    "`{name}` is stored as int8 and cannot be written as {dt:?}"
+            (Matrix::Float(t), Stored::Float(d)) => t.to_dtype(*d)?.data().into_owned(),
+            (Matrix::Q8(_), Stored::Float(d)) => {
+                return Err(refuse(format!(
+                    "`{name}` is stored as int8 and cannot be written as {}",
+                    d.as_str()
                 )))
             }
         };
-        if bytes.len() != shape.iter().product::<usize>() * dt.bitsize() / 8 {
+        if bytes.len() != shape.iter().product::<usize>() * dt.size() {
             return Err(refuse(format!(
                 "`{name}`: {} bytes for a {dt:?} tensor of {shape:?}",
                 bytes.len()
@@ -126,40 +120,6 @@ pub fn write_component(
     }
     out.flush().map_err(io)?;
     out.get_ref().sync_all().map_err(io)
-}
-
-fn st_dtype(dtype: DType) -> Result<StDtype> {
-    Ok(match dtype {
-        DType::F32 => StDtype::F32,
-        DType::F16 => StDtype::F16,
-        DType::BF16 => StDtype::BF16,
-        DType::F64 => StDtype::F64,
-        DType::I64 => StDtype::I64,
-        other => {
-            return Err(Error::InvalidRequest(format!(
-                "cannot write a {other:?} tensor"
-            )))
-        }
-    })
-}
-
-fn float_of(dtype: StDtype) -> Result<DType> {
-    Ok(match dtype {
-        StDtype::F32 => DType::F32,
-        StDtype::F16 => DType::F16,
-        StDtype::BF16 => DType::BF16,
-        StDtype::F64 => DType::F64,
-        StDtype::I64 => DType::I64,
-        other => {
-            return Err(Error::InvalidRequest(format!(
-                "cannot write a {other:?} tensor"
-            )))
-        }
-    })
-}
-
-fn tensor_bytes(t: &Tensor) -> Vec<u8> {
-    t.data().into_owned()
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
