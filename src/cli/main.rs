@@ -94,16 +94,18 @@ struct ConvertArgs {
 }
 
 fn convert(a: ConvertArgs) -> Result<()> {
+    // The matrices as written (`None`: as stored), and as the test load before keeps them.
+    let matrices = a.dtype.map(assets::WeightDtype::dtype);
+    let weight_dtype = matrices.unwrap_or_default();
     if a.file.is_dir() {
         if a.config.is_some() || a.prediction_type.is_some() || a.ema {
             bail!("--config, --prediction-type and --ema apply to a single-file checkpoint");
         }
         let options = text2img::LoadOptions {
-            weight_dtype: a.dtype.unwrap_or_default().dtype(),
+            weight_dtype,
             variant: a.variant,
             ..Default::default()
         };
-        let matrices = a.dtype.map(assets::WeightDtype::dtype);
         text2img::pipeline::convert::convert_folder(&a.file, &options, matrices, &a.out)
             .with_context(|| format!("converting {}", a.file.display()))?;
         println!("{}", a.out.display());
@@ -117,12 +119,11 @@ fn convert(a: ConvertArgs) -> Result<()> {
         prediction_type: a.prediction_type,
         ema: a.ema,
         load: text2img::LoadOptions {
-            weight_dtype: a.dtype.unwrap_or_default().dtype(),
+            weight_dtype,
             ..Default::default()
         },
         ..Default::default()
     };
-    let matrices = a.dtype.map(assets::WeightDtype::dtype);
     text2img::pipeline::single_file::convert_single_file(&a.file, &options, matrices, &a.out)
         .with_context(|| format!("converting {}", a.file.display()))?;
     println!("{}", a.out.display());

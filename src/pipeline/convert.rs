@@ -108,7 +108,7 @@ pub fn convert_folder(
                 .variant
                 .as_deref()
                 .filter(|v| component != GUIDE_UNET || has_weight_files(&dir, Some(v)));
-            let weights = Weights::open_component(&dir, variant, device)?;
+            let mut weights = Weights::open_component(&dir, variant, device)?;
             let config = dir.join("config.json");
             let (stem, load): (&str, Box<LoadModel<'static>>) = match component {
                 "unet" | GUIDE_UNET => {
@@ -131,7 +131,6 @@ pub fn convert_folder(
                     ("model", Box::new(load))
                 }
             };
-            let mut weights = weights;
             if component == "vae" {
                 AutoencoderKl::accept_legacy_names(&mut weights);
             }
