@@ -1,8 +1,14 @@
 //! A global allocator that counts the bytes live on the heap and their peak, so the server
-//! can measure what a generation needs. A program opts in with
+//! can measure what a generation needs, and that asks the kernel for huge pages under the
+//! large blocks (activations, scratch). A program opts in with
 //! `#[global_allocator] static A: CountingAllocator = CountingAllocator;` (the `text2img`
-//! binary does); two relaxed atomic operations per allocation, against tensor buffers of
-//! kilobytes to gigabytes.
+//! binary does); two relaxed atomic operations per allocation, and one `madvise` per block
+//! of 4 MiB or more, against tensor buffers of kilobytes to gigabytes.
+//!
+//! Huge pages: a fresh 4 KiB page costs a fault, and an SD 1.5 generation maps about a
+//! million of them; a 2 MiB page also spares the products' TLB misses. Measured with one
+//! malloc arena ([`crate::process::tune_allocator`]) on a 2-core AVX2 EPYC, SD 1.5 at
+//! 512x512: VAE decode 9.7-11.7 -> 8.6-8.9 s, U-Net step 9.6-10.3 -> 9.1-9.3 s.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -12,6 +18,29 @@ static PEAK: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 pub struct CountingAllocator;
+
+/// Blocks at least this large are backed by transparent huge pages where the kernel offers
+/// them on request (`madvise` mode).
+const HUGE_PAGE_MIN: usize = 4 << 20;
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Asks for huge pages over the whole 2 MiB pages inside `[p, p + size)`: one page fault per
+/// 2 MiB instead of per 4 KiB when the block is first written.
+fn advise_huge_pages(p: *mut u8, size: usize) {
+    #[cfg(target_os = "linux")]
+    if size >= HUGE_PAGE_MIN {
+        let start = (p as usize).next_multiple_of(HUGE_PAGE);
+        let end = (p as usize + size) / HUGE_PAGE * HUGE_PAGE;
+        if end > start {
+            // SAFETY: the range lies inside a block the allocator just handed out; the advice
+            // changes how its pages are backed, never their contents. A kernel without
+            // transparent huge pages refuses it, which is harmless.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+}
 
 impl CountingAllocator {
     fn grew(size: usize) {
@@ -27,6 +56,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
             Self::grew(layout.size());
+            advise_huge_pages(p, layout.size());
         }
         p
     }
@@ -35,6 +65,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
             Self::grew(layout.size());
+            advise_huge_pages(p, layout.size());
         }
         p
     }
@@ -71,4 +102,23 @@ pub fn peak() -> Option<usize> {
 /// Starts a new peak from what is live now.
 pub fn reset_peak() {
     PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// Maps the pages of `[p, p + size)` for writing in one call instead of one fault per page.
+pub fn populate(p: *mut u8, size: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        let start = (p as usize).next_multiple_of(4096);
+        let end = (p as usize + size) / 4096 * 4096;
+        if end > start {
+            // SAFETY: the range lies inside a block the caller owns; populating writes nothing.
+            unsafe {
+                libc::madvise(
+                    start as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_POPULATE_WRITE,
+                );
+            }
+        }
+    }
 }

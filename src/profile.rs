@@ -20,6 +20,8 @@ static TOTALS: Mutex<BTreeMap<&'static str, Total>> = Mutex::new(BTreeMap::new()
 pub struct Total {
     pub seconds: f64,
     pub calls: u64,
+    /// Floating-point operations the spans said they did (0 where a kind does not count).
+    pub flops: f64,
 }
 
 /// Starts (or stops) recording spans.
@@ -52,11 +54,24 @@ fn lock() -> std::sync::MutexGuard<'static, BTreeMap<&'static str, Total>> {
 pub struct Span {
     name: &'static str,
     started: Option<Instant>,
+    flops: f64,
 }
 
 pub fn span(name: &'static str) -> Span {
     let started = enabled().then(Instant::now);
-    Span { name, started }
+    Span {
+        name,
+        started,
+        flops: 0.0,
+    }
+}
+
+impl Span {
+    /// Records that the spanned work does `flops` operations, so the profile can give its rate.
+    pub fn counting(mut self, flops: f64) -> Self {
+        self.flops = flops;
+        self
+    }
 }
 
 impl Drop for Span {
@@ -67,6 +82,7 @@ impl Drop for Span {
             let t = totals.entry(self.name).or_default();
             t.seconds += seconds;
             t.calls += 1;
+            t.flops += self.flops;
         }
     }
 }
@@ -84,7 +100,7 @@ mod tests {
         assert!(!totals().contains_key("test layer"));
         enable(true);
         for _ in 0..3 {
-            let _s = span("test layer");
+            let _s = span("test layer").counting(1e6);
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         enable(false);
@@ -94,6 +110,7 @@ mod tests {
         let t = totals()["test layer"];
         assert_eq!(t.calls, 3);
         assert!(t.seconds >= 0.006, "{t:?}");
+        assert_eq!(t.flops, 3e6);
         reset();
         assert!(totals().is_empty());
     }

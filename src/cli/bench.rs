@@ -50,7 +50,22 @@ pub struct BenchArgs {
 /// time `seconds`, and per kind of layer its seconds per run and share of the layers' sum.
 struct LayerProfile {
     seconds: f64,
-    rows: Vec<(&'static str, f64, u64)>,
+    rows: Vec<ProfileRow>,
+}
+
+/// One kind of layer's seconds, calls and floating-point operations per run.
+struct ProfileRow {
+    name: &'static str,
+    seconds: f64,
+    calls: u64,
+    flops: f64,
+}
+
+impl ProfileRow {
+    /// Operations per second of span time (for shards side by side, per shard), where counted.
+    fn gflops(&self) -> Option<f64> {
+        (self.flops > 0.0 && self.seconds > 0.0).then(|| self.flops / self.seconds / 1e9)
+    }
 }
 
 impl LayerProfile {
@@ -58,15 +73,20 @@ impl LayerProfile {
         let runs = repeat.max(1) as f64;
         let mut rows: Vec<_> = text2img::profile::totals()
             .into_iter()
-            .map(|(name, t)| (name, t.seconds / runs, t.calls / runs as u64))
+            .map(|(name, t)| ProfileRow {
+                name,
+                seconds: t.seconds / runs,
+                calls: t.calls / runs as u64,
+                flops: t.flops / runs,
+            })
             .collect();
-        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
         text2img::profile::reset();
         Self { seconds, rows }
     }
 
     fn layer_sum(&self) -> f64 {
-        self.rows.iter().map(|r| r.1).sum()
+        self.rows.iter().map(|r| r.seconds).sum()
     }
 
     fn json(&self) -> serde_json::Value {
@@ -74,10 +94,11 @@ impl LayerProfile {
         let layers: serde_json::Map<_, _> = self
             .rows
             .iter()
-            .map(|&(name, s, calls)| {
+            .map(|r| {
                 (
-                    name.to_string(),
-                    json!({"s": s, "share": s / sum, "calls": calls}),
+                    r.name.to_string(),
+                    json!({"s": r.seconds, "share": r.seconds / sum, "calls": r.calls,
+                           "gflops": r.gflops()}),
                 )
             })
             .collect();
@@ -90,10 +111,16 @@ impl LayerProfile {
             "  {title}: {:.3} s; its layers, summed over shards, {sum:.3} s",
             self.seconds
         );
-        for &(name, s, calls) in &self.rows {
+        for r in &self.rows {
+            let rate = r
+                .gflops()
+                .map_or(String::new(), |g| format!("  {g:6.1} GFLOP/s"));
             println!(
-                "    {name:<30} {s:8.3} s {:5.1} %  {calls:5} calls",
-                100.0 * s / sum
+                "    {:<30} {:8.3} s {:5.1} %  {:5} calls{rate}",
+                r.name,
+                r.seconds,
+                100.0 * r.seconds / sum,
+                r.calls
             );
         }
     }
