@@ -8,6 +8,9 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use super::parallel::for_each_chunk;
 use super::{f32_slice, moments};
 
+/// Values normalised, then passed through the SiLU, at a time: 8 KiB, well inside L1.
+const BLOCK: usize = 2048;
+
 #[derive(Clone, Copy, Debug)]
 struct GroupNormOp {
     groups: usize,
@@ -91,11 +94,16 @@ impl CustomOp3 for GroupNormOp {
                 // group's variance is tiny and rstd large.
                 let (scale, shift) = (w[c0 + ci] * rstd, bias[c0 + ci]);
                 let (src, dst) = (&src[ci * s..][..s], &mut dst[ci * s..][..s]);
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    *d = (v - mean) * scale + shift;
-                }
-                if self.silu {
-                    super::fast_math::silu_in_place(dst);
+                // The SiLU follows block by block, while the block is still in the L1 cache
+                // (a 512x512 channel is 1 MiB; after the whole channel it was re-read from
+                // further out: 128 channels at 512x512, with the SiLU, 48.4 -> 32.3 ms).
+                for (src, dst) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)) {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = (v - mean) * scale + shift;
+                    }
+                    if self.silu {
+                        super::fast_math::silu_in_place(dst);
+                    }
                 }
             }
         });

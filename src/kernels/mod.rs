@@ -91,9 +91,24 @@ fn f32_slice<'a>(
 /// Mean and 1/std of a run of values (biased variance, as PyTorch), accumulated in f64.
 fn moments(x: &[f32], eps: f64) -> (f32, f32) {
     let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let mean = sum_f64(x, |v| v) / n;
+    let var = sum_f64(x, |v| (v - mean) * (v - mean)) / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// The f64 sum of `f` over the values, in eight running sums: one chain of dependent adds
+/// waits out each add's latency, eight independent ones vectorise (a group norm of 128
+/// channels at 512x512, 2 threads: 44.3 -> 27.6 ms).
+fn sum_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut sums = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let rest: f64 = chunks.remainder().iter().map(|&v| f(v as f64)).sum();
+    for chunk in chunks {
+        for (s, &v) in sums.iter_mut().zip(chunk) {
+            *s += f(v as f64);
+        }
+    }
+    sums.iter().sum::<f64>() + rest
 }
 
 #[cfg(test)]
@@ -158,6 +173,33 @@ mod testing {
                 "{label} grad {:?}: {diff} (bound {bound})",
                 v.dims()
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The one-chain sums `moments` replaced, as the plain reference.
+    fn reference(x: &[f32], eps: f64) -> (f32, f32) {
+        let n = x.len() as f64;
+        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+    }
+
+    #[test]
+    fn moments_match_the_plain_sums_on_odd_lengths() {
+        // Lengths around the eight running sums, and values far from zero with a small
+        // spread, where a sum in f32 would lose the variance.
+        for len in [1usize, 7, 8, 9, 17, 1000, 100_003] {
+            let x: Vec<f32> = (0..len)
+                .map(|i| 1000.0 + ((i * 7919) % 101) as f32 * 1e-3)
+                .collect();
+            let (mean, rstd) = super::moments(&x, 1e-6);
+            let (want_mean, want_rstd) = reference(&x, 1e-6);
+            assert_eq!(mean, want_mean, "length {len}");
+            let rel = ((rstd - want_rstd) / want_rstd).abs();
+            assert!(rel < 1e-6, "length {len}: rstd {rstd} against {want_rstd}");
         }
     }
 }
