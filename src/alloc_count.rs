@@ -2,7 +2,7 @@
 //! can measure what a generation needs, and that asks the kernel for huge pages under the
 //! large blocks (activations, scratch). A program opts in with
 //! `#[global_allocator] static A: CountingAllocator = CountingAllocator;` (the `text2img`
-//! binary does); two relaxed atomic operations per allocation, and one `madvise` per block
+//! binary does); three relaxed atomic operations per allocation, and one `madvise` per block
 //! of 4 MiB or more, against tensor buffers of kilobytes to gigabytes.
 //!
 //! Huge pages: a fresh 4 KiB page costs a fault, and an SD 1.5 generation maps about a
@@ -21,25 +21,39 @@ pub struct CountingAllocator;
 
 /// Blocks at least this large are backed by transparent huge pages where the kernel offers
 /// them on request (`madvise` mode).
+#[cfg(target_os = "linux")]
 const HUGE_PAGE_MIN: usize = 4 << 20;
+#[cfg(target_os = "linux")]
 const HUGE_PAGE: usize = 2 << 20;
+/// Set when the kernel refused the advice (built without transparent huge pages): no more
+/// system calls for it.
+#[cfg(target_os = "linux")]
+static HUGE_PAGES_REFUSED: AtomicBool = AtomicBool::new(false);
 
 /// Asks for huge pages over the whole 2 MiB pages inside `[p, p + size)`: one page fault per
 /// 2 MiB instead of per 4 KiB when the block is first written.
 fn advise_huge_pages(p: *mut u8, size: usize) {
     #[cfg(target_os = "linux")]
-    if size >= HUGE_PAGE_MIN {
+    if size >= HUGE_PAGE_MIN && !HUGE_PAGES_REFUSED.load(Ordering::Relaxed) {
         let start = (p as usize).next_multiple_of(HUGE_PAGE);
         let end = (p as usize + size) / HUGE_PAGE * HUGE_PAGE;
         if end > start {
             // SAFETY: the range lies inside a block the allocator just handed out; the advice
-            // changes how its pages are backed, never their contents. A kernel without
-            // transparent huge pages refuses it, which is harmless.
+            // changes how its pages are backed, never their contents. errno is put back, so
+            // an allocation never changes what a caller's last libc call reported.
             unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+                let errno = libc::__errno_location();
+                let saved = *errno;
+                let range = start as *mut libc::c_void;
+                if libc::madvise(range, end - start, libc::MADV_HUGEPAGE) != 0 {
+                    HUGE_PAGES_REFUSED.store(true, Ordering::Relaxed);
+                }
+                *errno = saved;
             }
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (p, size);
 }
 
 impl CountingAllocator {
@@ -80,6 +94,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         if !p.is_null() {
             LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
             Self::grew(new_size);
+            advise_huge_pages(p, new_size);
         }
         p
     }
@@ -104,12 +119,19 @@ pub fn reset_peak() {
     PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
-/// Maps the pages of `[p, p + size)` for writing in one call instead of one fault per page.
+/// Maps the pages of `[p, p + size)` for writing in one call instead of one fault per page
+/// (Linux 5.14 and later; elsewhere, and on older kernels, the pages fault in as written).
 pub fn populate(p: *mut u8, size: usize) {
     #[cfg(target_os = "linux")]
     {
-        let start = (p as usize).next_multiple_of(4096);
-        let end = (p as usize + size) / 4096 * 4096;
+        static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        // SAFETY: sysconf only reads a system constant.
+        let page = *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            n if n > 0 => n as usize,
+            _ => 4096,
+        });
+        let start = (p as usize).next_multiple_of(page);
+        let end = (p as usize + size) / page * page;
         if end > start {
             // SAFETY: the range lies inside a block the caller owns; populating writes nothing.
             unsafe {
@@ -121,4 +143,6 @@ pub fn populate(p: *mut u8, size: usize) {
             }
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (p, size);
 }

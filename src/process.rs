@@ -22,13 +22,17 @@ pub fn configure() {
 /// took 0.36 M page faults instead of 1.4 M.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; callers run this before any threads
+    // SAFETY: mallopt only changes allocator settings; callers run this before any threads
     // start.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-        libc::mallopt(libc::M_ARENA_MAX, 1);
+        // A count the user set (MALLOC_ARENA_MAX, or glibc's tunables) is kept.
+        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() && !tunables.contains("arena_max") {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
     }
 }
 

@@ -62,7 +62,9 @@ struct ProfileRow {
 }
 
 impl ProfileRow {
-    /// Operations per second of span time (for shards side by side, per shard), where counted.
+    /// Operations per second of span time (for shards side by side, per shard), where counted:
+    /// an effective rate, the operations a direct computation does (Winograd's convolutions,
+    /// which do fewer, can exceed the machine's peak).
     fn gflops(&self) -> Option<f64> {
         (self.flops > 0.0 && self.seconds > 0.0).then(|| self.flops / self.seconds / 1e9)
     }
@@ -114,7 +116,7 @@ impl LayerProfile {
         for r in &self.rows {
             let rate = r
                 .gflops()
-                .map_or(String::new(), |g| format!("  {g:6.1} GFLOP/s"));
+                .map_or(String::new(), |g| format!("  {g:6.1} GFLOP/s effective"));
             println!(
                 "    {:<30} {:8.3} s {:5.1} %  {:5} calls{rate}",
                 r.name,

@@ -190,7 +190,9 @@ mod tests {
     #[test]
     fn moments_match_the_plain_sums_on_odd_lengths() {
         // Lengths around the eight running sums, and values far from zero with a small
-        // spread, where a sum in f32 would lose the variance.
+        // spread, where a sum in f32 would lose the variance. The means must be equal: f32
+        // values near 1000 are multiples of 2^-14, so up to 10^5 of them sum exactly in f64
+        // whatever the order.
         for len in [1usize, 7, 8, 9, 17, 1000, 100_003] {
             let x: Vec<f32> = (0..len)
                 .map(|i| 1000.0 + ((i * 7919) % 101) as f32 * 1e-3)
