@@ -275,6 +275,13 @@ fn convert_to_q8_writes_int8_weights_that_load_as_they_were_quantized() {
             "{dtype:?}: the checkpoint's own image"
         );
         let bytes = std::fs::read(unet_file(&out)).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let metadata = header.metadata().clone().unwrap_or_default();
+        assert_eq!(
+            metadata.get("text2img.matrices").map(String::as_str),
+            Some(dtype.name()),
+            "the header names the matrices' dtype"
+        );
         let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let conv = file.tensor("conv_in.weight").unwrap();
         let scale = file.tensor("conv_in.weight_scale");

@@ -77,6 +77,13 @@ pub fn write_component(
         );
         offset += len;
     }
+    header.insert(
+        "__metadata__".to_string(),
+        serde_json::json!({
+            "format": "pt",
+            "text2img.matrices": dtype.map_or("as stored", MatrixDtype::name),
+        }),
+    );
     let mut header = serde_json::to_vec(&header).map_err(|e| Error::config(path, e.to_string()))?;
     header.resize(header.len().next_multiple_of(8), b' ');
 
