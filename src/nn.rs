@@ -46,10 +46,9 @@ impl Linear {
         crate::cancel::check()?;
         let (n, k) = (self.weight.dims()[0], self.weight.dims()[1]);
         let flops = 2.0 * (x.elem_count() / k.max(1) * k * n) as f64;
-        crate::flops::add(crate::flops::Kind::Dense, flops);
         let bf16 = bf16_products(&self.weight, x);
-        let _span =
-            crate::profile::span(if bf16 { "linear (bf16)" } else { "linear" }).counting(flops);
+        let _span = crate::profile::span(if bf16 { "linear (bf16)" } else { "linear" })
+            .counting(crate::flops::Kind::Dense, flops);
         let y = if let (true, Some(weight)) = (bf16, self.weight.float()) {
             crate::kernels::matmul_bf16::linear(x, weight)?
         } else {
@@ -288,13 +287,12 @@ impl Conv2d {
             Some(g) => 2.0 * (b * weight.dim(0)? * g.out_h() * g.out_w() * c * k * k) as f64,
             None => 0.0,
         };
-        crate::flops::add(crate::flops::Kind::Dense, flops);
         let _span = crate::profile::span(conv_label(k, self.stride, up, bf16, || {
             geometry.is_some_and(|g| {
                 crate::kernels::winograd::applies(g, b, c, weight.dim(0).unwrap_or(0))
             })
         }))
-        .counting(flops);
+        .counting(crate::flops::Kind::Dense, flops);
         if crate::kernels::supports(x) && geometry.is_some() {
             return Ok(crate::kernels::conv2d::conv2d(
                 x,
@@ -456,13 +454,12 @@ pub fn attention(
     // Scores and their products with the values: 2 x 2 x batch x n x m x inner.
     let (b, n, inner) = q.dims3()?;
     let flops = 4.0 * (b * n * k.dim(1)? * inner) as f64;
-    crate::flops::add(crate::flops::Kind::Attention, flops);
     let _span = crate::profile::span(if cross {
         "attention, cross"
     } else {
         "attention, self"
     })
-    .counting(flops);
+    .counting(crate::flops::Kind::Attention, flops);
     if mask.is_none() && [q, k, v].iter().all(|t| crate::kernels::supports(t)) {
         return Ok(crate::kernels::attention::attention(q, k, v, heads)?);
     }

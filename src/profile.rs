@@ -67,8 +67,10 @@ pub fn span(name: &'static str) -> Span {
 }
 
 impl Span {
-    /// Records that the spanned work does `flops` operations, so the profile can give its rate.
-    pub fn counting(mut self, flops: f64) -> Self {
+    /// Says that the spanned work does `flops` operations of `kind`: added to the cost count
+    /// ([`crate::flops`]) and, when profiling, to this kind's total for its rate.
+    pub fn counting(mut self, kind: crate::flops::Kind, flops: f64) -> Self {
+        crate::flops::add(kind, flops);
         self.flops = flops;
         self
     }
@@ -100,7 +102,7 @@ mod tests {
         assert!(!totals().contains_key("test layer"));
         enable(true);
         for _ in 0..3 {
-            let _s = span("test layer").counting(1e6);
+            let _s = span("test layer").counting(crate::flops::Kind::Dense, 1e6);
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         enable(false);

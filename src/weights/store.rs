@@ -620,7 +620,8 @@ impl Weights {
             // SAFETY: the parts are disjoint ranges inside the buffer's `len` bytes.
             let part = unsafe { target.at(from) };
             // The fresh pages mapped in one call rather than faulted in one by one by the
-            // read (SD 1.5, 512x512 bench, two runs each: load 2.2-2.5 -> 1.9-2.0 s).
+            // read (SD 1.5, 512x512 bench, two runs each, measured with the weights in small
+            // pages: load 2.2-2.5 -> 1.9-2.0 s).
             crate::alloc_count::populate(part, to - from);
             // SAFETY: as above.
             unsafe { read_exact_at(&file, part, to - from, entry.start + from) }
